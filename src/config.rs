@@ -1,0 +1,619 @@
+//! One typed configuration, from flags and environment variables, validated at start.
+//!
+//! Every value is read as text by clap and parsed here, so that a bad value stops the process
+//! with a message naming the variable it came from. Secrets are wrapped in [`Secret`], whose
+//! `Debug` never shows them.
+
+use crate::domain::endpoint::{DEFAULT_ALLOWED, EndpointId};
+use clap::{Args, ValueEnum};
+use reqwest::Url;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use crate::fal::Secret;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The database flags every command that touches the database shares.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// Database URL: `sqlite:PATH` (created on first run) or `postgres://…`.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite:falgate.db",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Most connections the pool opens.
+    #[arg(long, env = "FALGATE_DB_MAX_CONNECTIONS", default_value = "10")]
+    pub db_max_connections: String,
+}
+
+/// Flags and variables of `falgate serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Address to listen on.
+    #[arg(long, env = "FALGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    /// FAL API key (`key_id:key_secret`).
+    #[arg(long, env = "FAL_KEY", hide_env_values = true)]
+    pub fal_key: Option<String>,
+
+    /// Public base URL at which FAL can reach this service (for callbacks).
+    #[arg(long, env = "FALGATE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Secrets for signing callback URLs, comma-separated; the first signs, any verifies.
+    #[arg(long, env = "FALGATE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Largest JSON request body, in bytes.
+    #[arg(long, env = "FALGATE_BODY_LIMIT", default_value = "1048576")]
+    pub body_limit: String,
+
+    /// FAL endpoints that raw jobs may call, comma-separated.
+    #[arg(long, env = "FALGATE_ALLOWED_ENDPOINTS")]
+    pub allowed_endpoints: Option<String>,
+
+    /// Seconds in-flight requests get to finish after a shutdown signal.
+    #[arg(long, env = "FALGATE_SHUTDOWN_TIMEOUT_SECS", default_value = "20")]
+    pub shutdown_timeout_secs: String,
+
+    /// Do not run migrations at start (for several replicas: run `falgate migrate` once).
+    #[arg(long, env = "FALGATE_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    /// Serve the API only; the workers that talk to FAL run in other replicas.
+    #[arg(long, env = "FALGATE_NO_WORKERS")]
+    pub no_workers: bool,
+
+    /// Run against a built-in FAL emulator: no key needed, nothing reaches FAL.
+    #[arg(long, env = "FALGATE_SANDBOX")]
+    pub sandbox: bool,
+
+    /// FAL's queue base URL.
+    #[arg(long, env = "FAL_QUEUE_URL", default_value = "https://queue.fal.run")]
+    pub fal_queue_url: String,
+
+    /// FAL's REST base URL (storage uploads).
+    #[arg(long, env = "FAL_REST_URL", default_value = "https://rest.fal.ai")]
+    pub fal_rest_url: String,
+
+    /// Where FAL publishes the keys that sign its callbacks.
+    #[arg(
+        long,
+        env = "FAL_JWKS_URL",
+        default_value = "https://rest.fal.ai/.well-known/jwks.json"
+    )]
+    pub fal_jwks_url: String,
+
+    /// Least seconds between two fetches of FAL's key set prompted by an unknown signature
+    /// (forged callbacks must not make us hammer FAL).
+    #[arg(long, env = "FALGATE_JWKS_MIN_REFETCH_SECS", default_value = "30")]
+    pub jwks_min_refetch_secs: String,
+
+    /// Directory where falgate keeps its own files (training photos).
+    #[arg(long, env = "FALGATE_STORAGE_DIR", default_value = "falgate-data")]
+    pub storage_dir: String,
+
+    /// Fewest photos a training needs.
+    #[arg(long, env = "FALGATE_MIN_PHOTOS", default_value = "10")]
+    pub min_photos: String,
+
+    /// Most photos an avatar may hold.
+    #[arg(long, env = "FALGATE_MAX_PHOTOS", default_value = "20")]
+    pub max_photos: String,
+
+    /// Largest photo, in bytes.
+    #[arg(long, env = "FALGATE_MAX_PHOTO_BYTES", default_value = "20971520")]
+    pub max_photo_bytes: String,
+
+    /// Most prompts in one generation batch.
+    #[arg(long, env = "FALGATE_MAX_BATCH", default_value = "10")]
+    pub max_batch: String,
+
+    /// Submits to FAL in flight at once.
+    #[arg(long, env = "FALGATE_DISPATCH_CONCURRENCY", default_value = "8")]
+    pub dispatch_concurrency: String,
+
+    /// Seconds a job keeps retrying its submit (429, 5xx, timeouts) before it fails.
+    #[arg(long, env = "FALGATE_SUBMIT_DEADLINE_SECS", default_value = "900")]
+    pub submit_deadline_secs: String,
+
+    /// Seconds a worker holds a job it claimed before another may take it over.
+    #[arg(long, env = "FALGATE_LEASE_SECS", default_value = "60")]
+    pub lease_secs: String,
+
+    /// Seconds after submitting before the reconciler first asks FAL, when a callback is
+    /// expected (without FALGATE_PUBLIC_URL it asks at once and backs off).
+    #[arg(long, env = "FALGATE_CALLBACK_GRACE_SECS", default_value = "30")]
+    pub callback_grace_secs: String,
+
+    /// Longest wait between two looks at one job.
+    #[arg(long, env = "FALGATE_POLL_MAX_SECS", default_value = "30")]
+    pub poll_max_secs: String,
+
+    /// Seconds a generation may take, from creation, before it fails.
+    #[arg(long, env = "FALGATE_GENERATION_DEADLINE_SECS", default_value = "1800")]
+    pub generation_deadline_secs: String,
+
+    /// Seconds a training may take, from creation, before it fails.
+    #[arg(long, env = "FALGATE_TRAINING_DEADLINE_SECS", default_value = "10800")]
+    pub training_deadline_secs: String,
+}
+
+/// The database part of the configuration, validated.
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+}
+
+/// Where FAL is.
+#[derive(Debug, Clone)]
+pub struct FalUrls {
+    pub queue: Url,
+    pub rest: Url,
+    pub jwks: Url,
+    /// Least time between two key-set fetches prompted by an unknown signature.
+    pub jwks_min_refetch: Duration,
+}
+
+/// The knobs of the dispatcher and the reconciler.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub dispatch_concurrency: usize,
+    pub submit_deadline: Duration,
+    pub lease: Duration,
+    pub callback_grace: Duration,
+    pub poll_max: Duration,
+    pub generation_deadline: Duration,
+    pub training_deadline: Duration,
+}
+
+/// The avatar features' limits.
+#[derive(Debug, Clone)]
+pub struct AvatarLimits {
+    pub storage_dir: std::path::PathBuf,
+    pub min_photos: u32,
+    pub max_photos: u32,
+    pub max_photo_bytes: usize,
+    pub max_batch: u32,
+}
+
+/// The validated configuration of a running service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub avatars: AvatarLimits,
+    /// FAL is the built-in emulator.
+    pub sandbox: bool,
+    pub fal_urls: FalUrls,
+    pub workers: WorkerConfig,
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub fal_key: Option<Secret>,
+    pub public_url: Option<Url>,
+    pub webhook_secrets: Vec<Secret>,
+    pub body_limit: usize,
+    pub allowed_endpoints: Vec<EndpointId>,
+    pub shutdown_timeout: Duration,
+    pub migrate_on_start: bool,
+    /// Whether this process runs the dispatcher and the reconciler.
+    pub run_workers: bool,
+}
+
+/// A configuration value that does not parse; the message names where it came from.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable} (--{flag}): {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub flag: &'static str,
+    pub problem: String,
+}
+
+fn invalid(variable: &'static str, flag: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        flag,
+        problem: problem.into(),
+    }
+}
+
+impl DatabaseArgs {
+    pub fn validate(&self) -> Result<DatabaseConfig, ConfigError> {
+        let url = self.database_url.trim();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "DATABASE_URL",
+                "database-url",
+                "must start with sqlite: or postgres://",
+            ));
+        }
+        let max_connections = parse_number::<u32>(
+            &self.db_max_connections,
+            "FALGATE_DB_MAX_CONNECTIONS",
+            "db-max-connections",
+            1..=1000,
+        )?;
+        Ok(DatabaseConfig {
+            url: Secret::new(url),
+            max_connections,
+        })
+    }
+}
+
+impl ServeArgs {
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let database = self.database.validate()?;
+        let listen = self.listen.trim().parse().map_err(|_| {
+            invalid(
+                "FALGATE_LISTEN",
+                "listen",
+                format!("`{}` is not an address like 127.0.0.1:8080", self.listen),
+            )
+        })?;
+        let fal_key = non_empty(&self.fal_key).map(|key| Secret::new(key.trim()));
+        if let Some(key) = &fal_key
+            && !key.expose().contains(':')
+        {
+            return Err(invalid(
+                "FAL_KEY",
+                "fal-key",
+                "must look like `key_id:key_secret`",
+            ));
+        }
+        let public_url = non_empty(&self.public_url)
+            .map(|raw| {
+                let url = Url::parse(raw.trim()).map_err(|e| {
+                    invalid(
+                        "FALGATE_PUBLIC_URL",
+                        "public-url",
+                        format!("not a URL: {e}"),
+                    )
+                })?;
+                if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                    return Err(invalid(
+                        "FALGATE_PUBLIC_URL",
+                        "public-url",
+                        "must be an http(s) URL with a host",
+                    ));
+                }
+                if url.query().is_some() || url.fragment().is_some() {
+                    return Err(invalid(
+                        "FALGATE_PUBLIC_URL",
+                        "public-url",
+                        "must not carry a query or fragment",
+                    ));
+                }
+                Ok(url)
+            })
+            .transpose()?;
+        let webhook_secrets: Vec<Secret> = non_empty(&self.webhook_secret)
+            .map(|raw| {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(Secret::new)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(short) = webhook_secrets.iter().position(|s| s.expose().len() < 32) {
+            return Err(invalid(
+                "FALGATE_WEBHOOK_SECRET",
+                "webhook-secret",
+                format!("secret #{} is shorter than 32 characters", short + 1),
+            ));
+        }
+        if public_url.is_some() && webhook_secrets.is_empty() {
+            return Err(invalid(
+                "FALGATE_WEBHOOK_SECRET",
+                "webhook-secret",
+                "is required when FALGATE_PUBLIC_URL is set: callback URLs must be signed",
+            ));
+        }
+        let body_limit = parse_number::<usize>(
+            &self.body_limit,
+            "FALGATE_BODY_LIMIT",
+            "body-limit",
+            1024..=(64 << 20),
+        )?;
+        let allowed_endpoints = match non_empty(&self.allowed_endpoints) {
+            None => DEFAULT_ALLOWED
+                .iter()
+                .map(|id| id.parse().expect("the default allow-list is valid"))
+                .collect(),
+            Some(raw) => raw
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|id| {
+                    id.parse::<EndpointId>().map_err(|e| {
+                        invalid(
+                            "FALGATE_ALLOWED_ENDPOINTS",
+                            "allowed-endpoints",
+                            format!("`{id}` {e}"),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let shutdown_timeout = Duration::from_secs(parse_number::<u64>(
+            &self.shutdown_timeout_secs,
+            "FALGATE_SHUTDOWN_TIMEOUT_SECS",
+            "shutdown-timeout-secs",
+            0..=3600,
+        )?);
+        let url_var = |raw: &str, variable: &'static str, flag: &'static str| {
+            Url::parse(raw.trim())
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
+                .ok_or_else(|| invalid(variable, flag, format!("`{raw}` is not an http(s) URL")))
+        };
+        let fal_urls = FalUrls {
+            queue: url_var(&self.fal_queue_url, "FAL_QUEUE_URL", "fal-queue-url")?,
+            rest: url_var(&self.fal_rest_url, "FAL_REST_URL", "fal-rest-url")?,
+            jwks: url_var(&self.fal_jwks_url, "FAL_JWKS_URL", "fal-jwks-url")?,
+            jwks_min_refetch: Duration::from_secs(parse_number::<u64>(
+                &self.jwks_min_refetch_secs,
+                "FALGATE_JWKS_MIN_REFETCH_SECS",
+                "jwks-min-refetch-secs",
+                0..=86_400,
+            )?),
+        };
+        let secs = |raw: &str, variable: &'static str, flag: &'static str, max: u64| {
+            parse_number::<u64>(raw, variable, flag, 1..=max).map(Duration::from_secs)
+        };
+        let workers = WorkerConfig {
+            dispatch_concurrency: parse_number::<usize>(
+                &self.dispatch_concurrency,
+                "FALGATE_DISPATCH_CONCURRENCY",
+                "dispatch-concurrency",
+                1..=256,
+            )?,
+            submit_deadline: secs(
+                &self.submit_deadline_secs,
+                "FALGATE_SUBMIT_DEADLINE_SECS",
+                "submit-deadline-secs",
+                7 * 86_400,
+            )?,
+            lease: secs(&self.lease_secs, "FALGATE_LEASE_SECS", "lease-secs", 3600)?,
+            callback_grace: secs(
+                &self.callback_grace_secs,
+                "FALGATE_CALLBACK_GRACE_SECS",
+                "callback-grace-secs",
+                86_400,
+            )?,
+            poll_max: secs(
+                &self.poll_max_secs,
+                "FALGATE_POLL_MAX_SECS",
+                "poll-max-secs",
+                3600,
+            )?,
+            generation_deadline: secs(
+                &self.generation_deadline_secs,
+                "FALGATE_GENERATION_DEADLINE_SECS",
+                "generation-deadline-secs",
+                7 * 86_400,
+            )?,
+            training_deadline: secs(
+                &self.training_deadline_secs,
+                "FALGATE_TRAINING_DEADLINE_SECS",
+                "training-deadline-secs",
+                7 * 86_400,
+            )?,
+        };
+        let min_photos = parse_number::<u32>(
+            &self.min_photos,
+            "FALGATE_MIN_PHOTOS",
+            "min-photos",
+            1..=1000,
+        )?;
+        let avatars = AvatarLimits {
+            storage_dir: std::path::PathBuf::from(self.storage_dir.trim()),
+            min_photos,
+            max_photos: parse_number::<u32>(
+                &self.max_photos,
+                "FALGATE_MAX_PHOTOS",
+                "max-photos",
+                min_photos..=1000,
+            )?,
+            max_photo_bytes: parse_number::<usize>(
+                &self.max_photo_bytes,
+                "FALGATE_MAX_PHOTO_BYTES",
+                "max-photo-bytes",
+                1..=(200 << 20),
+            )?,
+            max_batch: parse_number::<u32>(
+                &self.max_batch,
+                "FALGATE_MAX_BATCH",
+                "max-batch",
+                1..=100,
+            )?,
+        };
+        if avatars.storage_dir.as_os_str().is_empty() {
+            return Err(invalid(
+                "FALGATE_STORAGE_DIR",
+                "storage-dir",
+                "must not be empty",
+            ));
+        }
+        if !self.sandbox && fal_key.is_none() {
+            return Err(invalid(
+                "FAL_KEY",
+                "fal-key",
+                "is required to reach FAL; set it, or run `falgate serve --sandbox` to use the \
+                 built-in emulator",
+            ));
+        }
+        Ok(Config {
+            avatars,
+            sandbox: self.sandbox,
+            fal_urls,
+            workers,
+            listen,
+            database,
+            fal_key,
+            public_url,
+            webhook_secrets,
+            body_limit,
+            allowed_endpoints,
+            shutdown_timeout,
+            migrate_on_start: !self.no_migrate,
+            run_workers: !self.no_workers,
+        })
+    }
+}
+
+fn non_empty(value: &Option<String>) -> Option<&str> {
+    value.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+fn parse_number<T>(
+    raw: &str,
+    variable: &'static str,
+    flag: &'static str,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display,
+{
+    let value: T = raw
+        .trim()
+        .parse()
+        .map_err(|_| invalid(variable, flag, format!("`{raw}` is not a whole number")))?;
+    if !range.contains(&value) {
+        return Err(invalid(
+            variable,
+            flag,
+            format!("{value} is outside {}..={}", range.start(), range.end()),
+        ));
+    }
+    Ok(value)
+}
+
+impl Config {
+    /// A configuration for tests and tools: the database at `database_url`, sandbox mode,
+    /// everything else default.
+    pub fn for_database(database_url: &str) -> Self {
+        ServeArgs {
+            database: DatabaseArgs {
+                database_url: database_url.to_owned(),
+                db_max_connections: "10".into(),
+            },
+            listen: "127.0.0.1:0".into(),
+            fal_key: None,
+            public_url: None,
+            webhook_secret: None,
+            body_limit: "1048576".into(),
+            allowed_endpoints: None,
+            shutdown_timeout_secs: "5".into(),
+            no_migrate: false,
+            no_workers: false,
+            sandbox: true,
+            fal_queue_url: "https://queue.fal.run".into(),
+            fal_rest_url: "https://rest.fal.ai".into(),
+            fal_jwks_url: "https://rest.fal.ai/.well-known/jwks.json".into(),
+            jwks_min_refetch_secs: "30".into(),
+            storage_dir: std::env::temp_dir()
+                .join(format!("falgate-files-{}", uuid::Uuid::new_v4().simple()))
+                .display()
+                .to_string(),
+            min_photos: "10".into(),
+            max_photos: "20".into(),
+            max_photo_bytes: "20971520".into(),
+            max_batch: "10".into(),
+            dispatch_concurrency: "8".into(),
+            submit_deadline_secs: "900".into(),
+            lease_secs: "60".into(),
+            callback_grace_secs: "30".into(),
+            poll_max_secs: "30".into(),
+            generation_deadline_secs: "1800".into(),
+            training_deadline_secs: "10800".into(),
+        }
+        .validate()
+        .expect("the test configuration is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut argv = vec!["falgate"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().serve.validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&["--fal-key", "id:secret"]).unwrap();
+        assert_eq!(config.allowed_endpoints.len(), 5);
+        assert!(config.migrate_on_start);
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let err = parse(&[]).unwrap_err();
+        assert!(err.to_string().starts_with("FAL_KEY"), "{err}");
+        assert!(err.to_string().contains("--sandbox"), "{err}");
+        assert!(parse(&["--sandbox"]).is_ok());
+        let err = parse(&["--sandbox", "--fal-queue-url", "ftp://x"]).unwrap_err();
+        assert!(err.to_string().starts_with("FAL_QUEUE_URL"), "{err}");
+        let err = parse(&["--sandbox", "--lease-secs", "0"]).unwrap_err();
+        assert!(err.to_string().starts_with("FALGATE_LEASE_SECS"), "{err}");
+        let err = parse(&["--listen", "nowhere"]).unwrap_err();
+        assert!(err.to_string().starts_with("FALGATE_LISTEN"), "{err}");
+        let err = parse(&["--body-limit", "lots"]).unwrap_err();
+        assert!(err.to_string().starts_with("FALGATE_BODY_LIMIT"), "{err}");
+        let err = parse(&["--database-url", "mysql://x"]).unwrap_err();
+        assert!(err.to_string().starts_with("DATABASE_URL"), "{err}");
+        let err = parse(&["--allowed-endpoints", "fal-ai/ok,bad"]).unwrap_err();
+        assert!(err.to_string().contains("`bad`"), "{err}");
+        let err = parse(&["--public-url", "https://example.com"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("FALGATE_WEBHOOK_SECRET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let secret = "s3cr3t-s3cr3t-s3cr3t-s3cr3t-s3cr3t";
+        let config = parse(&[
+            "--fal-key",
+            "id:fal-secret-value",
+            "--webhook-secret",
+            secret,
+            "--public-url",
+            "https://falgate.example.com",
+        ])
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(secret));
+        assert!(!shown.contains("fal-secret-value"));
+        assert_eq!(config.webhook_secrets[0].expose(), secret);
+    }
+}

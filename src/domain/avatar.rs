@@ -1,0 +1,584 @@
+//! Avatars and their training: kinds, trigger phrases, the trainer each kind gets, and the
+//! exact preset values of each trainer (seed-features.md §1).
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// What an avatar is of; it decides the trainer when the client asks for `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AvatarKind {
+    /// A person.
+    Character,
+    Style,
+    Product,
+    General,
+}
+
+impl AvatarKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Character => "character",
+            Self::Style => "style",
+            Self::Product => "product",
+            Self::General => "general",
+        }
+    }
+}
+
+impl std::str::FromStr for AvatarKind {
+    type Err = super::job::UnknownVariant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Character, Self::Style, Self::Product, Self::General]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| super::job::UnknownVariant(s.to_owned()))
+    }
+}
+
+/// Where an avatar is; it follows its training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AvatarStatus {
+    /// Made, not trained yet.
+    Draft,
+    /// A training is running.
+    Training,
+    /// Trained: it has an artifact and can generate.
+    Ready,
+    /// Its training failed and it has no artifact.
+    Failed,
+}
+
+impl AvatarStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Draft => "draft",
+            Self::Training => "training",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for AvatarStatus {
+    type Err = super::job::UnknownVariant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::Draft, Self::Training, Self::Ready, Self::Failed]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| super::job::UnknownVariant(s.to_owned()))
+    }
+}
+
+/// What a training produced, read from FAL's output: only what FAL sent, never made up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrainedArtifact {
+    Lora {
+        url: String,
+        config_url: Option<String>,
+    },
+    Finetune {
+        id: String,
+    },
+}
+
+/// The artifact in a trainer's output, if the output holds one.
+pub fn artifact_from_output(endpoint: &str, output: &Value) -> Option<TrainedArtifact> {
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
+    if endpoint == Trainer::Pro.endpoint() {
+        return text(output.get("finetune_id")?).map(|id| TrainedArtifact::Finetune { id });
+    }
+    let url = text(output.get("diffusers_lora_file")?.get("url")?)?;
+    let config_url = output
+        .get("config_file")
+        .and_then(|f| f.get("url"))
+        .and_then(text);
+    Some(TrainedArtifact::Lora { url, config_url })
+}
+
+/// Which FAL trainer runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainer {
+    /// `fal-ai/flux-lora-portrait-trainer`: a LoRA of a person.
+    Portrait,
+    /// `fal-ai/flux-pro-trainer`: a FLUX pro finetune (FAL marks it deprecated).
+    Pro,
+    /// `fal-ai/flux-lora-fast-training`: a LoRA, `is_style` for styles.
+    FastLora,
+}
+
+/// The client's choice of trainer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainerChoice {
+    /// Chosen by the avatar's kind: characters get `portrait`, the others `pro`.
+    #[default]
+    Auto,
+    Portrait,
+    Pro,
+    FastLora,
+}
+
+impl TrainerChoice {
+    pub fn resolve(self, kind: AvatarKind) -> Trainer {
+        match self {
+            Self::Auto => match kind {
+                AvatarKind::Character => Trainer::Portrait,
+                AvatarKind::Style | AvatarKind::Product | AvatarKind::General => Trainer::Pro,
+            },
+            Self::Portrait => Trainer::Portrait,
+            Self::Pro => Trainer::Pro,
+            Self::FastLora => Trainer::FastLora,
+        }
+    }
+}
+
+impl Trainer {
+    pub fn endpoint(self) -> &'static str {
+        match self {
+            Self::Portrait => "fal-ai/flux-lora-portrait-trainer",
+            Self::Pro => "fal-ai/flux-pro-trainer",
+            Self::FastLora => "fal-ai/flux-lora-fast-training",
+        }
+    }
+
+    /// The input field that carries the training ZIP's URL.
+    fn data_field(self) -> &'static str {
+        match self {
+            Self::Pro => "data_url",
+            Self::Portrait | Self::FastLora => "images_data_url",
+        }
+    }
+}
+
+/// Training presets: `fast`, `balanced` (default), `quality`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainingPreset {
+    Fast,
+    #[default]
+    Balanced,
+    Quality,
+}
+
+/// The trigger phrase: the client's, or `TOK_` and the first 8 hex digits of the avatar id.
+pub fn default_trigger_phrase(avatar_id: Uuid) -> String {
+    format!("TOK_{}", &avatar_id.simple().to_string()[..8])
+}
+
+/// One field of a trainer that a client may override, with the values FAL takes.
+#[derive(Debug, Clone, Copy)]
+enum FieldRule {
+    Int { min: i64, max: i64 },
+    Float { min: f64, max: f64 },
+    Bool,
+    OneOf(&'static [&'static str]),
+}
+
+fn overridable(trainer: Trainer) -> &'static [(&'static str, FieldRule)] {
+    use FieldRule::*;
+    match trainer {
+        Trainer::Portrait => &[
+            (
+                "steps",
+                Int {
+                    min: 1,
+                    max: 10_000,
+                },
+            ),
+            (
+                "learning_rate",
+                Float {
+                    min: 1e-7,
+                    max: 1e-2,
+                },
+            ),
+            ("multiresolution_training", Bool),
+            ("subject_crop", Bool),
+            ("create_masks", Bool),
+        ],
+        Trainer::Pro => &[
+            (
+                "iterations",
+                Int {
+                    min: 100,
+                    max: 10_000,
+                },
+            ),
+            (
+                "learning_rate",
+                Float {
+                    min: 1e-7,
+                    max: 1e-2,
+                },
+            ),
+            ("priority", OneOf(&["speed", "quality", "high_res_only"])),
+            ("captioning", Bool),
+            ("lora_rank", OneOf(&["16", "32"])),
+        ],
+        Trainer::FastLora => &[
+            (
+                "steps",
+                Int {
+                    min: 1,
+                    max: 10_000,
+                },
+            ),
+            ("create_masks", Bool),
+            ("is_style", Bool),
+        ],
+    }
+}
+
+pub use super::FieldProblem;
+
+/// Everything that makes a trainer's input.
+#[derive(Debug, Clone)]
+pub struct TrainingSpec<'a> {
+    pub trainer: Trainer,
+    pub preset: TrainingPreset,
+    pub kind: AvatarKind,
+    pub avatar_id: Uuid,
+    pub avatar_name: &'a str,
+    pub trigger_phrase: &'a str,
+    pub data_url: &'a str,
+    pub overrides: &'a Map<String, Value>,
+}
+
+/// The exact FAL input of a training: the preset's values, the fixed fields, then the client's
+/// overrides, each checked against what FAL takes. Fields not named keep FAL's default.
+pub fn training_input(spec: &TrainingSpec<'_>) -> Result<Value, Vec<FieldProblem>> {
+    let mut input = preset_values(spec.trainer, spec.preset);
+    let fields = input.as_object_mut().expect("presets are objects");
+    fields.insert(spec.trainer.data_field().into(), json!(spec.data_url));
+    match spec.trainer {
+        Trainer::Portrait => {
+            fields.insert("trigger_phrase".into(), json!(spec.trigger_phrase));
+        }
+        Trainer::Pro => {
+            fields.insert("mode".into(), json!(spec.kind.as_str()));
+            fields.insert("finetune_type".into(), json!("lora"));
+            fields.insert("captioning".into(), json!(true));
+            fields.insert("trigger_word".into(), json!(spec.trigger_phrase));
+            let name: String = spec.avatar_name.chars().take(30).collect();
+            fields.insert(
+                "finetune_comment".into(),
+                json!(format!("{name} ({})", spec.avatar_id)),
+            );
+        }
+        Trainer::FastLora => {
+            fields.insert("trigger_word".into(), json!(spec.trigger_phrase));
+            fields.insert("is_style".into(), json!(spec.kind == AvatarKind::Style));
+        }
+    }
+    let rules = overridable(spec.trainer);
+    let mut problems = Vec::new();
+    for (name, value) in spec.overrides {
+        let field = format!("overrides.{name}");
+        let Some((_, rule)) = rules.iter().find(|(known, _)| known == name) else {
+            let known: Vec<&str> = rules.iter().map(|(n, _)| *n).collect();
+            problems.push(FieldProblem {
+                field,
+                message: format!(
+                    "`{name}` cannot be set for the {} trainer; it takes: {}",
+                    spec.trainer.endpoint(),
+                    known.join(", ")
+                ),
+            });
+            continue;
+        };
+        match check(rule, value) {
+            Ok(value) => {
+                fields.insert(name.clone(), value);
+            }
+            Err(message) => problems.push(FieldProblem { field, message }),
+        }
+    }
+    if problems.is_empty() {
+        Ok(input)
+    } else {
+        Err(problems)
+    }
+}
+
+fn check(rule: &FieldRule, value: &Value) -> Result<Value, String> {
+    match *rule {
+        FieldRule::Int { min, max } => match value.as_i64() {
+            Some(n) if (min..=max).contains(&n) => Ok(json!(n)),
+            _ => Err(format!("must be a whole number from {min} to {max}")),
+        },
+        FieldRule::Float { min, max } => match value.as_f64() {
+            Some(x) if x >= min && x <= max => Ok(json!(x)),
+            _ => Err(format!("must be a number from {min} to {max}")),
+        },
+        FieldRule::Bool => value
+            .as_bool()
+            .map(|b| json!(b))
+            .ok_or_else(|| "must be true or false".to_owned()),
+        FieldRule::OneOf(allowed) => {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => String::new(),
+            };
+            if allowed.contains(&text.as_str()) {
+                // lora_rank is a number on the wire; the others are strings.
+                Ok(text.parse::<i64>().map(|n| json!(n)).unwrap_or(json!(text)))
+            } else {
+                Err(format!("must be one of {}", allowed.join(", ")))
+            }
+        }
+    }
+}
+
+/// The seed's preset table, exactly.
+fn preset_values(trainer: Trainer, preset: TrainingPreset) -> Value {
+    use TrainingPreset::*;
+    match (trainer, preset) {
+        (Trainer::Portrait, Fast) => {
+            json!({"steps": 500, "learning_rate": 0.0003, "subject_crop": true})
+        }
+        (Trainer::Portrait, Balanced) => json!({
+            "steps": 1500, "learning_rate": 0.00015, "subject_crop": true, "create_masks": true
+        }),
+        (Trainer::Portrait, Quality) => json!({
+            "steps": 2500, "learning_rate": 0.0001, "subject_crop": true, "create_masks": true,
+            "multiresolution_training": true
+        }),
+        (Trainer::Pro, Fast) => {
+            json!({"iterations": 200, "learning_rate": 0.0002, "priority": "speed"})
+        }
+        (Trainer::Pro, Balanced) => json!({
+            "iterations": 600, "learning_rate": 0.00008, "priority": "quality", "lora_rank": 32
+        }),
+        (Trainer::Pro, Quality) => json!({
+            "iterations": 1000, "learning_rate": 0.00005, "priority": "quality", "lora_rank": 32
+        }),
+        // The fast LoRA trainer has steps only; the portrait trainer's step counts carry over.
+        (Trainer::FastLora, Fast) => json!({"steps": 500}),
+        (Trainer::FastLora, Balanced) => json!({"steps": 1500, "create_masks": true}),
+        (Trainer::FastLora, Quality) => json!({"steps": 2500, "create_masks": true}),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec<'a>(
+        trainer: Trainer,
+        preset: TrainingPreset,
+        kind: AvatarKind,
+        overrides: &'a Map<String, Value>,
+    ) -> TrainingSpec<'a> {
+        TrainingSpec {
+            trainer,
+            preset,
+            kind,
+            avatar_id: Uuid::parse_str("0192f5a4-1b2c-7d3e-8f40-123456789abc").unwrap(),
+            avatar_name: "A rather long avatar name that goes past thirty",
+            trigger_phrase: "TOK_0192f5a4",
+            data_url: "https://files.example/photos.zip",
+            overrides,
+        }
+    }
+
+    #[test]
+    fn auto_chooses_by_kind() {
+        assert_eq!(
+            TrainerChoice::Auto.resolve(AvatarKind::Character),
+            Trainer::Portrait
+        );
+        for kind in [AvatarKind::Style, AvatarKind::Product, AvatarKind::General] {
+            assert_eq!(TrainerChoice::Auto.resolve(kind), Trainer::Pro);
+        }
+        assert_eq!(
+            TrainerChoice::FastLora.resolve(AvatarKind::Character),
+            Trainer::FastLora
+        );
+    }
+
+    #[test]
+    fn trigger_phrase_defaults_to_tok_and_eight_hex_digits() {
+        let id = Uuid::parse_str("0192f5a4-1b2c-7d3e-8f40-123456789abc").unwrap();
+        assert_eq!(default_trigger_phrase(id), "TOK_0192f5a4");
+    }
+
+    #[test]
+    fn portrait_balanced_is_the_seed_preset_exactly() {
+        let none = Map::new();
+        let input = training_input(&spec(
+            Trainer::Portrait,
+            TrainingPreset::Balanced,
+            AvatarKind::Character,
+            &none,
+        ))
+        .unwrap();
+        assert_eq!(
+            input,
+            json!({
+                "steps": 1500, "learning_rate": 0.00015, "subject_crop": true, "create_masks": true,
+                "trigger_phrase": "TOK_0192f5a4", "images_data_url": "https://files.example/photos.zip"
+            })
+        );
+    }
+
+    #[test]
+    fn every_preset_of_the_seed_table() {
+        let none = Map::new();
+        let get = |t, p| training_input(&spec(t, p, AvatarKind::Style, &none)).unwrap();
+        let fast = get(Trainer::Portrait, TrainingPreset::Fast);
+        assert_eq!(
+            (fast["steps"].clone(), fast["learning_rate"].clone()),
+            (json!(500), json!(0.0003))
+        );
+        assert!(
+            fast.get("create_masks").is_none(),
+            "unnamed fields keep FAL's default"
+        );
+        let quality = get(Trainer::Portrait, TrainingPreset::Quality);
+        assert_eq!(quality["steps"], 2500);
+        assert_eq!(quality["multiresolution_training"], true);
+        let pro_fast = get(Trainer::Pro, TrainingPreset::Fast);
+        assert_eq!(pro_fast["iterations"], 200);
+        assert_eq!(pro_fast["priority"], "speed");
+        let pro_quality = get(Trainer::Pro, TrainingPreset::Quality);
+        assert_eq!(pro_quality["iterations"], 1000);
+        assert_eq!(pro_quality["learning_rate"], 0.00005);
+        assert_eq!(pro_quality["lora_rank"], 32);
+    }
+
+    #[test]
+    fn pro_trainer_gets_its_fixed_fields() {
+        let none = Map::new();
+        let input = training_input(&spec(
+            Trainer::Pro,
+            TrainingPreset::Balanced,
+            AvatarKind::Product,
+            &none,
+        ))
+        .unwrap();
+        assert_eq!(input["mode"], "product");
+        assert_eq!(input["finetune_type"], "lora");
+        assert_eq!(input["captioning"], true);
+        assert_eq!(input["trigger_word"], "TOK_0192f5a4");
+        assert_eq!(input["data_url"], "https://files.example/photos.zip");
+        let comment = input["finetune_comment"].as_str().unwrap();
+        assert!(comment.starts_with("A rather long avatar name that"));
+        assert!(comment.ends_with("(0192f5a4-1b2c-7d3e-8f40-123456789abc)"));
+        assert_eq!(input["iterations"], 600);
+    }
+
+    #[test]
+    fn fast_lora_sets_is_style_for_styles() {
+        let none = Map::new();
+        let style = training_input(&spec(
+            Trainer::FastLora,
+            TrainingPreset::Fast,
+            AvatarKind::Style,
+            &none,
+        ))
+        .unwrap();
+        assert_eq!(style["is_style"], true);
+        let person = training_input(&spec(
+            Trainer::FastLora,
+            TrainingPreset::Fast,
+            AvatarKind::Character,
+            &none,
+        ))
+        .unwrap();
+        assert_eq!(person["is_style"], false);
+    }
+
+    #[test]
+    fn overrides_are_checked_against_the_trainer() {
+        let mut overrides = Map::new();
+        overrides.insert("steps".into(), json!(800));
+        let input = training_input(&spec(
+            Trainer::Portrait,
+            TrainingPreset::Balanced,
+            AvatarKind::Character,
+            &overrides,
+        ))
+        .unwrap();
+        assert_eq!(input["steps"], 800);
+
+        let mut bad = Map::new();
+        bad.insert("steps".into(), json!(0));
+        bad.insert("iterations".into(), json!(300));
+        bad.insert("subject_crop".into(), json!("yes"));
+        let problems = training_input(&spec(
+            Trainer::Portrait,
+            TrainingPreset::Balanced,
+            AvatarKind::Character,
+            &bad,
+        ))
+        .unwrap_err();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "overrides.iterations",
+                "overrides.steps",
+                "overrides.subject_crop"
+            ]
+        );
+
+        let mut rank = Map::new();
+        rank.insert("lora_rank".into(), json!(16));
+        let input = training_input(&spec(
+            Trainer::Pro,
+            TrainingPreset::Fast,
+            AvatarKind::Style,
+            &rank,
+        ))
+        .unwrap();
+        assert_eq!(input["lora_rank"], 16);
+        rank.insert("lora_rank".into(), json!(64));
+        assert!(
+            training_input(&spec(
+                Trainer::Pro,
+                TrainingPreset::Fast,
+                AvatarKind::Style,
+                &rank
+            ))
+            .is_err()
+        );
+    }
+}
+
+#[cfg(test)]
+mod artifact_tests {
+    use super::*;
+
+    #[test]
+    fn artifacts_come_only_from_what_fal_sent() {
+        let lora = json!({"diffusers_lora_file": {"url": "https://x/w.safetensors"}, "config_file": {"url": "https://x/c.json"}});
+        assert_eq!(
+            artifact_from_output("fal-ai/flux-lora-portrait-trainer", &lora),
+            Some(TrainedArtifact::Lora {
+                url: "https://x/w.safetensors".into(),
+                config_url: Some("https://x/c.json".into())
+            })
+        );
+        assert_eq!(
+            artifact_from_output("fal-ai/flux-pro-trainer", &json!({"finetune_id": "ft-1"})),
+            Some(TrainedArtifact::Finetune { id: "ft-1".into() })
+        );
+        // A request id is never an artifact, and an empty output makes none.
+        assert_eq!(
+            artifact_from_output("fal-ai/flux-pro-trainer", &json!({"request_id": "r"})),
+            None
+        );
+        assert_eq!(
+            artifact_from_output("fal-ai/flux-lora-fast-training", &json!({})),
+            None
+        );
+    }
+}

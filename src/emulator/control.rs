@@ -1,0 +1,158 @@
+//! `/_emulator/…`: the same controls as the Rust methods on `EmulatorState`, as JSON over
+//! HTTP for `falgate emulator` and for tests in other languages. Unauthenticated: the
+//! emulator is a local tool and must never face the internet.
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::EmulatorState;
+use super::faults::{CallbackFault, FaultRule, ModelFailure};
+use super::queue::json_response;
+use super::state::Durations;
+
+pub(crate) fn routes() -> Router<EmulatorState> {
+    Router::new()
+        .route("/faults", post(add_fault))
+        .route("/callback-faults", post(add_callback_fault))
+        .route("/model-failures", post(add_model_failure))
+        .route("/clear-faults", post(clear_faults))
+        .route("/rotate-key", post(rotate_key))
+        .route("/durations", post(set_durations))
+        .route("/release-held", post(release_held))
+        .route("/submits", get(submits))
+        .route("/callbacks", get(callbacks))
+        .route("/cancels", get(cancels))
+        .route("/uploads", get(uploads))
+        .route("/downloads", get(downloads))
+        .route("/requests", get(requests))
+        .route("/requests/{id}", get(request))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Response {
+    json_response(200, &serde_json::to_value(v).unwrap_or(Value::Null))
+}
+
+fn ok() -> Response {
+    json_response(200, &json!({"ok": true}))
+}
+
+async fn add_fault(State(s): State<EmulatorState>, Json(rule): Json<FaultRule>) -> Response {
+    s.inject_fault(rule);
+    ok()
+}
+
+#[derive(Deserialize)]
+struct CountedCallbackFault {
+    #[serde(flatten)]
+    fault: CallbackFault,
+    #[serde(default = "one")]
+    count: u32,
+}
+
+#[derive(Deserialize)]
+struct CountedModelFailure {
+    #[serde(flatten)]
+    failure: ModelFailure,
+    #[serde(default = "one")]
+    count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+async fn add_callback_fault(
+    State(s): State<EmulatorState>,
+    Json(f): Json<CountedCallbackFault>,
+) -> Response {
+    s.inject_callback_fault(f.fault, f.count);
+    ok()
+}
+
+async fn add_model_failure(
+    State(s): State<EmulatorState>,
+    Json(f): Json<CountedModelFailure>,
+) -> Response {
+    s.fail_next_models(f.failure, f.count);
+    ok()
+}
+
+async fn clear_faults(State(s): State<EmulatorState>) -> Response {
+    s.clear_faults();
+    ok()
+}
+
+#[derive(Deserialize, Default)]
+struct Rotate {
+    #[serde(default)]
+    keep_old: bool,
+}
+
+async fn rotate_key(State(s): State<EmulatorState>, body: Option<Json<Rotate>>) -> Response {
+    let keep_old = body.map(|b| b.0.keep_old).unwrap_or(false);
+    let kid = s.rotate_key(keep_old);
+    json_response(200, &json!({"kid": kid, "jwks": s.jwks()}))
+}
+
+#[derive(Deserialize)]
+struct SetDurations {
+    /// One endpoint; absent = class defaults (`training` chooses the class) or `all`.
+    #[serde(default)]
+    endpoint: Option<String>,
+    #[serde(default)]
+    training: bool,
+    #[serde(default)]
+    all: bool,
+    queue_ms: u64,
+    run_ms: u64,
+}
+
+async fn set_durations(State(s): State<EmulatorState>, Json(d): Json<SetDurations>) -> Response {
+    let durations = Durations::new(d.queue_ms, d.run_ms);
+    if d.all {
+        s.set_all_durations(durations);
+    } else {
+        s.set_durations(d.endpoint.as_deref(), d.training, durations);
+    }
+    ok()
+}
+
+async fn release_held(State(s): State<EmulatorState>) -> Response {
+    json_response(200, &json!({"released": s.release_held_callback()}))
+}
+
+async fn submits(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.submits())
+}
+
+async fn callbacks(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.callback_attempts())
+}
+
+async fn cancels(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.cancels())
+}
+
+async fn uploads(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.uploads())
+}
+
+async fn downloads(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.downloads())
+}
+
+async fn requests(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.requests())
+}
+
+async fn request(State(s): State<EmulatorState>, Path(id): Path<String>) -> Response {
+    match s.request(&id) {
+        Some(r) => to_json(&r),
+        None => json_response(404, &json!({"status": "NOT_FOUND"})),
+    }
+}

@@ -1,0 +1,211 @@
+//! A faithful FAL on loopback: queue (submit/status/stream/result/cancel), storage upload,
+//! JWKS, signed callbacks with FAL's exact body layout and retries, input validation of
+//! the endpoints falgate uses, real output files, and fault injection. Used by tests,
+//! local development and `serve --sandbox`.
+//!
+//! Depends only on `crate::fal` (wire helpers, signature encoding), never on the app.
+
+mod callbacks;
+mod control;
+pub mod faults;
+mod listener;
+mod models;
+pub mod png;
+mod queue;
+mod state;
+mod storage;
+#[cfg(test)]
+mod tests;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post, put};
+use reqwest::Url;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::fal::Secret;
+pub use faults::{CallbackFault, FaultRule, FaultTarget, HttpFault, ModelFailure};
+pub use state::{
+    CallbackAttempt, CancelRecord, DownloadRecord, Durations, EmulatorState, Outcome, Phase,
+    RequestSnapshot, SubmitRecord, UploadRecord,
+};
+
+/// Largest upload accepted (training archives).
+const MAX_UPLOAD_BYTES: usize = 512 * 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// The FAL key clients must send (`Authorization: Key <key>`), `id:secret` form.
+    pub key: Secret,
+    /// Sent as `X-Fal-Webhook-User-Id`.
+    pub user_id: String,
+    /// Base for every URL handed out; default `http://<listener address>`.
+    pub public_base: Option<Url>,
+    /// Default timings of generation endpoints (and unknown ones).
+    pub generation: Durations,
+    /// Default timings of the three trainers.
+    pub training: Durations,
+    /// Waits between callback attempts; attempts = len + 1.
+    pub callback_retry_schedule: Vec<Duration>,
+    /// Per-attempt timeout of a callback delivery (FAL: 15 s).
+    pub callback_timeout: Duration,
+    /// Timeout for trainers downloading their archive.
+    pub download_timeout: Duration,
+    /// Generated images above this many pixels fail the model (keeps memory bounded).
+    pub max_image_pixels: u64,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            key: Secret::from("emulator-key-id:emulator-key-secret"),
+            user_id: "github|0".into(),
+            public_base: None,
+            generation: Durations::new(200, 800),
+            training: Durations::new(500, 2500),
+            callback_retry_schedule: [200, 400, 800, 1600, 3200]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            callback_timeout: Duration::from_secs(15),
+            download_timeout: Duration::from_secs(30),
+            max_image_pixels: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl EmulatorConfig {
+    /// Near-zero timings and quick callback retries, for tests.
+    pub fn fast() -> Self {
+        Self {
+            generation: Durations::new(5, 20),
+            training: Durations::new(5, 30),
+            callback_retry_schedule: [50, 100, 200, 400]
+                .into_iter()
+                .map(Duration::from_millis)
+                .collect(),
+            callback_timeout: Duration::from_secs(5),
+            ..Self::default()
+        }
+    }
+}
+
+/// Every route of the emulator. Served through [`spawn`], the accept-then-reset fault
+/// can really reset connections; served elsewhere it degrades to an nginx 502.
+pub fn router(state: EmulatorState) -> Router {
+    Router::new()
+        .route("/.well-known/jwks.json", get(storage::jwks))
+        .route("/storage/upload/initiate", post(storage::initiate))
+        .route(
+            "/_cdn/upload/{token}",
+            put(storage::put_upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
+        .route("/files/{id}/{name}", get(storage::get_file))
+        .nest("/_emulator", control::routes())
+        .fallback(queue::dispatch)
+        .with_state(state)
+}
+
+/// A running emulator. Stops on drop (abruptly) or on [`EmulatorHandle::shutdown`].
+pub struct EmulatorHandle {
+    state: EmulatorState,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// Starts the emulator on `listener` (bind port 0 in tests).
+pub async fn spawn(config: EmulatorConfig, listener: TcpListener) -> EmulatorHandle {
+    let mut addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    if addr.ip().is_unspecified() {
+        addr.set_ip(Ipv4Addr::LOCALHOST.into());
+    }
+    let state = EmulatorState::new(config);
+    if state.base_url().is_empty() {
+        state.set_base_url(format!("http://{addr}"));
+    }
+    let app = router(state.clone()).into_make_service_with_connect_info::<listener::ConnCtl>();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener::KillableListener(listener), app).with_graceful_shutdown(
+            async move {
+                let _ = stopped.await;
+            },
+        );
+        if let Err(e) = serve.await {
+            tracing::warn!(error = %e, "emulator server stopped");
+        }
+    });
+    EmulatorHandle {
+        state,
+        addr,
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+impl EmulatorHandle {
+    /// e.g. `http://127.0.0.1:41234` (use as both FAL queue and REST base).
+    pub fn base_url(&self) -> Url {
+        Url::parse(&self.state.base_url()).unwrap_or_else(|_| {
+            Url::parse(&format!("http://{}", self.addr)).expect("socket address URL")
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// JWKS URL, for the app's verifier.
+    pub fn jwks_url(&self) -> Url {
+        let mut u = self.base_url();
+        u.set_path("/.well-known/jwks.json");
+        u
+    }
+
+    pub fn state(&self) -> &EmulatorState {
+        &self.state
+    }
+
+    /// Stops background work, lets open answers finish for up to a second, then aborts.
+    pub async fn shutdown(mut self) {
+        self.state.abort_tasks();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut server) = self.server.take() {
+            // Status streams keep connections open; don't wait on them forever.
+            if tokio::time::timeout(Duration::from_secs(1), &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+            }
+        }
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        self.state.abort_tasks();
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}
+
+impl std::ops::Deref for EmulatorHandle {
+    type Target = EmulatorState;
+
+    /// Controls and records are methods of the state; reach them from the handle too.
+    fn deref(&self) -> &EmulatorState {
+        &self.state
+    }
+}

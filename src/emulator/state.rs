@@ -1,0 +1,533 @@
+//! The emulator's shared state: requests, files, keys, armed faults and the records that
+//! tests inspect. One `std::sync::Mutex` guards it; no lock is held across an `.await`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use rand::Rng as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+
+use super::EmulatorConfig;
+use super::faults::{CallbackFault, FaultRule, FaultTarget, HttpFault, ModelFailure};
+use crate::fal::signature::jwk_for;
+
+/// Queue-then-run timing of one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Durations {
+    #[serde(with = "millis")]
+    pub queue: Duration,
+    #[serde(with = "millis")]
+    pub run: Duration,
+}
+
+impl Durations {
+    pub const fn new(queue_ms: u64, run_ms: u64) -> Self {
+        Self {
+            queue: Duration::from_millis(queue_ms),
+            run: Duration::from_millis(run_ms),
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_millis() as u64)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Phase {
+    InQueue,
+    InProgress,
+    Completed,
+}
+
+/// What a finished request answers on its result URL (and sends in its callback).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Outcome {
+    pub status: u16,
+    pub body: Value,
+    pub error_type: Option<String>,
+}
+
+impl Outcome {
+    pub fn ok(body: Value) -> Self {
+        Self {
+            status: 200,
+            body,
+            error_type: None,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// A queued request as the emulator tracks it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestSnapshot {
+    pub id: String,
+    pub endpoint: String,
+    /// owner/alias (or namespace/owner/alias): where status/result/cancel live.
+    pub prefix: String,
+    pub input: Value,
+    pub webhook: Option<String>,
+    pub phase: Phase,
+    pub outcome: Option<Outcome>,
+    pub logs: Vec<Value>,
+    pub inference_time: Option<f64>,
+    #[serde(skip)]
+    pub(crate) seq: u64,
+    #[serde(skip)]
+    pub(crate) forced: Option<ModelFailure>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SubmitRecord {
+    /// `None` when a fault refused the submit before a request existed.
+    pub request_id: Option<String>,
+    pub endpoint: String,
+    pub input: Value,
+    pub webhook: Option<String>,
+    /// Request headers, `Authorization` redacted.
+    pub headers: Vec<(String, String)>,
+    pub fault: Option<String>,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CallbackAttempt {
+    pub request_id: String,
+    /// 1 for the delivery, 2 for an injected duplicate.
+    pub delivery: u32,
+    /// 1-based attempt within a delivery (retries after failures).
+    pub attempt: u32,
+    pub url: String,
+    pub timestamp: String,
+    pub signature: String,
+    pub body: String,
+    /// Status the receiver answered; `None` on timeout or connection error.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub fault: Option<String>,
+    /// When the attempt was sent.
+    pub sent_at: SystemTime,
+    /// When the receiver's answer (or the failure) came back.
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CancelRecord {
+    pub request_id: String,
+    pub answered: u16,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UploadRecord {
+    pub file_url: String,
+    pub file_name: String,
+    pub content_type: String,
+    pub size: usize,
+    pub sha256: String,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DownloadRecord {
+    pub request_id: String,
+    pub url: String,
+    /// `None` when the download failed.
+    pub size: Option<usize>,
+    #[serde(skip)]
+    pub bytes: Option<bytes::Bytes>,
+    pub error: Option<String>,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct StoredFile {
+    pub content_type: String,
+    pub bytes: bytes::Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct PendingUpload {
+    pub file_id: String,
+    pub file_name: String,
+    pub content_type: String,
+}
+
+/// A signed callback waiting for its turn (reorder fault).
+#[derive(Debug, Clone)]
+pub(crate) struct HeldCallback {
+    pub request_id: String,
+    pub url: String,
+    pub body: String,
+}
+
+pub(crate) struct Keys {
+    pub signing: SigningKey,
+    pub kid: String,
+    /// What the JWKS lists, newest first.
+    pub published: Vec<(String, VerifyingKey)>,
+}
+
+pub(crate) struct Inner {
+    pub requests: HashMap<String, RequestSnapshot>,
+    pub next_seq: u64,
+    pub files: HashMap<String, StoredFile>,
+    pub pending_uploads: HashMap<String, PendingUpload>,
+    pub submits: Vec<SubmitRecord>,
+    pub callbacks: Vec<CallbackAttempt>,
+    pub cancels: Vec<CancelRecord>,
+    pub uploads: Vec<UploadRecord>,
+    pub downloads: Vec<DownloadRecord>,
+    pub http_faults: Vec<FaultRule>,
+    pub callback_faults: VecDeque<CallbackFault>,
+    pub model_failures: VecDeque<ModelFailure>,
+    pub held: Option<HeldCallback>,
+    pub keys: Keys,
+    pub generation: Durations,
+    pub training: Durations,
+    pub per_endpoint: HashMap<String, Durations>,
+    pub finetunes: Vec<String>,
+    pub tasks: Vec<AbortHandle>,
+}
+
+pub(crate) struct Shared {
+    pub config: EmulatorConfig,
+    pub base_url: Mutex<String>,
+    pub inner: Mutex<Inner>,
+    pub changed: watch::Sender<u64>,
+    pub http: reqwest::Client,
+}
+
+/// Cheap to clone; every handler and background task holds one.
+#[derive(Clone)]
+pub struct EmulatorState(pub(crate) Arc<Shared>);
+
+impl std::fmt::Debug for EmulatorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorState")
+            .field("base_url", &self.base_url())
+            .finish()
+    }
+}
+
+pub(crate) const TRAINERS: [&str; 3] = [
+    "fal-ai/flux-lora-fast-training",
+    "fal-ai/flux-lora-portrait-trainer",
+    "fal-ai/flux-pro-trainer",
+];
+
+fn new_keys() -> Keys {
+    let mut seed = [0u8; 32];
+    rand::rng().fill(&mut seed);
+    let signing = SigningKey::from_bytes(&seed);
+    let kid = kid_for(&signing.verifying_key());
+    Keys {
+        published: vec![(kid.clone(), signing.verifying_key())],
+        signing,
+        kid,
+    }
+}
+
+fn kid_for(key: &VerifyingKey) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(Sha256::digest(key.as_bytes()))
+}
+
+impl EmulatorState {
+    pub fn new(config: EmulatorConfig) -> Self {
+        crate::fal::ensure_crypto_provider();
+        // Loopback only, never through a proxy: the emulator talks to test receivers.
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        let inner = Inner {
+            requests: HashMap::new(),
+            next_seq: 0,
+            files: HashMap::new(),
+            pending_uploads: HashMap::new(),
+            submits: Vec::new(),
+            callbacks: Vec::new(),
+            cancels: Vec::new(),
+            uploads: Vec::new(),
+            downloads: Vec::new(),
+            http_faults: Vec::new(),
+            callback_faults: VecDeque::new(),
+            model_failures: VecDeque::new(),
+            held: None,
+            keys: new_keys(),
+            generation: config.generation,
+            training: config.training,
+            per_endpoint: HashMap::new(),
+            finetunes: Vec::new(),
+            tasks: Vec::new(),
+        };
+        let base = config
+            .public_base
+            .as_ref()
+            .map(|u| u.as_str().trim_end_matches('/').to_owned())
+            .unwrap_or_default();
+        Self(Arc::new(Shared {
+            config,
+            base_url: Mutex::new(base),
+            inner: Mutex::new(inner),
+            changed: watch::channel(0).0,
+            http,
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock only happens in a bug; keep serving regardless.
+        self.0.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> &EmulatorConfig {
+        &self.0.config
+    }
+
+    /// Base URL used in every URL the emulator hands out (no trailing slash).
+    pub fn base_url(&self) -> String {
+        self.0
+            .base_url
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_base_url(&self, base: String) {
+        *self.0.base_url.lock().unwrap_or_else(|p| p.into_inner()) = base;
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.0.http
+    }
+
+    /// Wakes status streams.
+    pub(crate) fn bump(&self) {
+        self.0.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.changed.subscribe()
+    }
+
+    /// Spawns a background task that shutdown aborts.
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let handle = tokio::spawn(fut).abort_handle();
+        let mut inner = self.lock();
+        inner.tasks.retain(|t| !t.is_finished());
+        inner.tasks.push(handle);
+    }
+
+    pub(crate) fn abort_tasks(&self) {
+        for t in self.lock().tasks.drain(..) {
+            t.abort();
+        }
+    }
+
+    pub(crate) fn durations_for(&self, endpoint: &str) -> Durations {
+        let inner = self.lock();
+        if let Some(d) = inner.per_endpoint.get(endpoint) {
+            return *d;
+        }
+        if TRAINERS.contains(&endpoint) {
+            inner.training
+        } else {
+            inner.generation
+        }
+    }
+
+    // ---- inspection (tests, control API) ----
+
+    pub fn submits(&self) -> Vec<SubmitRecord> {
+        self.lock().submits.clone()
+    }
+
+    pub fn callback_attempts(&self) -> Vec<CallbackAttempt> {
+        self.lock().callbacks.clone()
+    }
+
+    pub fn cancels(&self) -> Vec<CancelRecord> {
+        self.lock().cancels.clone()
+    }
+
+    pub fn uploads(&self) -> Vec<UploadRecord> {
+        self.lock().uploads.clone()
+    }
+
+    pub fn downloads(&self) -> Vec<DownloadRecord> {
+        self.lock().downloads.clone()
+    }
+
+    pub fn request(&self, id: &str) -> Option<RequestSnapshot> {
+        self.lock().requests.get(id).cloned()
+    }
+
+    pub fn requests(&self) -> Vec<RequestSnapshot> {
+        let mut all: Vec<_> = self.lock().requests.values().cloned().collect();
+        all.sort_by_key(|r| r.seq);
+        all
+    }
+
+    /// Bytes of a file the emulator serves (uploads and model outputs), by its URL.
+    pub fn file_bytes(&self, url: &str) -> Option<bytes::Bytes> {
+        let id = url.split("/files/").nth(1)?.split('/').next()?;
+        self.lock().files.get(id).map(|f| f.bytes.clone())
+    }
+
+    /// Finetune ids issued by `fal-ai/flux-pro-trainer`.
+    pub fn finetunes(&self) -> Vec<String> {
+        self.lock().finetunes.clone()
+    }
+
+    /// The JWKS document as served.
+    pub fn jwks(&self) -> Value {
+        let inner = self.lock();
+        let keys: Vec<Value> = inner
+            .keys
+            .published
+            .iter()
+            .map(|(kid, k)| jwk_for(k, kid))
+            .collect();
+        json!({ "keys": keys })
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.0.config.user_id
+    }
+
+    // ---- controls ----
+
+    /// Arms a fault on the HTTP API (applies to the next `count` matching calls).
+    pub fn inject_fault(&self, rule: FaultRule) {
+        self.lock().http_faults.push(rule);
+    }
+
+    pub fn inject_callback_fault(&self, fault: CallbackFault, count: u32) {
+        let mut inner = self.lock();
+        for _ in 0..count {
+            inner.callback_faults.push_back(fault.clone());
+        }
+    }
+
+    /// The next `count` submitted requests complete with this error instead of running.
+    pub fn fail_next_models(&self, failure: ModelFailure, count: u32) {
+        let mut inner = self.lock();
+        for _ in 0..count {
+            inner.model_failures.push_back(failure.clone());
+        }
+    }
+
+    /// A new key signs from now on; the JWKS lists it, plus the old one if `keep_old`.
+    pub fn rotate_key(&self, keep_old: bool) -> String {
+        let mut inner = self.lock();
+        let fresh = new_keys();
+        let mut published = fresh.published.clone();
+        if keep_old {
+            published.extend(inner.keys.published.iter().cloned());
+        }
+        inner.keys = Keys { published, ..fresh };
+        inner.keys.kid.clone()
+    }
+
+    /// Sets timings for one endpoint, or the defaults of its class when `endpoint` is
+    /// `None` (`training` picks trainers vs. everything else).
+    /// Requests already in flight follow the new timings too.
+    pub fn set_durations(&self, endpoint: Option<&str>, training: bool, d: Durations) {
+        {
+            let mut inner = self.lock();
+            match endpoint {
+                Some(e) => {
+                    inner.per_endpoint.insert(e.to_owned(), d);
+                }
+                None if training => inner.training = d,
+                None => inner.generation = d,
+            }
+        }
+        self.bump();
+    }
+
+    /// Requests already in flight follow the new timings too.
+    pub fn set_all_durations(&self, d: Durations) {
+        {
+            let mut inner = self.lock();
+            inner.generation = d;
+            inner.training = d;
+            inner.per_endpoint.clear();
+        }
+        self.bump();
+    }
+
+    /// Delivers a callback held by a `reorder` fault now.
+    pub fn release_held_callback(&self) -> bool {
+        let held = self.lock().held.take();
+        match held {
+            Some(h) => {
+                super::callbacks::spawn_delivery(self, h, None);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Disarms every fault.
+    pub fn clear_faults(&self) {
+        let mut inner = self.lock();
+        inner.http_faults.clear();
+        inner.callback_faults.clear();
+        inner.model_failures.clear();
+    }
+
+    /// Takes the next armed fault for `target`, decrementing its count.
+    pub(crate) fn take_fault(&self, target: FaultTarget) -> Option<HttpFault> {
+        let mut inner = self.lock();
+        let idx = inner
+            .http_faults
+            .iter()
+            .position(|r| r.target == target || r.target == FaultTarget::Any)?;
+        let rule = &mut inner.http_faults[idx];
+        let fault = rule.fault.clone();
+        rule.count = rule.count.saturating_sub(1);
+        if rule.count == 0 {
+            inner.http_faults.remove(idx);
+        }
+        Some(fault)
+    }
+
+    pub(crate) fn store_file(&self, name: &str, content_type: &str, bytes: Vec<u8>) -> String {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let url = format!("{}/files/{id}/{name}", self.base_url());
+        self.lock().files.insert(
+            id,
+            StoredFile {
+                content_type: content_type.to_owned(),
+                bytes: bytes.into(),
+            },
+        );
+        url
+    }
+}

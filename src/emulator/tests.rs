@@ -1,0 +1,1137 @@
+//! The emulator driven through the real `FalClient`, with a webhook receiver on loopback.
+//! No bare sleeps: every wait polls under a deadline.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use reqwest::Url;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::fal::signature::{self, InvalidReason, WebhookHeaders, parse_jwks};
+use crate::fal::wire::{CallbackBody, CallbackStatus, QueueState, python_json};
+use crate::fal::{
+    CancelOutcome, FalClient, FalConfig, FalErrorKind, JwksCache, ModelResult, Secret, Verdict,
+};
+
+const DEADLINE: Duration = Duration::from_secs(15);
+
+struct Env {
+    emu: EmulatorHandle,
+    fal: FalClient,
+    raw: reqwest::Client,
+}
+
+async fn env() -> Env {
+    env_with(EmulatorConfig::fast()).await
+}
+
+async fn env_with(config: EmulatorConfig) -> Env {
+    crate::fal::ensure_crypto_provider();
+    let key = config.key.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = spawn(config, listener).await;
+    let base = emu.base_url();
+    let mut cfg = FalConfig::new(base.clone(), base, key);
+    cfg.request_timeout = Duration::from_secs(10);
+    let fal = FalClient::new(cfg).unwrap();
+    Env {
+        emu,
+        fal,
+        raw: reqwest::Client::new(),
+    }
+}
+
+impl Env {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.emu.state().base_url())
+    }
+
+    fn auth(&self) -> String {
+        format!("Key {}", self.emu.config().key.expose())
+    }
+
+    async fn wait_completed(&self, status_url: &str) {
+        let start = Instant::now();
+        loop {
+            let s = self.fal.status(status_url, false).await.unwrap();
+            if s.status == QueueState::Completed {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "request never completed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+async fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    hits: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+    answers: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Self, Url) {
+        let r = Receiver::default();
+        let app = Router::new()
+            .route(
+                "/hook",
+                post(
+                    |State(r): State<Receiver>, headers: HeaderMap, body: Bytes| async move {
+                        r.hits.lock().unwrap().push((headers, body));
+                        let code = r.answers.lock().unwrap().pop_front().unwrap_or(200);
+                        StatusCode::from_u16(code).unwrap()
+                    },
+                ),
+            )
+            .with_state(r.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (
+            r,
+            Url::parse(&format!("http://{addr}/hook?token=abc")).unwrap(),
+        )
+    }
+
+    fn hits(&self) -> Vec<(HeaderMap, Bytes)> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn emulator_keys(emu: &EmulatorHandle) -> Vec<ed25519_dalek::VerifyingKey> {
+    parse_jwks(emu.jwks().to_string().as_bytes())
+}
+
+#[tokio::test]
+async fn submit_status_result_and_real_png() {
+    let e = env().await;
+    e.emu
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(300, 20));
+    let sub = e
+        .fal
+        .submit(
+            "fal-ai/flux-lora",
+            &json!({"prompt": "a red apple", "image_size": "square", "seed": 7}),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(sub.queue_position, Some(0));
+    let status_url = sub.status_url.clone().unwrap();
+    assert!(status_url.ends_with(&format!(
+        "/fal-ai/flux-lora/requests/{}/status",
+        sub.request_id
+    )));
+
+    // Queued: 202 with every field present.
+    let resp = e
+        .raw
+        .get(&status_url)
+        .header("authorization", e.auth())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "IN_QUEUE");
+    for k in [
+        "request_id",
+        "response_url",
+        "status_url",
+        "cancel_url",
+        "logs",
+        "metrics",
+        "queue_position",
+    ] {
+        assert!(body.get(k).is_some(), "missing {k}");
+    }
+    assert!(body["logs"].is_null());
+
+    e.wait_completed(&status_url).await;
+    let resp = e
+        .raw
+        .get(&status_url)
+        .header("authorization", e.auth())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["metrics"]["inference_time"].is_number());
+    assert!(body.get("queue_position").is_none());
+
+    let ModelResult::Output(out) = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("expected output");
+    };
+    assert_eq!(out["seed"], 7);
+    assert_eq!(out["prompt"], "a red apple");
+    assert_eq!(out["has_nsfw_concepts"], json!([false]));
+    let img = &out["images"][0];
+    assert_eq!(
+        (img["width"].as_u64(), img["height"].as_u64()),
+        (Some(512), Some(512))
+    );
+    let png = e
+        .raw
+        .get(img["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(png.headers()["content-type"], "image/png");
+    let bytes = png.bytes().await.unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let w = u32::from_be_bytes(bytes[16..20].try_into().unwrap());
+    let h = u32::from_be_bytes(bytes[20..24].try_into().unwrap());
+    assert_eq!((w, h), (512, 512), "reported size is the real size");
+    assert_eq!(img["file_size"].as_u64(), Some(bytes.len() as u64));
+
+    let rec = e.emu.submits();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].input["prompt"], "a red apple");
+    assert!(
+        rec[0]
+            .headers
+            .iter()
+            .any(|(k, v)| k == "authorization" && v == "[redacted]")
+    );
+}
+
+#[tokio::test]
+async fn url_forms_trailing_slash_and_response_alias() {
+    let e = env().await;
+    let endpoint = "fal-ai/flux-pro/v1.1-ultra-finetuned";
+    let sub = e
+        .fal
+        .submit(
+            endpoint,
+            &json!({"prompt": "p", "finetune_id": "ft", "finetune_strength": 1.0, "aspect_ratio": "1:1"}),
+            None,
+        )
+        .await
+        .unwrap();
+    let id = &sub.request_id;
+    assert_eq!(
+        sub.response_url.as_deref().unwrap(),
+        e.url(&format!("/fal-ai/flux-pro/requests/{id}")),
+        "sub-path dropped"
+    );
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    for path in [
+        format!("/fal-ai/flux-pro/requests/{id}/status"),
+        format!("/fal-ai/flux-pro/requests/{id}/status/"),
+        format!("/{endpoint}/requests/{id}/status"),
+        format!("/{endpoint}/requests/{id}/status/"),
+        format!("/fal-ai/flux-pro/requests/{id}"),
+        format!("/fal-ai/flux-pro/requests/{id}/"),
+        format!("/fal-ai/flux-pro/requests/{id}/response"),
+        format!("/{endpoint}/requests/{id}"),
+    ] {
+        let resp = e
+            .raw
+            .get(e.url(&path))
+            .header("authorization", e.auth())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+    // Wrong app for the id, and an unknown id.
+    for path in [
+        format!("/fal-ai/flux-lora/requests/{id}/status"),
+        "/fal-ai/flux-pro/requests/00000000-0000-0000-0000-000000000000/status".to_string(),
+    ] {
+        let resp = e
+            .raw
+            .get(e.url(&path))
+            .header("authorization", e.auth())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(
+            resp.json::<Value>().await.unwrap(),
+            json!({"status": "NOT_FOUND"})
+        );
+    }
+    let ModelResult::Output(out) = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("expected output");
+    };
+    assert_eq!(
+        (
+            out["images"][0]["width"].as_u64(),
+            out["images"][0]["height"].as_u64()
+        ),
+        (Some(2048), Some(2048))
+    );
+}
+
+#[tokio::test]
+async fn logs_spellings() {
+    let e = env().await;
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    let status_url = sub.status_url.unwrap();
+    e.wait_completed(&status_url).await;
+    for (q, has_logs) in [
+        ("1", true),
+        ("true", true),
+        ("0", false),
+        ("false", false),
+        ("", false),
+    ] {
+        let url = if q.is_empty() {
+            status_url.clone()
+        } else {
+            format!("{status_url}?logs={q}")
+        };
+        let body: Value = e
+            .raw
+            .get(url)
+            .header("authorization", e.auth())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(body["logs"].is_array(), has_logs, "logs={q}");
+        assert_eq!(body["logs"].is_null(), !has_logs, "logs={q}");
+    }
+    let s = e.fal.status(&status_url, true).await.unwrap();
+    let logs = s.logs.unwrap();
+    assert!(logs.len() >= 2 && logs[0].timestamp.is_some() && logs[0].message.is_some());
+}
+
+#[tokio::test]
+async fn cancel_result_before_completion_and_unknown() {
+    let e = env().await;
+    e.emu.set_all_durations(Durations::new(60_000, 10));
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    let err = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, FalErrorKind::NotReady);
+    assert_eq!(err.status, Some(400));
+    assert_eq!(err.detail, Some(json!("Request is still in progress")));
+
+    let cancel_url = sub.cancel_url.unwrap();
+    assert_eq!(
+        e.fal.cancel(&cancel_url).await.unwrap(),
+        CancelOutcome::CancellationRequested
+    );
+    assert_eq!(
+        e.fal.cancel(&cancel_url).await.unwrap(),
+        CancelOutcome::AlreadyCompleted
+    );
+    let unknown = cancel_url.replace(&sub.request_id, "00000000-0000-0000-0000-000000000000");
+    assert_eq!(
+        e.fal.cancel(&unknown).await.unwrap(),
+        CancelOutcome::NotFound
+    );
+    let answered: Vec<u16> = e.emu.cancels().iter().map(|c| c.answered).collect();
+    assert_eq!(answered, vec![202, 400, 404]);
+
+    // A cancelled request is COMPLETED and replays the runner's 499.
+    let s = e
+        .fal
+        .status(sub.status_url.as_deref().unwrap(), false)
+        .await
+        .unwrap();
+    assert_eq!(s.status, QueueState::Completed);
+    assert_eq!(s.error_type.as_deref(), Some("client_cancelled"));
+    match e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    {
+        ModelResult::ModelError { status, .. } => assert_eq!(status, 499),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn wrong_key_is_401() {
+    let e = env().await;
+    let base = e.emu.base_url();
+    let bad = FalClient::new(FalConfig::new(
+        base.clone(),
+        base,
+        Secret::from("nope:nope"),
+    ))
+    .unwrap();
+    let err = bad
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, Some(401));
+    assert_eq!(
+        err.detail,
+        Some(json!("No user found for Key ID and Secret"))
+    );
+    assert!(!err.retryable());
+    let resp = e
+        .raw
+        .post(e.url("/fal-ai/flux-lora"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert!(e.emu.submits().is_empty());
+}
+
+#[tokio::test]
+async fn validation_error_completes_with_422() {
+    let e = env().await;
+    let (rx, hook) = Receiver::start().await;
+    let sub = e
+        .fal
+        .submit(
+            "fal-ai/flux-lora",
+            &json!({"prompt": "x", "num_images": 5}),
+            Some(&hook),
+        )
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let ModelResult::ModelError { status, body, .. } = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("expected a model error");
+    };
+    assert_eq!(status, 422);
+    assert_eq!(body["detail"][0]["loc"], json!(["body", "num_images"]));
+    assert_eq!(body["detail"][0]["type"], "less_than_equal");
+
+    let (_, raw) = eventually("callback", || rx.hits().first().cloned()).await;
+    let cb: CallbackBody = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(cb.status, CallbackStatus::Error);
+    assert_eq!(cb.error.as_deref(), Some("Invalid status code: 422"));
+    assert_eq!(cb.payload.unwrap(), body);
+}
+
+#[tokio::test]
+async fn storage_roundtrip_and_trainer_download() {
+    let e = env().await;
+    let zip = Bytes::from_static(b"PK\x03\x04 pretend zip with photos");
+    let file_url = e
+        .fal
+        .upload(zip.clone(), "application/zip", "train.zip")
+        .await
+        .unwrap();
+    let got = e.raw.get(&file_url).send().await.unwrap();
+    assert_eq!(got.headers()["content-type"], "application/zip");
+    assert_eq!(got.bytes().await.unwrap(), zip);
+    let up = e.emu.uploads();
+    assert_eq!(
+        (up.len(), up[0].size, up[0].file_name.as_str()),
+        (1, zip.len(), "train.zip")
+    );
+
+    let sub = e
+        .fal
+        .submit(
+            "fal-ai/flux-lora-fast-training",
+            &json!({"images_data_url": file_url, "trigger_word": "TOK", "steps": 500}),
+            None,
+        )
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let ModelResult::Output(out) = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("expected output");
+    };
+    let dl = e.emu.downloads();
+    assert_eq!(dl[0].bytes.as_deref(), Some(&zip[..]));
+    let lora = out["diffusers_lora_file"]["url"].as_str().unwrap();
+    let st = e.raw.get(lora).send().await.unwrap().bytes().await.unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["trigger"], "TOK");
+    assert_eq!(
+        out["diffusers_lora_file"]["file_size"].as_u64(),
+        Some(st.len() as u64)
+    );
+    let config: Value = e
+        .raw
+        .get(out["config_file"]["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        config["training_data_bytes"].as_u64(),
+        Some(zip.len() as u64)
+    );
+
+    // Unreachable archive: the model fails with a 422 on the URL field.
+    let sub = e
+        .fal
+        .submit(
+            "fal-ai/flux-pro-trainer",
+            &json!({"data_url": e.url("/files/nope/x.zip"), "finetune_comment": "me"}),
+            None,
+        )
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    match e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    {
+        ModelResult::ModelError { status, body, .. } => {
+            assert_eq!(status, 422);
+            assert_eq!(body["detail"][0]["loc"], json!(["body", "data_url"]));
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Pro trainer success gives a finetune id.
+    let sub = e
+        .fal
+        .submit(
+            "fal-ai/flux-pro-trainer",
+            &json!({"data_url": file_url, "finetune_comment": "me", "mode": "character"}),
+            None,
+        )
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let ModelResult::Output(out) = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("expected output");
+    };
+    assert_eq!(
+        e.emu.finetunes(),
+        vec![out["finetune_id"].as_str().unwrap().to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn callback_layout_and_signature_verify_against_jwks() {
+    let e = env().await;
+    let (rx, hook) = Receiver::start().await;
+    let sub = e
+        .fal
+        .submit(
+            "fal-ai/flux-lora",
+            &json!({"prompt": "café ☕", "seed": 17454220438242315174u64}),
+            Some(&hook),
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.emu.submits()[0].webhook.as_deref(), Some(hook.as_str()));
+    let (headers, body) = eventually("callback", || rx.hits().first().cloned()).await;
+    assert_eq!(headers["content-type"], "application/json");
+    let value: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        python_json(&value).as_bytes(),
+        &body[..],
+        "Python json.dumps layout"
+    );
+    let text = std::str::from_utf8(&body).unwrap();
+    assert!(text.starts_with(r#"{"error": null, "gateway_request_id": ""#));
+    assert!(text.contains(r#""seed": 17454220438242315174"#));
+    assert!(text.contains(r#"caf\u00e9 \u2615"#), "ensure_ascii");
+    let cb: CallbackBody = serde_json::from_value(value).unwrap();
+    assert_eq!(
+        (cb.status, cb.request_id.as_str()),
+        (CallbackStatus::Ok, sub.request_id.as_str())
+    );
+
+    // Verify with keys fetched over HTTP, as the app will.
+    let jwks = e
+        .raw
+        .get(e.emu.jwks_url())
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let doc: Value = serde_json::from_slice(&jwks).unwrap();
+    assert!(
+        doc["keys"][0]["x"].as_str().unwrap().ends_with('='),
+        "padded like FAL"
+    );
+    let keys = parse_jwks(&jwks);
+    let h = WebhookHeaders::from_headers(&headers).unwrap();
+    assert_eq!(h.request_id, sub.request_id);
+    assert_eq!(h.user_id, "github|0");
+    assert_eq!(
+        signature::verify(&h, &body, &keys, now()),
+        Ok(Verdict::Valid { stale: false })
+    );
+    let mut tampered = body.to_vec();
+    tampered[10] ^= 1;
+    assert!(
+        !signature::verify(&h, &tampered, &keys, now())
+            .unwrap()
+            .is_valid()
+    );
+}
+
+#[tokio::test]
+async fn callback_retries_after_receiver_errors() {
+    let e = env().await;
+    let (rx, hook) = Receiver::start().await;
+    rx.answers.lock().unwrap().extend([500, 503]);
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    eventually("3 deliveries", || (rx.hits().len() >= 3).then_some(())).await;
+    let attempts = eventually("3 recorded attempts", || {
+        let a = e.emu.callback_attempts();
+        (a.len() >= 3).then_some(a)
+    })
+    .await;
+    let codes: Vec<Option<u16>> = attempts.iter().map(|a| a.status).collect();
+    assert_eq!(codes, vec![Some(500), Some(503), Some(200)]);
+    assert!(attempts.iter().all(|a| a.request_id == sub.request_id));
+    assert_eq!(
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    // Same body every time.
+    let hits = rx.hits();
+    assert!(hits.windows(2).all(|w| w[0].1 == w[1].1));
+}
+
+#[tokio::test]
+async fn callback_to_a_dead_receiver_gives_up_after_the_schedule() {
+    let mut config = EmulatorConfig::fast();
+    config.callback_retry_schedule = vec![Duration::from_millis(10); 2];
+    let e = env_with(config).await;
+    // Bind then drop: nothing listens on this port any more.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let hook = Url::parse(&format!("http://{dead}/hook")).unwrap();
+    e.fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    let attempts = eventually("3 failed attempts", || {
+        let a = e.emu.callback_attempts();
+        (a.len() >= 3).then_some(a)
+    })
+    .await;
+    assert!(
+        attempts
+            .iter()
+            .all(|a| a.status.is_none() && a.error.is_some())
+    );
+}
+
+#[tokio::test]
+async fn model_failure_injection() {
+    let e = env().await;
+    let (rx, hook) = Receiver::start().await;
+    e.emu.fail_next_models(ModelFailure::new(500), 1);
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let s = e
+        .fal
+        .status(sub.status_url.as_deref().unwrap(), false)
+        .await
+        .unwrap();
+    assert_eq!(s.error_type.as_deref(), Some("internal_error"));
+    match e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    {
+        ModelResult::ModelError {
+            status, error_type, ..
+        } => {
+            assert_eq!(
+                (status, error_type.as_deref()),
+                (500, Some("internal_error"))
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let (_, raw) = eventually("callback", || rx.hits().first().cloned()).await;
+    let cb: CallbackBody = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(cb.error.as_deref(), Some("Invalid status code: 500"));
+
+    // Only the next one failed.
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    assert!(matches!(
+        e.fal
+            .result(sub.response_url.as_deref().unwrap())
+            .await
+            .unwrap(),
+        ModelResult::Output(_)
+    ));
+}
+
+#[tokio::test]
+async fn submit_faults_classify_for_retries() {
+    let e = env().await;
+    let input = json!({"prompt": "x"});
+    let submit = || e.fal.submit("fal-ai/flux-lora", &input, None);
+
+    e.emu.inject_fault(FaultRule::submit(
+        HttpFault::Status {
+            status: 429,
+            body: None,
+            retry_after: Some(3),
+            timeout_type_user: false,
+        },
+        1,
+    ));
+    let err = submit().await.unwrap_err();
+    assert_eq!(
+        (err.status, err.retry_after),
+        (Some(429), Some(Duration::from_secs(3)))
+    );
+    assert!(err.retryable() && !err.may_have_reached_fal);
+
+    e.emu
+        .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
+    let err = submit().await.unwrap_err();
+    assert_eq!(err.status, Some(502));
+    assert!(err.retryable() && err.fal_request_id.is_none());
+
+    e.emu
+        .inject_fault(FaultRule::submit(FaultRule::status(503), 1));
+    let err = submit().await.unwrap_err();
+    assert_eq!(err.error_type.as_deref(), Some("runner_scheduling_failure"));
+    assert!(err.retryable());
+
+    e.emu.inject_fault(FaultRule::submit(
+        HttpFault::Status {
+            status: 504,
+            body: None,
+            retry_after: None,
+            timeout_type_user: true,
+        },
+        1,
+    ));
+    let err = submit().await.unwrap_err();
+    assert!(err.user_timeout && !err.retryable());
+
+    e.emu
+        .inject_fault(FaultRule::submit(FaultRule::status(500), 2));
+    assert_eq!(submit().await.unwrap_err().status, Some(500));
+    assert_eq!(submit().await.unwrap_err().status, Some(500));
+
+    // None of the refused submits created a request; the next one works.
+    assert!(e.emu.requests().is_empty());
+    assert_eq!(
+        e.emu.submits().iter().filter(|s| s.fault.is_some()).count(),
+        6
+    );
+    submit().await.unwrap();
+    assert_eq!(e.emu.requests().len(), 1);
+
+    e.emu
+        .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 150 }, 1));
+    let started = Instant::now();
+    submit().await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn accept_then_reset_creates_the_request_but_loses_the_answer() {
+    let e = env().await;
+    e.emu
+        .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
+    let err = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err.kind, FalErrorKind::Transport | FalErrorKind::Timeout),
+        "{err:?}"
+    );
+    assert!(err.retryable() && err.may_have_reached_fal, "{err:?}");
+    let reqs = e.emu.requests();
+    assert_eq!(reqs.len(), 1, "FAL created the request");
+    assert_eq!(
+        e.emu.submits()[0].request_id.as_deref(),
+        Some(reqs[0].id.as_str())
+    );
+    // The connection pool recovers.
+    e.fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn status_and_result_faults() {
+    let e = env().await;
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    e.emu.inject_fault(FaultRule {
+        target: FaultTarget::Result,
+        fault: HttpFault::Nginx502,
+        count: 1,
+    });
+    let err = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        err.retryable(),
+        "an ingress 502 on result is not the model's verdict"
+    );
+    assert!(matches!(
+        e.fal
+            .result(sub.response_url.as_deref().unwrap())
+            .await
+            .unwrap(),
+        ModelResult::Output(_)
+    ));
+    e.emu.inject_fault(FaultRule {
+        target: FaultTarget::Status,
+        fault: FaultRule::status(503),
+        count: 1,
+    });
+    assert!(
+        e.fal
+            .status(sub.status_url.as_deref().unwrap(), false)
+            .await
+            .unwrap_err()
+            .retryable()
+    );
+}
+
+async fn one_callback_with(e: &Env, fault: CallbackFault) -> (Receiver, String) {
+    let (rx, hook) = Receiver::start().await;
+    e.emu.inject_callback_fault(fault, 1);
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    (rx, sub.request_id)
+}
+
+#[tokio::test]
+async fn callback_faults_stale_and_bad_signature() {
+    let e = env().await;
+    let keys = emulator_keys(&e.emu);
+
+    let (rx, _) = one_callback_with(&e, CallbackFault::StaleTimestamp).await;
+    let (headers, body) = eventually("stale callback", || rx.hits().first().cloned()).await;
+    let h = WebhookHeaders::from_headers(&headers).unwrap();
+    assert_eq!(
+        signature::verify(&h, &body, &keys, now()),
+        Ok(Verdict::Valid { stale: true })
+    );
+
+    let (rx, _) = one_callback_with(&e, CallbackFault::BadSignature).await;
+    let (headers, body) = eventually("forged callback", || rx.hits().first().cloned()).await;
+    let h = WebhookHeaders::from_headers(&headers).unwrap();
+    assert_eq!(
+        signature::verify(&h, &body, &keys, now()),
+        Ok(Verdict::Invalid(InvalidReason::NoKeyMatched))
+    );
+}
+
+#[tokio::test]
+async fn callback_faults_drop_duplicate_delay() {
+    let e = env().await;
+    let (rx, id) = one_callback_with(&e, CallbackFault::Duplicate).await;
+    eventually("two deliveries", || (rx.hits().len() == 2).then_some(())).await;
+    // The emulator records an attempt after the receiver answered: wait for both.
+    let deliveries: Vec<u32> = eventually("two recorded deliveries", || {
+        let d: Vec<u32> = e
+            .emu
+            .callback_attempts()
+            .iter()
+            .filter(|a| a.request_id == id)
+            .map(|a| a.delivery)
+            .collect();
+        (d.len() == 2).then_some(d)
+    })
+    .await;
+    assert_eq!(deliveries, vec![1, 2]);
+
+    let (rx, id) = one_callback_with(&e, CallbackFault::Drop).await;
+    let dropped = eventually("drop recorded", || {
+        e.emu
+            .callback_attempts()
+            .into_iter()
+            .find(|a| a.request_id == id)
+    })
+    .await;
+    assert_eq!(dropped.fault.as_deref(), Some("drop"));
+    // A later request's callback arrives: the dropped one would have come first.
+    let (rx2, _) = one_callback_with(&e, CallbackFault::Delay { delay_ms: 0 }).await;
+    eventually("later callback", || rx2.hits().first().cloned()).await;
+    assert!(rx.hits().is_empty());
+
+    let (rx, _) = one_callback_with(&e, CallbackFault::Delay { delay_ms: 200 }).await;
+    let started = Instant::now();
+    eventually("delayed callback", || rx.hits().first().cloned()).await;
+    assert!(started.elapsed() >= Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn callback_fault_reorder() {
+    let e = env().await;
+    let (rx, hook) = Receiver::start().await;
+    e.emu.inject_callback_fault(CallbackFault::Reorder, 1);
+    let first = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "first"}), Some(&hook))
+        .await
+        .unwrap();
+    e.wait_completed(first.status_url.as_deref().unwrap()).await;
+    let second = e
+        .fal
+        .submit(
+            "fal-ai/flux-lora",
+            &json!({"prompt": "second"}),
+            Some(&hook),
+        )
+        .await
+        .unwrap();
+    eventually("both callbacks", || (rx.hits().len() == 2).then_some(())).await;
+    let order: Vec<String> = rx
+        .hits()
+        .iter()
+        .map(|(h, _)| h["x-fal-webhook-request-id"].to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(order, vec![second.request_id, first.request_id]);
+}
+
+#[tokio::test]
+async fn key_rotation_is_picked_up_by_the_jwks_cache() {
+    let e = env().await;
+    let cache = JwksCache::with_settings(
+        e.fal.http().clone(),
+        e.emu.jwks_url(),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    );
+    assert_eq!(cache.keys().await.unwrap().len(), 1);
+    e.emu.rotate_key(false);
+    assert_eq!(emulator_keys(&e.emu).len(), 1);
+
+    let (rx, hook) = Receiver::start().await;
+    e.fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    let (headers, body) = eventually("callback", || rx.hits().first().cloned()).await;
+    let h = WebhookHeaders::from_headers(&headers).unwrap();
+    assert_eq!(
+        cache.verify_with_refetch(&h, &body, now()).await,
+        Ok(Verdict::Valid { stale: false })
+    );
+    assert_eq!(
+        cache.fetch_count().await,
+        2,
+        "one refetch after the unknown signature"
+    );
+
+    e.emu.rotate_key(true);
+    assert_eq!(emulator_keys(&e.emu).len(), 2, "old key still published");
+}
+
+#[tokio::test]
+async fn status_stream_ends_after_completed() {
+    let e = env().await;
+    e.emu.set_all_durations(Durations::new(30, 30));
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    let url = format!("{}/stream?logs=1", sub.status_url.unwrap());
+    let resp = e
+        .raw
+        .get(url)
+        .header("authorization", e.auth())
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    // The body ends only because the server closes the stream.
+    let text = tokio::time::timeout(DEADLINE, resp.text())
+        .await
+        .unwrap()
+        .unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events.last().unwrap()["status"], "COMPLETED");
+    assert!(events.len() >= 2, "{text}");
+    let total_logs: usize = events
+        .iter()
+        .map(|ev| ev["logs"].as_array().unwrap().len())
+        .sum();
+    let emulated = e.emu.request(&sub.request_id).unwrap().logs.len();
+    assert_eq!(total_logs, emulated, "each event carries only new logs");
+}
+
+#[tokio::test]
+async fn control_api_over_http() {
+    let e = env().await;
+    let post = |path: &str, body: Value| e.raw.post(e.url(path)).json(&body).send();
+    assert_eq!(
+        post(
+            "/_emulator/faults",
+            json!({"kind": "status", "status": 503, "count": 1})
+        )
+        .await
+        .unwrap()
+        .status(),
+        200
+    );
+    let err = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status, Some(503));
+    post(
+        "/_emulator/durations",
+        json!({"all": true, "queue_ms": 1, "run_ms": 1}),
+    )
+    .await
+    .unwrap();
+    post("/_emulator/model-failures", json!({"status": 422}))
+        .await
+        .unwrap();
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    assert!(matches!(
+        e.fal
+            .result(sub.response_url.as_deref().unwrap())
+            .await
+            .unwrap(),
+        ModelResult::ModelError { status: 422, .. }
+    ));
+    let rotated: Value = post("/_emulator/rotate-key", json!({"keep_old": true}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rotated["jwks"]["keys"].as_array().unwrap().len(), 2);
+    let submits: Value = e
+        .raw
+        .get(e.url("/_emulator/submits"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(submits.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn shutdown_stops_serving() {
+    let e = env().await;
+    let url = e.emu.jwks_url();
+    assert!(
+        e.raw
+            .get(url.clone())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    let Env { emu, raw, .. } = e;
+    emu.shutdown().await;
+    let err = raw.get(url).send().await.unwrap_err();
+    assert!(err.is_connect() || err.is_request(), "{err}");
+}

@@ -1,0 +1,359 @@
+//! `/v1/avatars`: an avatar is one trained identity or style. Its status follows its training
+//! and its artifact is set only from FAL's result.
+
+use super::auth::Tenant;
+use super::extract::{ApiJson, ApiPathId, ApiQuery};
+use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
+use super::paging::Keyset;
+use crate::app::AppState;
+use crate::domain::avatar::{AvatarKind, AvatarStatus, default_trigger_phrase};
+use crate::domain::job::{EventSource, JobEvent};
+use crate::error::{ApiError, ApiResult, Problem};
+use crate::store::{Avatar, Transition};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAvatarRequest {
+    /// A name for people, 1 to 100 characters.
+    #[schema(example = "Ada")]
+    pub name: String,
+    pub kind: AvatarKind,
+    /// The words that call the avatar up in prompts; default `TOK_` and 8 hex digits of its id.
+    pub trigger_phrase: Option<String>,
+}
+
+/// The trained weights, as FAL produced them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ArtifactView {
+    /// A LoRA's weights (`diffusers_lora_file.url`).
+    pub lora_url: Option<String>,
+    /// The LoRA's config (`config_file.url`).
+    pub lora_config_url: Option<String>,
+    /// A FLUX pro finetune's id.
+    pub finetune_id: Option<String>,
+    /// falgate's own copy of the LoRA weights (FAL's URLs expire), once taken; download it
+    /// from `GET /v1/avatars/{id}/lora`.
+    pub lora_copy: Option<LoraCopyView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LoraCopyView {
+    pub sha256: String,
+    pub bytes: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AvatarErrorView {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AvatarView {
+    pub id: Uuid,
+    pub name: String,
+    pub kind: AvatarKind,
+    pub trigger_phrase: String,
+    pub status: AvatarStatus,
+    /// The latest training job.
+    pub training_job_id: Option<Uuid>,
+    /// Set only from a successful training's FAL result.
+    pub artifact: Option<ArtifactView>,
+    /// Why the latest training failed, if it did.
+    pub error: Option<AvatarErrorView>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<Avatar> for AvatarView {
+    fn from(a: Avatar) -> Self {
+        let artifact = (a.lora_url.is_some() || a.finetune_id.is_some()).then(|| ArtifactView {
+            lora_url: a.lora_url.clone(),
+            lora_config_url: a.lora_config_url.clone(),
+            finetune_id: a.finetune_id.clone(),
+            lora_copy: a.lora_copy.as_ref().map(|c| LoraCopyView {
+                sha256: c.sha256.clone(),
+                bytes: c.bytes,
+            }),
+        });
+        Self {
+            id: a.id,
+            name: a.name,
+            kind: a.kind,
+            trigger_phrase: a.trigger_phrase,
+            status: a.status,
+            training_job_id: a.training_job_id,
+            artifact,
+            error: a.error_code.map(|code| AvatarErrorView {
+                code,
+                message: a.error_message.unwrap_or_default(),
+            }),
+            created_at: a.created_at,
+            updated_at: a.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AvatarPage {
+    pub items: Vec<AvatarView>,
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListAvatarsQuery {
+    /// Page size, 1 to 100 (default 20).
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// Create an avatar
+#[utoipa::path(
+    post,
+    path = "/v1/avatars",
+    tag = "avatars",
+    request_body = CreateAvatarRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe.")),
+    responses(
+        (status = 201, description = "The avatar, in `draft`.", body = AvatarView),
+        (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The Idempotency-Key is in use.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id))]
+pub async fn create_avatar(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    idempotency_key: MaybeIdempotencyKey,
+    body: ApiJson<CreateAvatarRequest>,
+) -> ApiResult<Response> {
+    let ApiJson {
+        value: request,
+        canonical,
+    } = body;
+    let name = request.name.trim().to_owned();
+    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+        return Err(ApiError::validation(
+            "name",
+            "must be 1 to 100 printable characters",
+        ));
+    }
+    let trigger = match request.trigger_phrase.as_deref().map(str::trim) {
+        Some(t) if t.is_empty() || t.chars().count() > 50 || t.chars().any(char::is_control) => {
+            return Err(ApiError::validation(
+                "trigger_phrase",
+                "must be 1 to 50 printable characters",
+            ));
+        }
+        other => other.map(str::to_owned),
+    };
+    let store = state.store.clone();
+    idempotency::run_once(
+        &store,
+        tenant.id,
+        idempotency_key,
+        "POST /v1/avatars",
+        &canonical,
+        |scope| async move {
+            let id = Uuid::now_v7();
+            let now = crate::domain::now();
+            let avatar = Avatar {
+                id,
+                tenant: tenant.id,
+                name,
+                kind: request.kind,
+                trigger_phrase: trigger.unwrap_or_else(|| default_trigger_phrase(id)),
+                status: AvatarStatus::Draft,
+                training_job_id: None,
+                lora_url: None,
+                lora_config_url: None,
+                finetune_id: None,
+                error_code: None,
+                error_message: None,
+                lora_copy: None,
+                created_at: now,
+                updated_at: now,
+            };
+            let response = Replayable {
+                status: StatusCode::CREATED,
+                body: serde_json::to_value(AvatarView::from(avatar.clone()))
+                    .map_err(ApiError::internal)?,
+            };
+            state
+                .store
+                .create_avatar(&avatar, scope.completion(&response)?.as_ref())
+                .await?;
+            Ok(response)
+        },
+    )
+    .await
+}
+
+/// List avatars
+#[utoipa::path(
+    get,
+    path = "/v1/avatars",
+    tag = "avatars",
+    params(ListAvatarsQuery),
+    responses(
+        (status = 200, description = "A page of avatars, newest first.", body = AvatarPage),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A query parameter is invalid.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_avatars(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiQuery(query): ApiQuery<ListAvatarsQuery>,
+) -> ApiResult<Json<AvatarPage>> {
+    let keyset = Keyset::parse("a1:", query.limit, query.cursor.as_deref())?;
+    let avatars = state
+        .store
+        .list_avatars(tenant.id, keyset.after, keyset.fetch_limit())
+        .await?;
+    let (avatars, next_cursor) = keyset.page(avatars, |avatar| avatar.id);
+    Ok(Json(AvatarPage {
+        items: avatars.into_iter().map(AvatarView::from).collect(),
+        next_cursor,
+    }))
+}
+
+/// Get an avatar
+#[utoipa::path(
+    get,
+    path = "/v1/avatars/{id}",
+    tag = "avatars",
+    params(("id" = Uuid, Path, description = "The avatar's id.")),
+    responses(
+        (status = 200, description = "The avatar.", body = AvatarView),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_avatar(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Json<AvatarView>> {
+    Ok(Json(find_avatar(&state, &tenant, id).await?.into()))
+}
+
+pub(super) async fn find_avatar(state: &AppState, tenant: &Tenant, id: Uuid) -> ApiResult<Avatar> {
+    state
+        .store
+        .get_avatar(tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no avatar {id}")))
+}
+
+/// Delete an avatar
+///
+/// Cancels its training first if one is in flight, then removes the avatar and its photos.
+/// Its jobs stay, with their history.
+#[utoipa::path(
+    delete,
+    path = "/v1/avatars/{id}",
+    tag = "avatars",
+    params(("id" = Uuid, Path, description = "The avatar's id.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id, avatar = %id))]
+pub async fn delete_avatar(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<StatusCode> {
+    let deleted = state
+        .store
+        .delete_avatar(tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no avatar {id}")))?;
+    // The training that was running when the row was deleted (read under its lock): cancel it,
+    // so that nothing trains, and bills, for an avatar that is gone.
+    if let Some(job_id) = deleted.training_to_cancel {
+        let now = crate::domain::now();
+        let cancel = Transition::new(JobEvent::CancelRequested, EventSource::Api, now)
+            .with_detail(serde_json::json!({"reason": "the avatar was deleted"}))
+            .with_next_attempt(now);
+        state.store.apply(Some(tenant.id), job_id, &cancel).await?;
+        state.wake.reconciler.notify_one();
+    }
+    let files = deleted
+        .photos
+        .iter()
+        .map(|p| p.storage_key.clone())
+        .chain(deleted.lora_copy_key);
+    for key in files {
+        if let Err(err) = state.blobs.delete(&key).await {
+            tracing::warn!(error = %err, "could not remove a deleted avatar's file");
+        }
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Download the avatar's LoRA weights
+///
+/// falgate's own copy of the trained LoRA file, kept because FAL's file URLs expire.
+#[utoipa::path(
+    get,
+    path = "/v1/avatars/{id}/lora",
+    tag = "avatars",
+    params(("id" = Uuid, Path, description = "The avatar's id.")),
+    responses(
+        (status = 200, description = "The safetensors file.", content_type = "application/octet-stream"),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such avatar, or no copy of its LoRA (yet).", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn download_lora(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Response> {
+    let avatar = find_avatar(&state, &tenant, id).await?;
+    let copy = avatar
+        .lora_copy
+        .ok_or_else(|| ApiError::NotFound(format!("avatar {id} has no LoRA copy (yet)")))?;
+    let body = state
+        .blobs
+        .stream(&copy.key)
+        .await
+        .ok_or_else(|| ApiError::NotFound(format!("avatar {id}'s LoRA copy is missing")))?;
+    let mut response = (StatusCode::OK, body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Ok(value) = axum::http::HeaderValue::from_str(&format!(
+        "attachment; filename=\"avatar-{id}.safetensors\""
+    )) {
+        headers.insert(axum::http::header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
+}

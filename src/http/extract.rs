@@ -1,0 +1,196 @@
+//! Extractors that turn every malformed request into a problem document: axum's own rejections
+//! are plain text, and a client of this API should never have to parse two error formats.
+
+use crate::error::{ApiError, FieldError};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+/// A JSON body, parsed into `T` with per-field errors, and kept in canonical form (sorted keys,
+/// no insignificant whitespace) for idempotency fingerprints.
+pub struct ApiJson<T> {
+    pub value: T,
+    pub canonical: Vec<u8>,
+}
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || mime.ends_with("+json")
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType(
+                "the body must be JSON, sent with `Content-Type: application/json`".into(),
+            ));
+        }
+        let limit = crate::http::body_limit_of(&req);
+        let _ = state;
+        let bytes = axum::body::to_bytes(req.into_body(), limit)
+            .await
+            .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+        parse_json(&bytes)
+    }
+}
+
+/// Parses a JSON object into `T`, naming the field that is wrong.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<ApiJson<T>, ApiError> {
+    let raw: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+    // serde would also read a struct from an array of its fields in order; a body of this API is
+    // always an object, so anything else is refused before it can be misread.
+    if !raw.is_object() {
+        return Err(ApiError::validation("body", "must be a JSON object"));
+    }
+    if let Some(path) = nul_in(&raw, String::new()) {
+        // PostgreSQL cannot store U+0000 in JSON; refusing it everywhere keeps both backends alike.
+        return Err(ApiError::validation(
+            if path.is_empty() {
+                "body".to_owned()
+            } else {
+                path
+            },
+            "text may not contain the NUL character (\\u0000)",
+        ));
+    }
+    let canonical = serde_json::to_vec(&raw).map_err(ApiError::internal)?;
+    let value = serde_path_to_error::deserialize(raw).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { "body".to_owned() } else { path };
+        ApiError::Validation(vec![FieldError::new(
+            field,
+            clean_serde_message(err.inner()),
+        )])
+    })?;
+    Ok(ApiJson { value, canonical })
+}
+
+/// The path of the first string or key holding U+0000, if any.
+fn nul_in(value: &serde_json::Value, path: String) -> Option<String> {
+    use serde_json::Value;
+    let join = |key: &str| {
+        if path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{path}.{key}")
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_in(item, format!("{path}[{i}]"))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                Some(join("<key>"))
+            } else {
+                nul_in(item, join(key))
+            }
+        }),
+        _ => None,
+    }
+}
+
+/// serde's messages end with a position that means nothing once the body is a `Value`.
+fn clean_serde_message(err: &impl std::fmt::Display) -> String {
+    let message = err.to_string();
+    match message.find(" at line ") {
+        Some(cut) => message[..cut].to_owned(),
+        None => message,
+    }
+}
+
+/// Query parameters, parsed into `T` with per-parameter errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(ApiQuery)
+            .map_err(|err| {
+                let path = err.path().to_string();
+                let field = if path == "." {
+                    "query".to_owned()
+                } else {
+                    path
+                };
+                ApiError::Validation(vec![FieldError::new(
+                    field,
+                    clean_serde_message(err.inner()),
+                )])
+            })
+    }
+}
+
+/// The UUID path parameter `name`; anything else is a 422 naming the parameter.
+pub fn path_id(params: &axum::extract::RawPathParams, name: &str) -> Result<uuid::Uuid, ApiError> {
+    let value = params
+        .iter()
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+        .ok_or_else(|| ApiError::internal(format!("route without `{name}`")))?;
+    uuid::Uuid::parse_str(value)
+        .map_err(|_| ApiError::validation(name, format!("`{value}` is not a valid id (a UUID)")))
+}
+
+/// An avatar's photo: `/v1/avatars/{id}/photos/{photo_id}`.
+pub struct PhotoPath {
+    pub avatar: uuid::Uuid,
+    pub photo: uuid::Uuid,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PhotoPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        Ok(Self {
+            avatar: path_id(&params, "id")?,
+            photo: path_id(&params, "photo_id")?,
+        })
+    }
+}
+
+/// A route's one UUID path parameter; anything else is a 422 naming the parameter.
+pub struct ApiPathId(pub uuid::Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let params = axum::extract::RawPathParams::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let name = params
+            .iter()
+            .next()
+            .map(|(name, _)| name.to_owned())
+            .ok_or_else(|| ApiError::internal("route without a path parameter"))?;
+        path_id(&params, &name).map(ApiPathId)
+    }
+}

@@ -1,0 +1,283 @@
+//! `POST /v1/generations` and `GET /v1/batches/{id}`: pictures of a trained avatar, one job per
+//! prompt, each succeeding or failing on its own.
+
+use super::auth::Tenant;
+use super::avatars::find_avatar;
+use super::extract::{ApiJson, ApiPathId};
+use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
+use super::jobs::JobView;
+use crate::app::AppState;
+use crate::domain::avatar::AvatarStatus;
+use crate::domain::generation::{Artifact, GenerationOptions, GenerationPreset, generation_input};
+use crate::domain::job::{JobKind, JobStatus};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::store::{Batch, Job, NewJob};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateGenerationRequest {
+    pub avatar_id: Uuid,
+    /// One prompt; or give `prompts` for a batch.
+    pub prompt: Option<String>,
+    /// Several prompts: one job each.
+    pub prompts: Option<Vec<String>>,
+    /// `fast`, `balanced` (default), `quality`, `portrait`, `landscape`, `ultra`.
+    #[serde(default)]
+    pub preset: GenerationPreset,
+    /// `21:9`, `16:9`, `4:3`, `3:2`, `1:1`, `2:3`, `3:4`, `9:16`, `9:21`.
+    pub aspect_ratio: Option<String>,
+    /// LoRA avatars only: a named size or `{width, height}`; wins over the preset's.
+    #[schema(value_type = Option<Object>)]
+    pub image_size: Option<Value>,
+    /// 1 to 4 images per prompt.
+    pub num_images: Option<u32>,
+    pub seed: Option<u64>,
+    /// `jpeg` or `png`.
+    pub output_format: Option<String>,
+    /// LoRA avatars only.
+    pub enable_safety_checker: Option<bool>,
+    /// Finetuned avatars only: `"1"` (strictest) to `"6"`.
+    pub safety_tolerance: Option<String>,
+    /// Finetuned avatars only: a less processed look.
+    pub raw: Option<bool>,
+    /// Taken by neither endpoint: always refused, never silently dropped.
+    pub negative_prompt: Option<String>,
+}
+
+/// A set of generations made by one request.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchView {
+    pub id: Uuid,
+    pub avatar_id: Uuid,
+    /// `running` while any job is unfinished; then `succeeded`, `failed` (all failed or were
+    /// cancelled) or `partial`.
+    pub status: String,
+    pub total: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub jobs: Vec<JobView>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl BatchView {
+    fn new(batch: Batch, jobs: Vec<Job>) -> Self {
+        let count = |s: JobStatus| jobs.iter().filter(|j| j.status == s).count();
+        let succeeded = count(JobStatus::Succeeded);
+        let failed = count(JobStatus::Failed) + count(JobStatus::Canceled);
+        let total = jobs.len();
+        let status = if succeeded + failed < total {
+            "running"
+        } else if succeeded == total {
+            "succeeded"
+        } else if succeeded == 0 {
+            "failed"
+        } else {
+            "partial"
+        };
+        Self {
+            id: batch.id,
+            avatar_id: batch.avatar_id,
+            status: status.into(),
+            total,
+            succeeded,
+            failed,
+            jobs: jobs.into_iter().map(JobView::from).collect(),
+            created_at: batch.created_at,
+        }
+    }
+}
+
+/// Generate images of an avatar
+///
+/// The endpoint follows the avatar's artifact (a LoRA: `fal-ai/flux-lora`; a finetune:
+/// `fal-ai/flux-pro/v1.1-ultra-finetuned`); the trigger phrase is put in front of each prompt
+/// once. Answers the batch with one pending job per prompt.
+#[utoipa::path(
+    post,
+    path = "/v1/generations",
+    tag = "generations",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe.")),
+    request_body = CreateGenerationRequest,
+    responses(
+        (status = 202, description = "The batch and its jobs.", body = BatchView),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The avatar is not ready.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid or not taken by the avatar's endpoint.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id))]
+pub async fn create_generation(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    idempotency_key: MaybeIdempotencyKey,
+    body: ApiJson<CreateGenerationRequest>,
+) -> ApiResult<Response> {
+    let ApiJson {
+        value: request,
+        canonical,
+    } = body;
+    let prompts: Vec<(String, String)> = match (&request.prompt, &request.prompts) {
+        (Some(prompt), None) => vec![("prompt".into(), prompt.clone())],
+        (None, Some(prompts)) if !prompts.is_empty() => {
+            let max = state.config.avatars.max_batch as usize;
+            if prompts.len() > max {
+                return Err(ApiError::validation(
+                    "prompts",
+                    format!("at most {max} prompts per batch"),
+                ));
+            }
+            prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("prompts[{i}]"), p.clone()))
+                .collect()
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::validation(
+                "prompts",
+                "must hold at least one prompt",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::validation(
+                "prompt",
+                "give `prompt` or `prompts`, not both",
+            ));
+        }
+        (None, None) => return Err(ApiError::validation("prompt", "is required (or `prompts`)")),
+    };
+    let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
+    let options = GenerationOptions {
+        preset: request.preset,
+        aspect_ratio: request.aspect_ratio.clone(),
+        image_size: request.image_size.clone(),
+        num_images: request.num_images,
+        seed: request.seed,
+        output_format: request.output_format.clone(),
+        enable_safety_checker: request.enable_safety_checker,
+        safety_tolerance: request.safety_tolerance.clone(),
+        raw: request.raw,
+        negative_prompt: request.negative_prompt.clone(),
+    };
+    let store = state.store.clone();
+    idempotency::run_once(
+        &store,
+        tenant.id,
+        idempotency_key,
+        "POST /v1/generations",
+        &canonical,
+        // A replay answers before the avatar's current state is looked at.
+        |scope| async move {
+            let artifact = match (&avatar.status, &avatar.lora_url, &avatar.finetune_id) {
+                (AvatarStatus::Ready, Some(url), _) => Artifact::Lora { url: url.clone() },
+                (AvatarStatus::Ready, None, Some(id)) => Artifact::Finetune { id: id.clone() },
+                (status, _, _) => {
+                    return Err(ApiError::ConflictCode {
+                        code: "avatar_not_ready",
+                        detail: format!(
+                            "avatar {} is {}, not ready: train it first",
+                            avatar.id,
+                            status.as_str()
+                        ),
+                    });
+                }
+            };
+            let mut inputs = Vec::with_capacity(prompts.len());
+            let mut problems = Vec::new();
+            for (field, prompt) in &prompts {
+                match generation_input(&artifact, &avatar.trigger_phrase, prompt, &options) {
+                    Ok(input) => inputs.push(input),
+                    Err(found) => problems.extend(found.into_iter().map(|p| {
+                        let name = if p.field == "prompt" {
+                            field.clone()
+                        } else {
+                            p.field
+                        };
+                        FieldError::new(name, p.message)
+                    })),
+                }
+            }
+            if !problems.is_empty() {
+                problems.dedup();
+                return Err(ApiError::Validation(problems));
+            }
+            let now = crate::domain::now();
+            let batch = Batch {
+                id: Uuid::now_v7(),
+                tenant: tenant.id,
+                avatar_id: avatar.id,
+                created_at: now,
+            };
+            let jobs: Vec<NewJob> = inputs
+                .into_iter()
+                .map(|input| NewJob {
+                    id: Uuid::now_v7(),
+                    tenant: tenant.id,
+                    kind: JobKind::Generation,
+                    avatar_id: Some(avatar.id),
+                    batch_id: Some(batch.id),
+                    endpoint: artifact.endpoint().to_owned(),
+                    input,
+                    sandbox: state.sandbox(),
+                    idempotency_key: scope.key().map(str::to_owned),
+                    created_at: now,
+                })
+                .collect();
+            let view = BatchView::new(
+                batch.clone(),
+                jobs.iter().map(NewJob::to_pending_job).collect(),
+            );
+            let response = Replayable {
+                status: StatusCode::ACCEPTED,
+                body: serde_json::to_value(view).map_err(ApiError::internal)?,
+            };
+            state
+                .store
+                .create_batch(&batch, &jobs, scope.completion(&response)?.as_ref())
+                .await?;
+            state.wake.dispatcher.notify_one();
+            Ok(response)
+        },
+    )
+    .await
+}
+
+/// Get a batch
+///
+/// The batch with the state of each of its jobs.
+#[utoipa::path(
+    get,
+    path = "/v1/batches/{id}",
+    tag = "generations",
+    params(("id" = Uuid, Path, description = "The batch's id.")),
+    responses(
+        (status = 200, description = "The batch.", body = BatchView),
+        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such batch for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_batch(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Json<BatchView>> {
+    let (batch, jobs) = state
+        .store
+        .get_batch(tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
+    Ok(Json(BatchView::new(batch, jobs)))
+}

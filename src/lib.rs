@@ -1,0 +1,17 @@
+//! falgate: a durable REST gateway in front of FAL.
+
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod emulator;
+pub mod error;
+pub mod fal;
+pub mod http;
+pub mod store;
+pub mod worker;
+
+/// Installs the one TLS crypto provider (ring) for every TLS client in the process. Idempotent;
+/// call it before building an HTTP or database client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,109 @@
+//! falgate's own file storage: photo bytes live here, not only at FAL. A directory by default;
+//! each write lands in a temporary file first and is renamed into place, so a crash never
+//! leaves half a photo under a real key.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Blobs {
+    root: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("file storage: {0}")]
+pub struct BlobError(String);
+
+impl Blobs {
+    /// Opens (creating if needed) the storage directory. Called once at start.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| BlobError(format!("cannot create {}: {e}", root.display())))?;
+        Ok(Self { root })
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
+        // Keys are made by us from ids; refuse anything that could leave the root anyway.
+        let fine = !key.is_empty()
+            && key
+                .split('/')
+                .all(|part| !part.is_empty() && part != "." && part != "..")
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.'));
+        if !fine {
+            return Err(BlobError(format!("bad key `{key}`")));
+        }
+        Ok(self.root.join(Path::new(key)))
+    }
+
+    pub async fn put(&self, key: &str, bytes: &[u8]) -> Result<(), BlobError> {
+        let path = self.path(key)?;
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| BlobError(e.to_string()))?;
+        }
+        let partial = path.with_extension(format!("partial-{}", uuid::Uuid::new_v4().simple()));
+        tokio::fs::write(&partial, bytes)
+            .await
+            .map_err(|e| BlobError(e.to_string()))?;
+        tokio::fs::rename(&partial, &path)
+            .await
+            .map_err(|e| BlobError(e.to_string()))
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Vec<u8>, BlobError> {
+        tokio::fs::read(self.path(key)?)
+            .await
+            .map_err(|e| BlobError(format!("{key}: {e}")))
+    }
+
+    /// The file as a streamed body, or `None` when there is no such file.
+    pub async fn stream(&self, key: &str) -> Option<axum::body::Body> {
+        let file = tokio::fs::File::open(self.path(key).ok()?).await.ok()?;
+        let chunks = futures_util::stream::unfold(file, |mut file| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buffer = vec![0u8; 256 * 1024];
+            match file.read(&mut buffer).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buffer.truncate(n);
+                    Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buffer)), file))
+                }
+                Err(err) => Some((Err(err), file)),
+            }
+        });
+        Some(axum::body::Body::from_stream(chunks))
+    }
+
+    /// Removes a file; a file already gone is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
+        match tokio::fs::remove_file(self.path(key)?).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BlobError(e.to_string())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn files_round_trip_and_keys_stay_inside() {
+        let root =
+            std::env::temp_dir().join(format!("falgate-blobs-{}", uuid::Uuid::new_v4().simple()));
+        let blobs = Blobs::open(&root).unwrap();
+        blobs.put("photos/a/b.jpg", b"bytes").await.unwrap();
+        assert_eq!(blobs.get("photos/a/b.jpg").await.unwrap(), b"bytes");
+        blobs.delete("photos/a/b.jpg").await.unwrap();
+        blobs.delete("photos/a/b.jpg").await.unwrap();
+        assert!(blobs.get("photos/a/b.jpg").await.is_err());
+        for bad in ["../escape", "/abs", "a//b", "a/./b", "a b"] {
+            assert!(blobs.put(bad, b"x").await.is_err(), "{bad}");
+        }
+        let _ = std::fs::remove_dir_all(root);
+    }
+}

@@ -1,0 +1,132 @@
+//! API keys and tenants.
+
+use crate::backend_test;
+use crate::support::*;
+use reqwest::StatusCode;
+
+backend_test!(every_v1_route_needs_a_key, |app| {
+    let job = app.create_job(&app.key, "a cat").await;
+    let id = job["id"].as_str().unwrap();
+    for (method, path) in [
+        ("POST", "/v1/jobs".to_owned()),
+        ("GET", "/v1/jobs".to_owned()),
+        ("GET", format!("/v1/jobs/{id}")),
+        ("POST", format!("/v1/jobs/{id}/cancel")),
+    ] {
+        let method = method.parse().unwrap();
+        let response = app
+            .client
+            .request(method, app.url(&path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            r#"Bearer realm="falgate""#
+        );
+        problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+});
+
+backend_test!(wrong_malformed_and_revoked_keys_are_refused, |app| {
+    let forged = format!("fgk_{}", "A".repeat(43));
+    for header in [
+        format!("Bearer {forged}"),
+        "Bearer not-a-key".to_owned(),
+        format!("Basic {}", app.key),
+        app.key.clone(),
+        "Bearer".to_owned(),
+    ] {
+        let response = app
+            .client
+            .get(app.url("/v1/jobs"))
+            .header("authorization", header)
+            .send()
+            .await
+            .unwrap();
+        problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    }
+
+    let key = app.new_key("to revoke").await;
+    let ok = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let prefix = &key[..12];
+    assert!(
+        app.store()
+            .revoke_api_key(prefix, falgate::domain::now())
+            .await
+            .unwrap()
+    );
+    let refused = app
+        .client
+        .get(app.url("/v1/jobs"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    problem(refused, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    // The other key is unaffected.
+    let still = app
+        .request(reqwest::Method::GET, "/v1/jobs")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.status(), StatusCode::OK);
+});
+
+backend_test!(
+    a_key_never_sees_another_keys_jobs,
+    |config| {
+        config.run_workers = false;
+    },
+    |app| {
+        let job = app.create_job(&app.key, "mine").await;
+        let id = job["id"].as_str().unwrap();
+        let other = app.new_key("other tenant").await;
+
+        let get = app
+            .client
+            .get(app.url(&format!("/v1/jobs/{id}")))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap();
+        problem(get, StatusCode::NOT_FOUND, "not_found").await;
+        let cancel = app
+            .client
+            .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap();
+        problem(cancel, StatusCode::NOT_FOUND, "not_found").await;
+        let list: serde_json::Value = app
+            .client
+            .get(app.url("/v1/jobs"))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list["items"].as_array().unwrap().len(), 0);
+
+        // The owner still sees it, untouched by the other key's cancel.
+        let mine: serde_json::Value = app
+            .request(reqwest::Method::GET, &format!("/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(mine["status"], "pending");
+    }
+);

@@ -1,0 +1,691 @@
+//! Avatars end to end: photos, training with model choice and presets, generation with presets
+//! and batches, against the emulator.
+
+use crate::backend_test;
+use crate::support::*;
+use falgate::domain::archive::unzip_stored;
+use falgate::emulator::{Durations, EmulatorConfig, ModelFailure};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+
+/// A real PNG of `width`×`height`, different for every `n`.
+fn photo(n: u64, width: u32, height: u32) -> Vec<u8> {
+    falgate::emulator::png::render(width, height, n, "training photo")
+}
+
+/// A multipart body with one part per file.
+fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
+    let boundary = format!("falgate-{}", uuid::Uuid::new_v4().simple());
+    let mut body = Vec::new();
+    for (name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> reqwest::Response {
+    let (content_type, body) = multipart(files);
+    app.request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn create_avatar(app: &TestApp, kind: &str) -> Value {
+    let response = app
+        .request(Method::POST, "/v1/avatars")
+        .json(&json!({"name": format!("{kind} avatar"), "kind": kind}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.unwrap()
+}
+
+/// An avatar with `count` accepted photos; answers the avatar and the photos' bytes.
+async fn avatar_with_photos(app: &TestApp, kind: &str, count: u64) -> (Value, Vec<Vec<u8>>) {
+    let avatar = create_avatar(app, kind).await;
+    let id = avatar["id"].as_str().unwrap();
+    let photos: Vec<Vec<u8>> = (0..count).map(|n| photo(n, 640, 512)).collect();
+    let files: Vec<(String, Vec<u8>)> = photos
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("p{i}.png"), p.clone()))
+        .collect();
+    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let response = upload(app, id, &named).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["items"].as_array().unwrap().len(), count as usize);
+    (avatar, photos)
+}
+
+async fn train(app: &TestApp, avatar: &str, body: Value) -> reqwest::Response {
+    app.request(Method::POST, &format!("/v1/avatars/{avatar}/trainings"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn wait_for_avatar(app: &TestApp, id: &str, status: &str) -> Value {
+    app.poll_until(&format!("avatar {status}"), || async {
+        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+        (avatar["status"] == status).then_some(avatar)
+    })
+    .await
+}
+
+async fn wait_for_batch(app: &TestApp, id: &str) -> Value {
+    app.poll_until("the batch to finish", || async {
+        let batch = app.get_json(&format!("/v1/batches/{id}")).await;
+        (batch["status"] != "running").then_some(batch)
+    })
+    .await
+}
+
+backend_test!(
+    a_character_is_trained_on_its_photos_and_generates_a_batch,
+    |app| {
+        let (avatar, photos) = avatar_with_photos(&app, "character", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
+        assert_eq!(trigger, format!("TOK_{}", &id.replace('-', "")[..8]));
+        assert_eq!(avatar["status"], "draft");
+
+        // FAL holds the training until the avatar has been seen training.
+        let trainer = "fal-ai/flux-lora-portrait-trainer";
+        app.fal
+            .set_durations(Some(trainer), true, Durations::new(0, 600_000));
+        let response = train(&app, id, json!({})).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let job: Value = response.json().await.unwrap();
+        assert_eq!(job["kind"], "training");
+        assert_eq!(job["endpoint"], "fal-ai/flux-lora-portrait-trainer");
+        let zip_url = job["input"]["images_data_url"].as_str().unwrap().to_owned();
+        assert_eq!(
+            job["input"],
+            json!({
+                "steps": 1500, "learning_rate": 0.00015, "subject_crop": true, "create_masks": true,
+                "trigger_phrase": trigger, "images_data_url": zip_url,
+            }),
+            "the balanced portrait preset, exactly"
+        );
+        assert_eq!(
+            app.get_json(&format!("/v1/avatars/{id}")).await["status"],
+            "training"
+        );
+        app.fal
+            .set_durations(Some(trainer), true, EmulatorConfig::fast().training);
+
+        let trained = app
+            .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+            .await;
+        // FAL received exactly that input, and the ZIP it downloaded holds the ten photos.
+        let submit = app
+            .fal
+            .submits()
+            .into_iter()
+            .find(|s| s.endpoint == "fal-ai/flux-lora-portrait-trainer")
+            .unwrap();
+        assert_eq!(submit.input, job["input"]);
+        let download = app
+            .fal
+            .downloads()
+            .into_iter()
+            .find(|d| d.url == zip_url)
+            .expect("the trainer fetched the ZIP");
+        let files = unzip_stored(&download.bytes.unwrap()).expect("a valid ZIP");
+        let got: BTreeSet<Vec<u8>> = files.into_iter().map(|(_, bytes)| bytes).collect();
+        let sent: BTreeSet<Vec<u8>> = photos.into_iter().collect();
+        assert_eq!(got, sent);
+
+        let ready = wait_for_avatar(&app, id, "ready").await;
+        let lora_url = trained["result"]["diffusers_lora_file"]["url"]
+            .as_str()
+            .unwrap();
+        assert_eq!(ready["artifact"]["lora_url"], lora_url);
+        assert_eq!(
+            ready["artifact"]["lora_config_url"],
+            trained["result"]["config_file"]["url"]
+        );
+        assert!(ready["artifact"]["finetune_id"].is_null());
+
+        // falgate keeps its own copy of the weights, byte for byte: FAL's URLs expire.
+        let kept = app
+            .poll_until("the LoRA copy", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
+            })
+            .await;
+        let weights = app
+            .fal
+            .file_bytes(lora_url)
+            .expect("the emulator served the weights");
+        assert_eq!(kept["artifact"]["lora_copy"]["bytes"], weights.len());
+        let copy = app
+            .request(Method::GET, &format!("/v1/avatars/{id}/lora"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(copy.status(), StatusCode::OK);
+        assert_eq!(copy.bytes().await.unwrap(), weights);
+
+        let response = app
+            .request(Method::POST, "/v1/generations")
+            .json(&json!({
+                "avatar_id": id,
+                "prompts": ["at the beach", "in a library", "TOK_ mentioned differently"],
+                "preset": "portrait",
+                "aspect_ratio": "3:4",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let batch: Value = response.json().await.unwrap();
+        assert_eq!(batch["total"], 3);
+        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        for job in done["jobs"].as_array().unwrap() {
+            assert_eq!(job["endpoint"], "fal-ai/flux-lora");
+            let input = &job["input"];
+            assert!(
+                input["prompt"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{trigger} "))
+            );
+            assert_eq!(input["loras"], json!([{"path": lora_url, "scale": 1.1}]));
+            assert_eq!(
+                (
+                    input["num_inference_steps"].clone(),
+                    input["guidance_scale"].clone()
+                ),
+                (json!(35), json!(3.5))
+            );
+            assert_eq!(input["image_size"], "portrait_4_3", "3:4 is never a square");
+            let images = job["output"]["images"].as_array().unwrap();
+            assert_eq!(images.len(), 1);
+            assert_eq!(
+                (images[0]["width"].clone(), images[0]["height"].clone()),
+                (json!(768), json!(1024))
+            );
+            assert!(job["output"]["seed"].is_u64());
+            assert_eq!(job["output"]["has_nsfw_concepts"], json!([false]));
+        }
+
+        // Every image of a multi-image request comes back.
+        let response = app
+            .request(Method::POST, "/v1/generations")
+            .json(&json!({"avatar_id": id, "prompt": "four of them", "num_images": 4, "seed": 7}))
+            .send()
+            .await
+            .unwrap();
+        let batch: Value = response.json().await.unwrap();
+        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+        assert_eq!(
+            done["jobs"][0]["output"]["images"]
+                .as_array()
+                .unwrap()
+                .len(),
+            4
+        );
+
+        // Refusals on a ready avatar: fields the endpoint does not take, and bad values.
+        for (body, field) in [
+            (
+                json!({"avatar_id": id, "prompt": "x", "negative_prompt": "blurry"}),
+                "negative_prompt",
+            ),
+            (
+                json!({"avatar_id": id, "prompt": "x", "num_images": 5}),
+                "num_images",
+            ),
+            (
+                json!({"avatar_id": id, "prompt": "x", "preset": "cinematic"}),
+                "preset",
+            ),
+            (json!({"avatar_id": id, "prompt": "x", "raw": true}), "raw"),
+            (
+                json!({"avatar_id": id, "prompt": "x", "aspect_ratio": "5:4"}),
+                "aspect_ratio",
+            ),
+        ] {
+            let response = app
+                .request(Method::POST, "/v1/generations")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let problem = problem(
+                response,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+            )
+            .await;
+            assert_eq!(fields(&problem), vec![field.to_owned()], "{body}");
+        }
+    }
+);
+
+backend_test!(
+    a_style_is_finetuned_and_generates_on_the_finetune_endpoint,
+    |app| {
+        let (avatar, _) = avatar_with_photos(&app, "style", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        let job: Value = train(&app, id, json!({"preset": "fast"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["endpoint"], "fal-ai/flux-pro-trainer");
+        let input = &job["input"];
+        assert_eq!(input["mode"], "style");
+        assert_eq!(input["finetune_type"], "lora");
+        assert_eq!(
+            (input["iterations"].clone(), input["priority"].clone()),
+            (json!(200), json!("speed"))
+        );
+        assert!(input["data_url"].is_string());
+        let trained = app
+            .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+            .await;
+        let ready = wait_for_avatar(&app, id, "ready").await;
+        assert_eq!(
+            ready["artifact"]["finetune_id"],
+            trained["result"]["finetune_id"]
+        );
+        assert!(ready["artifact"]["lora_url"].is_null());
+
+        let batch: Value = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({"avatar_id": id, "prompt": "a teapot", "preset": "quality", "safety_tolerance": "2"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+        let job = &done["jobs"][0];
+        assert_eq!(job["endpoint"], "fal-ai/flux-pro/v1.1-ultra-finetuned");
+        assert_eq!(
+            job["input"]["finetune_id"],
+            ready["artifact"]["finetune_id"]
+        );
+        assert_eq!(job["input"]["finetune_strength"], 1.2);
+        assert_eq!(job["input"]["aspect_ratio"], "1:1");
+        assert_eq!(job["status"], "succeeded");
+    }
+);
+
+backend_test!(
+    bad_photos_are_refused_one_by_one_and_the_good_ones_kept,
+    |config| {
+        config.avatars.max_photo_bytes = 40_000;
+    },
+    |app| {
+        let avatar = create_avatar(&app, "character").await;
+        let id = avatar["id"].as_str().unwrap();
+        let good = photo(1, 640, 512);
+        let mut bmp = b"BM".to_vec();
+        bmp.extend_from_slice(&[0u8; 64]);
+        let small = photo(2, 300, 300);
+        let big = photo(3, 1600, 1600);
+        assert!(
+            big.len() > 40_000,
+            "the big photo must be over the limit: {}",
+            big.len()
+        );
+        let response = upload(
+            &app,
+            id,
+            &[
+                ("good.png", good.clone()),
+                ("holiday.jpg", bmp),
+                ("tiny.png", small),
+                ("again.png", good.clone()),
+                ("huge.png", big),
+                ("empty.jpg", Vec::new()),
+            ],
+        )
+        .await;
+        let body = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        let errors: Vec<(String, String)> = body["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["field"].as_str().unwrap().to_owned(),
+                    e["message"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(errors.len(), 5, "{errors:?}");
+        assert!(
+            errors[0].0.contains("holiday.jpg") && errors[0].1.contains("BMP"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].0.contains("tiny.png") && errors[1].1.contains("300x300"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2].0.contains("again.png") && errors[2].1.contains("same bytes"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[3].0.contains("huge.png") && errors[3].1.contains("limit"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[4].0.contains("empty.jpg") && errors[4].1.contains("empty"),
+            "{errors:?}"
+        );
+        let kept = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
+        assert_eq!(kept["items"].as_array().unwrap().len(), 1);
+        assert_eq!(kept["items"][0]["content_type"], "image/png");
+
+        // Nine photos are not enough to train, and nothing is sent to FAL.
+        let more: Vec<(String, Vec<u8>)> = (10..18)
+            .map(|n| (format!("p{n}.png"), photo(n, 512, 700)))
+            .collect();
+        let named: Vec<(&str, Vec<u8>)> =
+            more.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+        assert_eq!(upload(&app, id, &named).await.status(), StatusCode::CREATED);
+        let response = train(&app, id, json!({})).await;
+        let body = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "insufficient_photos",
+        )
+        .await;
+        assert!(
+            body["detail"].as_str().unwrap().contains("has 9 photo"),
+            "{body}"
+        );
+        assert!(app.fal.submits().is_empty() && app.fal.uploads().is_empty());
+
+        // Generating on an untrained avatar.
+        let response = app
+            .request(Method::POST, "/v1/generations")
+            .json(&json!({"avatar_id": id, "prompt": "too soon"}))
+            .send()
+            .await
+            .unwrap();
+        problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+
+        // Not a multipart form: a problem document, not a plain-text rejection.
+        let response = app
+            .request(Method::POST, &format!("/v1/avatars/{id}/photos"))
+            .json(&json!({"files": []}))
+            .send()
+            .await
+            .unwrap();
+        problem(
+            response,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+
+        // A photo can be read and deleted on its own.
+        let photo_id = kept["items"][0]["id"].as_str().unwrap();
+        let one = app
+            .get_json(&format!("/v1/avatars/{id}/photos/{photo_id}"))
+            .await;
+        assert_eq!(one["width"], 640);
+        let deleted = app
+            .request(
+                Method::DELETE,
+                &format!("/v1/avatars/{id}/photos/{photo_id}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+        let gone = app
+            .request(Method::GET, &format!("/v1/avatars/{id}/photos/{photo_id}"))
+            .send()
+            .await
+            .unwrap();
+        problem(gone, StatusCode::NOT_FOUND, "not_found").await;
+    }
+);
+
+backend_test!(
+    a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact,
+    |app| {
+        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        app.fal.fail_next_models(ModelFailure::new(422), 1);
+        let job: Value = train(&app, id, json!({"model": "fast_lora"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(job["endpoint"], "fal-ai/flux-lora-fast-training");
+        let failed = app
+            .wait_for_status(job["id"].as_str().unwrap(), "failed")
+            .await;
+        let avatar = wait_for_avatar(&app, id, "failed").await;
+        assert!(avatar["artifact"].is_null(), "{avatar}");
+        assert_eq!(avatar["error"]["code"], failed["error"]["code"]);
+        assert!(!avatar["error"]["message"].as_str().unwrap().is_empty());
+        let response = app
+            .request(Method::POST, "/v1/generations")
+            .json(&json!({"avatar_id": id, "prompt": "no weights"}))
+            .send()
+            .await
+            .unwrap();
+        problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+    }
+);
+
+backend_test!(
+    avatars_are_listed_scoped_and_deleted_with_their_training_cancelled,
+    |app| {
+        let (avatar, _) = avatar_with_photos(&app, "product", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        app.fal.set_all_durations(Durations::new(30_000, 30_000));
+        let job: Value = train(&app, id, json!({})).await.json().await.unwrap();
+        let again = train(&app, id, json!({})).await;
+        problem(again, StatusCode::CONFLICT, "avatar_training").await;
+
+        let other = app.new_key("someone else").await;
+        let hidden = app
+            .client
+            .get(app.url(&format!("/v1/avatars/{id}")))
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap();
+        problem(hidden, StatusCode::NOT_FOUND, "not_found").await;
+        let list = app.get_json("/v1/avatars").await;
+        assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+        let deleted = app
+            .request(Method::DELETE, &format!("/v1/avatars/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+        let job = app.job(job["id"].as_str().unwrap()).await;
+        assert!(
+            job["status"] == "canceled" || job["cancel_requested_at"].is_string(),
+            "{job}"
+        );
+        let gone = app
+            .request(Method::GET, &format!("/v1/avatars/{id}"))
+            .send()
+            .await
+            .unwrap();
+        problem(gone, StatusCode::NOT_FOUND, "not_found").await;
+    }
+);
+
+backend_test!(idempotency_keys_cover_every_creating_post, |app| {
+    let post = |path: &str, key: &str, body: Value| {
+        app.request(Method::POST, path)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+    };
+    let first: Value = post(
+        "/v1/avatars",
+        "a-1",
+        json!({"name": "Once", "kind": "character"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let again = post(
+        "/v1/avatars",
+        "a-1",
+        json!({"name": "Once", "kind": "character"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap()["id"], first["id"]);
+    assert_eq!(
+        app.get_json("/v1/avatars").await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let id = first["id"].as_str().unwrap();
+
+    // Photos: the same files under the same key are stored once.
+    let files: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|n| (format!("p{n}.png"), photo(n, 600, 600)))
+        .collect();
+    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    let (content_type, body) = multipart(&named);
+    for round in 0..2 {
+        let response = app
+            .request(Method::POST, &format!("/v1/avatars/{id}/photos"))
+            .header("idempotency-key", "photos-1")
+            .header("content-type", content_type.clone())
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED, "round {round}");
+        assert_eq!(
+            response.headers().get("idempotent-replayed").is_some(),
+            round == 1
+        );
+    }
+    assert_eq!(
+        app.get_json(&format!("/v1/avatars/{id}/photos")).await["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        10
+    );
+
+    // Training: one job, one upload.
+    let a: Value = post(&format!("/v1/avatars/{id}/trainings"), "t-1", json!({}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = post(&format!("/v1/avatars/{id}/trainings"), "t-1", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(b.status(), StatusCode::ACCEPTED);
+    assert_eq!(b.json::<Value>().await.unwrap()["id"], a["id"]);
+    assert_eq!(app.fal.uploads().len(), 1);
+    app.wait_for_status(a["id"].as_str().unwrap(), "succeeded")
+        .await;
+    wait_for_avatar(&app, id, "ready").await;
+
+    // Generations: one batch.
+    let body = json!({"avatar_id": id, "prompts": ["one", "two"]});
+    let x: Value = post("/v1/generations", "g-1", body.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let y: Value = post("/v1/generations", "g-1", body)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(x["id"], y["id"]);
+    let generations = app.get_json("/v1/jobs?kind=generation").await;
+    assert_eq!(generations["items"].as_array().unwrap().len(), 2);
+});
+
+backend_test!(
+    a_new_training_replaces_the_artifact_only_when_it_succeeds,
+    |app| {
+        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        let first: Value = train(&app, id, json!({"preset": "fast"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        app.wait_for_status(first["id"].as_str().unwrap(), "succeeded")
+            .await;
+        let ready = wait_for_avatar(&app, id, "ready").await;
+        let old = ready["artifact"]["lora_url"].clone();
+
+        // A failed retraining keeps the old weights usable and says why it failed.
+        app.fal.fail_next_models(ModelFailure::new(422), 1);
+        let second: Value = train(&app, id, json!({"preset": "quality"}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        app.wait_for_status(second["id"].as_str().unwrap(), "failed")
+            .await;
+        let kept = wait_for_avatar(&app, id, "ready").await;
+        assert_eq!(kept["artifact"]["lora_url"], old);
+        assert!(kept["error"]["code"].is_string(), "{kept}");
+
+        // A successful one replaces them.
+        let third: Value = train(&app, id, json!({})).await.json().await.unwrap();
+        let done = app
+            .wait_for_status(third["id"].as_str().unwrap(), "succeeded")
+            .await;
+        let replaced = app
+            .poll_until("the new weights", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (avatar["artifact"]["lora_url"] != old && avatar["status"] == "ready")
+                    .then_some(avatar)
+            })
+            .await;
+        assert_eq!(
+            replaced["artifact"]["lora_url"],
+            done["result"]["diffusers_lora_file"]["url"]
+        );
+        assert!(replaced["error"].is_null());
+    }
+);

@@ -1,0 +1,194 @@
+//! The server killed with SIGKILL while jobs are in every state, then restarted: every job
+//! still reaches exactly one terminal state with exactly one result.
+
+use crate::support::*;
+use falgate::emulator::{Durations, EmulatorConfig, FaultRule};
+use falgate::store::Store;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::process::{Child, Command};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn start_server(database_url: &str, fal: &falgate::emulator::EmulatorHandle, port: u16) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_falgate"))
+        .arg("serve")
+        .env("DATABASE_URL", database_url)
+        .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
+        .env("FALGATE_WEBHOOK_SECRET", TEST_WEBHOOK_SECRET)
+        .env("FAL_KEY", EmulatorConfig::default().key.expose())
+        .env("FAL_QUEUE_URL", fal.base_url().as_str())
+        .env("FAL_REST_URL", fal.base_url().as_str())
+        .env("FAL_JWKS_URL", fal.jwks_url().as_str())
+        .env("FALGATE_JWKS_MIN_REFETCH_SECS", "0")
+        .env("FALGATE_CALLBACK_GRACE_SECS", "1")
+        .env("FALGATE_LEASE_SECS", "2")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start falgate")
+}
+
+async fn wait_until_serving(client: &reqwest::Client, base: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(response) = client.get(format!("{base}/readyz")).send().await
+            && response.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("falgate did not start");
+}
+
+async fn statuses(client: &reqwest::Client, base: &str, key: &str) -> Vec<Value> {
+    let page: Value = client
+        .get(format!("{base}/v1/jobs?limit=100"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["items"].as_array().unwrap().clone()
+}
+
+async fn killed_and_restarted(backend: Backend) {
+    falgate::install_crypto_provider();
+    let Some(database) = TestDatabase::create(backend).await else {
+        return;
+    };
+    let store = Store::connect(&database.url, &Default::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let (_, key) = store.issue_api_key("crash test").await.unwrap();
+    let key = key.secret;
+    store.close().await;
+
+    let fal = falgate::emulator::spawn(
+        EmulatorConfig::fast(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await;
+    fal.set_all_durations(Durations::new(300, 600));
+    // Some submits are refused for a while, so that jobs are still pending at the kill.
+    fal.inject_fault(FaultRule::submit(FaultRule::status(503), 6));
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut server = start_server(&database.url, &fal, port);
+    wait_until_serving(&client, &base).await;
+
+    let mut prompts = HashMap::new();
+    for i in 0..24 {
+        let prompt = format!("crash {i}");
+        let job: Value = client
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(&key)
+            .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": prompt, "seed": i}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        prompts.insert(job["id"].as_str().unwrap().to_owned(), prompt);
+    }
+    // Kill it once jobs are spread over the states: some pending, some with FAL, some done.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let jobs = statuses(&client, &base, &key).await;
+        let count = |s: &str| jobs.iter().filter(|j| j["status"] == s).count();
+        let with_fal = count("submitted") + count("running");
+        if count("succeeded") > 0 && with_fal > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs never spread: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill().await.expect("SIGKILL");
+    server.wait().await.unwrap();
+
+    let mut server = start_server(&database.url, &fal, port);
+    wait_until_serving(&client, &base).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let jobs = loop {
+        let jobs = statuses(&client, &base, &key).await;
+        if jobs.iter().all(|j| {
+            matches!(
+                j["status"].as_str(),
+                Some("succeeded" | "failed" | "canceled")
+            )
+        }) {
+            break jobs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "jobs never finished: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(jobs.len(), 24);
+    let requests: HashMap<String, falgate::emulator::RequestSnapshot> = fal
+        .requests()
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    for job in &jobs {
+        let id = job["id"].as_str().unwrap();
+        assert_eq!(job["status"], "succeeded", "{job}");
+        let detail: Value = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ends = detail["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["from"] != e["to"] && e["to"] == "succeeded")
+            .count();
+        assert_eq!(ends, 1, "exactly one terminal transition: {detail}");
+        // The one result is the output of the FAL request the job holds, for its own input.
+        let held = &requests[detail["fal_request_id"].as_str().unwrap()];
+        assert_eq!(held.input["prompt"].as_str(), Some(prompts[id].as_str()));
+        assert_eq!(
+            Some(&detail["result"]),
+            held.outcome.as_ref().map(|o| &o.body)
+        );
+    }
+    server.kill().await.ok();
+    fal.shutdown().await;
+    database.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_on_sqlite() {
+    killed_and_restarted(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_on_postgres() {
+    killed_and_restarted(Backend::Postgres).await;
+}

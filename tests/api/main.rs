@@ -1,0 +1,14 @@
+//! falgate's integration tests: the real app on port 0, spoken to over HTTP.
+
+mod support;
+
+mod auth;
+mod avatars;
+mod cli;
+mod crash;
+mod errors;
+mod idempotency;
+mod jobs;
+mod openapi;
+mod ops;
+mod pipeline;

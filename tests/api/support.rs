@@ -1,0 +1,395 @@
+//! The harness: the real app on port 0 with a fresh database per test, on SQLite always and on
+//! PostgreSQL when `FALGATE_TEST_POSTGRES_URL` is set.
+
+use falgate::app::App;
+use falgate::config::Config;
+use falgate::config::Secret;
+use falgate::emulator::{EmulatorConfig, EmulatorHandle};
+use falgate::store::{Store, StoreOptions};
+use futures_util::FutureExt;
+use reqwest::{Method, RequestBuilder, Response, StatusCode};
+use serde_json::Value;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One test's database: created fresh, dropped after.
+pub struct TestDatabase {
+    pub url: String,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    File(PathBuf),
+    PostgresDatabase { admin_url: String, name: String },
+}
+
+impl TestDatabase {
+    /// A fresh database, or `None` when the backend is not configured (and not required).
+    pub async fn create(backend: Backend) -> Option<Self> {
+        match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir()
+                    .join(format!("falgate-test-{}.db", uuid::Uuid::new_v4().simple()));
+                Some(Self {
+                    url: format!("sqlite:{}", path.display()),
+                    cleanup: Cleanup::File(path),
+                })
+            }
+            Backend::Postgres => {
+                let admin_url = match std::env::var("FALGATE_TEST_POSTGRES_URL") {
+                    Ok(url) if !url.is_empty() => url,
+                    _ => {
+                        assert!(
+                            std::env::var("FALGATE_REQUIRE_POSTGRES").as_deref() != Ok("1"),
+                            "FALGATE_REQUIRE_POSTGRES=1 but FALGATE_TEST_POSTGRES_URL is not set"
+                        );
+                        eprintln!("skipped: FALGATE_TEST_POSTGRES_URL is not set");
+                        return None;
+                    }
+                };
+                let name = format!("falgate_test_{}", uuid::Uuid::new_v4().simple());
+                let admin = admin_connection(&admin_url).await;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .expect("create the test database");
+                admin.close().await;
+                let mut url = reqwest::Url::parse(&admin_url).expect("a postgres URL");
+                url.set_path(&format!("/{name}"));
+                Some(Self {
+                    url: url.to_string(),
+                    cleanup: Cleanup::PostgresDatabase { admin_url, name },
+                })
+            }
+        }
+    }
+
+    pub async fn drop_database(self) {
+        match self.cleanup {
+            Cleanup::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::PostgresDatabase { admin_url, name } => {
+                let admin = admin_connection(&admin_url).await;
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await
+                .expect("drop the test database");
+                admin.close().await;
+            }
+        }
+    }
+}
+
+async fn admin_connection(url: &str) -> sqlx::PgPool {
+    let connect = async {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+    };
+    match connect.await {
+        Ok(pool) => pool,
+        Err(err) => panic!("cannot reach the test PostgreSQL server: {err}"),
+    }
+}
+
+/// A running falgate with its own database, an API key for it, and its own FAL emulator.
+pub struct TestApp {
+    pub app: App,
+    pub fal: EmulatorHandle,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub key: String,
+    pub database_url: String,
+}
+
+impl TestApp {
+    pub fn store(&self) -> &Store {
+        self.app.store()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A request with this test's API key.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(&self.key)
+    }
+
+    pub async fn new_key(&self, name: &str) -> String {
+        let (_, key) = self.store().issue_api_key(name).await.expect("issue a key");
+        key.secret
+    }
+
+    /// Polls `probe` until it answers `Some`, failing the test after [`PATIENCE`].
+    pub async fn poll_until<T, F, Fut>(&self, what: &str, mut probe: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(found) = probe().await {
+                return found;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// GET `path` with this test's key, answering the JSON body.
+    pub async fn get_json(&self, path: &str) -> Value {
+        self.request(Method::GET, path)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json")
+    }
+
+    /// GET /v1/jobs/{id}.
+    pub async fn job(&self, id: &str) -> Value {
+        let response = self
+            .request(Method::GET, &format!("/v1/jobs/{id}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("json")
+    }
+
+    /// Waits until the job is in `status`; fails at once if it ends in another state.
+    pub async fn wait_for_status(&self, id: &str, status: &str) -> Value {
+        let mut last = Value::Null;
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            last = self.job(id).await;
+            let now = last["status"].as_str().unwrap_or_default();
+            if now == status {
+                return last;
+            }
+            assert!(
+                !matches!(now, "succeeded" | "failed" | "canceled"),
+                "job ended {now}, not {status}: {last}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("job never reached {status}: {last}");
+    }
+
+    /// POST /v1/jobs/{id}/cancel, expecting 200.
+    pub async fn cancel(&self, id: &str) -> Value {
+        let response = self
+            .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.expect("json")
+    }
+
+    /// POST /v1/jobs with a valid raw job; answers the created job.
+    pub async fn create_job(&self, key: &str, prompt: &str) -> Value {
+        let response = self
+            .client
+            .post(self.url("/v1/jobs"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({
+                "endpoint": "fal-ai/flux-lora",
+                "input": {"prompt": prompt},
+            }))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        response.json().await.expect("json")
+    }
+}
+
+pub const TEST_WEBHOOK_SECRET: &str = "test-webhook-secret-0123456789abcdef";
+
+/// How long a test waits for something the app does in the background.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+pub fn config_for(database_url: &str) -> Config {
+    Config::for_database(database_url)
+}
+
+/// Points every FAL setting at `fal`, with callbacks to the app at `app_addr`, and timings
+/// short enough for tests.
+pub fn point_at_emulator(
+    config: &mut Config,
+    fal: &EmulatorHandle,
+    app_addr: std::net::SocketAddr,
+) {
+    config.sandbox = false;
+    config.fal_key = Some(EmulatorConfig::default().key);
+    config.fal_urls.queue = fal.base_url();
+    config.fal_urls.rest = fal.base_url();
+    config.fal_urls.jwks = fal.jwks_url();
+    config.fal_urls.jwks_min_refetch = Duration::ZERO;
+    config.public_url = Some(format!("http://{app_addr}").parse().expect("a URL"));
+    config.webhook_secrets = vec![Secret::new(TEST_WEBHOOK_SECRET)];
+    config.workers.callback_grace = Duration::from_secs(1);
+    config.workers.lease = Duration::from_secs(10);
+}
+
+/// Runs `test` against a fresh app on `backend`, then shuts the app down and drops its
+/// database, whether the test passed or not.
+pub async fn with_app<F, Fut>(backend: Backend, configure: impl FnOnce(&mut Config), test: F)
+where
+    F: FnOnce(TestApp) -> Fut,
+    Fut: Future<Output = TestApp>,
+{
+    falgate::install_crypto_provider();
+    let Some(database) = TestDatabase::create(backend).await else {
+        return;
+    };
+    let fal = falgate::emulator::spawn(
+        EmulatorConfig::fast(),
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+    )
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let mut config = config_for(&database.url);
+    point_at_emulator(&mut config, &fal, listener.local_addr().expect("address"));
+    configure(&mut config);
+    let app = App::build(config, listener).await.expect("start the app");
+    let base = format!("http://{}", app.local_addr());
+    let key = {
+        let (_, key) = app
+            .store()
+            .issue_api_key("test")
+            .await
+            .expect("issue a key");
+        key.secret
+    };
+    let test_app = TestApp {
+        app,
+        fal,
+        base,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client"),
+        key,
+        database_url: database.url.clone(),
+    };
+    let outcome = AssertUnwindSafe(test(test_app)).catch_unwind().await;
+    match outcome {
+        Ok(test_app) => {
+            test_app.app.shutdown().await;
+            test_app.fal.shutdown().await;
+            database.drop_database().await;
+        }
+        Err(panic) => {
+            database.drop_database().await;
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// Opens a store on a fresh database without starting an app.
+pub async fn bare_store(database: &TestDatabase) -> Store {
+    Store::connect(&database.url, &StoreOptions::default())
+        .await
+        .expect("connect")
+}
+
+/// Reads a problem document and checks its envelope.
+pub async fn problem(response: Response, status: StatusCode, code: &str) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let request_id = response
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body: Value = response.json().await.expect("a JSON problem");
+    assert_eq!(body["code"], code, "problem: {body}");
+    assert_eq!(body["status"], status.as_u16());
+    assert!(body["title"].is_string() && body["detail"].is_string());
+    assert_eq!(body["type"], format!("urn:falgate:problem:{code}"));
+    assert_eq!(body["request_id"].as_str(), request_id.as_deref());
+    body
+}
+
+/// The fields a validation problem names.
+pub fn fields(problem: &Value) -> Vec<String> {
+    problem["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(|e| e["field"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Declares a test that runs once per backend: `name::sqlite` and `name::postgres`.
+#[macro_export]
+macro_rules! backend_test {
+    ($name:ident, |$app:ident| $body:block) => {
+        $crate::backend_test!($name, |_config| {}, |$app| $body);
+    };
+    ($name:ident, |$config:ident| $configure:block, |$app:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run(backend: $crate::support::Backend) {
+                $crate::support::with_app(
+                    backend,
+                    |#[allow(unused_variables)] $config| $configure,
+                    |$app| async move {
+                        $body;
+                        $app
+                    },
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                run($crate::support::Backend::Sqlite).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                run($crate::support::Backend::Postgres).await;
+            }
+        }
+    };
+}
