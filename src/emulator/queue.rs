@@ -380,7 +380,7 @@ async fn lifecycle(state: EmulatorState, id: String) {
         return;
     };
     let queued_at = Instant::now();
-    wait_until(&state, &endpoint, queued_at, |d| d.queue).await;
+    wait_until(&state, &id, &endpoint, queued_at, |d| d.queue).await;
     if !advance(
         &state,
         &id,
@@ -391,7 +391,7 @@ async fn lifecycle(state: EmulatorState, id: String) {
         return;
     }
     let started_at = Instant::now();
-    wait_until(&state, &endpoint, started_at, |d| d.run / 2).await;
+    wait_until(&state, &id, &endpoint, started_at, |d| d.run / 2).await;
     if !advance(
         &state,
         &id,
@@ -401,7 +401,7 @@ async fn lifecycle(state: EmulatorState, id: String) {
     ) {
         return;
     }
-    wait_until(&state, &endpoint, started_at, |d| d.run).await;
+    wait_until(&state, &id, &endpoint, started_at, |d| d.run).await;
     let Some(snapshot) = state.request(&id) else {
         return;
     };
@@ -413,18 +413,19 @@ async fn lifecycle(state: EmulatorState, id: String) {
     complete(&state, &id, outcome, Some(ran_for));
 }
 
-/// Sleeps until `since` plus the phase's duration for `endpoint`. The duration is read
+/// Sleeps until `since` plus the phase's duration for the request. The duration is read
 /// again whenever the emulator changes, so shortening the timings also hurries the
 /// requests already in flight: a test can hold a request, look, then let it finish.
 async fn wait_until(
     state: &EmulatorState,
+    request_id: &str,
     endpoint: &str,
     since: Instant,
     phase: impl Fn(Durations) -> Duration,
 ) {
     let mut changes = state.subscribe();
     loop {
-        let deadline = since + phase(state.durations_for(endpoint));
+        let deadline = since + phase(state.durations_for(request_id, endpoint));
         tokio::select! {
             () = tokio::time::sleep_until(deadline.into()) => return,
             changed = changes.changed() => {

@@ -206,6 +206,7 @@ pub(crate) struct Inner {
     pub generation: Durations,
     pub training: Durations,
     pub per_endpoint: HashMap<String, Durations>,
+    pub per_request: HashMap<String, Durations>,
     pub finetunes: Vec<String>,
     pub tasks: Vec<AbortHandle>,
 }
@@ -280,6 +281,7 @@ impl EmulatorState {
             generation: config.generation,
             training: config.training,
             per_endpoint: HashMap::new(),
+            per_request: HashMap::new(),
             finetunes: Vec::new(),
             tasks: Vec::new(),
         };
@@ -349,8 +351,11 @@ impl EmulatorState {
         }
     }
 
-    pub(crate) fn durations_for(&self, endpoint: &str) -> Durations {
+    pub(crate) fn durations_for(&self, request_id: &str, endpoint: &str) -> Durations {
         let inner = self.lock();
+        if let Some(d) = inner.per_request.get(request_id) {
+            return *d;
+        }
         if let Some(d) = inner.per_endpoint.get(endpoint) {
             return *d;
         }
@@ -478,7 +483,15 @@ impl EmulatorState {
             inner.generation = d;
             inner.training = d;
             inner.per_endpoint.clear();
+            inner.per_request.clear();
         }
+        self.bump();
+    }
+
+    /// Sets timings for one request (its queue time counted from its submit, its run time
+    /// from its start): a test can let one request through while the others stay held.
+    pub fn set_request_durations(&self, request_id: &str, d: Durations) {
+        self.lock().per_request.insert(request_id.to_owned(), d);
         self.bump();
     }
 

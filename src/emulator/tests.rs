@@ -127,8 +127,9 @@ fn emulator_keys(emu: &EmulatorHandle) -> Vec<ed25519_dalek::VerifyingKey> {
 #[tokio::test]
 async fn submit_status_result_and_real_png() {
     let e = env().await;
+    // Held in the queue until it has been seen there.
     e.emu
-        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(300, 20));
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(600_000, 20));
     let sub = e
         .fal
         .submit(
@@ -169,6 +170,8 @@ async fn submit_status_result_and_real_png() {
     }
     assert!(body["logs"].is_null());
 
+    e.emu
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(0, 20));
     e.wait_completed(&status_url).await;
     let resp = e
         .raw
@@ -1014,14 +1017,15 @@ async fn key_rotation_is_picked_up_by_the_jwks_cache() {
 #[tokio::test]
 async fn status_stream_ends_after_completed() {
     let e = env().await;
-    e.emu.set_all_durations(Durations::new(30, 30));
+    // Held in the queue until the stream has sent its first event.
+    e.emu.set_all_durations(Durations::new(600_000, 30));
     let sub = e
         .fal
         .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
         .await
         .unwrap();
     let url = format!("{}/stream?logs=1", sub.status_url.unwrap());
-    let resp = e
+    let mut resp = e
         .raw
         .get(url)
         .header("authorization", e.auth())
@@ -1036,11 +1040,18 @@ async fn status_stream_ends_after_completed() {
             .unwrap()
             .starts_with("text/event-stream")
     );
+    let first = tokio::time::timeout(DEADLINE, resp.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a first event");
+    e.emu.set_all_durations(Durations::new(0, 30));
     // The body ends only because the server closes the stream.
-    let text = tokio::time::timeout(DEADLINE, resp.text())
+    let rest = tokio::time::timeout(DEADLINE, resp.text())
         .await
         .unwrap()
         .unwrap();
+    let text = String::from_utf8_lossy(&first).into_owned() + &rest;
     let events: Vec<Value> = text
         .lines()
         .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))

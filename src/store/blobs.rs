@@ -53,6 +53,25 @@ impl Blobs {
             .map_err(|e| BlobError(e.to_string()))
     }
 
+    /// Starts a file whose key is known only once its bytes are (it may name their hash): the
+    /// bytes go to a temporary file, and [`BlobWriter::finish`] moves it under its key.
+    pub async fn writer(&self) -> Result<BlobWriter, BlobError> {
+        let dir = self.root.join(".partial");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| BlobError(e.to_string()))?;
+        let path = dir.join(uuid::Uuid::new_v4().simple().to_string());
+        let file = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| BlobError(e.to_string()))?;
+        Ok(BlobWriter {
+            blobs: self.clone(),
+            file: Some(file),
+            path,
+            written: 0,
+        })
+    }
+
     pub async fn get(&self, key: &str) -> Result<Vec<u8>, BlobError> {
         tokio::fs::read(self.path(key)?)
             .await
@@ -87,6 +106,68 @@ impl Blobs {
     }
 }
 
+/// A file being written; dropped before [`finish`](Self::finish), it leaves nothing behind.
+pub struct BlobWriter {
+    blobs: Blobs,
+    file: Option<tokio::fs::File>,
+    path: PathBuf,
+    written: u64,
+}
+
+impl BlobWriter {
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), BlobError> {
+        use tokio::io::AsyncWriteExt;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| BlobError("the file is already finished".into()))?;
+        file.write_all(chunk)
+            .await
+            .map_err(|e| BlobError(e.to_string()))?;
+        self.written += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// How many bytes have been written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Flushes the bytes to disk and moves them under `key`.
+    pub async fn finish(mut self, key: &str) -> Result<(), BlobError> {
+        let target = self.blobs.path(key)?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| BlobError("the file is already finished".into()))?;
+        file.sync_all()
+            .await
+            .map_err(|e| BlobError(e.to_string()))?;
+        drop(file);
+        if let Some(parent) = target.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| BlobError(e.to_string()))?;
+        }
+        let moved = tokio::fs::rename(&self.path, &target)
+            .await
+            .map_err(|e| BlobError(e.to_string()));
+        if moved.is_ok() {
+            self.path = PathBuf::new();
+        }
+        moved
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            // Unfinished: the temporary file is removed (a blocking unlink is quick).
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,6 +185,37 @@ mod tests {
         for bad in ["../escape", "/abs", "a//b", "a/./b", "a b"] {
             assert!(blobs.put(bad, b"x").await.is_err(), "{bad}");
         }
+        let _ = std::fs::remove_dir_all(root);
+    }
+
+    #[tokio::test]
+    async fn written_files_appear_only_when_finished() {
+        let root =
+            std::env::temp_dir().join(format!("falgate-blobs-{}", uuid::Uuid::new_v4().simple()));
+        let blobs = Blobs::open(&root).unwrap();
+        let partial_files = || std::fs::read_dir(root.join(".partial")).unwrap().count();
+
+        let mut writer = blobs.writer().await.unwrap();
+        writer.write(b"first ").await.unwrap();
+        writer.write(b"second").await.unwrap();
+        assert_eq!(writer.written(), 12);
+        writer.finish("loras/a/weights.safetensors").await.unwrap();
+        assert_eq!(
+            blobs.get("loras/a/weights.safetensors").await.unwrap(),
+            b"first second"
+        );
+        assert_eq!(partial_files(), 0);
+
+        // Abandoned halfway (a failed download): nothing is left, under any key.
+        let mut writer = blobs.writer().await.unwrap();
+        writer.write(b"half").await.unwrap();
+        assert_eq!(partial_files(), 1);
+        drop(writer);
+        assert_eq!(partial_files(), 0);
+
+        let writer = blobs.writer().await.unwrap();
+        assert!(writer.finish("../escape").await.is_err());
+        assert_eq!(partial_files(), 0);
         let _ = std::fs::remove_dir_all(root);
     }
 }

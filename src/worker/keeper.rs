@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 /// Largest LoRA file kept (FAL's are tens to a few hundred MB).
-const MAX_LORA_BYTES: usize = 2 * 1024 * 1024 * 1024;
+const MAX_LORA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// How long an avatar whose copy failed waits first; doubled on each further failure.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// How long one download may take: the shared client's limit is sized for API calls.
@@ -74,26 +74,25 @@ async fn keep(state: &AppState, avatar_id: Uuid, url: &str) -> Result<(), String
     if !response.status().is_success() {
         return Err(format!("FAL's file answered {}", response.status()));
     }
-    let mut body = Vec::new();
+    // Streamed to a file while hashed: a LoRA can be hundreds of MB, and is never held whole.
+    let mut file = state.blobs.writer().await.map_err(|e| e.to_string())?;
+    let mut hasher = Sha256::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.without_url().to_string())?;
-        if body.len() + chunk.len() > MAX_LORA_BYTES {
+        if file.written() + chunk.len() as u64 > MAX_LORA_BYTES {
             return Err("the LoRA file is larger than 2 GiB".into());
         }
-        body.extend_from_slice(&chunk);
+        hasher.update(&chunk);
+        file.write(&chunk).await.map_err(|e| e.to_string())?;
     }
-    let sha256 = hex::encode(Sha256::digest(&body));
+    let sha256 = hex::encode(hasher.finalize());
     let copy = LoraCopy {
         key: format!("loras/{avatar_id}/{sha256}.safetensors"),
         sha256,
-        bytes: body.len() as i64,
+        bytes: file.written() as i64,
     };
-    state
-        .blobs
-        .put(&copy.key, &body)
-        .await
-        .map_err(|e| e.to_string())?;
+    file.finish(&copy.key).await.map_err(|e| e.to_string())?;
     match state
         .store
         .record_lora_copy(avatar_id, url, &copy)

@@ -62,6 +62,29 @@ async fn statuses(client: &reqwest::Client, base: &str, key: &str) -> Vec<Value>
     page["items"].as_array().unwrap().clone()
 }
 
+/// Polls the job list until `spread` holds for the counts of jobs by status.
+async fn wait_for_jobs(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    what: &str,
+    spread: impl Fn(&dyn Fn(&str) -> usize) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let jobs = statuses(client, base, key).await;
+        let count = |s: &str| jobs.iter().filter(|j| j["status"] == s).count();
+        if spread(&count) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waiting for {what}: {jobs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 async fn killed_and_restarted(backend: Backend) {
     falgate::install_crypto_provider();
     let Some(database) = TestDatabase::create(backend).await else {
@@ -80,9 +103,7 @@ async fn killed_and_restarted(backend: Backend) {
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
     .await;
-    fal.set_all_durations(Durations::new(300, 600));
-    // Some submits are refused for a while, so that jobs are still pending at the kill.
-    fal.inject_fault(FaultRule::submit(FaultRule::status(503), 6));
+    fal.set_all_durations(Durations::new(0, 0));
 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -94,33 +115,48 @@ async fn killed_and_restarted(backend: Backend) {
     wait_until_serving(&client, &base).await;
 
     let mut prompts = HashMap::new();
-    for i in 0..24 {
-        let prompt = format!("crash {i}");
-        let job: Value = client
-            .post(format!("{base}/v1/jobs"))
-            .bearer_auth(&key)
-            .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": prompt, "seed": i}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        prompts.insert(job["id"].as_str().unwrap().to_owned(), prompt);
-    }
-    // Kill it once jobs are spread over the states: some pending, some with FAL, some done.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let jobs = statuses(&client, &base, &key).await;
-        let count = |s: &str| jobs.iter().filter(|j| j["status"] == s).count();
-        let with_fal = count("submitted") + count("running");
-        if count("succeeded") > 0 && with_fal > 0 {
-            break;
+    let create = |i: i64| {
+        let client = client.clone();
+        let (base, key) = (base.clone(), key.clone());
+        async move {
+            let prompt = format!("crash {i}");
+            let job: Value = client
+                .post(format!("{base}/v1/jobs"))
+                .bearer_auth(&key)
+                .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": prompt, "seed": i}}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            (job["id"].as_str().unwrap().to_owned(), prompt)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "jobs never spread: {jobs:?}"
-        );
+    };
+    // The jobs are spread over the states before the kill: some done, some held at FAL, and
+    // some pending because FAL refuses their submits.
+    for i in 0..4 {
+        prompts.extend([create(i).await]);
+    }
+    wait_for_jobs(&client, &base, &key, "a job done", |count| {
+        count("succeeded") > 0
+    })
+    .await;
+    fal.set_all_durations(Durations::new(600_000, 600_000));
+    for i in 4..12 {
+        prompts.extend([create(i).await]);
+    }
+    wait_for_jobs(&client, &base, &key, "jobs held at FAL", |count| {
+        count("pending") == 0
+    })
+    .await;
+    fal.inject_fault(FaultRule::submit(FaultRule::status(503), 1000));
+    for i in 12..24 {
+        prompts.extend([create(i).await]);
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while fal.submits().iter().filter(|s| s.fault.is_some()).count() < 6 {
+        assert!(tokio::time::Instant::now() < deadline, "no submit refused");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     server.kill().await.expect("SIGKILL");
@@ -128,6 +164,10 @@ async fn killed_and_restarted(backend: Backend) {
 
     let mut server = start_server(&database.url, &fal, port);
     wait_until_serving(&client, &base).await;
+    // FAL takes submits again and lets the held requests finish, those from before the kill
+    // included.
+    fal.clear_faults();
+    fal.set_all_durations(Durations::new(300, 600));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let jobs = loop {
         let jobs = statuses(&client, &base, &key).await;

@@ -46,75 +46,85 @@ fn terminal_events(job: &Value) -> usize {
         .count()
 }
 
-backend_test!(a_job_goes_to_fal_and_succeeds_through_its_callback, |app| {
-    let id = submit_generation(&app, json!({"prompt": "a red apple", "seed": 42})).await;
-    let job = app.wait_for_status(&id, "succeeded").await;
+/// For tests that assert what the callback did: the reconciler stays out of the way unless a
+/// callback is very late, however loaded the machine.
+fn callbacks_first(config: &mut falgate::config::Config) {
+    config.workers.callback_grace = std::time::Duration::from_secs(15);
+}
 
-    // What FAL received: the exact input, the webhook in the query only.
-    let submits = app.fal.submits();
-    assert_eq!(submits.len(), 1);
-    assert_eq!(
-        submits[0].input,
-        json!({"prompt": "a red apple", "seed": 42})
-    );
-    let webhook = submits[0].webhook.clone().expect("a webhook URL");
-    assert!(
-        webhook.starts_with(&format!("{}/v1/fal/webhook/{id}?token=", app.base)),
-        "{webhook}"
-    );
-    assert_eq!(
-        job["fal_request_id"].as_str(),
-        submits[0].request_id.as_deref()
-    );
+backend_test!(
+    a_job_goes_to_fal_and_succeeds_through_its_callback,
+    |config| { callbacks_first(config) },
+    |app| {
+        let id = submit_generation(&app, json!({"prompt": "a red apple", "seed": 42})).await;
+        let job = app.wait_for_status(&id, "succeeded").await;
 
-    // The result is FAL's, with a real image the emulator serves.
-    let image = &job["result"]["images"][0];
-    let bytes = app
-        .client
-        .get(image["url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
-    assert_eq!(job["result"]["seed"], 42);
+        // What FAL received: the exact input, the webhook in the query only.
+        let submits = app.fal.submits();
+        assert_eq!(submits.len(), 1);
+        assert_eq!(
+            submits[0].input,
+            json!({"prompt": "a red apple", "seed": 42})
+        );
+        let webhook = submits[0].webhook.clone().expect("a webhook URL");
+        assert!(
+            webhook.starts_with(&format!("{}/v1/fal/webhook/{id}?token=", app.base)),
+            "{webhook}"
+        );
+        assert_eq!(
+            job["fal_request_id"].as_str(),
+            submits[0].request_id.as_deref()
+        );
 
-    // Usually the submit answer is recorded first; under load FAL's callback can beat it, and
-    // then the callback's request id is adopted. Either way: one request, ended by the callback.
-    let history = events(&job);
-    let submitted = ("submitted".to_owned(), "dispatcher".to_owned());
-    let expected: Vec<(String, String)> = if history.contains(&submitted) {
-        vec![
-            ("pending".into(), "api".into()),
-            submitted,
-            ("succeeded".into(), "callback".into()),
-        ]
-    } else {
-        vec![
-            ("pending".into(), "api".into()),
-            ("succeeded".into(), "callback".into()),
-        ]
-    };
-    assert_eq!(history, expected);
-    let stored = app
-        .store()
-        .list_callbacks(id.parse().unwrap())
-        .await
-        .unwrap();
-    assert_eq!(stored.len(), 1);
-    assert_eq!(
-        (stored[0].signature.as_str(), stored[0].outcome.as_str()),
-        ("valid", "applied")
-    );
-    let attempt = &app.fal.callback_attempts()[0];
-    assert_eq!(
-        stored[0].body,
-        attempt.body.as_bytes(),
-        "stored byte for byte"
-    );
-});
+        // The result is FAL's, with a real image the emulator serves.
+        let image = &job["result"]["images"][0];
+        let bytes = app
+            .client
+            .get(image["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        assert_eq!(job["result"]["seed"], 42);
+
+        // Usually the submit answer is recorded first; under load FAL's callback can beat it, and
+        // then the callback's request id is adopted. Either way: one request, ended by the callback.
+        let history = events(&job);
+        let submitted = ("submitted".to_owned(), "dispatcher".to_owned());
+        let expected: Vec<(String, String)> = if history.contains(&submitted) {
+            vec![
+                ("pending".into(), "api".into()),
+                submitted,
+                ("succeeded".into(), "callback".into()),
+            ]
+        } else {
+            vec![
+                ("pending".into(), "api".into()),
+                ("succeeded".into(), "callback".into()),
+            ]
+        };
+        assert_eq!(history, expected);
+        let stored = app
+            .store()
+            .list_callbacks(id.parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            (stored[0].signature.as_str(), stored[0].outcome.as_str()),
+            ("valid", "applied")
+        );
+        let attempt = &app.fal.callback_attempts()[0];
+        assert_eq!(
+            stored[0].body,
+            attempt.body.as_bytes(),
+            "stored byte for byte"
+        );
+    }
+);
 
 backend_test!(a_dropped_callback_is_made_good_by_the_reconciler, |app| {
     app.fal.inject_callback_fault(CallbackFault::Drop, 1);
@@ -131,43 +141,48 @@ backend_test!(a_dropped_callback_is_made_good_by_the_reconciler, |app| {
     );
 });
 
-backend_test!(duplicated_and_reordered_callbacks_change_nothing, |app| {
-    app.fal.inject_callback_fault(CallbackFault::Duplicate, 1);
-    let id = submit_generation(&app, json!({"prompt": "twice"})).await;
-    let job = app.wait_for_status(&id, "succeeded").await;
-    let job_id = id.parse().unwrap();
-    let stored = app
-        .poll_until("both deliveries stored", || async {
-            let stored = app.store().list_callbacks(job_id).await.unwrap();
-            (stored.len() == 2).then_some(stored)
+backend_test!(
+    duplicated_and_reordered_callbacks_change_nothing,
+    |config| { callbacks_first(config) },
+    |app| {
+        app.fal.inject_callback_fault(CallbackFault::Duplicate, 1);
+        let id = submit_generation(&app, json!({"prompt": "twice"})).await;
+        let job = app.wait_for_status(&id, "succeeded").await;
+        let job_id = id.parse().unwrap();
+        let stored = app
+            .poll_until("both deliveries stored", || async {
+                let stored = app.store().list_callbacks(job_id).await.unwrap();
+                (stored.len() == 2).then_some(stored)
+            })
+            .await;
+        let outcomes: Vec<&str> = stored.iter().map(|c| c.outcome.as_str()).collect();
+        assert_eq!(outcomes, vec!["applied", "duplicate"]);
+        let again = app.job(&id).await;
+        assert_eq!(terminal_events(&again), 1);
+        assert_eq!(again["result"], job["result"]);
+
+        // Reordered: the first job's callback is held back until the second's has been delivered.
+        app.fal.inject_callback_fault(CallbackFault::Reorder, 1);
+        let first = submit_generation(&app, json!({"prompt": "held back"})).await;
+        app.poll_until("the first callback is held", || async {
+            app.fal
+                .requests()
+                .iter()
+                .any(|r| r.input["prompt"] == "held back" && r.phase == Phase::Completed)
+                .then_some(())
         })
         .await;
-    let outcomes: Vec<&str> = stored.iter().map(|c| c.outcome.as_str()).collect();
-    assert_eq!(outcomes, vec!["applied", "duplicate"]);
-    let again = app.job(&id).await;
-    assert_eq!(terminal_events(&again), 1);
-    assert_eq!(again["result"], job["result"]);
-
-    // Reordered: the first job's callback is held back until the second's has been delivered.
-    app.fal.inject_callback_fault(CallbackFault::Reorder, 1);
-    let first = submit_generation(&app, json!({"prompt": "held back"})).await;
-    app.poll_until("the first callback is held", || async {
-        app.fal
-            .requests()
-            .iter()
-            .any(|r| r.phase == Phase::Completed)
-            .then_some(())
-    })
-    .await;
-    let second = submit_generation(&app, json!({"prompt": "overtakes"})).await;
-    let a = app.wait_for_status(&first, "succeeded").await;
-    let b = app.wait_for_status(&second, "succeeded").await;
-    assert_eq!(a["result"]["prompt"], "held back");
-    assert_eq!(b["result"]["prompt"], "overtakes");
-});
+        let second = submit_generation(&app, json!({"prompt": "overtakes"})).await;
+        let a = app.wait_for_status(&first, "succeeded").await;
+        let b = app.wait_for_status(&second, "succeeded").await;
+        assert_eq!(a["result"]["prompt"], "held back");
+        assert_eq!(b["result"]["prompt"], "overtakes");
+    }
+);
 
 backend_test!(
     forged_and_tampered_callbacks_are_refused_and_change_nothing,
+    |config| { callbacks_first(config) },
     |app| {
         let id = submit_generation(&app, json!({"prompt": "genuine", "seed": 1})).await;
         let job = app.wait_for_status(&id, "succeeded").await;
@@ -315,18 +330,22 @@ backend_test!(a_bad_signature_is_refused_and_the_retry_applies, |app| {
     assert_eq!(refused[0].status, Some(401));
 });
 
-backend_test!(a_rotated_signing_key_is_fetched_once_and_trusted, |app| {
-    let first = submit_generation(&app, json!({"prompt": "old key"})).await;
-    app.wait_for_status(&first, "succeeded").await;
-    app.fal.rotate_key(false);
-    let second = submit_generation(&app, json!({"prompt": "new key"})).await;
-    let job = app.wait_for_status(&second, "succeeded").await;
-    assert_eq!(
-        events(&job).last().unwrap().1,
-        "callback",
-        "verified with the new key"
-    );
-});
+backend_test!(
+    a_rotated_signing_key_is_fetched_once_and_trusted,
+    |config| { callbacks_first(config) },
+    |app| {
+        let first = submit_generation(&app, json!({"prompt": "old key"})).await;
+        app.wait_for_status(&first, "succeeded").await;
+        app.fal.rotate_key(false);
+        let second = submit_generation(&app, json!({"prompt": "new key"})).await;
+        let job = app.wait_for_status(&second, "succeeded").await;
+        assert_eq!(
+            events(&job).last().unwrap().1,
+            "callback",
+            "verified with the new key"
+        );
+    }
+);
 
 backend_test!(fal_busy_then_available_is_retried, |app| {
     app.fal
@@ -376,18 +395,22 @@ backend_test!(
     }
 );
 
-backend_test!(an_accepted_submit_whose_answer_is_lost_runs_once, |app| {
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
-    let id = submit_generation(&app, json!({"prompt": "exactly once"})).await;
-    let job = app.wait_for_status(&id, "succeeded").await;
-    let requests = app.fal.requests();
-    assert_eq!(requests.len(), 1, "no second FAL request: {requests:?}");
-    assert_eq!(
-        job["fal_request_id"].as_str(),
-        Some(requests[0].id.as_str())
-    );
-});
+backend_test!(
+    an_accepted_submit_whose_answer_is_lost_runs_once,
+    |config| { callbacks_first(config) },
+    |app| {
+        app.fal
+            .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
+        let id = submit_generation(&app, json!({"prompt": "exactly once"})).await;
+        let job = app.wait_for_status(&id, "succeeded").await;
+        let requests = app.fal.requests();
+        assert_eq!(requests.len(), 1, "no second FAL request: {requests:?}");
+        assert_eq!(
+            job["fal_request_id"].as_str(),
+            Some(requests[0].id.as_str())
+        );
+    }
+);
 
 backend_test!(
     cancels_while_pending_queued_and_running,
@@ -405,6 +428,19 @@ backend_test!(
         .await;
         let canceled = app.cancel(&pending).await;
         assert_eq!(canceled["status"], "canceled");
+        // A submit claimed just before the cancel may still be on its way: every attempt must
+        // have met the armed refusal before it is lifted.
+        let attempts = canceled["attempts"].as_u64().unwrap() as usize;
+        app.poll_until("every attempt refused", || async {
+            let sent = app
+                .fal
+                .submits()
+                .iter()
+                .filter(|s| s.input["prompt"] == "never sent")
+                .count();
+            (sent == attempts).then_some(())
+        })
+        .await;
         app.fal.clear_faults();
 
         // Queued and running at FAL: the cancel is passed on and FAL's confirmation ends it.
@@ -490,14 +526,23 @@ backend_test!(
         config.workers.callback_grace = std::time::Duration::ZERO;
     },
     |app| {
-        app.fal.set_all_durations(Durations::new(600, 0));
+        // Every request waits in FAL's queue until the test lets it go.
+        app.fal.set_all_durations(Durations::new(600_000, 0));
         // The first submit is accepted but its answer lost; the second is answered late, after
-        // the first request's callback has already been adopted.
+        // the first request's callback has been adopted.
         app.fal
             .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
         app.fal
-            .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 1500 }, 1));
+            .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 5_000 }, 1));
         let id = submit_generation(&app, json!({"prompt": "one of two"})).await;
+        app.poll_until("the job submitted again", || async {
+            (app.job(&id).await["attempts"].as_i64() >= Some(2)).then_some(())
+        })
+        .await;
+        let first = app.fal.requests();
+        assert_eq!(first.len(), 1, "the second submit is still held: {first:?}");
+        app.fal
+            .set_request_durations(&first[0].id, Durations::new(0, 0));
         let job = app.wait_for_status(&id, "succeeded").await;
         let kept = job["fal_request_id"].as_str().unwrap().to_owned();
         let cancels = app
@@ -530,7 +575,8 @@ backend_test!(
         config.workers.callback_grace = std::time::Duration::from_millis(100);
     },
     |app| {
-        app.fal.set_all_durations(Durations::new(0, 800));
+        // Held running until the cancel is in; FAL then refuses it as already completed.
+        app.fal.set_all_durations(Durations::new(0, 600_000));
         app.fal.inject_fault(FaultRule {
             target: falgate::emulator::FaultTarget::Cancel,
             fault: HttpFault::Status {
@@ -544,6 +590,7 @@ backend_test!(
         let id = submit_generation(&app, json!({"prompt": "too late to stop"})).await;
         app.wait_for_status(&id, "running").await;
         app.cancel(&id).await;
+        app.fal.set_all_durations(Durations::new(0, 0));
         let job = app.wait_for_status(&id, "succeeded").await;
         assert!(job["result"]["images"].is_array());
         assert!(job["cancel_requested_at"].is_string());
@@ -589,16 +636,19 @@ backend_test!(
         }
         let id = submit_generation(&app, json!({"prompt": "kept anyway"})).await;
         let job = app.wait_for_status(&id, "succeeded").await;
-        let answered: Vec<Option<u16>> = app
-            .fal
-            .callback_attempts()
-            .iter()
-            .map(|a| a.status)
-            .collect();
-        assert!(
-            !answered.is_empty() && answered.iter().all(|s| *s == Some(500)),
-            "{answered:?}"
-        );
+        // Every callback FAL got an answer to was refused with a 5xx, never acknowledged.
+        let answered: Vec<u16> = app
+            .poll_until("a callback answered", || async {
+                let answered: Vec<u16> = app
+                    .fal
+                    .callback_attempts()
+                    .iter()
+                    .filter_map(|a| a.status)
+                    .collect();
+                (!answered.is_empty()).then_some(answered)
+            })
+            .await;
+        assert!(answered.iter().all(|s| *s == 500), "{answered:?}");
         // FAL's retries failed too; the reconciler fetched the result instead.
         assert_eq!(events(&job).last().unwrap().1, "reconciler");
         assert!(job["result"]["images"].is_array());
