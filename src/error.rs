@@ -48,6 +48,10 @@ pub struct Problem {
     /// For validation problems: every field that is wrong.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
+    /// For a photo upload some of whose files were refused: the ids of the photos that were
+    /// kept all the same, in the order of their files.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub accepted: Vec<uuid::Uuid>,
 }
 
 /// Every error the API answers with.
@@ -67,6 +71,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("validation failed")]
     Validation(Vec<FieldError>),
+    /// Some items of a request were refused (each named) and the others were kept.
+    #[error("some items were refused")]
+    PartlyRefused {
+        refused: Vec<FieldError>,
+        accepted: Vec<uuid::Uuid>,
+    },
     #[error("{detail}")]
     Unprocessable { code: &'static str, detail: String },
     #[error("{0}")]
@@ -93,7 +103,9 @@ impl ApiError {
             Self::ConflictCode { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Validation(_) | Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Validation(_) | Self::PartlyRefused { .. } | Self::Unprocessable { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -108,7 +120,7 @@ impl ApiError {
             Self::ConflictCode { code, .. } | Self::Unprocessable { code, .. } => code,
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
-            Self::Validation(_) => "validation_failed",
+            Self::Validation(_) | Self::PartlyRefused { .. } => "validation_failed",
             Self::ServiceUnavailable(_) => "service_unavailable",
             Self::Internal(_) => "internal_error",
         }
@@ -122,7 +134,7 @@ impl ApiError {
             Self::ConflictCode { .. } => "Conflict",
             Self::PayloadTooLarge { .. } => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
-            Self::Validation(_) => "Validation failed",
+            Self::Validation(_) | Self::PartlyRefused { .. } => "Validation failed",
             Self::Unprocessable { .. } => "Unprocessable request",
             Self::ServiceUnavailable(_) => "Service unavailable",
             Self::Internal(_) => "Internal server error",
@@ -135,6 +147,15 @@ impl ApiError {
                 let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
                 format!("the request has invalid fields: {}", fields.join(", "))
             }
+            Self::PartlyRefused { refused, accepted } => {
+                let fields: Vec<&str> = refused.iter().map(|e| e.field.as_str()).collect();
+                format!(
+                    "{} refused ({}); {} kept (listed in `accepted`)",
+                    refused.len(),
+                    fields.join(", "),
+                    accepted.len()
+                )
+            }
             // Internals stay in the log.
             Self::Internal(_) => {
                 "an internal error occurred; quote the request id when reporting it".to_owned()
@@ -146,17 +167,24 @@ impl ApiError {
     pub fn into_problem(self, request_id: Option<String>) -> Problem {
         let status = self.status();
         let code = self.code().to_owned();
-        Problem {
+        let problem = Problem {
             type_: format!("urn:falgate:problem:{code}"),
             title: self.title().to_owned(),
             status: status.as_u16(),
             detail: self.detail(),
             code,
             request_id,
-            errors: match self {
-                Self::Validation(errors) => errors,
-                _ => Vec::new(),
+            errors: Vec::new(),
+            accepted: Vec::new(),
+        };
+        match self {
+            Self::Validation(errors) => Problem { errors, ..problem },
+            Self::PartlyRefused { refused, accepted } => Problem {
+                errors: refused,
+                accepted,
+                ..problem
             },
+            _ => problem,
         }
     }
 }

@@ -69,7 +69,9 @@ pub struct PhotoUpload {
 /// Each file is checked on its own: JPEG, PNG or WEBP by its bytes (not its name), not empty,
 /// within the size limit, shorter side at least 512 px, not the same bytes as another photo of
 /// the avatar, within the avatar's photo limit. If any file is refused the answer is a 422
-/// naming each refused file and why; the accepted ones are kept either way.
+/// naming each refused file and why in `errors`; the accepted ones are kept either way, and
+/// listed by id in `accepted`. Such a 422 does not use up the Idempotency-Key: sent again, the
+/// kept files are refused as duplicates naming their photos.
 #[utoipa::path(
     post,
     path = "/v1/avatars/{id}/photos",
@@ -86,7 +88,7 @@ pub struct PhotoUpload {
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The upload is over the size limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not multipart/form-data.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Some files were refused (each named); the others were kept.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Some files were refused (each named in `errors`); the others were kept (their ids in `accepted`).", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -260,7 +262,10 @@ async fn keep_photos(
             refused = refused.len(),
             "photos refused"
         );
-        return Err(ApiError::Validation(refused));
+        return Err(ApiError::PartlyRefused {
+            refused,
+            accepted: accepted.into_iter().map(|photo| photo.id).collect(),
+        });
     }
     Ok(accepted)
 }

@@ -403,6 +403,13 @@ backend_test!(
         let kept = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
         assert_eq!(kept["items"].as_array().unwrap().len(), 1);
         assert_eq!(kept["items"][0]["content_type"], "image/png");
+        assert_eq!(kept["items"][0]["file_name"], "good.png");
+        // The 422 says which file was kept, so that the client need not guess.
+        assert_eq!(body["accepted"], json!([kept["items"][0]["id"]]));
+        assert!(
+            body["detail"].as_str().unwrap().contains("1 kept"),
+            "{body}"
+        );
 
         // Nine photos are not enough to train, and nothing is sent to FAL.
         let more: Vec<(String, Vec<u8>)> = (10..18)
