@@ -152,6 +152,11 @@ pub struct ServeArgs {
     /// Seconds a training may take, from creation, before it fails.
     #[arg(long, env = "FALGATE_TRAINING_DEADLINE_SECS", default_value = "10800")]
     pub training_deadline_secs: String,
+
+    /// Seconds between two checks that FAL still serves a ready avatar's LoRA file; one it
+    /// no longer serves is uploaded again from falgate's copy.
+    #[arg(long, env = "FALGATE_LORA_CHECK_SECS", default_value = "3600")]
+    pub lora_check_secs: String,
 }
 
 /// The database part of the configuration, validated.
@@ -181,6 +186,7 @@ pub struct WorkerConfig {
     pub poll_max: Duration,
     pub generation_deadline: Duration,
     pub training_deadline: Duration,
+    pub lora_check_interval: Duration,
 }
 
 /// The avatar features' limits.
@@ -416,6 +422,12 @@ impl ServeArgs {
                 "training-deadline-secs",
                 7 * 86_400,
             )?,
+            lora_check_interval: secs(
+                &self.lora_check_secs,
+                "FALGATE_LORA_CHECK_SECS",
+                "lora-check-secs",
+                30 * 86_400,
+            )?,
         };
         let min_photos = parse_number::<u32>(
             &self.min_photos,
@@ -544,6 +556,7 @@ impl Config {
             poll_max_secs: "30".into(),
             generation_deadline_secs: "1800".into(),
             training_deadline_secs: "10800".into(),
+            lora_check_secs: "3600".into(),
         }
         .validate()
         .expect("the test configuration is valid")

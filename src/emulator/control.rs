@@ -24,6 +24,7 @@ pub(crate) fn routes() -> Router<EmulatorState> {
         .route("/rotate-key", post(rotate_key))
         .route("/durations", post(set_durations))
         .route("/release-held", post(release_held))
+        .route("/files/expire", post(expire_file))
         .route("/submits", get(submits))
         .route("/callbacks", get(callbacks))
         .route("/cancels", get(cancels))
@@ -35,6 +36,19 @@ pub(crate) fn routes() -> Router<EmulatorState> {
 
 fn to_json<T: serde::Serialize>(v: &T) -> Response {
     json_response(200, &serde_json::to_value(v).unwrap_or(Value::Null))
+}
+
+#[derive(Deserialize)]
+struct FileUrl {
+    url: String,
+}
+
+async fn expire_file(State(s): State<EmulatorState>, Json(file): Json<FileUrl>) -> Response {
+    if s.expire_file(&file.url) {
+        ok()
+    } else {
+        json_response(404, &json!({"detail": "no such file"}))
+    }
 }
 
 fn ok() -> Response {

@@ -404,6 +404,19 @@ impl EmulatorState {
         self.lock().files.get(id).map(|f| f.bytes.clone())
     }
 
+    /// Ends the life of a served file, as FAL's CDN does when its retention is over: its URL
+    /// answers 404 from now on. False if the emulator serves no such file.
+    pub fn expire_file(&self, url: &str) -> bool {
+        let Some(id) = url
+            .split("/files/")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+        else {
+            return false;
+        };
+        self.lock().files.remove(id).is_some()
+    }
+
     /// Finetune ids issued by `fal-ai/flux-pro-trainer`.
     pub fn finetunes(&self) -> Vec<String> {
         self.lock().finetunes.clone()

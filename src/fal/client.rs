@@ -479,6 +479,20 @@ impl FalClient {
         content_type: &str,
         file_name: &str,
     ) -> Result<String, FalError> {
+        let length = bytes.len() as u64;
+        self.upload_body(bytes.into(), length, content_type, file_name)
+            .await
+    }
+
+    /// [`upload`](Self::upload) of a streamed body of `length` bytes (a file too large to hold
+    /// in memory). The length is sent: signed upload URLs commonly refuse chunked bodies.
+    pub async fn upload_body(
+        &self,
+        payload: reqwest::Body,
+        length: u64,
+        content_type: &str,
+        file_name: &str,
+    ) -> Result<String, FalError> {
         let mut url = endpoint_url(&self.cfg.rest_base, "storage/upload/initiate")?;
         url.query_pairs_mut()
             .append_pair("storage_type", "fal-cdn-v3");
@@ -504,7 +518,8 @@ impl FalClient {
             .http
             .put(put_url)
             .header(header::CONTENT_TYPE, content_type)
-            .body(bytes)
+            .header(header::CONTENT_LENGTH, length)
+            .body(payload)
             .send()
             .await
             .map_err(FalError::from_reqwest)?;

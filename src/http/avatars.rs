@@ -42,6 +42,10 @@ pub struct ArtifactView {
     /// falgate's own copy of the LoRA weights (FAL's URLs expire), once taken; download it
     /// from `GET /v1/avatars/{id}/lora`.
     pub lora_copy: Option<LoraCopyView>,
+    /// When FAL was last seen serving `lora_url`. FAL's files expire: falgate checks them
+    /// every `FALGATE_LORA_CHECK_SECS`, and one FAL no longer serves is uploaded again from
+    /// falgate's copy, `lora_url` then naming the new upload.
+    pub lora_checked_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,6 +87,7 @@ impl From<Avatar> for AvatarView {
                 sha256: c.sha256.clone(),
                 bytes: c.bytes,
             }),
+            lora_checked_at: a.lora_checked_at,
         });
         Self {
             id: a.id,
@@ -185,6 +190,7 @@ pub async fn create_avatar(
                 error_code: None,
                 error_message: None,
                 lora_copy: None,
+                lora_checked_at: None,
                 created_at: now,
                 updated_at: now,
             };

@@ -78,10 +78,27 @@ impl Blobs {
             .map_err(|e| BlobError(format!("{key}: {e}")))
     }
 
+    /// The file's size in bytes.
+    pub async fn size(&self, key: &str) -> Result<u64, BlobError> {
+        let metadata = tokio::fs::metadata(self.path(key)?)
+            .await
+            .map_err(|e| BlobError(format!("{key}: {e}")))?;
+        Ok(metadata.len())
+    }
+
     /// The file as a streamed body, or `None` when there is no such file.
     pub async fn stream(&self, key: &str) -> Option<axum::body::Body> {
+        Some(axum::body::Body::from_stream(self.chunks(key).await?))
+    }
+
+    /// The file's bytes in chunks, or `None` when there is no such file.
+    pub async fn chunks(
+        &self,
+        key: &str,
+    ) -> Option<impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static>
+    {
         let file = tokio::fs::File::open(self.path(key).ok()?).await.ok()?;
-        let chunks = futures_util::stream::unfold(file, |mut file| async move {
+        Some(futures_util::stream::unfold(file, |mut file| async move {
             use tokio::io::AsyncReadExt;
             let mut buffer = vec![0u8; 256 * 1024];
             match file.read(&mut buffer).await {
@@ -92,8 +109,7 @@ impl Blobs {
                 }
                 Err(err) => Some((Err(err), file)),
             }
-        });
-        Some(axum::body::Body::from_stream(chunks))
+        }))
     }
 
     /// Removes a file; a file already gone is not an error.

@@ -498,6 +498,33 @@ impl Store {
         dispatch!(self, s => s.avatars_missing_lora_copy(limit).await)
     }
 
+    pub async fn avatars_due_lora_check(
+        &self,
+        checked_before: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Avatar>> {
+        dispatch!(self, s => s.avatars_due_lora_check(checked_before, limit).await)
+    }
+
+    pub async fn record_lora_check(
+        &self,
+        avatar_id: Uuid,
+        lora_url: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        dispatch!(self, s => s.record_lora_check(avatar_id, lora_url, at).await)
+    }
+
+    pub async fn replace_lora_url(
+        &self,
+        avatar_id: Uuid,
+        expired_url: &str,
+        new_url: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        dispatch!(self, s => s.replace_lora_url(avatar_id, expired_url, new_url, at).await)
+    }
+
     pub async fn record_lora_copy(
         &self,
         avatar_id: Uuid,

@@ -516,6 +516,8 @@ pub struct Avatar {
     pub error_message: Option<String>,
     /// falgate's own copy of the LoRA weights, once taken.
     pub lora_copy: Option<LoraCopy>,
+    /// When FAL was last seen serving `lora_url`.
+    pub lora_checked_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -546,6 +548,7 @@ pub(super) struct AvatarRow {
     lora_copy_sha256: Option<String>,
     lora_copy_bytes: Option<i64>,
     lora_copy_url: Option<String>,
+    lora_checked_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -578,6 +581,7 @@ impl TryFrom<AvatarRow> for Avatar {
                 }
                 _ => None,
             },
+            lora_checked_at: row.lora_checked_at,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -645,7 +649,8 @@ macro_rules! avatar_columns {
     () => {
         "id, tenant, name, kind, trigger_phrase, status, training_job_id, lora_url, \
          lora_config_url, finetune_id, error_code, error_message, lora_copy_key, \
-         lora_copy_sha256, lora_copy_bytes, lora_copy_url, created_at, updated_at"
+         lora_copy_sha256, lora_copy_bytes, lora_copy_url, lora_checked_at, created_at, \
+         updated_at"
     };
 }
 pub(super) use avatar_columns;

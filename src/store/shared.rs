@@ -384,6 +384,66 @@ macro_rules! shared_store_methods {
             Ok((written == 1).then_some(previous.filter(|key| *key != copy.key)))
         }
 
+        /// Avatars whose LoRA file (of which a copy is kept) FAL was last seen serving before
+        /// `checked_before`, or never: the least recently checked first.
+        pub async fn avatars_due_lora_check(
+            &self,
+            checked_before: DateTime<Utc>,
+            limit: u32,
+        ) -> StoreResult<Vec<Avatar>> {
+            let rows: Vec<AvatarRow> = sqlx::query_as(concat!(
+                "SELECT ",
+                avatar_columns!(),
+                " FROM avatars WHERE lora_url IS NOT NULL AND lora_copy_url = lora_url \
+                  AND (lora_checked_at IS NULL OR lora_checked_at < $1) \
+                  ORDER BY COALESCE(lora_checked_at, updated_at) LIMIT $2"
+            ))
+            .bind(checked_before)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.into_iter().map(Avatar::try_from).collect()
+        }
+
+        /// FAL served `lora_url` at `at` (nothing changes if the avatar's weights did).
+        pub async fn record_lora_check(
+            &self,
+            avatar_id: Uuid,
+            lora_url: &str,
+            at: DateTime<Utc>,
+        ) -> StoreResult<()> {
+            sqlx::query("UPDATE avatars SET lora_checked_at = $3 WHERE id = $1 AND lora_url = $2")
+                .bind(avatar_id)
+                .bind(lora_url)
+                .bind(at)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        }
+
+        /// Points the avatar at a new upload of the weights its copy holds, unless a training
+        /// changed them meanwhile; answers whether it did.
+        pub async fn replace_lora_url(
+            &self,
+            avatar_id: Uuid,
+            expired_url: &str,
+            new_url: &str,
+            at: DateTime<Utc>,
+        ) -> StoreResult<bool> {
+            let written = sqlx::query(
+                "UPDATE avatars SET lora_url = $3, lora_copy_url = $3, lora_checked_at = $4, \
+                 updated_at = $4 WHERE id = $1 AND lora_url = $2 AND lora_copy_url = $2",
+            )
+            .bind(avatar_id)
+            .bind(expired_url)
+            .bind(new_url)
+            .bind(at)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            Ok(written == 1)
+        }
+
         pub async fn get_batch(
             &self,
             tenant: Uuid,
@@ -733,8 +793,8 @@ macro_rules! shared_store_helpers {
                     };
                     sqlx::query(
                         "UPDATE avatars SET status = 'ready', lora_url = $3, lora_config_url = $4, \
-                         finetune_id = $5, error_code = NULL, error_message = NULL, updated_at = $6 \
-                         WHERE id = $1 AND training_job_id = $2",
+                         finetune_id = $5, error_code = NULL, error_message = NULL, updated_at = $6, \
+                         lora_checked_at = $6 WHERE id = $1 AND training_job_id = $2",
                     )
                     .bind(avatar_id)
                     .bind(job_id)

@@ -696,3 +696,83 @@ backend_test!(
         assert!(replaced["error"].is_null());
     }
 );
+
+backend_test!(
+    an_expired_lora_file_is_uploaded_again_from_the_kept_copy,
+    |config| {
+        config.workers.lora_check_interval = std::time::Duration::from_secs(1);
+    },
+    |app| {
+        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        assert_eq!(
+            train(&app, id, json!({})).await.status(),
+            StatusCode::ACCEPTED
+        );
+        wait_for_avatar(&app, id, "ready").await;
+        let kept = app
+            .poll_until("the LoRA copy", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
+            })
+            .await;
+        let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
+        let weights = app.fal.file_bytes(&expired).unwrap();
+
+        // FAL's retention ends: its URL answers 404 from now on.
+        assert!(app.fal.expire_file(&expired));
+        let gone = app.client.get(&expired).send().await.unwrap();
+        assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+
+        // falgate notices, uploads its copy again, and the avatar points at the new file.
+        let refreshed = app
+            .poll_until("the LoRA uploaded again", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (avatar["artifact"]["lora_url"] != expired.as_str()).then_some(avatar)
+            })
+            .await;
+        let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
+        assert_eq!(
+            app.fal.file_bytes(fresh).unwrap(),
+            weights,
+            "the same weights"
+        );
+        let upload = app
+            .fal
+            .uploads()
+            .into_iter()
+            .find(|u| u.file_url == fresh)
+            .expect("uploaded through FAL's storage");
+        assert_eq!(upload.size, weights.len());
+        assert_eq!(
+            refreshed["artifact"]["lora_copy"],
+            kept["artifact"]["lora_copy"]
+        );
+        assert_eq!(refreshed["status"], "ready");
+
+        // A generation now hands FAL the file it serves.
+        let response = app
+            .request(Method::POST, "/v1/generations")
+            .json(&json!({"avatar_id": id, "prompt": "after a long pause"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        let batch: Value = response.json().await.unwrap();
+        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
+
+        // A file FAL still serves is left alone.
+        let checked = app.fal.uploads().len();
+        let later = app
+            .poll_until("another check", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (avatar["artifact"]["lora_checked_at"] != refreshed["artifact"]["lora_checked_at"])
+                    .then_some(avatar)
+            })
+            .await;
+        assert_eq!(later["artifact"]["lora_url"], fresh);
+        assert_eq!(app.fal.uploads().len(), checked, "nothing uploaded again");
+    }
+);
