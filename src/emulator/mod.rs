@@ -102,8 +102,20 @@ pub fn router(state: EmulatorState) -> Router {
         .route("/.well-known/jwks.json", get(storage::jwks))
         .route("/storage/upload/initiate", post(storage::initiate))
         .route(
+            "/storage/upload/initiate-multipart",
+            post(storage::initiate_multipart),
+        )
+        .route(
             "/_cdn/upload/{token}",
             put(storage::put_upload).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
+        .route(
+            "/_cdn/multipart/{token}/{part}",
+            put(storage::put_part).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
+        .route(
+            "/_cdn/multipart/{token}/complete",
+            post(storage::complete_multipart),
         )
         .route("/files/{id}/{name}", get(storage::get_file))
         .nest("/_emulator", control::routes())

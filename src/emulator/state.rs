@@ -145,6 +145,8 @@ pub struct UploadRecord {
     pub content_type: String,
     pub size: usize,
     pub sha256: String,
+    /// How many parts a multipart upload came in; 1 for a single PUT.
+    pub parts: usize,
     pub at: SystemTime,
 }
 
@@ -193,6 +195,8 @@ pub(crate) struct Inner {
     pub next_seq: u64,
     pub files: HashMap<String, StoredFile>,
     pub pending_uploads: HashMap<String, PendingUpload>,
+    /// Parts of multipart uploads under way, by upload token and part number: (etag, bytes).
+    pub upload_parts: HashMap<String, std::collections::BTreeMap<u32, (String, bytes::Bytes)>>,
     pub submits: Vec<SubmitRecord>,
     pub callbacks: Vec<CallbackAttempt>,
     pub cancels: Vec<CancelRecord>,
@@ -268,6 +272,7 @@ impl EmulatorState {
             next_seq: 0,
             files: HashMap::new(),
             pending_uploads: HashMap::new(),
+            upload_parts: HashMap::new(),
             submits: Vec::new(),
             callbacks: Vec::new(),
             cancels: Vec::new(),

@@ -1,4 +1,5 @@
-//! Storage (`/storage/upload/initiate` + signed PUT + public file URLs) and the JWKS.
+//! Storage (`/storage/upload/initiate` + signed PUT, `initiate-multipart` + parts + complete,
+//! public file URLs) and the JWKS.
 
 use std::time::SystemTime;
 
@@ -49,6 +50,19 @@ fn safe_name(name: &str) -> String {
 }
 
 pub(crate) async fn initiate(State(state): State<EmulatorState>, req: Request) -> Response {
+    initiate_upload(state, req, "upload").await
+}
+
+/// `initiate-multipart`: the same answer, with an upload URL under which the parts go
+/// (`{upload_url}/{n}`) and the completion (`{upload_url}/complete`).
+pub(crate) async fn initiate_multipart(
+    State(state): State<EmulatorState>,
+    req: Request,
+) -> Response {
+    initiate_upload(state, req, "multipart").await
+}
+
+async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Response {
     let (parts, body) = req.into_parts();
     if let Some(resp) = check_auth(&state, &parts.headers) {
         return resp;
@@ -70,7 +84,7 @@ pub(crate) async fn initiate(State(state): State<EmulatorState>, req: Request) -
         let file_id = uuid::Uuid::now_v7().simple().to_string();
         let base = state.base_url();
         let body = json!({
-            "upload_url": format!("{base}/_cdn/upload/{token}"),
+            "upload_url": format!("{base}/_cdn/{kind}/{token}"),
             "file_url": format!("{base}/files/{file_id}/{file_name}"),
         });
         state.lock().pending_uploads.insert(
@@ -96,6 +110,11 @@ pub(crate) async fn put_upload(
     let Some(p) = pending else {
         return json_response(404, &json!({"detail": "Unknown upload URL"}));
     };
+    store_upload(&state, p, body, 1);
+    StatusCode::OK.into_response()
+}
+
+fn store_upload(state: &EmulatorState, p: PendingUpload, body: Bytes, parts: usize) {
     let file_url = format!("{}/files/{}/{}", state.base_url(), p.file_id, p.file_name);
     let mut inner = state.lock();
     inner.uploads.push(UploadRecord {
@@ -104,6 +123,7 @@ pub(crate) async fn put_upload(
         content_type: p.content_type.clone(),
         size: body.len(),
         sha256: hex::encode(Sha256::digest(&body)),
+        parts,
         at: SystemTime::now(),
     });
     inner.files.insert(
@@ -113,6 +133,78 @@ pub(crate) async fn put_upload(
             bytes: body,
         },
     );
+}
+
+/// One part of a multipart upload: answered with its etag, as FAL's CDN does.
+pub(crate) async fn put_part(
+    State(state): State<EmulatorState>,
+    Path((token, part)): Path<(String, u32)>,
+    body: Bytes,
+) -> Response {
+    let mut inner = state.lock();
+    if !inner.pending_uploads.contains_key(&token) || part == 0 {
+        return json_response(404, &json!({"detail": "Unknown upload URL"}));
+    }
+    let etag = hex::encode(&Sha256::digest(&body)[..8]);
+    inner
+        .upload_parts
+        .entry(token)
+        .or_default()
+        .insert(part, (etag.clone(), body));
+    json_response(200, &json!({"partNumber": part, "etag": etag}))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CompleteBody {
+    parts: Vec<CompletedPart>,
+}
+
+#[derive(Deserialize)]
+pub(crate) struct CompletedPart {
+    #[serde(rename = "partNumber")]
+    part_number: u32,
+    etag: String,
+}
+
+/// Joins the listed parts, in order, into the file; every part must be listed with its etag.
+pub(crate) async fn complete_multipart(
+    State(state): State<EmulatorState>,
+    Path(token): Path<String>,
+    axum::Json(complete): axum::Json<CompleteBody>,
+) -> Response {
+    let (pending, stored) = {
+        let inner = state.lock();
+        let Some(pending) = inner.pending_uploads.get(&token).cloned() else {
+            return json_response(404, &json!({"detail": "Unknown upload URL"}));
+        };
+        let stored = inner.upload_parts.get(&token).cloned().unwrap_or_default();
+        (pending, stored)
+    };
+    let listed: Vec<(u32, &str)> = complete
+        .parts
+        .iter()
+        .map(|p| (p.part_number, p.etag.as_str()))
+        .collect();
+    let expected: Vec<(u32, &str)> = stored
+        .iter()
+        .map(|(n, (etag, _))| (*n, etag.as_str()))
+        .collect();
+    if listed.is_empty() || listed != expected {
+        return json_response(
+            400,
+            &json!({"detail": "The parts listed do not match the parts uploaded"}),
+        );
+    }
+    let mut file = Vec::new();
+    for (_, bytes) in stored.values() {
+        file.extend_from_slice(bytes);
+    }
+    {
+        let inner = &mut *state.lock();
+        inner.pending_uploads.remove(&token);
+        inner.upload_parts.remove(&token);
+    }
+    store_upload(&state, pending, Bytes::from(file), stored.len());
     StatusCode::OK.into_response()
 }
 

@@ -459,6 +459,42 @@ async fn validation_error_completes_with_422() {
 }
 
 #[tokio::test]
+async fn large_files_go_up_in_parts() {
+    let e = env().await;
+    let mut cfg = e.fal.config().clone();
+    cfg.multipart_above = 1_000;
+    cfg.upload_part_bytes = 400;
+    let fal = FalClient::new(cfg).unwrap();
+    let file: Vec<u8> = (0..1_050u32).map(|i| (i % 251) as u8).collect();
+    // Read in pieces that do not line up with the parts.
+    let pieces: Vec<std::io::Result<Bytes>> = file
+        .chunks(350)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    let url = fal
+        .upload_stream(
+            futures_util::stream::iter(pieces),
+            file.len() as u64,
+            "application/octet-stream",
+            "weights.safetensors",
+        )
+        .await
+        .unwrap();
+    assert_eq!(e.emu.file_bytes(&url).unwrap(), file, "joined in order");
+    let up = e.emu.uploads();
+    assert_eq!((up[0].parts, up[0].size), (3, 1_050), "400 + 400 + 250");
+
+    // At the threshold, one PUT.
+    let small = Bytes::from(vec![7u8; 1_000]);
+    let url = fal
+        .upload(small.clone(), "application/octet-stream", "small.bin")
+        .await
+        .unwrap();
+    assert_eq!(e.emu.file_bytes(&url).unwrap(), small);
+    assert_eq!(e.emu.uploads()[1].parts, 1);
+}
+
+#[tokio::test]
 async fn storage_roundtrip_and_trainer_download() {
     let e = env().await;
     let zip = Bytes::from_static(b"PK\x03\x04 pretend zip with photos");

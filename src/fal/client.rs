@@ -34,6 +34,12 @@ pub struct FalConfig {
     pub key: Secret,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
+    /// How long one PUT of file bytes to FAL's storage may take (a whole file, or one part).
+    pub upload_timeout: Duration,
+    /// Files larger than this go up in parts, as FAL's own clients do above 90 MB.
+    pub multipart_above: u64,
+    /// The size of each part of a multipart upload.
+    pub upload_part_bytes: usize,
 }
 
 impl FalConfig {
@@ -53,6 +59,9 @@ impl FalConfig {
             key,
             request_timeout: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
+            upload_timeout: Duration::from_secs(600),
+            multipart_above: 90 * 1024 * 1024,
+            upload_part_bytes: 10 * 1024 * 1024,
         }
     }
 }
@@ -480,20 +489,103 @@ impl FalClient {
         file_name: &str,
     ) -> Result<String, FalError> {
         let length = bytes.len() as u64;
-        self.upload_body(bytes.into(), length, content_type, file_name)
+        let chunks = futures_util::stream::once(async move { Ok(bytes) });
+        self.upload_stream(chunks, length, content_type, file_name)
             .await
     }
 
-    /// [`upload`](Self::upload) of a streamed body of `length` bytes (a file too large to hold
-    /// in memory). The length is sent: signed upload URLs commonly refuse chunked bodies.
-    pub async fn upload_body(
+    /// [`upload`](Self::upload) of `length` bytes read from a stream, for files too large to
+    /// hold in memory. Up to `multipart_above` bytes go in one PUT with their length (signed
+    /// upload URLs commonly refuse chunked bodies); larger files go in parts of
+    /// `upload_part_bytes`, as FAL's JS client does: `initiate-multipart`, a PUT per part to
+    /// `{upload_url}/{n}`, then `{upload_url}/complete` with every part's etag.
+    pub async fn upload_stream<S>(
         &self,
-        payload: reqwest::Body,
+        chunks: S,
         length: u64,
         content_type: &str,
         file_name: &str,
-    ) -> Result<String, FalError> {
-        let mut url = endpoint_url(&self.cfg.rest_base, "storage/upload/initiate")?;
+    ) -> Result<String, FalError>
+    where
+        S: futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    {
+        if length <= self.cfg.multipart_above {
+            let init = self
+                .initiate_upload("storage/upload/initiate", content_type, file_name)
+                .await?;
+            let put_url = Url::parse(&init.upload_url)
+                .map_err(|e| FalError::new(FalErrorKind::InvalidUrl, format!("upload_url: {e}")))?;
+            let resp = self
+                .http
+                .put(put_url)
+                .header(header::CONTENT_TYPE, content_type)
+                .header(header::CONTENT_LENGTH, length)
+                .timeout(self.cfg.upload_timeout)
+                .body(reqwest::Body::wrap_stream(chunks))
+                .send()
+                .await
+                .map_err(FalError::from_reqwest)?;
+            let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
+            if !status.is_success() {
+                return Err(FalError::from_response(status, &headers, &body));
+            }
+            return Ok(init.file_url);
+        }
+
+        let init = self
+            .initiate_upload("storage/upload/initiate-multipart", content_type, file_name)
+            .await?;
+        let upload_url = Url::parse(&init.upload_url)
+            .map_err(|e| FalError::new(FalErrorKind::InvalidUrl, format!("upload_url: {e}")))?;
+        let part_bytes = self.cfg.upload_part_bytes.max(1);
+        let mut parts = Vec::new();
+        let mut buffer = bytes::BytesMut::with_capacity(part_bytes);
+        let mut chunks = std::pin::pin!(chunks);
+        loop {
+            let next = futures_util::StreamExt::next(&mut chunks)
+                .await
+                .transpose()
+                .map_err(|e| {
+                    FalError::new(FalErrorKind::Transport, format!("reading the file: {e}"))
+                })?;
+            let finished = next.is_none();
+            if let Some(chunk) = next {
+                buffer.extend_from_slice(&chunk);
+            }
+            while buffer.len() >= part_bytes || (finished && !buffer.is_empty()) {
+                let part = buffer.split_to(buffer.len().min(part_bytes)).freeze();
+                let number = parts.len() as u32 + 1;
+                let etag = self.put_part(&upload_url, number, part).await?;
+                parts.push(serde_json::json!({"partNumber": number, "etag": etag}));
+            }
+            if finished {
+                break;
+            }
+        }
+        let complete = upload_part_url(&upload_url, "complete");
+        let resp = self
+            .http
+            .post(complete)
+            .header(header::ACCEPT, "application/json")
+            .json(&serde_json::json!({"parts": parts}))
+            .send()
+            .await
+            .map_err(FalError::from_reqwest)?;
+        let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
+        if !status.is_success() {
+            return Err(FalError::from_response(status, &headers, &body));
+        }
+        Ok(init.file_url)
+    }
+
+    /// Asks FAL's storage for a signed upload URL (`storage/upload/initiate…`).
+    async fn initiate_upload(
+        &self,
+        path: &str,
+        content_type: &str,
+        file_name: &str,
+    ) -> Result<UploadInitiateResponse, FalError> {
+        let mut url = endpoint_url(&self.cfg.rest_base, path)?;
         url.query_pairs_mut()
             .append_pair("storage_type", "fal-cdn-v3");
         let resp = self
@@ -509,25 +601,58 @@ impl FalClient {
         if !status.is_success() {
             return Err(FalError::from_response(status, &headers, &body));
         }
-        let init: UploadInitiateResponse = serde_json::from_slice(&body).map_err(|e| {
+        serde_json::from_slice(&body).map_err(|e| {
             FalError::new(FalErrorKind::Decode, format!("upload initiate answer: {e}"))
-        })?;
-        let put_url = Url::parse(&init.upload_url)
-            .map_err(|e| FalError::new(FalErrorKind::InvalidUrl, format!("upload_url: {e}")))?;
-        let resp = self
-            .http
-            .put(put_url)
-            .header(header::CONTENT_TYPE, content_type)
-            .header(header::CONTENT_LENGTH, length)
-            .body(payload)
-            .send()
-            .await
-            .map_err(FalError::from_reqwest)?;
-        let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
-        if !status.is_success() {
-            return Err(FalError::from_response(status, &headers, &body));
+        })
+    }
+
+    /// PUTs one part (tried up to three times, as FAL's JS client does) and answers its etag:
+    /// from the JSON answer `{partNumber, etag}`, or else the `ETag` header.
+    async fn put_part(
+        &self,
+        upload_url: &Url,
+        number: u32,
+        part: Bytes,
+    ) -> Result<String, FalError> {
+        let url = upload_part_url(upload_url, &number.to_string());
+        let mut last_error = None;
+        for _ in 0..3 {
+            let sent = self
+                .http
+                .put(url.clone())
+                .header(header::CONTENT_LENGTH, part.len())
+                .timeout(self.cfg.upload_timeout)
+                .body(part.clone())
+                .send()
+                .await;
+            let resp = match sent {
+                Ok(resp) => resp,
+                Err(e) => {
+                    last_error = Some(FalError::from_reqwest(e));
+                    continue;
+                }
+            };
+            let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
+            if !status.is_success() {
+                last_error = Some(FalError::from_response(status, &headers, &body));
+                continue;
+            }
+            let from_json = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("etag").and_then(Value::as_str).map(str::to_owned));
+            let from_header = headers
+                .get(header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            return from_json.or(from_header).ok_or_else(|| {
+                FalError::new(
+                    FalErrorKind::Decode,
+                    format!("part {number}: no etag in the answer"),
+                )
+            });
         }
-        Ok(init.file_url)
+        Err(last_error
+            .unwrap_or_else(|| FalError::new(FalErrorKind::Transport, "part upload failed")))
     }
 
     /// Parses a URL FAL gave us and checks it stays on the queue origin, so that a
@@ -752,4 +877,13 @@ mod tests {
         assert_eq!(e.kind, FalErrorKind::Connect);
         assert!(e.retryable() && !e.may_have_reached_fal);
     }
+}
+
+/// `{origin}{path}/{segment}{query}` of a multipart upload URL: where its parts and its
+/// completion go.
+fn upload_part_url(upload_url: &Url, segment: &str) -> Url {
+    let mut url = upload_url.clone();
+    let path = format!("{}/{segment}", upload_url.path().trim_end_matches('/'));
+    url.set_path(&path);
+    url
 }

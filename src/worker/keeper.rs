@@ -203,8 +203,8 @@ async fn check(state: &AppState, avatar_id: Uuid, url: &str, copy_key: &str) -> 
         .ok_or("the kept copy is missing")?;
     let new_url = state
         .fal
-        .upload_body(
-            reqwest::Body::wrap_stream(chunks),
+        .upload_stream(
+            chunks,
             length,
             "application/octet-stream",
             "pytorch_lora_weights.safetensors",
