@@ -742,6 +742,15 @@ pub fn requests_base(queue_base: &Url, endpoint: &str) -> String {
     )
 }
 
+/// `{origin}{path}/{segment}{query}` of a multipart upload URL: where its parts and its
+/// completion go.
+fn upload_part_url(upload_url: &Url, segment: &str) -> Url {
+    let mut url = upload_url.clone();
+    let path = format!("{}/{segment}", upload_url.path().trim_end_matches('/'));
+    url.set_path(&path);
+    url
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -877,13 +886,4 @@ mod tests {
         assert_eq!(e.kind, FalErrorKind::Connect);
         assert!(e.retryable() && !e.may_have_reached_fal);
     }
-}
-
-/// `{origin}{path}/{segment}{query}` of a multipart upload URL: where its parts and its
-/// completion go.
-fn upload_part_url(upload_url: &Url, segment: &str) -> Url {
-    let mut url = upload_url.clone();
-    let path = format!("{}/{segment}", upload_url.path().trim_end_matches('/'));
-    url.set_path(&path);
-    url
 }
