@@ -1,8 +1,16 @@
-//! falgate's own file storage: photo bytes live here, not only at FAL. A directory by default;
-//! each write lands in a temporary file first and is renamed into place, so a crash never
-//! leaves half a photo under a real key.
+//! falgate's own file storage: training photos and copies of trained LoRA files live here, not
+//! only at FAL. A directory by default; each write lands in a temporary file first and is
+//! renamed into place, so a crash never leaves half a file under a real key, and the
+//! temporary files a crash leaves are swept at the next start.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where files are written before they are moved under their key.
+const PARTIAL_DIR: &str = ".partial";
+/// Temporary files older than this at start are a crash's leftovers: a LoRA download, the
+/// longest write, is given 30 minutes.
+const STALE_PARTIAL: Duration = Duration::from_secs(2 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct Blobs {
@@ -19,7 +27,26 @@ impl Blobs {
         let root = root.into();
         std::fs::create_dir_all(&root)
             .map_err(|e| BlobError(format!("cannot create {}: {e}", root.display())))?;
-        Ok(Self { root })
+        let blobs = Self { root };
+        blobs.sweep_partials(STALE_PARTIAL);
+        Ok(blobs)
+    }
+
+    /// Removes temporary files older than `age`: what a killed process left half written.
+    /// Younger ones may belong to another replica sharing the directory.
+    fn sweep_partials(&self, age: Duration) {
+        let Ok(entries) = std::fs::read_dir(self.root.join(PARTIAL_DIR)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|modified| modified.elapsed().is_ok_and(|elapsed| elapsed >= age));
+            if stale {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, BlobError> {
@@ -38,25 +65,15 @@ impl Blobs {
     }
 
     pub async fn put(&self, key: &str, bytes: &[u8]) -> Result<(), BlobError> {
-        let path = self.path(key)?;
-        if let Some(parent) = path.parent() {
-            tokio::fs::create_dir_all(parent)
-                .await
-                .map_err(|e| BlobError(e.to_string()))?;
-        }
-        let partial = path.with_extension(format!("partial-{}", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&partial, bytes)
-            .await
-            .map_err(|e| BlobError(e.to_string()))?;
-        tokio::fs::rename(&partial, &path)
-            .await
-            .map_err(|e| BlobError(e.to_string()))
+        let mut writer = self.writer().await?;
+        writer.write(bytes).await?;
+        writer.finish(key).await
     }
 
     /// Starts a file whose key is known only once its bytes are (it may name their hash): the
     /// bytes go to a temporary file, and [`BlobWriter::finish`] moves it under its key.
     pub async fn writer(&self) -> Result<BlobWriter, BlobError> {
-        let dir = self.root.join(".partial");
+        let dir = self.root.join(PARTIAL_DIR);
         tokio::fs::create_dir_all(&dir)
             .await
             .map_err(|e| BlobError(e.to_string()))?;
@@ -231,6 +248,15 @@ mod tests {
 
         let writer = blobs.writer().await.unwrap();
         assert!(writer.finish("../escape").await.is_err());
+        assert_eq!(partial_files(), 0);
+
+        // What a killed process left behind goes at the next start, once it is old enough.
+        let mut writer = blobs.writer().await.unwrap();
+        writer.write(b"left behind").await.unwrap();
+        std::mem::forget(writer);
+        blobs.sweep_partials(Duration::from_secs(3600));
+        assert_eq!(partial_files(), 1, "young: maybe another replica's");
+        blobs.sweep_partials(Duration::ZERO);
         assert_eq!(partial_files(), 0);
         let _ = std::fs::remove_dir_all(root);
     }

@@ -494,16 +494,31 @@ impl Store {
         dispatch!(self, s => s.create_batch(batch, jobs, idempotency).await)
     }
 
-    pub async fn avatars_missing_lora_copy(&self, limit: u32) -> StoreResult<Vec<Avatar>> {
-        dispatch!(self, s => s.avatars_missing_lora_copy(limit).await)
+    pub async fn avatars_missing_lora_copy(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Avatar>> {
+        dispatch!(self, s => s.avatars_missing_lora_copy(now, limit).await)
+    }
+
+    pub async fn record_lora_copy(
+        &self,
+        avatar_id: Uuid,
+        lora_url: &str,
+        copy: &LoraCopy,
+        at: DateTime<Utc>,
+        next_check_at: DateTime<Utc>,
+    ) -> StoreResult<CopyRecorded> {
+        dispatch!(self, s => s.record_lora_copy(avatar_id, lora_url, copy, at, next_check_at).await)
     }
 
     pub async fn avatars_due_lora_check(
         &self,
-        checked_before: DateTime<Utc>,
+        now: DateTime<Utc>,
         limit: u32,
     ) -> StoreResult<Vec<Avatar>> {
-        dispatch!(self, s => s.avatars_due_lora_check(checked_before, limit).await)
+        dispatch!(self, s => s.avatars_due_lora_check(now, limit).await)
     }
 
     pub async fn record_lora_check(
@@ -511,8 +526,18 @@ impl Store {
         avatar_id: Uuid,
         lora_url: &str,
         at: DateTime<Utc>,
+        next_check_at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        dispatch!(self, s => s.record_lora_check(avatar_id, lora_url, at).await)
+        dispatch!(self, s => s.record_lora_check(avatar_id, lora_url, at, next_check_at).await)
+    }
+
+    pub async fn defer_lora_work(
+        &self,
+        avatar_id: Uuid,
+        lora_url: &str,
+        until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        dispatch!(self, s => s.defer_lora_work(avatar_id, lora_url, until).await)
     }
 
     pub async fn replace_lora_url(
@@ -521,17 +546,9 @@ impl Store {
         expired_url: &str,
         new_url: &str,
         at: DateTime<Utc>,
+        next_check_at: DateTime<Utc>,
     ) -> StoreResult<bool> {
-        dispatch!(self, s => s.replace_lora_url(avatar_id, expired_url, new_url, at).await)
-    }
-
-    pub async fn record_lora_copy(
-        &self,
-        avatar_id: Uuid,
-        lora_url: &str,
-        copy: &LoraCopy,
-    ) -> StoreResult<Option<Option<String>>> {
-        dispatch!(self, s => s.record_lora_copy(avatar_id, lora_url, copy).await)
+        dispatch!(self, s => s.replace_lora_url(avatar_id, expired_url, new_url, at, next_check_at).await)
     }
 
     pub async fn get_batch(

@@ -522,6 +522,17 @@ pub struct Avatar {
     pub updated_at: DateTime<Utc>,
 }
 
+/// What became of a LoRA copy offered to an avatar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyRecorded {
+    /// The copy is the avatar's; `replaced` is the key of the copy it replaced, if another,
+    /// whose file is to be removed.
+    Kept { replaced: Option<String> },
+    /// The avatar's weights changed (or it is gone) meanwhile; `current` is the key of the
+    /// copy it holds now, whose file must stay.
+    Stale { current: Option<String> },
+}
+
 /// Where falgate keeps its copy of a LoRA file, and what it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoraCopy {

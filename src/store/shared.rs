@@ -338,106 +338,145 @@ macro_rules! shared_store_methods {
             Ok(created)
         }
 
-        /// Ready avatars whose LoRA file has no copy of ours yet.
-        /// Avatars whose current LoRA file has no copy of ours yet, skipping `skip`.
-        pub async fn avatars_missing_lora_copy(&self, limit: u32) -> StoreResult<Vec<Avatar>> {
+        /// Avatars whose current LoRA file has no copy of ours yet and is not deferred past
+        /// `now` (a failed copy is deferred, so a few dead URLs never hold up the others).
+        pub async fn avatars_missing_lora_copy(
+            &self,
+            now: DateTime<Utc>,
+            limit: u32,
+        ) -> StoreResult<Vec<Avatar>> {
             let rows: Vec<AvatarRow> = sqlx::query_as(concat!(
                 "SELECT ",
                 avatar_columns!(),
                 " FROM avatars WHERE lora_url IS NOT NULL \
                   AND (lora_copy_url IS NULL OR lora_copy_url <> lora_url) \
-                  ORDER BY updated_at LIMIT $1"
+                  AND lora_next_try_at <= $1 ORDER BY lora_next_try_at LIMIT $2"
             ))
+            .bind(now)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
             rows.into_iter().map(Avatar::try_from).collect()
         }
 
-        /// Records the copy of `lora_url`, unless a newer training replaced that URL meanwhile.
-        /// Answers the key of the copy it replaced, whose file the caller removes.
+        /// Records the copy of `lora_url` (FAL served it at `at`; the next check is due at
+        /// `next_check_at`), unless a newer training replaced that URL meanwhile.
         pub async fn record_lora_copy(
             &self,
             avatar_id: Uuid,
             lora_url: &str,
             copy: &LoraCopy,
-        ) -> StoreResult<Option<Option<String>>> {
+            at: DateTime<Utc>,
+            next_check_at: DateTime<Utc>,
+        ) -> StoreResult<CopyRecorded> {
             let mut tx = self.begin_write().await?;
             let locked: Option<(Uuid, String, Option<Uuid>, Option<String>)> =
                 sqlx::query_as(sql::LOCK_AVATAR).bind(avatar_id).fetch_optional(&mut *tx).await?;
             let Some((_, _, _, previous)) = locked else {
-                return Ok(None);
+                return Ok(CopyRecorded::Stale { current: None });
             };
             let written = sqlx::query(
                 "UPDATE avatars SET lora_copy_key = $3, lora_copy_sha256 = $4, \
-                 lora_copy_bytes = $5, lora_copy_url = $2 WHERE id = $1 AND lora_url = $2",
+                 lora_copy_bytes = $5, lora_copy_url = $2, lora_checked_at = $6, \
+                 lora_next_try_at = $7 WHERE id = $1 AND lora_url = $2",
             )
             .bind(avatar_id)
             .bind(lora_url)
             .bind(&copy.key)
             .bind(&copy.sha256)
             .bind(copy.bytes)
+            .bind(at)
+            .bind(next_check_at)
             .execute(&mut *tx)
             .await?
             .rows_affected();
             tx.commit().await?;
-            Ok((written == 1).then_some(previous.filter(|key| *key != copy.key)))
+            Ok(if written == 1 {
+                CopyRecorded::Kept {
+                    replaced: previous.filter(|key| *key != copy.key),
+                }
+            } else {
+                CopyRecorded::Stale { current: previous }
+            })
         }
 
-        /// Avatars whose LoRA file (of which a copy is kept) FAL was last seen serving before
-        /// `checked_before`, or never: the least recently checked first.
+        /// Avatars whose kept LoRA file is due a check that FAL still serves it.
         pub async fn avatars_due_lora_check(
             &self,
-            checked_before: DateTime<Utc>,
+            now: DateTime<Utc>,
             limit: u32,
         ) -> StoreResult<Vec<Avatar>> {
             let rows: Vec<AvatarRow> = sqlx::query_as(concat!(
                 "SELECT ",
                 avatar_columns!(),
                 " FROM avatars WHERE lora_url IS NOT NULL AND lora_copy_url = lora_url \
-                  AND (lora_checked_at IS NULL OR lora_checked_at < $1) \
-                  ORDER BY COALESCE(lora_checked_at, updated_at) LIMIT $2"
+                  AND lora_next_try_at <= $1 ORDER BY lora_next_try_at LIMIT $2"
             ))
-            .bind(checked_before)
+            .bind(now)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
             rows.into_iter().map(Avatar::try_from).collect()
         }
 
-        /// FAL served `lora_url` at `at` (nothing changes if the avatar's weights did).
+        /// FAL served `lora_url` at `at`; the next check is due at `next_check_at`. Nothing
+        /// changes if the avatar's weights did.
         pub async fn record_lora_check(
             &self,
             avatar_id: Uuid,
             lora_url: &str,
             at: DateTime<Utc>,
+            next_check_at: DateTime<Utc>,
         ) -> StoreResult<()> {
-            sqlx::query("UPDATE avatars SET lora_checked_at = $3 WHERE id = $1 AND lora_url = $2")
+            sqlx::query(
+                "UPDATE avatars SET lora_checked_at = $3, lora_next_try_at = $4 \
+                 WHERE id = $1 AND lora_url = $2",
+            )
+            .bind(avatar_id)
+            .bind(lora_url)
+            .bind(at)
+            .bind(next_check_at)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
+        }
+
+        /// Copying or checking `lora_url` failed: no worker tries it again before `until`.
+        pub async fn defer_lora_work(
+            &self,
+            avatar_id: Uuid,
+            lora_url: &str,
+            until: DateTime<Utc>,
+        ) -> StoreResult<()> {
+            sqlx::query("UPDATE avatars SET lora_next_try_at = $3 WHERE id = $1 AND lora_url = $2")
                 .bind(avatar_id)
                 .bind(lora_url)
-                .bind(at)
+                .bind(until)
                 .execute(&self.pool)
                 .await?;
             Ok(())
         }
 
-        /// Points the avatar at a new upload of the weights its copy holds, unless a training
-        /// changed them meanwhile; answers whether it did.
+        /// Points the avatar at a new upload (made at `at`) of the weights its copy holds,
+        /// unless a training changed them meanwhile; answers whether it did.
         pub async fn replace_lora_url(
             &self,
             avatar_id: Uuid,
             expired_url: &str,
             new_url: &str,
             at: DateTime<Utc>,
+            next_check_at: DateTime<Utc>,
         ) -> StoreResult<bool> {
             let written = sqlx::query(
                 "UPDATE avatars SET lora_url = $3, lora_copy_url = $3, lora_checked_at = $4, \
-                 updated_at = $4 WHERE id = $1 AND lora_url = $2 AND lora_copy_url = $2",
+                 lora_next_try_at = $5, updated_at = $4 \
+                 WHERE id = $1 AND lora_url = $2 AND lora_copy_url = $2",
             )
             .bind(avatar_id)
             .bind(expired_url)
             .bind(new_url)
             .bind(at)
+            .bind(next_check_at)
             .execute(&self.pool)
             .await?
             .rows_affected();
@@ -794,7 +833,8 @@ macro_rules! shared_store_helpers {
                     sqlx::query(
                         "UPDATE avatars SET status = 'ready', lora_url = $3, lora_config_url = $4, \
                          finetune_id = $5, error_code = NULL, error_message = NULL, updated_at = $6, \
-                         lora_checked_at = $6 WHERE id = $1 AND training_job_id = $2",
+                         lora_checked_at = $7, lora_next_try_at = $7 \
+                         WHERE id = $1 AND training_job_id = $2",
                     )
                     .bind(avatar_id)
                     .bind(job_id)
@@ -802,6 +842,8 @@ macro_rules! shared_store_helpers {
                     .bind(config)
                     .bind(finetune)
                     .bind(at)
+                    // FAL served the LoRA file just now, in its result; its copy is due at once.
+                    .bind(lora.map(|_| at))
                 }
                 AvatarOutcome::Failed { code, message } => sqlx::query(
                     "UPDATE avatars SET status = CASE WHEN lora_url IS NOT NULL OR finetune_id IS NOT NULL \

@@ -1,80 +1,74 @@
 //! Keeps a copy of every trained LoRA file in falgate's own storage: FAL's file URLs expire,
 //! and an avatar whose weights are gone is lost. Avatars whose current weights have no copy are
-//! picked up after each training; one whose file could not be fetched is tried again later,
-//! with backoff, so that a few dead URLs never hold up the others.
+//! picked up after each training.
 //!
 //! It also checks, every `FALGATE_LORA_CHECK_SECS`, that FAL still serves each kept LoRA file,
 //! because generations hand FAL that URL. A file FAL no longer serves is uploaded again from
 //! the copy, and the avatar points at the new upload.
+//!
+//! When the next copy or check of an avatar is due is kept in the database, so replicas share
+//! it; a failed one is put off, with backoff, so that a few dead files never hold up the others.
 
 use super::IDLE_WAIT;
 use crate::app::AppState;
-use crate::store::LoraCopy;
+use crate::store::{CopyRecorded, LoraCopy};
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use uuid::Uuid;
 
 /// Largest LoRA file kept (FAL's are tens to a few hundred MB).
 const MAX_LORA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
-/// How long an avatar whose copy failed waits first; doubled on each further failure.
+/// How long an avatar whose copy or check failed waits first; doubled on each further failure.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(30);
 /// How long one download may take: the shared client's limit is sized for API calls.
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(1800);
-/// Copies made per round.
-const PER_ROUND: usize = 4;
-
 /// How long one check of a FAL file may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Copies made, and checks done, per round.
+const PER_ROUND: u32 = 4;
 
 pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
-    let mut backoff = Backoff::default();
-    let mut check_backoff = Backoff::default();
+    let mut failures = Failures::default();
     while !*stopping.borrow() {
-        match state.store.avatars_missing_lora_copy(64).await {
+        let now = crate::domain::now();
+        match state.store.avatars_missing_lora_copy(now, PER_ROUND).await {
             Ok(avatars) => {
-                let now = Instant::now();
-                let due: Vec<(Uuid, String)> = avatars
-                    .into_iter()
-                    .filter_map(|avatar| Some((avatar.id, avatar.lora_url?)))
-                    .filter(|key| backoff.is_due(key, now))
-                    .take(PER_ROUND)
-                    .collect();
-                for (avatar_id, url) in due {
-                    match keep(&state, avatar_id, &url).await {
-                        Ok(()) => backoff.succeeded(avatar_id, url),
-                        Err(err) => {
-                            tracing::warn!(avatar = %avatar_id, error = %err, "could not keep a copy of a LoRA file");
-                            backoff.failed(avatar_id, url);
-                        }
-                    }
+                for avatar in avatars {
+                    let Some(url) = avatar.lora_url else { continue };
+                    let outcome = keep(&state, avatar.id, &url).await;
+                    failures
+                        .settle(
+                            &state,
+                            avatar.id,
+                            &url,
+                            outcome,
+                            "could not keep a copy of a LoRA file",
+                        )
+                        .await;
                 }
             }
             Err(err) => tracing::warn!(error = %err, "could not look for LoRA files to keep"),
         }
-        let checked_before = crate::domain::now()
-            - chrono::Duration::from_std(state.config.workers.lora_check_interval)
-                .unwrap_or(chrono::Duration::MAX);
-        match state.store.avatars_due_lora_check(checked_before, 64).await {
+        match state.store.avatars_due_lora_check(now, PER_ROUND).await {
             Ok(avatars) => {
-                let now = Instant::now();
-                let due: Vec<(Uuid, String, String)> = avatars
-                    .into_iter()
-                    .filter_map(|avatar| Some((avatar.id, avatar.lora_url?, avatar.lora_copy?.key)))
-                    .filter(|(id, url, _)| check_backoff.is_due(&(*id, url.clone()), now))
-                    .take(PER_ROUND)
-                    .collect();
-                for (avatar_id, url, copy_key) in due {
-                    match check(&state, avatar_id, &url, &copy_key).await {
-                        Ok(()) => check_backoff.succeeded(avatar_id, url),
-                        Err(err) => {
-                            tracing::warn!(avatar = %avatar_id, error = %err, "could not check FAL's LoRA file");
-                            check_backoff.failed(avatar_id, url);
-                        }
-                    }
+                for avatar in avatars {
+                    let (Some(url), Some(copy)) = (avatar.lora_url, avatar.lora_copy) else {
+                        continue;
+                    };
+                    let outcome = check(&state, avatar.id, &url, &copy.key).await;
+                    failures
+                        .settle(
+                            &state,
+                            avatar.id,
+                            &url,
+                            outcome,
+                            "could not check FAL's LoRA file",
+                        )
+                        .await;
                 }
             }
             Err(err) => tracing::warn!(error = %err, "could not look for LoRA files to check"),
@@ -83,6 +77,42 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
             () = state.wake.keeper.notified() => {}
             () = tokio::time::sleep(IDLE_WAIT) => {}
             _ = stopping.changed() => {}
+        }
+    }
+}
+
+/// When FAL's file is next checked, after it was seen served now.
+fn next_check(state: &AppState) -> DateTime<Utc> {
+    crate::domain::now()
+        + chrono::Duration::from_std(state.config.workers.lora_check_interval)
+            .unwrap_or(chrono::Duration::MAX)
+}
+
+/// How many times in a row each avatar's file work failed in this process, for the backoff.
+#[derive(Default)]
+struct Failures(HashMap<Uuid, u32>);
+
+impl Failures {
+    /// Forgets a success; puts a failure off in the database, longer each time.
+    async fn settle(
+        &mut self,
+        state: &AppState,
+        avatar_id: Uuid,
+        url: &str,
+        outcome: Result<(), String>,
+        what: &str,
+    ) {
+        let Err(err) = outcome else {
+            self.0.remove(&avatar_id);
+            return;
+        };
+        let count = self.0.entry(avatar_id).or_insert(0);
+        let wait = RETRY_AFTER_FAILURE * 2u32.pow((*count).min(6));
+        *count += 1;
+        tracing::warn!(avatar = %avatar_id, error = %err, retry_in_secs = wait.as_secs(), "{what}");
+        let until = crate::domain::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+        if let Err(err) = state.store.defer_lora_work(avatar_id, url, until).await {
+            tracing::warn!(avatar = %avatar_id, error = %err, "could not put off the LoRA file's next try");
         }
     }
 }
@@ -120,53 +150,39 @@ async fn keep(state: &AppState, avatar_id: Uuid, url: &str) -> Result<(), String
         bytes: file.written() as i64,
     };
     file.finish(&copy.key).await.map_err(|e| e.to_string())?;
-    match state
+    let recorded = state
         .store
-        .record_lora_copy(avatar_id, url, &copy)
+        .record_lora_copy(
+            avatar_id,
+            url,
+            &copy,
+            crate::domain::now(),
+            next_check(state),
+        )
         .await
-        .map_err(|e| e.to_string())?
-    {
-        Some(replaced) => {
+        .map_err(|e| e.to_string())?;
+    match recorded {
+        CopyRecorded::Kept { replaced } => {
             tracing::info!(bytes = copy.bytes, "kept a copy of the LoRA file");
             if let Some(old) = replaced {
                 let _ = state.blobs.delete(&old).await;
             }
         }
-        // A newer training replaced the weights (or the avatar was deleted) meanwhile.
-        None => {
-            let _ = state.blobs.delete(&copy.key).await;
+        // A newer training replaced the weights, the avatar was deleted, or another replica
+        // stored the same bytes under the same key meanwhile: the file goes unless it is the
+        // avatar's copy now.
+        CopyRecorded::Stale { current } => {
+            if current.as_deref() != Some(copy.key.as_str()) {
+                let _ = state.blobs.delete(&copy.key).await;
+            }
         }
     }
     Ok(())
 }
 
-/// Avatars whose file work failed, and when each may be tried again: a few dead URLs never
-/// hold up the others, nor are they hammered.
-#[derive(Default)]
-struct Backoff(HashMap<(Uuid, String), (Instant, u32)>);
-
-impl Backoff {
-    fn is_due(&self, key: &(Uuid, String), now: Instant) -> bool {
-        self.0.get(key).is_none_or(|(at, _)| *at <= now)
-    }
-
-    fn succeeded(&mut self, avatar_id: Uuid, url: String) {
-        self.0.remove(&(avatar_id, url));
-    }
-
-    fn failed(&mut self, avatar_id: Uuid, url: String) {
-        let entry = self
-            .0
-            .entry((avatar_id, url))
-            .or_insert((Instant::now(), 0));
-        entry.0 = Instant::now() + RETRY_AFTER_FAILURE * 2u32.pow(entry.1.min(6));
-        entry.1 += 1;
-    }
-}
-
-/// Asks FAL's CDN for the first byte of `url`. Served: noted. Gone (404, 410, 403): the
-/// copy is uploaded again and the avatar points at it. Anything else is an outage, tried
-/// again later.
+/// Asks FAL's CDN for the first byte of `url`. Served: noted. Gone (404 or 410, or 403,
+/// which a CDN also answers for a file it no longer has): the copy is uploaded again and the
+/// avatar points at it. Anything else is an outage, tried again later.
 #[tracing::instrument(skip_all, fields(avatar = %avatar_id))]
 async fn check(state: &AppState, avatar_id: Uuid, url: &str, copy_key: &str) -> Result<(), String> {
     // FAL's CDN files are public: no key is sent. A range keeps a large file from being sent.
@@ -180,11 +196,15 @@ async fn check(state: &AppState, avatar_id: Uuid, url: &str, copy_key: &str) -> 
         .await
         .map_err(|e| e.without_url().to_string())?;
     let status = response.status();
-    drop(response);
+    if status == reqwest::StatusCode::PARTIAL_CONTENT {
+        // One byte: read it, so that the connection goes back to the pool.
+        let _ = response.bytes().await;
+    }
+    // A 200 is the whole file (the range was ignored): dropped unread, its connection closes.
     if status.is_success() {
         return state
             .store
-            .record_lora_check(avatar_id, url, crate::domain::now())
+            .record_lora_check(avatar_id, url, crate::domain::now(), next_check(state))
             .await
             .map_err(|e| e.to_string());
     }
@@ -213,7 +233,13 @@ async fn check(state: &AppState, avatar_id: Uuid, url: &str, copy_key: &str) -> 
         .map_err(|e| e.to_string())?;
     let replaced = state
         .store
-        .replace_lora_url(avatar_id, url, &new_url, crate::domain::now())
+        .replace_lora_url(
+            avatar_id,
+            url,
+            &new_url,
+            crate::domain::now(),
+            next_check(state),
+        )
         .await
         .map_err(|e| e.to_string())?;
     if replaced {
