@@ -776,3 +776,76 @@ backend_test!(
         assert_eq!(app.fal.uploads().len(), checked, "nothing uploaded again");
     }
 );
+
+backend_test!(
+    lora_files_that_fail_are_put_off_without_holding_up_the_others,
+    |config| {
+        // The store is driven by hand here: no keeper runs.
+        config.run_workers = false;
+    },
+    |app| {
+        let now = chrono::Utc::now();
+        let mut avatars = Vec::new();
+        for i in 0..6 {
+            let id: uuid::Uuid = create_avatar(&app, "character").await["id"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let url = format!("http://127.0.0.1:9/lora-{i}.safetensors");
+            let set = "UPDATE avatars SET lora_url = $1, lora_next_try_at = $2 WHERE id = $3";
+            let due_at = now - chrono::Duration::minutes(10 - i);
+            if app.database_url.starts_with("sqlite:") {
+                let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
+                sqlx::query(set)
+                    .bind(&url)
+                    .bind(due_at)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            } else {
+                let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+                sqlx::query(set)
+                    .bind(&url)
+                    .bind(due_at)
+                    .bind(id)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+            }
+            avatars.push((id, url));
+        }
+        let store = app.store();
+        let due = |at| async move {
+            store
+                .avatars_missing_lora_copy(at, 4)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|a| a.id)
+                .collect::<Vec<_>>()
+        };
+        let first: Vec<_> = avatars[..4].iter().map(|(id, _)| *id).collect();
+        assert_eq!(due(now).await, first, "the longest due first");
+
+        // Those four fail and are put off for an hour: the other two come next.
+        for (id, url) in &avatars[..4] {
+            store
+                .defer_lora_work(*id, url, now + chrono::Duration::hours(1))
+                .await
+                .unwrap();
+        }
+        let rest: Vec<_> = avatars[4..].iter().map(|(id, _)| *id).collect();
+        assert_eq!(due(now).await, rest);
+        // An hour on, they are due again.
+        assert_eq!(due(now + chrono::Duration::hours(2)).await.len(), 4);
+        let all = store
+            .avatars_missing_lora_copy(now + chrono::Duration::hours(2), 10)
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 6);
+    }
+);
