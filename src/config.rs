@@ -104,7 +104,8 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_JWKS_MIN_REFETCH_SECS", default_value = "30")]
     pub jwks_min_refetch_secs: String,
 
-    /// Directory where falgate keeps its own files (training photos).
+    /// Directory where falgate keeps its own files (training photos, copies of trained LoRA
+    /// files).
     #[arg(long, env = "FALGATE_STORAGE_DIR", default_value = "falgate-data")]
     pub storage_dir: String,
 

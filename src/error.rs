@@ -49,9 +49,9 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<FieldError>,
     /// For a photo upload some of whose files were refused: the ids of the photos that were
-    /// kept all the same, in the order of their files.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub accepted: Vec<uuid::Uuid>,
+    /// kept all the same (maybe none), in the order of their files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<Vec<uuid::Uuid>>,
 }
 
 /// Every error the API answers with.
@@ -175,13 +175,13 @@ impl ApiError {
             code,
             request_id,
             errors: Vec::new(),
-            accepted: Vec::new(),
+            accepted: None,
         };
         match self {
             Self::Validation(errors) => Problem { errors, ..problem },
             Self::PartlyRefused { refused, accepted } => Problem {
                 errors: refused,
-                accepted,
+                accepted: Some(accepted),
                 ..problem
             },
             _ => problem,

@@ -42,9 +42,10 @@ pub struct ArtifactView {
     /// falgate's own copy of the LoRA weights (FAL's URLs expire), once taken; download it
     /// from `GET /v1/avatars/{id}/lora`.
     pub lora_copy: Option<LoraCopyView>,
-    /// When FAL was last seen serving `lora_url`. FAL's files expire: falgate checks them
-    /// every `FALGATE_LORA_CHECK_SECS`, and one FAL no longer serves is uploaded again from
-    /// falgate's copy, `lora_url` then naming the new upload.
+    /// When FAL was last seen serving `lora_url`: in the training's result, when falgate
+    /// copied it, or at a check. FAL's files expire: falgate checks them every
+    /// `FALGATE_LORA_CHECK_SECS`, and one FAL no longer serves is uploaded again from
+    /// falgate's copy, `lora_url` then naming the new upload. Empty for a finetune.
     pub lora_checked_at: Option<DateTime<Utc>>,
 }
 

@@ -410,6 +410,15 @@ backend_test!(
             body["detail"].as_str().unwrap().contains("1 kept"),
             "{body}"
         );
+        // Nothing kept is said as plainly.
+        let response = upload(&app, id, &[("only.png", photo(4, 200, 200))]).await;
+        let body = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(body["accepted"], json!([]));
 
         // Nine photos are not enough to train, and nothing is sent to FAL.
         let more: Vec<(String, Vec<u8>)> = (10..18)
