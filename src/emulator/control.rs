@@ -24,6 +24,7 @@ pub(crate) fn routes() -> Router<EmulatorState> {
         .route("/rotate-key", post(rotate_key))
         .route("/durations", post(set_durations))
         .route("/release-held", post(release_held))
+        .route("/release-held-calls", post(release_held_calls))
         .route("/files/expire", post(expire_file))
         .route("/submits", get(submits))
         .route("/callbacks", get(callbacks))
@@ -49,6 +50,11 @@ async fn expire_file(State(s): State<EmulatorState>, Json(file): Json<FileUrl>) 
     } else {
         json_response(404, &json!({"detail": "no such file"}))
     }
+}
+
+async fn release_held_calls(State(s): State<EmulatorState>) -> Response {
+    s.release_held_calls();
+    ok()
 }
 
 fn ok() -> Response {

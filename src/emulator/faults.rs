@@ -35,6 +35,8 @@ pub enum HttpFault {
     Nginx502,
     /// Wait, then answer normally.
     Delay { delay_ms: u64 },
+    /// Wait until released (`release_held_calls`), then answer normally.
+    Hold,
     /// Do the work (a submit creates its request), then reset the TCP connection
     /// instead of answering.
     AcceptThenReset,

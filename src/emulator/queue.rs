@@ -146,7 +146,7 @@ pub(crate) fn fault_response(fault: &HttpFault) -> Option<Response> {
             Some(with_request_id(resp, &id))
         }
         HttpFault::Nginx502 => Some(nginx_502()),
-        HttpFault::Delay { .. } | HttpFault::AcceptThenReset => None,
+        HttpFault::Delay { .. } | HttpFault::Hold | HttpFault::AcceptThenReset => None,
     }
 }
 
@@ -164,6 +164,7 @@ fn fault_name(fault: &HttpFault) -> String {
         HttpFault::Status { status, .. } => format!("status_{status}"),
         HttpFault::Nginx502 => "nginx_502".into(),
         HttpFault::Delay { delay_ms } => format!("delay_{delay_ms}ms"),
+        HttpFault::Hold => "hold".into(),
         HttpFault::AcceptThenReset => "accept_then_reset".into(),
     }
 }
@@ -185,8 +186,12 @@ where
             on_refused(f);
             return resp;
         }
-        if let HttpFault::Delay { delay_ms } = f {
-            tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+        match f {
+            HttpFault::Delay { delay_ms } => {
+                tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+            }
+            HttpFault::Hold => state.hold_call().await,
+            _ => {}
         }
     }
     let resp = work.await;

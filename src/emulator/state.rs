@@ -211,6 +211,9 @@ pub(crate) struct Inner {
     pub training: Durations,
     pub per_endpoint: HashMap<String, Durations>,
     pub per_request: HashMap<String, Durations>,
+    /// Calls waiting in a `hold` fault, and how many releases there have been.
+    pub held_calls: usize,
+    pub releases: u64,
     pub finetunes: Vec<String>,
     pub tasks: Vec<AbortHandle>,
 }
@@ -287,6 +290,8 @@ impl EmulatorState {
             training: config.training,
             per_endpoint: HashMap::new(),
             per_request: HashMap::new(),
+            held_calls: 0,
+            releases: 0,
             finetunes: Vec::new(),
             tasks: Vec::new(),
         };
@@ -511,6 +516,34 @@ impl EmulatorState {
     pub fn set_request_durations(&self, request_id: &str, d: Durations) {
         self.lock().per_request.insert(request_id.to_owned(), d);
         self.bump();
+    }
+
+    /// How many calls are waiting in a `hold` fault.
+    pub fn held_calls(&self) -> usize {
+        self.lock().held_calls
+    }
+
+    /// Lets every call waiting in a `hold` fault go on.
+    pub fn release_held_calls(&self) {
+        self.lock().releases += 1;
+        self.bump();
+    }
+
+    /// Waits in a `hold` fault until the next release.
+    pub(crate) async fn hold_call(&self) {
+        let mut changes = self.subscribe();
+        let arrived = {
+            let mut inner = self.lock();
+            inner.held_calls += 1;
+            inner.releases
+        };
+        self.bump();
+        while self.lock().releases == arrived {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+        self.lock().held_calls -= 1;
     }
 
     /// Delivers a callback held by a `reorder` fault now.

@@ -1162,6 +1162,45 @@ async fn control_api_over_http() {
         .await
         .unwrap();
     assert_eq!(submits.as_array().unwrap().len(), 2);
+
+    // A held submit goes on when released; an expired file answers 404.
+    post(
+        "/_emulator/faults",
+        json!({"kind": "hold", "target": "submit"}),
+    )
+    .await
+    .unwrap();
+    let held = tokio::spawn({
+        let fal = e.fal.clone();
+        async move {
+            fal.submit("fal-ai/flux-lora", &json!({"prompt": "held"}), None)
+                .await
+        }
+    });
+    eventually("the submit held", || {
+        (e.emu.held_calls() == 1).then_some(())
+    })
+    .await;
+    assert!(!held.is_finished());
+    post("/_emulator/release-held-calls", json!({}))
+        .await
+        .unwrap();
+    let sub = held.await.unwrap().unwrap();
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let ModelResult::Output(out) = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap())
+        .await
+        .unwrap()
+    else {
+        panic!("expected output");
+    };
+    let image = out["images"][0]["url"].as_str().unwrap().to_owned();
+    let expire = post("/_emulator/files/expire", json!({"url": image}));
+    assert_eq!(expire.await.unwrap().status(), 200);
+    assert_eq!(e.raw.get(&image).send().await.unwrap().status(), 404);
+    let again = post("/_emulator/files/expire", json!({"url": image}));
+    assert_eq!(again.await.unwrap().status(), 404);
 }
 
 #[tokio::test]

@@ -528,22 +528,24 @@ backend_test!(
     |app| {
         // Every request waits in FAL's queue until the test lets it go.
         app.fal.set_all_durations(Durations::new(600_000, 0));
-        // The first submit is accepted but its answer lost; the second is answered late, after
-        // the first request's callback has been adopted.
+        // The first submit is accepted but its answer lost; the second is held at FAL's door
+        // until the first request's callback has been adopted.
         app.fal
             .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
-        app.fal
-            .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 5_000 }, 1));
+        app.fal.inject_fault(FaultRule::submit(HttpFault::Hold, 1));
         let id = submit_generation(&app, json!({"prompt": "one of two"})).await;
-        app.poll_until("the job submitted again", || async {
-            (app.job(&id).await["attempts"].as_i64() >= Some(2)).then_some(())
+        app.poll_until("the second submit held", || async {
+            (app.fal.held_calls() == 1).then_some(())
         })
         .await;
         let first = app.fal.requests();
-        assert_eq!(first.len(), 1, "the second submit is still held: {first:?}");
+        assert_eq!(first.len(), 1, "{first:?}");
         app.fal
             .set_request_durations(&first[0].id, Durations::new(0, 0));
         let job = app.wait_for_status(&id, "succeeded").await;
+        assert_eq!(job["fal_request_id"], first[0].id.as_str());
+        // Now FAL takes the second submit: a surplus request, withdrawn while it waits.
+        app.fal.release_held_calls();
         let kept = job["fal_request_id"].as_str().unwrap().to_owned();
         let cancels = app
             .poll_until("the surplus request cancelled", || async {
