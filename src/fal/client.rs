@@ -525,10 +525,7 @@ impl FalClient {
                 .send()
                 .await
                 .map_err(FalError::from_reqwest)?;
-            let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
-            if !status.is_success() {
-                return Err(FalError::from_response(status, &headers, &body));
-            }
+            read_success(resp, MAX_SMALL_BYTES).await?;
             return Ok(init.file_url);
         }
 
@@ -571,10 +568,7 @@ impl FalClient {
             .send()
             .await
             .map_err(FalError::from_reqwest)?;
-        let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
-        if !status.is_success() {
-            return Err(FalError::from_response(status, &headers, &body));
-        }
+        read_success(resp, MAX_SMALL_BYTES).await?;
         Ok(init.file_url)
     }
 
@@ -597,10 +591,7 @@ impl FalClient {
             .send()
             .await
             .map_err(FalError::from_reqwest)?;
-        let (status, headers, body) = read(resp, MAX_SMALL_BYTES).await?;
-        if !status.is_success() {
-            return Err(FalError::from_response(status, &headers, &body));
-        }
+        let body = read_success(resp, MAX_SMALL_BYTES).await?;
         serde_json::from_slice(&body).map_err(|e| {
             FalError::new(FalErrorKind::Decode, format!("upload initiate answer: {e}"))
         })
@@ -671,6 +662,15 @@ impl FalClient {
         }
         Ok(parsed)
     }
+}
+
+/// Reads a whole answer that must be a success; another status becomes FAL's error.
+async fn read_success(resp: reqwest::Response, limit: usize) -> Result<Bytes, FalError> {
+    let (status, headers, body) = read(resp, limit).await?;
+    if !status.is_success() {
+        return Err(FalError::from_response(status, &headers, &body));
+    }
+    Ok(body)
 }
 
 /// Reads a whole answer, refusing bodies larger than `limit`.
