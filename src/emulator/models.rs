@@ -521,6 +521,22 @@ pub(crate) async fn run(state: &EmulatorState, req: &RequestSnapshot) -> Outcome
     let input = req.input.as_object().cloned().unwrap_or_default();
     match req.endpoint.as_str() {
         "fal-ai/flux-lora" => {
+            // The runner loads every LoRA before it draws: one it cannot fetch fails the request.
+            let loras = input.get("loras").and_then(Value::as_array).cloned();
+            for (i, lora) in loras.unwrap_or_default().iter().enumerate() {
+                let Some(path) = lora.get("path").and_then(Value::as_str) else {
+                    continue;
+                };
+                if let Err(why) = download(state, &req.id, path).await {
+                    return unprocessable(vec![error(
+                        loc(&[json!("loras"), json!(i), json!("path")]),
+                        "file_download_error",
+                        format!("Failed to download the file from loras.{i}.path: {why}"),
+                        Some(&json!(path)),
+                        None,
+                    )]);
+                }
+            }
             let (w, h) = flux_lora_size(input.get("image_size"));
             generate(state, &input, w, h)
         }
@@ -628,7 +644,8 @@ fn generate(state: &EmulatorState, input: &Map<String, Value>, w: u32, h: u32) -
     }))
 }
 
-/// Fetches the training archive like FAL's runner: any http(s) URL, or a data URI.
+/// Fetches a file like FAL's runner (a training archive, a LoRA): any http(s) URL, or a
+/// data URI.
 async fn download(
     state: &EmulatorState,
     request_id: &str,

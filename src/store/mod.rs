@@ -225,13 +225,21 @@ impl Store {
     }
 
     pub(crate) async fn update_job(&self, update: &JobUpdate) -> StoreResult<Option<Job>> {
-        let ends_training = update.kind == JobKind::Training
-            && update.avatar_id.is_some()
+        let ends = update.avatar_id.is_some()
             && update.status.is_terminal()
             && update.status != update.expect_status;
-        if ends_training && update.avatar.is_none() {
+        let outcome = match update.kind {
+            JobKind::Training if ends => Some(avatar_outcome(update)),
+            JobKind::Generation if ends && update.status == JobStatus::Failed => {
+                Some(AvatarOutcome::GenerationFailed)
+            }
+            _ => None,
+        };
+        if let Some(outcome) = outcome
+            && update.avatar.is_none()
+        {
             let mut update = update.clone();
-            update.avatar = Some(avatar_outcome(&update));
+            update.avatar = Some(outcome);
             return dispatch!(self, s => s.update_job(&update).await);
         }
         dispatch!(self, s => s.update_job(update).await)

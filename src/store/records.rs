@@ -141,7 +141,7 @@ pub(crate) struct JobUpdate {
     pub kind: JobKind,
     pub avatar_id: Option<Uuid>,
     pub endpoint: String,
-    /// What the job's end does to its avatar, for a training that ends.
+    /// What the job's end does to its avatar: a training that ends, a generation that fails.
     pub avatar: Option<AvatarOutcome>,
     pub expect_status: JobStatus,
     pub expect_request_id: Option<String>,
@@ -497,6 +497,9 @@ pub enum AvatarOutcome {
     Failed { code: String, message: String },
     /// Cancelled: back to where it was before the training.
     Canceled,
+    /// A generation with the avatar's weights failed: FAL may no longer serve its LoRA file
+    /// (FAL does not say so in a documented way), so the file is checked now.
+    GenerationFailed,
 }
 
 /// An avatar as stored.

@@ -863,6 +863,13 @@ macro_rules! shared_store_helpers {
                 .bind(avatar_id)
                 .bind(job_id)
                 .bind(at),
+                // The LoRA file is checked at once rather than at its next turn.
+                AvatarOutcome::GenerationFailed => sqlx::query(
+                    "UPDATE avatars SET lora_next_try_at = $2 WHERE id = $1 \
+                     AND lora_url IS NOT NULL AND lora_copy_url = lora_url AND lora_next_try_at > $2",
+                )
+                .bind(avatar_id)
+                .bind(at),
             };
             query.execute(&mut **tx).await?;
             Ok(())

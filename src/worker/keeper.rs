@@ -2,8 +2,8 @@
 //! and an avatar whose weights are gone is lost. Avatars whose current weights have no copy are
 //! picked up after each training.
 //!
-//! It also checks, every `FALGATE_LORA_CHECK_SECS`, that FAL still serves each kept LoRA file,
-//! because generations hand FAL that URL. A file FAL no longer serves is uploaded again from
+//! It also checks, every `FALGATE_LORA_CHECK_SECS` and at once after a generation on the avatar
+//! failed, that FAL still serves each kept LoRA file, because generations hand FAL that URL. A file FAL no longer serves is uploaded again from
 //! the copy, and the avatar points at the new upload.
 //!
 //! When the next copy or check of an avatar is due is kept in the database, so replicas share

@@ -858,3 +858,60 @@ backend_test!(
         assert_eq!(all.len(), 6);
     }
 );
+
+backend_test!(
+    a_generation_failing_on_an_expired_lora_has_it_uploaded_again_at_once,
+    |app| {
+        // The periodic check is an hour away: only the failure can bring the check forward.
+        let interval = app.app.state().config.workers.lora_check_interval;
+        assert!(interval >= std::time::Duration::from_secs(3600));
+        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
+        let id = avatar["id"].as_str().unwrap();
+        assert_eq!(
+            train(&app, id, json!({})).await.status(),
+            StatusCode::ACCEPTED
+        );
+        wait_for_avatar(&app, id, "ready").await;
+        let kept = app
+            .poll_until("the LoRA copy", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
+            })
+            .await;
+        let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
+        assert!(app.fal.expire_file(&expired));
+
+        // FAL cannot load the LoRA: the generation fails with FAL's reason.
+        let generate = || async {
+            let response = app
+                .request(Method::POST, "/v1/generations")
+                .json(&json!({"avatar_id": id, "prompt": "by the sea"}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            let batch: Value = response.json().await.unwrap();
+            wait_for_batch(&app, batch["id"].as_str().unwrap()).await
+        };
+        let failed = generate().await;
+        assert_eq!(failed["status"], "failed", "{failed}");
+        let job = app.job(failed["jobs"][0]["id"].as_str().unwrap()).await;
+        assert_eq!(job["error"]["code"], "fal_validation", "{job}");
+        assert_eq!(
+            job["error"]["detail"]["detail"][0]["loc"],
+            json!(["body", "loras", 0, "path"])
+        );
+
+        // falgate checks the file at once, finds it gone, and uploads its copy again.
+        let refreshed = app
+            .poll_until("the LoRA uploaded again", || async {
+                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+                (avatar["artifact"]["lora_url"] != expired.as_str()).then_some(avatar)
+            })
+            .await;
+        let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
+        let done = generate().await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
+    }
+);
