@@ -84,6 +84,7 @@ async fn serve_refuses_to_start_without_a_fal_key_or_sandbox() {
     let database = TestDatabase::create(Backend::Sqlite).await.unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_falgate"))
         .arg("serve")
+        .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
         .env("DATABASE_URL", &database.url)
         .env_remove("FAL_KEY")
         .env_remove("FALGATE_SANDBOX")
@@ -112,6 +113,7 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
         .port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_falgate"))
         .args(["serve", "--sandbox"])
+        .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
         .env("DATABASE_URL", &database.url)
         .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
         .env_remove("FAL_KEY")

@@ -19,6 +19,7 @@ fn free_port() -> u16 {
 fn start_server(database_url: &str, fal: &falgate::emulator::EmulatorHandle, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_falgate"))
         .arg("serve")
+        .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
         .env("DATABASE_URL", database_url)
         .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
         .env("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}"))

@@ -31,6 +31,7 @@ async fn unmigrated_database_is_not_ready(backend: Backend) {
     };
     let mut config = config_for(&database.url);
     config.migrate_on_start = false;
+    let storage_dir = config.avatars.storage_dir.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = App::build(config, listener).await.unwrap();
     let url = format!("http://{}/readyz", app.local_addr());
@@ -46,6 +47,7 @@ async fn unmigrated_database_is_not_ready(backend: Backend) {
     assert_eq!(response.status(), reqwest::StatusCode::OK);
     app.shutdown().await;
     database.drop_database().await;
+    let _ = std::fs::remove_dir_all(storage_dir);
 }
 
 #[tokio::test]
@@ -63,9 +65,9 @@ async fn shutdown_stops_accepting_connections() {
     falgate::install_crypto_provider();
     let database = TestDatabase::create(Backend::Sqlite).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app = App::build(config_for(&database.url), listener)
-        .await
-        .unwrap();
+    let config = config_for(&database.url);
+    let storage_dir = config.avatars.storage_dir.clone();
+    let app = App::build(config, listener).await.unwrap();
     let addr = app.local_addr();
     assert!(
         reqwest::get(format!("http://{addr}/healthz"))
@@ -77,6 +79,7 @@ async fn shutdown_stops_accepting_connections() {
     app.shutdown().await;
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     database.drop_database().await;
+    let _ = std::fs::remove_dir_all(storage_dir);
 }
 
 crate::backend_test!(

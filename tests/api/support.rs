@@ -279,6 +279,7 @@ where
     let mut config = config_for(&database.url);
     point_at_emulator(&mut config, &fal, listener.local_addr().expect("address"));
     configure(&mut config);
+    let storage_dir = config.avatars.storage_dir.clone();
     let app = App::build(config, listener).await.expect("start the app");
     let base = format!("http://{}", app.local_addr());
     let key = {
@@ -306,9 +307,11 @@ where
             test_app.app.shutdown().await;
             test_app.fal.shutdown().await;
             database.drop_database().await;
+            let _ = std::fs::remove_dir_all(&storage_dir);
         }
         Err(panic) => {
             database.drop_database().await;
+            let _ = std::fs::remove_dir_all(&storage_dir);
             std::panic::resume_unwind(panic);
         }
     }
@@ -392,4 +395,10 @@ macro_rules! backend_test {
             }
         }
     };
+}
+
+/// Where falgate processes started by tests keep their files: in the temporary directory, never
+/// in the working tree.
+pub fn shared_scratch_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("falgate-test-files")
 }
