@@ -95,6 +95,50 @@ async fn wait_for_batch(app: &TestApp, id: &str) -> Value {
     .await
 }
 
+/// Polls until the avatar holds falgate's copy of its LoRA file; answers the avatar.
+async fn wait_for_lora_copy(app: &TestApp, id: &str) -> Value {
+    app.poll_until("the LoRA copy", || async {
+        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+        (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
+    })
+    .await
+}
+
+/// Polls until the avatar's LoRA URL is no longer `old`; answers the avatar.
+async fn wait_for_new_lora_url(app: &TestApp, id: &str, old: &str) -> Value {
+    app.poll_until("the LoRA uploaded again", || async {
+        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+        (avatar["artifact"]["lora_url"] != old).then_some(avatar)
+    })
+    .await
+}
+
+/// A character avatar trained on ten photos, once its LoRA copy is kept: its id and view.
+async fn trained_with_lora_copy(app: &TestApp) -> (String, Value) {
+    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
+    let id = avatar["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        train(app, &id, json!({})).await.status(),
+        StatusCode::ACCEPTED
+    );
+    wait_for_avatar(app, &id, "ready").await;
+    let kept = wait_for_lora_copy(app, &id).await;
+    (id, kept)
+}
+
+/// One generation on the avatar, waited for to its end; answers its batch.
+async fn generate_one(app: &TestApp, id: &str, prompt: &str) -> Value {
+    let response = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({"avatar_id": id, "prompt": prompt}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let batch: Value = response.json().await.unwrap();
+    wait_for_batch(app, batch["id"].as_str().unwrap()).await
+}
+
 backend_test!(
     a_character_is_trained_on_its_photos_and_generates_a_batch,
     |app| {
@@ -163,12 +207,7 @@ backend_test!(
         assert!(ready["artifact"]["finetune_id"].is_null());
 
         // falgate keeps its own copy of the weights, byte for byte: FAL's URLs expire.
-        let kept = app
-            .poll_until("the LoRA copy", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
-            })
-            .await;
+        let kept = wait_for_lora_copy(&app, id).await;
         let weights = app
             .fal
             .file_bytes(lora_url)
@@ -712,19 +751,8 @@ backend_test!(
         config.workers.lora_check_interval = std::time::Duration::from_secs(1);
     },
     |app| {
-        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        assert_eq!(
-            train(&app, id, json!({})).await.status(),
-            StatusCode::ACCEPTED
-        );
-        wait_for_avatar(&app, id, "ready").await;
-        let kept = app
-            .poll_until("the LoRA copy", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
-            })
-            .await;
+        let (id, kept) = trained_with_lora_copy(&app).await;
+        let id = id.as_str();
         let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
         let weights = app.fal.file_bytes(&expired).unwrap();
 
@@ -734,12 +762,7 @@ backend_test!(
         assert_eq!(gone.status(), StatusCode::NOT_FOUND);
 
         // falgate notices, uploads its copy again, and the avatar points at the new file.
-        let refreshed = app
-            .poll_until("the LoRA uploaded again", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (avatar["artifact"]["lora_url"] != expired.as_str()).then_some(avatar)
-            })
-            .await;
+        let refreshed = wait_for_new_lora_url(&app, id, &expired).await;
         let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
         assert_eq!(
             app.fal.file_bytes(fresh).unwrap(),
@@ -760,15 +783,7 @@ backend_test!(
         assert_eq!(refreshed["status"], "ready");
 
         // A generation now hands FAL the file it serves.
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&json!({"avatar_id": id, "prompt": "after a long pause"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let batch: Value = response.json().await.unwrap();
-        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+        let done = generate_one(&app, id, "after a long pause").await;
         assert_eq!(done["status"], "succeeded", "{done}");
         assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
 
@@ -865,35 +880,13 @@ backend_test!(
         // The periodic check is an hour away: only the failure can bring the check forward.
         let interval = app.app.state().config.workers.lora_check_interval;
         assert!(interval >= std::time::Duration::from_secs(3600));
-        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        assert_eq!(
-            train(&app, id, json!({})).await.status(),
-            StatusCode::ACCEPTED
-        );
-        wait_for_avatar(&app, id, "ready").await;
-        let kept = app
-            .poll_until("the LoRA copy", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
-            })
-            .await;
+        let (id, kept) = trained_with_lora_copy(&app).await;
+        let id = id.as_str();
         let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
         assert!(app.fal.expire_file(&expired));
 
         // FAL cannot load the LoRA: the generation fails with FAL's reason.
-        let generate = || async {
-            let response = app
-                .request(Method::POST, "/v1/generations")
-                .json(&json!({"avatar_id": id, "prompt": "by the sea"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::ACCEPTED);
-            let batch: Value = response.json().await.unwrap();
-            wait_for_batch(&app, batch["id"].as_str().unwrap()).await
-        };
-        let failed = generate().await;
+        let failed = generate_one(&app, id, "by the sea").await;
         assert_eq!(failed["status"], "failed", "{failed}");
         let job = app.job(failed["jobs"][0]["id"].as_str().unwrap()).await;
         assert_eq!(job["error"]["code"], "fal_validation", "{job}");
@@ -903,14 +896,9 @@ backend_test!(
         );
 
         // falgate checks the file at once, finds it gone, and uploads its copy again.
-        let refreshed = app
-            .poll_until("the LoRA uploaded again", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (avatar["artifact"]["lora_url"] != expired.as_str()).then_some(avatar)
-            })
-            .await;
+        let refreshed = wait_for_new_lora_url(&app, id, &expired).await;
         let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
-        let done = generate().await;
+        let done = generate_one(&app, id, "by the sea").await;
         assert_eq!(done["status"], "succeeded", "{done}");
         assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
     }
