@@ -350,7 +350,7 @@ mod tests {
 
     const DIR: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/fal-webhook-golden/"
+        "/tests/fixtures/fal-webhook-golden/"
     );
     const NOW: i64 = 1784206014;
 

@@ -400,7 +400,7 @@ mod tests {
 
     const GOLDEN_BODY: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/fal-webhook-golden/body.json"
+        "/tests/fixtures/fal-webhook-golden/body.json"
     );
 
     #[test]
