@@ -31,6 +31,16 @@ pub struct AppState {
     /// falgate's own files (training photos).
     pub blobs: Blobs,
     pub http_counters: Arc<crate::http::ops::HttpCounters>,
+    pub counters: Arc<PipelineCounters>,
+}
+
+/// Decisions of the pipeline worth watching, since this process started.
+#[derive(Default)]
+pub struct PipelineCounters {
+    /// Submits whose answer never came, so that FAL may hold a request for the job.
+    pub submits_unconfirmed: std::sync::atomic::AtomicU64,
+    /// Jobs sent again after such a submit, no callback having named them within the wait.
+    pub submits_resent: std::sync::atomic::AtomicU64,
 }
 
 /// Wakes the workers the moment there is work, so the happy path waits for no timer.
@@ -167,6 +177,7 @@ impl App {
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
         let state = AppState {
             http_counters: Arc::new(crate::http::ops::HttpCounters::default()),
+            counters: Arc::new(PipelineCounters::default()),
             blobs,
             store,
             config: Arc::new(config),

@@ -142,6 +142,23 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_CALLBACK_GRACE_SECS", default_value = "30")]
     pub callback_grace_secs: String,
 
+    /// Seconds a generation or raw job whose submit may have reached FAL (its answer was lost,
+    /// or the process died during the call) waits for FAL's callback before it is sent again.
+    #[arg(
+        long,
+        env = "FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS",
+        default_value = "600"
+    )]
+    pub unconfirmed_submit_wait_secs: String,
+
+    /// The same wait for a training, whose callback comes only when it has finished.
+    #[arg(
+        long,
+        env = "FALGATE_UNCONFIRMED_TRAINING_WAIT_SECS",
+        default_value = "3600"
+    )]
+    pub unconfirmed_training_wait_secs: String,
+
     /// Longest wait between two looks at one job.
     #[arg(long, env = "FALGATE_POLL_MAX_SECS", default_value = "30")]
     pub poll_max_secs: String,
@@ -188,6 +205,10 @@ pub struct WorkerConfig {
     pub generation_deadline: Duration,
     pub training_deadline: Duration,
     pub lora_check_interval: Duration,
+    /// How long a job whose submit may have reached FAL waits for evidence before it is sent
+    /// again: generations and raw jobs, then trainings.
+    pub unconfirmed_submit_wait: Duration,
+    pub unconfirmed_training_wait: Duration,
 }
 
 /// The avatar features' limits.
@@ -429,6 +450,18 @@ impl ServeArgs {
                 "lora-check-secs",
                 30 * 86_400,
             )?,
+            unconfirmed_submit_wait: secs(
+                &self.unconfirmed_submit_wait_secs,
+                "FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS",
+                "unconfirmed-submit-wait-secs",
+                7 * 86_400,
+            )?,
+            unconfirmed_training_wait: secs(
+                &self.unconfirmed_training_wait_secs,
+                "FALGATE_UNCONFIRMED_TRAINING_WAIT_SECS",
+                "unconfirmed-training-wait-secs",
+                7 * 86_400,
+            )?,
         };
         let min_photos = parse_number::<u32>(
             &self.min_photos,
@@ -554,6 +587,8 @@ impl Config {
             submit_deadline_secs: "900".into(),
             lease_secs: "60".into(),
             callback_grace_secs: "30".into(),
+            unconfirmed_submit_wait_secs: "600".into(),
+            unconfirmed_training_wait_secs: "3600".into(),
             poll_max_secs: "30".into(),
             generation_deadline_secs: "1800".into(),
             training_deadline_secs: "10800".into(),

@@ -196,6 +196,11 @@ impl From<crate::store::StoreError> for ApiError {
                 tracing::error!(error = %msg, "database unavailable");
                 Self::ServiceUnavailable("the database is unavailable; try again shortly".into())
             }
+            // Two requests raced for one unique thing and this one lost: retrying settles it.
+            crate::store::StoreError::UniqueTaken(_) => Self::ConflictCode {
+                code: "conflict",
+                detail: "another request changed the same thing at the same time; retry".into(),
+            },
             other => Self::Internal(other.to_string()),
         }
     }

@@ -256,6 +256,19 @@ pub fn decide(current: JobStatus, event: JobEvent) -> Decision {
     }
 }
 
+/// [`decide`] for a job that may have a request at FAL we never heard of (its submit was
+/// sent and no answer recorded). Such a pending job cannot be cancelled on the spot: the
+/// cancel is kept, and passed on to FAL once the request is known, or confirmed once it is
+/// certain that FAL has none.
+pub fn decide_for(current: JobStatus, submit_in_doubt: bool, event: JobEvent) -> Decision {
+    match (current, event) {
+        (JobStatus::Pending, JobEvent::CancelRequested) if submit_in_doubt => {
+            Decision::RecordCancelRequest
+        }
+        _ => decide(current, event),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

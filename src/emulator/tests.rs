@@ -187,7 +187,7 @@ async fn submit_status_result_and_real_png() {
 
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     else {
@@ -285,7 +285,7 @@ async fn url_forms_trailing_slash_and_response_alias() {
     }
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     else {
@@ -351,7 +351,7 @@ async fn cancel_result_before_completion_and_unknown() {
         .unwrap();
     let err = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap_err();
     assert_eq!(err.kind, FalErrorKind::NotReady);
@@ -385,7 +385,7 @@ async fn cancel_result_before_completion_and_unknown() {
     assert_eq!(s.error_type.as_deref(), Some("client_cancelled"));
     match e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     {
@@ -441,7 +441,7 @@ async fn validation_error_completes_with_422() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::ModelError { status, body, .. } = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     else {
@@ -524,7 +524,7 @@ async fn storage_roundtrip_and_trainer_download() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     else {
@@ -568,7 +568,7 @@ async fn storage_roundtrip_and_trainer_download() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     match e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     {
@@ -592,7 +592,7 @@ async fn storage_roundtrip_and_trainer_download() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     else {
@@ -742,7 +742,7 @@ async fn model_failure_injection() {
     assert_eq!(s.error_type.as_deref(), Some("internal_error"));
     match e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     {
@@ -769,7 +769,7 @@ async fn model_failure_injection() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     assert!(matches!(
         e.fal
-            .result(sub.response_url.as_deref().unwrap())
+            .result(sub.response_url.as_deref().unwrap(), true)
             .await
             .unwrap(),
         ModelResult::Output(_)
@@ -887,7 +887,7 @@ async fn status_and_result_faults() {
     });
     let err = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap_err();
     assert!(
@@ -896,7 +896,7 @@ async fn status_and_result_faults() {
     );
     assert!(matches!(
         e.fal
-            .result(sub.response_url.as_deref().unwrap())
+            .result(sub.response_url.as_deref().unwrap(), true)
             .await
             .unwrap(),
         ModelResult::Output(_)
@@ -1140,7 +1140,7 @@ async fn control_api_over_http() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     assert!(matches!(
         e.fal
-            .result(sub.response_url.as_deref().unwrap())
+            .result(sub.response_url.as_deref().unwrap(), true)
             .await
             .unwrap(),
         ModelResult::ModelError { status: 422, .. }
@@ -1189,7 +1189,7 @@ async fn control_api_over_http() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap())
+        .result(sub.response_url.as_deref().unwrap(), true)
         .await
         .unwrap()
     else {

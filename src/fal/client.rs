@@ -232,8 +232,12 @@ impl FalError {
             .is_some_and(|v| v.eq_ignore_ascii_case("user"));
         e.fal_request_id = header_str("x-fal-request-id");
         // 500/502/504 can come from a gateway after the request was forwarded; 4xx and
-        // 503 are refusals before any work was queued.
-        e.may_have_reached_fal = matches!(status.as_u16(), 500 | 502 | 504);
+        // 503 are refusals before any work was queued. So is an error page of FAL's ingress
+        // (nginx's own page, no request id): FAL's clients retry exactly those freely.
+        let ingress_page = e.fal_request_id.is_none()
+            && parsed.is_none()
+            && String::from_utf8_lossy(body).contains("nginx");
+        e.may_have_reached_fal = matches!(status.as_u16(), 500 | 502 | 504) && !ingress_page;
         e
     }
 }
@@ -410,8 +414,32 @@ impl FalClient {
         })
     }
 
+    /// FAL's status, result and cancel URLs of a request, built as FAL's own client builds
+    /// them (`{queue}/{owner}/{alias}/requests/{id}`), for a request whose id is known but
+    /// whose submit answer was lost.
+    pub fn request_urls(&self, endpoint: &str, request_id: &str) -> RequestUrls {
+        let base = format!(
+            "{}/{}",
+            requests_base(&self.cfg.queue_base, endpoint),
+            form_urlencoded::byte_serialize(request_id.as_bytes()).collect::<String>()
+        );
+        RequestUrls {
+            status: format!("{base}/status"),
+            cancel: format!("{base}/cancel"),
+            response: base,
+        }
+    }
+
     /// `GET response_url`: the model's output, or its error replayed by FAL.
-    pub async fn result(&self, response_url: &str) -> Result<ModelResult, FalError> {
+    ///
+    /// A 5xx is FAL's verdict on the model only when FAL has said the request failed
+    /// (`reported_failed`: its COMPLETED status carried an error). Otherwise it is an outage
+    /// of this call, answered as a retryable error: the result is still there to fetch.
+    pub async fn result(
+        &self,
+        response_url: &str,
+        reported_failed: bool,
+    ) -> Result<ModelResult, FalError> {
         let url = self.queue_url(response_url)?;
         let resp = self
             .http
@@ -437,7 +465,14 @@ impl FalClient {
         // are not the model's verdict; everything else with a body is.
         let about_the_call = err.kind == FalErrorKind::NotReady
             || matches!(status.as_u16(), 401 | 403 | 404 | 405 | 408 | 429)
-            || (json.is_none() && err.retryable());
+            || (json.is_none() && err.retryable())
+            || (status.is_server_error() && !reported_failed);
+        if about_the_call && status.is_server_error() {
+            let mut err = err;
+            // Retryable whatever the code: the request is done, only this answer failed.
+            err.kind = FalErrorKind::Transport;
+            return Err(err);
+        }
         if about_the_call {
             return Err(err);
         }
@@ -732,14 +767,22 @@ pub fn app_prefix(endpoint: &str) -> String {
     parts[..n.min(parts.len())].join("/")
 }
 
-/// `{queue_base}/{owner}/{alias}/requests`: for tests and the emulator only. The app must
-/// use the URLs returned by submit.
+/// `{queue_base}/{owner}/{alias}/requests`. The URLs a submit returns are used where known;
+/// these are built only for a request whose submit answer was lost.
 pub fn requests_base(queue_base: &Url, endpoint: &str) -> String {
     format!(
         "{}/{}/requests",
         queue_base.as_str().trim_end_matches('/'),
         app_prefix(endpoint)
     )
+}
+
+/// Where to ask FAL about one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestUrls {
+    pub status: String,
+    pub response: String,
+    pub cancel: String,
 }
 
 /// `{origin}{path}/{segment}{query}` of a multipart upload URL: where its parts and its
@@ -843,8 +886,12 @@ mod tests {
             Some("body.prompt: Field required")
         );
 
+        // FAL's ingress refused it: nothing was queued (FAL's Python client retries these).
         let e = http_error(502, &[], "<html><center>nginx</center></html>");
-        assert!(e.retryable() && e.may_have_reached_fal && e.fal_request_id.is_none());
+        assert!(e.retryable() && !e.may_have_reached_fal && e.fal_request_id.is_none());
+        // Past the ingress, a gateway error may hide a queued request.
+        let e = http_error(502, &[], r#"{"detail": "Bad gateway"}"#);
+        assert!(e.retryable() && e.may_have_reached_fal);
 
         let e = http_error(400, &[], r#"{"detail": "Request is still in progress"}"#);
         assert_eq!(e.kind, FalErrorKind::NotReady);

@@ -17,8 +17,11 @@ pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 
 /// How long a key is remembered.
 const RETENTION: TimeDelta = TimeDelta::hours(24);
-/// A claim older than this with no response belongs to a request whose process died.
-const ABANDONED_AFTER: TimeDelta = TimeDelta::minutes(2);
+/// A claim not renewed for this long belongs to a request whose process died: a retry then
+/// takes the key over within seconds instead of waiting for a long timeout.
+const ABANDONED_AFTER: TimeDelta = TimeDelta::seconds(10);
+/// How often a request still at work renews its claim (well within [`ABANDONED_AFTER`]).
+const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The optional `Idempotency-Key` header, validated.
 pub struct MaybeIdempotencyKey(pub Option<IdempotencyKey>);
@@ -123,9 +126,11 @@ where
         IdempotencyState::InFlight => {
             return Err(ApiError::ConflictCode {
                 code: "idempotency_key_in_use",
-                detail: "a request with this Idempotency-Key is still being processed; \
-                         retry once it has finished"
-                    .into(),
+                detail: format!(
+                    "a request with this Idempotency-Key is still being processed; retry in a \
+                     few seconds (if its process stopped, the key is free again within {} s)",
+                    ABANDONED_AFTER.num_seconds()
+                ),
             });
         }
         IdempotencyState::Mismatch => {
@@ -143,7 +148,22 @@ where
         tenant,
         key: Some(key.clone()),
     };
-    match work(scope).await {
+    let work = work(scope);
+    tokio::pin!(work);
+    let mut renew = tokio::time::interval(RENEW_EVERY);
+    renew.tick().await;
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut work => break outcome,
+            _ = renew.tick() => {
+                let now = crate::domain::now();
+                if let Err(err) = store.renew_idempotency_key(tenant, key.as_str(), now).await {
+                    tracing::warn!(error = %err, "could not renew an idempotency key's claim");
+                }
+            }
+        }
+    };
+    match outcome {
         Ok(response) => response.into_response(false),
         Err(err) => {
             // Nothing was created, so the key is free for a corrected retry.

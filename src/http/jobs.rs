@@ -390,8 +390,9 @@ async fn find_job(state: &AppState, tenant: &Tenant, id: Uuid) -> ApiResult<Job>
 
 /// Cancel a job
 ///
-/// A pending job is cancelled at once. A job already with FAL keeps its state until FAL
-/// confirms; `cancel_requested_at` shows the request was taken. Cancelling a cancelled job again
+/// A pending job is cancelled at once, unless a submit of it may have reached FAL (its answer
+/// was lost): then, like a job already with FAL, it keeps its state until FAL confirms or it is
+/// certain that FAL holds nothing; `cancel_requested_at` shows the request was taken. Cancelling a cancelled job again
 /// is harmless; a job that already succeeded or failed cannot be cancelled (409).
 #[utoipa::path(
     post,
@@ -433,7 +434,11 @@ pub async fn cancel_job(
         });
     }
     if applied.decision == Decision::RecordCancelRequest {
+        // With FAL: the reconciler passes it on. Pending with a submit in doubt: the
+        // dispatcher confirms it once FAL surely holds nothing, or the callback hands the
+        // job its request and the reconciler passes the cancel on.
         state.wake.reconciler.notify_one();
+        state.wake.dispatcher.notify_one();
     }
     Ok(Json(applied.job.into()))
 }

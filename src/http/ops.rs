@@ -99,8 +99,8 @@ impl HttpCounters {
 
 /// Metrics
 ///
-/// Prometheus text format: requests answered by status class, jobs by state, and whether FAL
-/// refused our key.
+/// Prometheus text format: requests answered by status class, jobs by state, unconfirmed and
+/// resent submits, and whether FAL refused our key.
 #[utoipa::path(
     get,
     path = "/metrics",
@@ -138,6 +138,28 @@ pub async fn metrics(
             .map(|(_, n)| *n)
             .unwrap_or(0);
         let _ = writeln!(out, "falgate_jobs{{status=\"{status}\"}} {n}");
+    }
+    for (name, help, counter) in [
+        (
+            "falgate_submits_unconfirmed_total",
+            "Submits whose answer was lost or whose process stopped mid-call: FAL may hold a \
+             request, and the job waits for its callback before anything is sent again.",
+            &state.counters.submits_unconfirmed,
+        ),
+        (
+            "falgate_submits_resent_total",
+            "Jobs sent again after an unconfirmed submit, no callback having named them \
+             within the wait.",
+            &state.counters.submits_resent,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "{name} {}",
+            counter.load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
     let _ = writeln!(
         out,

@@ -25,6 +25,10 @@ pub enum StoreError {
     /// A row that does not parse back into our types: a bug or a hand-edited database.
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    /// A write would give a second row a value that must be unique (a FAL request id that
+    /// another job holds, for instance).
+    #[error("unique value taken: {0}")]
+    UniqueTaken(String),
     #[error("database error: {0}")]
     Database(String),
     #[error("migration failed: {0}")]
@@ -42,6 +46,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_) => Self::Unavailable(err.to_string()),
             sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
                 Self::Corrupt(err.to_string())
+            }
+            sqlx::Error::Database(ref db) if db.is_unique_violation() => {
+                Self::UniqueTaken(db.message().to_owned())
             }
             other => Self::Database(other.to_string()),
         }
@@ -211,7 +218,11 @@ impl Store {
             let Some(job) = dispatch!(self, s => s.get_job(tenant, job_id).await)? else {
                 return Ok(None);
             };
-            let decision = crate::domain::job::decide(job.status, transition.event);
+            let decision = crate::domain::job::decide_for(
+                job.status,
+                job.submit_sent_at.is_some(),
+                transition.event,
+            );
             let Some(update) = transition.update_for(&job, decision) else {
                 return Ok(Some(Applied { decision, job }));
             };
@@ -311,6 +322,12 @@ impl Store {
             let foreign = trusted
                 && match (&job.fal_request_id, &callback.request_id) {
                     (Some(held), Some(sent)) => held != sent,
+                    // A genuine callback of another job's request, replayed to this URL: the
+                    // request is that job's, never this one's.
+                    (None, Some(sent)) => self
+                        .job_holding_request(sent)
+                        .await?
+                        .is_some_and(|holder| holder != job.id),
                     _ => false,
                 };
             let Some(news) = news.as_ref().filter(|_| !foreign) else {
@@ -342,12 +359,24 @@ impl Store {
                     _ => CallbackOutcome::Stale,
                 };
             }
-            let mut update = news
-                .update_for(&job, decision)
-                .unwrap_or_else(|| JobUpdate::of(&job, news.at));
+            let mut update = news.update_for(&job, decision).unwrap_or_else(|| {
+                // Nothing to change: the callback is only kept, and the job looks as it did.
+                let mut keep = JobUpdate::of(&job, news.at);
+                keep.touch = false;
+                keep
+            });
             update.callback = Some(callback.clone());
-            if self.update_job(&update).await?.is_some() {
-                return Ok(callback.outcome);
+            match self.update_job(&update).await {
+                Ok(Some(_)) => return Ok(callback.outcome),
+                Ok(None) => {}
+                // Another job took this request id between our look and our write: the same
+                // replay as above, lost a race.
+                Err(StoreError::UniqueTaken(_)) if update.fal.is_some() => {
+                    callback.outcome = CallbackOutcome::ForeignRequest;
+                    dispatch!(self, s => s.insert_callback(&callback).await)?;
+                    return Ok(callback.outcome);
+                }
+                Err(err) => return Err(err),
             }
         }
         Err(StoreError::Database(format!(
@@ -368,6 +397,9 @@ impl Store {
         let mut update = JobUpdate::of(job, at);
         update.next_attempt_at = Some(next);
         update.release_lease = true;
+        // Only ever called for a pending job after a submit that surely did not reach FAL.
+        update.submit_mark = SubmitMark::Clear;
+        update.touch = last_error.is_some();
         if let Some(error) = last_error {
             update.error = ErrorChange::Set(error);
         }
@@ -407,11 +439,61 @@ impl Store {
             let now = crate::domain::now();
             let mut update = JobUpdate::of(&job, now);
             update.next_attempt_at = Some(now);
+            update.touch = false;
             if self.update_job(&update).await?.is_some() {
                 return Ok(());
             }
         }
         Ok(())
+    }
+
+    /// Marks a claimed job's submit as sent, before it leaves: if the answer is never recorded
+    /// (a crash, a reset, a timeout), the mark says FAL may hold a request for it. `None` when
+    /// the job moved meanwhile (a callback, a cancel): then nothing is sent.
+    pub async fn mark_submit_sent(&self, job: &Job, at: DateTime<Utc>) -> StoreResult<Option<Job>> {
+        let mut update = JobUpdate::of(job, at);
+        update.submit_mark = SubmitMark::Set(at);
+        update.touch = false;
+        self.update_job(&update).await
+    }
+
+    /// Keeps a job whose submit may have reached FAL from being sent again until `until`,
+    /// waiting for FAL's callback to name the request; says so in its history.
+    pub async fn hold_unconfirmed_submit(
+        &self,
+        job: &Job,
+        until: DateTime<Utc>,
+        last_error: Option<JobError>,
+        detail: serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let mut update = JobUpdate::of(job, at);
+        update.next_attempt_at = Some(until);
+        update.release_lease = true;
+        update.event = Some((EventSource::Dispatcher, Some(detail)));
+        if let Some(error) = last_error {
+            update.error = ErrorChange::Set(error);
+        }
+        Ok(self.update_job(&update).await?.is_some())
+    }
+
+    /// Clears the mark of an unconfirmed submit whose wait ended without a word from FAL, so
+    /// that the job is sent again; says so in its history.
+    pub async fn give_up_unconfirmed_submit(
+        &self,
+        job: &Job,
+        detail: serde_json::Value,
+        at: DateTime<Utc>,
+    ) -> StoreResult<Option<Job>> {
+        let mut update = JobUpdate::of(job, at);
+        update.submit_mark = SubmitMark::Clear;
+        update.event = Some((EventSource::Dispatcher, Some(detail)));
+        self.update_job(&update).await
+    }
+
+    /// The job holding a FAL request, if any.
+    pub async fn job_holding_request(&self, request_id: &str) -> StoreResult<Option<Uuid>> {
+        dispatch!(self, s => s.job_holding_request(request_id).await)
     }
 
     pub async fn list_callbacks(&self, job_id: Uuid) -> StoreResult<Vec<CallbackRecord>> {
@@ -579,6 +661,16 @@ impl Store {
     }
 
     /// Lets go of a claim whose request ended without creating anything.
+    /// Tells other requests with this key that its request is still at work.
+    pub async fn renew_idempotency_key(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        dispatch!(self, s => s.renew_idempotency_key(tenant, key, at).await)
+    }
+
     pub async fn release_idempotency_key(&self, tenant: Uuid, key: &str) -> StoreResult<()> {
         dispatch!(self, s => s.release_idempotency_key(tenant, key).await)
     }

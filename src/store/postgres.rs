@@ -45,7 +45,10 @@ mod sql {
         avatar_columns!(),
         " FROM avatars WHERE tenant = $1 AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
     );
-    pub const UPDATE_JOB: &str = "UPDATE jobs SET status = $3::text, updated_at = $4, \
+    pub const UPDATE_JOB: &str = "UPDATE jobs SET status = $3::text, \
+        updated_at = CASE WHEN $21::boolean THEN $4 ELSE updated_at END, \
+        submit_sent_at = CASE WHEN $3::text <> 'pending' OR $22::boolean THEN NULL \
+        ELSE COALESCE($23, submit_sent_at) END, \
         fal_request_id = COALESCE(fal_request_id, $5), \
         status_url = COALESCE($6, status_url), \
         response_url = COALESCE($7, response_url), \

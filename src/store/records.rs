@@ -54,6 +54,9 @@ pub struct Job {
     pub cancel_requested_at: Option<DateTime<Utc>>,
     /// When the cancel was passed on to FAL.
     pub cancel_forwarded_at: Option<DateTime<Utc>>,
+    /// When a submit was sent whose answer was never recorded: FAL may hold a request for
+    /// this job.
+    pub submit_sent_at: Option<DateTime<Utc>>,
     pub sandbox: bool,
     pub idempotency_key: Option<String>,
     pub created_at: DateTime<Utc>,
@@ -102,6 +105,7 @@ impl NewJob {
             lease_until: None,
             cancel_requested_at: None,
             cancel_forwarded_at: None,
+            submit_sent_at: None,
             sandbox: self.sandbox,
             idempotency_key: self.idempotency_key.clone(),
             created_at: self.created_at,
@@ -121,6 +125,18 @@ pub struct FalRequest {
     pub status_url: Option<String>,
     pub response_url: Option<String>,
     pub cancel_url: Option<String>,
+}
+
+/// How a write treats `submit_sent_at`, the mark of a submit whose answer is not recorded.
+/// Any write that takes the job out of `pending` clears it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum SubmitMark {
+    #[default]
+    Keep,
+    /// The answer came, or the submit surely never reached FAL.
+    Clear,
+    /// A submit is about to leave.
+    Set(DateTime<Utc>),
 }
 
 /// How a write treats the job's error fields.
@@ -155,6 +171,10 @@ pub(crate) struct JobUpdate {
     pub release_lease: bool,
     pub cancel_requested_at: Option<DateTime<Utc>>,
     pub cancel_forwarded_at: Option<DateTime<Utc>>,
+    pub submit_mark: SubmitMark,
+    /// Whether the write moves `updated_at`: only changes a client can see do, so that a
+    /// duplicate callback or a poll that learnt nothing leaves the job as it was.
+    pub touch: bool,
     /// A history row from `expect_status` to `status`.
     pub event: Option<(EventSource, Option<Value>)>,
     pub callback: Option<NewCallback>,
@@ -181,6 +201,8 @@ impl JobUpdate {
             release_lease: false,
             cancel_requested_at: None,
             cancel_forwarded_at: None,
+            submit_mark: SubmitMark::Keep,
+            touch: true,
             event: None,
             callback: None,
         }
@@ -362,6 +384,7 @@ pub(super) struct JobRow {
     lease_until: Option<DateTime<Utc>>,
     cancel_requested_at: Option<DateTime<Utc>>,
     cancel_forwarded_at: Option<DateTime<Utc>>,
+    submit_sent_at: Option<DateTime<Utc>>,
     sandbox: bool,
     idempotency_key: Option<String>,
     created_at: DateTime<Utc>,
@@ -406,6 +429,7 @@ impl TryFrom<JobRow> for Job {
             lease_until: row.lease_until,
             cancel_requested_at: row.cancel_requested_at,
             cancel_forwarded_at: row.cancel_forwarded_at,
+            submit_sent_at: row.submit_sent_at,
             sandbox: row.sandbox,
             idempotency_key: row.idempotency_key,
             created_at: row.created_at,
@@ -482,7 +506,7 @@ macro_rules! job_columns {
         "id, tenant, kind, avatar_id, batch_id, endpoint, input, status, fal_request_id, status_url, \
          response_url, cancel_url, queue_position, result, error_code, error_message, \
          error_detail, attempts, next_attempt_at, lease_until, cancel_requested_at, \
-         cancel_forwarded_at, sandbox, \
+         cancel_forwarded_at, submit_sent_at, sandbox, \
          idempotency_key, created_at, updated_at, submitted_at, started_at, finished_at"
     };
 }

@@ -583,6 +583,12 @@ macro_rules! shared_store_methods {
             .bind(update.cancel_requested_at)
             .bind(update.cancel_forwarded_at)
             .bind(&update.expect_request_id)
+            .bind(update.touch)
+            .bind(update.submit_mark == SubmitMark::Clear)
+            .bind(match update.submit_mark {
+                SubmitMark::Set(at) => Some(at),
+                SubmitMark::Keep | SubmitMark::Clear => None,
+            })
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -649,6 +655,13 @@ macro_rules! shared_store_methods {
                 ClaimKind::Poll => sqlx::query_scalar(sql::NEXT_DUE_POLL),
             };
             Ok(query.fetch_one(&self.pool).await?)
+        }
+
+        pub async fn job_holding_request(&self, request_id: &str) -> StoreResult<Option<Uuid>> {
+            Ok(sqlx::query_scalar("SELECT id FROM jobs WHERE fal_request_id = $1")
+                .bind(request_id)
+                .fetch_optional(&self.pool)
+                .await?)
         }
 
         pub async fn insert_callback(&self, callback: &NewCallback) -> StoreResult<()> {
@@ -719,6 +732,24 @@ macro_rules! shared_store_methods {
             } else {
                 IdempotencyState::InFlight
             })
+        }
+
+        pub async fn renew_idempotency_key(
+            &self,
+            tenant: Uuid,
+            key: &str,
+            at: DateTime<Utc>,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "UPDATE idempotency_keys SET locked_at = $3 \
+                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL",
+            )
+            .bind(tenant)
+            .bind(key)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+            Ok(())
         }
 
         pub async fn release_idempotency_key(&self, tenant: Uuid, key: &str) -> StoreResult<()> {
@@ -901,16 +932,24 @@ macro_rules! shared_store_helpers {
             tx: &mut sqlx::Transaction<'static, Db>,
             done: &IdempotencyCompletion,
         ) -> StoreResult<()> {
-            sqlx::query(
+            let written = sqlx::query(
                 "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
-                 WHERE tenant = $1 AND key = $2",
+                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL",
             )
             .bind(done.tenant)
             .bind(&done.key)
             .bind(i32::from(done.status))
             .bind(&done.body)
             .execute(&mut **tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if written == 0 {
+                // A request that took the key over (this one's claim looked abandoned) finished
+                // first: this one's work is rolled back, so the key's effects happen once.
+                return Err(StoreError::UniqueTaken(
+                    "the Idempotency-Key was completed by another request".into(),
+                ));
+            }
             Ok(())
         }
     };

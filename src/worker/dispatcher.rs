@@ -4,10 +4,12 @@
 
 use super::{after, job_error, wait_for_work};
 use crate::app::AppState;
-use crate::fal::client::{CancelOutcome, FalError, FalErrorKind};
+use crate::domain::job::{EventSource, JobEvent, JobKind};
+use crate::fal::client::{CancelOutcome, FalError};
 use crate::fal::retry::next_delay;
-use crate::store::{ClaimKind, FalRequest, Job, JobError, Submission};
+use crate::store::{ClaimKind, FalRequest, Job, JobError, Submission, Transition};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
@@ -73,8 +75,21 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
 
 #[tracing::instrument(skip_all, fields(job = %job.id, attempt = job.attempts))]
 async fn submit(state: &AppState, job: Job) {
-    let webhook = state.callback_url(job.id);
+    let Some(job) = settle_doubt(state, job).await else {
+        return;
+    };
+    // Written before the request leaves: if its answer is never recorded, the mark tells the
+    // next claim that FAL may hold a request for this job.
     let sent_at = crate::domain::now();
+    let job = match state.store.mark_submit_sent(&job, sent_at).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return, // A callback or a cancel moved it meanwhile.
+        Err(err) => {
+            tracing::warn!(error = %err, "could not mark a submit as sent; not sending it");
+            return;
+        }
+    };
+    let webhook = state.callback_url(job.id);
     match state
         .fal
         .submit(&job.endpoint, &job.input, webhook.as_ref())
@@ -105,18 +120,17 @@ async fn submit(state: &AppState, job: Job) {
                         kept = job.fal_request_id.as_deref().unwrap_or_default(),
                         "a second FAL request for one job; cancelling the surplus one"
                     );
-                    withdraw(state, &request).await;
+                    withdraw(state, &job.endpoint, &request).await;
                 }
                 Ok(Submission::JobEnded { job }) => {
                     tracing::info!(status = %job.status, "job ended while it was being submitted; withdrawing it from FAL");
-                    withdraw(state, &request).await;
+                    withdraw(state, &job.endpoint, &request).await;
                 }
-                Ok(Submission::JobGone) => withdraw(state, &request).await,
+                Ok(Submission::JobGone) => withdraw(state, &job.endpoint, &request).await,
                 Err(err) => {
-                    // FAL has the request but we could not write that down even after retries:
-                    // withdraw it, so that the resubmit after the lease ends is the only run.
-                    tracing::error!(error = %err, fal_request_id = %request.request_id, "could not record a submission; withdrawing it");
-                    withdraw(state, &request).await;
+                    // FAL has the request but we could not write that down. The mark stays: the
+                    // request's callback will name it, and the job adopts it then.
+                    tracing::error!(error = %err, fal_request_id = %request.request_id, "could not record a submission; its callback will bring it");
                 }
             }
         }
@@ -139,6 +153,10 @@ async fn submit(state: &AppState, job: Job) {
                 tracing::error!(error = %store_err, "could not record a submission");
             }
         }
+        Err(err) if err.may_have_reached_fal => {
+            let why = format!("the submit's answer was lost: {}", err.message);
+            unconfirmed(state, &job, sent_at, &why, Some(&err)).await;
+        }
         Err(err) if err.retryable() => retry_later(state, &job, &err, sent_at).await,
         Err(err) => {
             if matches!(err.status, Some(401 | 403)) {
@@ -147,6 +165,137 @@ async fn submit(state: &AppState, job: Job) {
             tracing::warn!(status = ?err.status, error = %err.message, "FAL refused the job");
             fail(state, &job, job_error(&err)).await;
         }
+    }
+}
+
+/// How long a job whose submit may have reached FAL waits for FAL's callback. A training's
+/// callback comes only when it has finished, so it waits longer.
+fn unconfirmed_wait(state: &AppState, kind: JobKind) -> Duration {
+    match kind {
+        JobKind::Training => state.config.workers.unconfirmed_training_wait,
+        JobKind::Generation | JobKind::Raw => state.config.workers.unconfirmed_submit_wait,
+    }
+}
+
+/// Before a claimed job is sent: a job whose last submit may have reached FAL is not sent blind.
+/// It waits for FAL's callback (which names the job and hands it its request) until the wait
+/// for its kind has passed; only then is it sent again, with that decision in its history and
+/// in the metrics. A cancel taken meanwhile is confirmed once FAL surely holds nothing.
+/// Answers the job to send, or `None` when there is nothing to send now.
+async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
+    let now = crate::domain::now();
+    let Some(sent_at) = job.submit_sent_at else {
+        if job.cancel_requested_at.is_some() {
+            // The cancel came while a submit was in doubt; that submit surely never reached FAL.
+            cancel_unsent(state, &job, "FAL received no request for this job").await;
+            return None;
+        }
+        return Some(job);
+    };
+    let until = after(sent_at, unconfirmed_wait(state, job.kind));
+    if now < until && state.signer.is_some() {
+        // Found after a crash or a lease that ran out during the call.
+        unconfirmed(
+            state,
+            &job,
+            sent_at,
+            "the process handling the last submit stopped before FAL's answer was recorded",
+            None,
+        )
+        .await;
+        return None;
+    }
+    if job.cancel_requested_at.is_some() {
+        cancel_unsent(
+            state,
+            &job,
+            "FAL sent no word of a request for this job within the wait",
+        )
+        .await;
+        return None;
+    }
+    state
+        .counters
+        .submits_resent
+        .fetch_add(1, Ordering::Relaxed);
+    let detail = serde_json::json!({
+        "submit": "resent",
+        "reason": if state.signer.is_some() {
+            "no callback from FAL named this job within the wait; sending it again"
+        } else {
+            "without a public URL no callback can name this job; sending it again"
+        },
+        "unconfirmed_since": sent_at,
+    });
+    tracing::warn!(%sent_at, "no word from FAL on an unconfirmed submit; sending the job again");
+    match state
+        .store
+        .give_up_unconfirmed_submit(&job, detail, now)
+        .await
+    {
+        Ok(job) => job,
+        Err(err) => {
+            tracing::error!(error = %err, "could not record a resend");
+            None
+        }
+    }
+}
+
+/// A submit whose fate is unknown: the job waits for FAL's callback until the wait for its kind
+/// has passed since `sent_at`. Without a public URL no callback can come: it is sent again
+/// after the usual backoff, and the next claim records that as a resend.
+async fn unconfirmed(
+    state: &AppState,
+    job: &Job,
+    sent_at: chrono::DateTime<chrono::Utc>,
+    why: &str,
+    err: Option<&FalError>,
+) {
+    let now = crate::domain::now();
+    state
+        .counters
+        .submits_unconfirmed
+        .fetch_add(1, Ordering::Relaxed);
+    let until = if state.signer.is_some() {
+        after(sent_at, unconfirmed_wait(state, job.kind))
+    } else {
+        let attempt = u32::try_from(job.attempts.max(1) - 1).unwrap_or(0);
+        after(now, next_delay(attempt, RETRY_BASE, RETRY_MAX, None))
+    };
+    tracing::warn!(%why, %until, "a submit may have reached FAL; waiting for its callback before sending again");
+    let detail = serde_json::json!({
+        "submit": "unconfirmed",
+        "reason": why,
+        "sent_at": sent_at,
+        "waiting_until": until,
+    });
+    let last_error = err.map(|err| JobError {
+        code: "fal_submit_unconfirmed".into(),
+        message: format!(
+            "FAL may have received attempt {}; waiting for its callback before sending again",
+            job.attempts
+        ),
+        detail: err.detail.clone(),
+    });
+    if let Err(store_err) = state
+        .store
+        .hold_unconfirmed_submit(job, until, last_error, detail, now)
+        .await
+    {
+        tracing::error!(error = %store_err, "could not hold an unconfirmed submit");
+    }
+}
+
+/// Ends a job a client cancelled before FAL had it.
+async fn cancel_unsent(state: &AppState, job: &Job, why: &str) {
+    let news = Transition::new(
+        JobEvent::CancelConfirmed,
+        EventSource::Dispatcher,
+        crate::domain::now(),
+    )
+    .with_detail(serde_json::json!({ "reason": why }));
+    if let Err(err) = state.store.apply(None, job.id, &news).await {
+        tracing::error!(error = %err, "could not confirm a cancel");
     }
 }
 
@@ -185,16 +334,7 @@ async fn retry_later(
     at: chrono::DateTime<chrono::Utc>,
 ) {
     let attempt = u32::try_from(job.attempts.max(1) - 1).unwrap_or(0);
-    let mut delay = next_delay(attempt, RETRY_BASE, RETRY_MAX, err.retry_after);
-    let answer_lost = err.may_have_reached_fal
-        && (matches!(err.kind, FalErrorKind::Timeout | FalErrorKind::Transport)
-            || matches!(err.status, Some(500 | 502 | 504)) && err.fal_request_id.is_some());
-    if answer_lost && state.signer.is_some() {
-        // FAL may have queued the request and only its answer was lost. Its callback names
-        // the request and is adopted; resubmitting before it could arrive would run the job
-        // twice. Wait at least the callback grace first.
-        delay = delay.max(state.config.workers.callback_grace);
-    }
+    let delay = next_delay(attempt, RETRY_BASE, RETRY_MAX, err.retry_after);
     let deadline = after(job.created_at, state.config.workers.submit_deadline);
     let next = after(at, delay);
     if next > deadline {
@@ -238,12 +378,12 @@ async fn fail(state: &AppState, job: &Job, error: JobError) {
 }
 
 /// Cancels a FAL request that no job holds, so that nothing runs (and is billed) twice.
-async fn withdraw(state: &AppState, request: &FalRequest) {
-    let Some(cancel_url) = &request.cancel_url else {
-        tracing::warn!(fal_request_id = %request.request_id, "surplus FAL request has no cancel URL");
-        return;
+async fn withdraw(state: &AppState, endpoint: &str, request: &FalRequest) {
+    let cancel_url = match &request.cancel_url {
+        Some(url) => url.clone(),
+        None => state.fal.request_urls(endpoint, &request.request_id).cancel,
     };
-    match state.fal.cancel(cancel_url).await {
+    match state.fal.cancel(&cancel_url).await {
         Ok(CancelOutcome::CancellationRequested | CancelOutcome::Ok) => {
             tracing::info!(fal_request_id = %request.request_id, "surplus FAL request cancelled")
         }

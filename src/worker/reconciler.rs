@@ -6,7 +6,7 @@
 use super::{after, deadline, job_error, wait_for_work};
 use crate::app::AppState;
 use crate::domain::job::{EventSource, JobEvent, JobKind};
-use crate::fal::client::{CancelOutcome, FalErrorKind, ModelResult};
+use crate::fal::client::{CancelOutcome, FalErrorKind, ModelResult, RequestUrls};
 use crate::fal::wire::{QueueState, model_error};
 use crate::store::{ClaimKind, ErrorChange, Job, JobError, Transition};
 use chrono::{DateTime, Utc};
@@ -63,18 +63,17 @@ async fn look_at(state: &AppState, job: Job) {
 
 async fn look_at_fal(state: &AppState, job: Job, now: DateTime<Utc>) {
     let overdue = now > after(job.created_at, deadline(state, job.kind));
-    let Some(status_url) = job.status_url.clone() else {
-        // The request was learned from a callback, which gave no URLs to ask with.
-        if overdue {
-            fail_overdue(state, &job).await;
-        } else {
-            reschedule(state, &job, now).await;
-        }
-        return;
+    let Some(urls) = request_urls(state, &job) else {
+        // Not possible for a job with FAL, which always holds its request id.
+        tracing::error!("a job with FAL has no request id");
+        return reschedule(state, &job, now).await;
     };
-    match state.fal.status(&status_url, false).await {
+    match state.fal.status(&urls.status, false).await {
         Ok(status) => match status.status {
-            QueueState::Completed => fetch_result(state, &job, now).await,
+            QueueState::Completed => {
+                let reported_failed = status.error.is_some() || status.error_type.is_some();
+                fetch_result(state, &job, &urls.response, reported_failed, now).await
+            }
             QueueState::InQueue | QueueState::InProgress if overdue => {
                 fail_overdue(state, &job).await
             }
@@ -119,11 +118,27 @@ async fn look_at_fal(state: &AppState, job: Job, now: DateTime<Utc>) {
     }
 }
 
-async fn fetch_result(state: &AppState, job: &Job, now: DateTime<Utc>) {
-    let Some(response_url) = job.response_url.clone() else {
-        return reschedule(state, job, now).await;
-    };
-    match state.fal.result(&response_url).await {
+/// Where to ask FAL about the job's request: the URLs of the submit answer, or, for a request
+/// learnt from a callback alone, the ones FAL's own client would build.
+fn request_urls(state: &AppState, job: &Job) -> Option<RequestUrls> {
+    let request_id = job.fal_request_id.as_deref()?;
+    let built = state.fal.request_urls(&job.endpoint, request_id);
+    Some(RequestUrls {
+        status: job.status_url.clone().unwrap_or(built.status),
+        response: job.response_url.clone().unwrap_or(built.response),
+        cancel: job.cancel_url.clone().unwrap_or(built.cancel),
+    })
+}
+
+async fn fetch_result(
+    state: &AppState,
+    job: &Job,
+    response_url: &str,
+    reported_failed: bool,
+    now: DateTime<Utc>,
+) {
+    let overdue = now > after(job.created_at, deadline(state, job.kind));
+    match state.fal.result(response_url, reported_failed).await {
         Ok(ModelResult::Output(output)) => {
             let news = Transition::new(JobEvent::Succeeded, EventSource::Reconciler, now)
                 .with_result(output)
@@ -143,7 +158,14 @@ async fn fetch_result(state: &AppState, job: &Job, now: DateTime<Utc>) {
                 finish_failed(state, job, model_error(status, error_type, body)).await;
             }
         }
-        Err(err) if err.kind == FalErrorKind::NotReady || err.retryable() => {
+        Err(err)
+            if !overdue
+                && (err.kind == FalErrorKind::NotReady
+                    || err.retryable()
+                    || err.kind == FalErrorKind::Decode) =>
+        {
+            // An outage of this call (a truncated answer included): the result is still at FAL.
+            tracing::info!(error = %err.message, "FAL's result unavailable; will ask again");
             reschedule(state, job, now).await
         }
         Err(err) => {
@@ -158,11 +180,8 @@ async fn fetch_result(state: &AppState, job: &Job, now: DateTime<Utc>) {
 /// job is finished with.
 async fn forward_cancel(state: &AppState, job: &Job) -> Option<Job> {
     let now = crate::domain::now();
-    let Some(cancel_url) = job.cancel_url.clone() else {
-        // Adopted from a callback: no URL to cancel with, and FAL has finished it anyway.
-        return mark_forwarded(state, job, now, "no cancel URL is known for this request").await;
-    };
-    match state.fal.cancel(&cancel_url).await {
+    let urls = request_urls(state, job)?;
+    match state.fal.cancel(&urls.cancel).await {
         Ok(CancelOutcome::CancellationRequested | CancelOutcome::Ok) => {
             mark_forwarded(state, job, now, "FAL accepted the cancellation").await
         }
@@ -244,8 +263,8 @@ async fn fail_overdue(state: &AppState, job: &Job) {
         },
     )
     .await;
-    if let Some(cancel_url) = &job.cancel_url
-        && let Err(err) = state.fal.cancel(cancel_url).await
+    if let Some(urls) = request_urls(state, job)
+        && let Err(err) = state.fal.cancel(&urls.cancel).await
     {
         tracing::warn!(error = %err.message, "could not withdraw an overdue job from FAL");
     }

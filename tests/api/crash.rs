@@ -31,6 +31,8 @@ fn start_server(database_url: &str, fal: &falgate::emulator::EmulatorHandle, por
         .env("FALGATE_JWKS_MIN_REFETCH_SECS", "0")
         .env("FALGATE_CALLBACK_GRACE_SECS", "1")
         .env("FALGATE_LEASE_SECS", "2")
+        // A submit cut off by the kill waits this long for its callback before it is resent.
+        .env("FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS", "2")
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()

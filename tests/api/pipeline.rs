@@ -522,8 +522,10 @@ backend_test!(a_refused_fal_key_fails_jobs_and_shows_in_readiness, |app| {
 backend_test!(
     a_surplus_fal_request_is_cancelled_and_the_first_kept,
     |config| {
-        // Resubmit as soon as backoff allows, so the second submit races the first's callback.
+        // Resend at once after the lost answer, so the second submit races the first's
+        // callback: a resend decided with eyes open, whose surplus request is withdrawn.
         config.workers.callback_grace = std::time::Duration::ZERO;
+        config.workers.unconfirmed_submit_wait = std::time::Duration::ZERO;
     },
     |app| {
         // Every request waits in FAL's queue until the test lets it go.
