@@ -420,4 +420,24 @@ mod tests {
         assert!("COMPLETED".parse::<JobStatus>().is_err());
         assert!("Pending".parse::<JobStatus>().is_err());
     }
+
+    #[test]
+    fn a_pending_job_whose_submit_is_in_doubt_keeps_a_cancel_for_later() {
+        assert_eq!(
+            decide_for(JobStatus::Pending, true, JobEvent::CancelRequested),
+            Decision::RecordCancelRequest
+        );
+        assert_eq!(
+            decide_for(JobStatus::Pending, false, JobEvent::CancelRequested),
+            Decision::MoveTo(JobStatus::Canceled)
+        );
+        // Everything else is decided as for any job.
+        for status in JobStatus::ALL {
+            for event in JobEvent::ALL {
+                if (status, event) != (JobStatus::Pending, JobEvent::CancelRequested) {
+                    assert_eq!(decide_for(status, true, event), decide(status, event));
+                }
+            }
+        }
+    }
 }

@@ -279,6 +279,7 @@ impl Store {
                     let mut update = JobUpdate::of(&job, at);
                     update.fal = Some(request.clone());
                     update.release_lease = true;
+                    update.touch = false;
                     if let Some(job) = self.update_job(&update).await? {
                         return Ok(Submission::Recorded { job });
                     }
@@ -801,14 +802,20 @@ impl Transition {
         if self.cancel_forwarded {
             update.cancel_forwarded_at = Some(self.at);
         }
+        // Only what a client can see moves `updated_at`: same news twice does not.
+        update.touch = self.cancel_forwarded
+            || self.fal.is_some() && job.fal_request_id.is_none()
+            || self.queue_position.is_some() && self.queue_position != job.queue_position;
         match decision {
             Decision::MoveTo(to) => {
+                update.touch = true;
                 update.status = to;
                 update.result = self.result.clone();
                 update.error = self.error.clone();
                 update.event = Some((self.source, self.detail.clone()));
             }
             Decision::RecordCancelRequest if job.cancel_requested_at.is_none() => {
+                update.touch = true;
                 update.cancel_requested_at = Some(self.at);
                 update.event = Some((self.source, self.detail.clone()));
             }

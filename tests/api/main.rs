@@ -11,4 +11,5 @@ mod idempotency;
 mod jobs;
 mod openapi;
 mod ops;
+mod outcomes;
 mod pipeline;
