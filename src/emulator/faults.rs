@@ -40,6 +40,9 @@ pub enum HttpFault {
     /// Do the work (a submit creates its request), then reset the TCP connection
     /// instead of answering.
     AcceptThenReset,
+    /// Do the work (a submit creates its request), then hold the answer until released: the
+    /// caller may time out or die meanwhile, FAL having the request.
+    AcceptThenHold,
 }
 
 /// An armed fault: `fault` for the next `count` calls of `target`.

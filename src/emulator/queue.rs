@@ -146,7 +146,10 @@ pub(crate) fn fault_response(fault: &HttpFault) -> Option<Response> {
             Some(with_request_id(resp, &id))
         }
         HttpFault::Nginx502 => Some(nginx_502()),
-        HttpFault::Delay { .. } | HttpFault::Hold | HttpFault::AcceptThenReset => None,
+        HttpFault::Delay { .. }
+        | HttpFault::Hold
+        | HttpFault::AcceptThenReset
+        | HttpFault::AcceptThenHold => None,
     }
 }
 
@@ -166,6 +169,7 @@ fn fault_name(fault: &HttpFault) -> String {
         HttpFault::Delay { delay_ms } => format!("delay_{delay_ms}ms"),
         HttpFault::Hold => "hold".into(),
         HttpFault::AcceptThenReset => "accept_then_reset".into(),
+        HttpFault::AcceptThenHold => "accept_then_hold".into(),
     }
 }
 
@@ -195,6 +199,9 @@ where
         }
     }
     let resp = work.await;
+    if matches!(fault, Some(HttpFault::AcceptThenHold)) {
+        state.hold_call().await;
+    }
     if matches!(fault, Some(HttpFault::AcceptThenReset)) {
         match conn {
             Some(c) => c.reset(),

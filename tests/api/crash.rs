@@ -2,7 +2,7 @@
 //! still reaches exactly one terminal state with exactly one result.
 
 use crate::support::*;
-use falgate::emulator::{Durations, EmulatorConfig, FaultRule};
+use falgate::emulator::{Durations, EmulatorConfig, FaultRule, HttpFault};
 use falgate::store::Store;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -17,6 +17,15 @@ fn free_port() -> u16 {
 }
 
 fn start_server(database_url: &str, fal: &falgate::emulator::EmulatorHandle, port: u16) -> Child {
+    start_server_with(database_url, fal, port, &[])
+}
+
+fn start_server_with(
+    database_url: &str,
+    fal: &falgate::emulator::EmulatorHandle,
+    port: u16,
+    settings: &[(&str, &str)],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_falgate"))
         .arg("serve")
         .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
@@ -34,6 +43,7 @@ fn start_server(database_url: &str, fal: &falgate::emulator::EmulatorHandle, por
         // A submit cut off by the kill waits this long for its callback before it is resent.
         .env("FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS", "2")
         .env("RUST_LOG", "warn")
+        .envs(settings.iter().copied())
         .kill_on_drop(true)
         .spawn()
         .expect("start falgate")
@@ -234,4 +244,125 @@ async fn killed_and_restarted_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_and_restarted_on_postgres() {
     killed_and_restarted(Backend::Postgres).await;
+}
+
+/// Killed while a submit FAL took is still unanswered: after the restart the job waits for the
+/// request's callback instead of sending the job again, and takes that request's outcome.
+async fn killed_during_a_submit(backend: Backend) {
+    falgate::install_crypto_provider();
+    let Some(database) = TestDatabase::create(backend).await else {
+        return;
+    };
+    let store = Store::connect(&database.url, &Default::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let (_, key) = store.issue_api_key("crash test").await.unwrap();
+    let key = key.secret;
+    store.close().await;
+    let fal = falgate::emulator::spawn(
+        EmulatorConfig::fast(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await;
+    // The request waits in FAL's queue until the restarted process is up to hear its callback.
+    fal.set_all_durations(Durations::new(600_000, 0));
+    fal.inject_fault(FaultRule::submit(HttpFault::AcceptThenHold, 1));
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // A wait far longer than the test: a resend would have to be a blind one.
+    let settings = [("FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS", "600")];
+    let mut server = start_server_with(&database.url, &fal, port, &settings);
+    wait_until_serving(&client, &base).await;
+    let job: Value = client
+        .post(format!("{base}/v1/jobs"))
+        .bearer_auth(&key)
+        .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "mid-call"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = job["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while fal.held_calls() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the submit never reached FAL"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill().await.expect("SIGKILL");
+    server.wait().await.unwrap();
+
+    let mut server = start_server_with(&database.url, &fal, port, &settings);
+    wait_until_serving(&client, &base).await;
+    let request = fal.requests().remove(0);
+    // Past several leases of the restarted process: nothing is sent again.
+    let quiet = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut history = Value::Null;
+    while tokio::time::Instant::now() < quiet {
+        assert_eq!(fal.submits().len(), 1, "sent again blind");
+        history = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(history["status"], "pending", "{history}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        history["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["detail"]["submit"] == "unconfirmed"),
+        "{history}"
+    );
+    fal.set_request_durations(&request.id, Durations::new(0, 0));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let done = loop {
+        let job: Value = client
+            .get(format!("{base}/v1/jobs/{id}"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["status"] == "succeeded" {
+            break job;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never finished: {job}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(done["fal_request_id"], request.id.as_str());
+    assert_eq!(fal.submits().len(), 1);
+    fal.release_held_calls();
+    server.kill().await.ok();
+    fal.shutdown().await;
+    database.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_a_submit_on_sqlite() {
+    killed_during_a_submit(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_during_a_submit_on_postgres() {
+    killed_during_a_submit(Backend::Postgres).await;
 }
