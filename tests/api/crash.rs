@@ -98,32 +98,58 @@ async fn wait_for_jobs(
     }
 }
 
-async fn killed_and_restarted(backend: Backend) {
+/// A fresh, migrated database and an API key in it.
+async fn migrated_database(backend: Backend) -> Option<(TestDatabase, String)> {
     falgate::install_crypto_provider();
-    let Some(database) = TestDatabase::create(backend).await else {
-        return;
-    };
+    let database = TestDatabase::create(backend).await?;
     let store = Store::connect(&database.url, &Default::default())
         .await
         .unwrap();
     store.migrate().await.unwrap();
     let (_, key) = store.issue_api_key("crash test").await.unwrap();
-    let key = key.secret;
     store.close().await;
+    Some((database, key.secret))
+}
 
-    let fal = falgate::emulator::spawn(
+async fn fast_emulator() -> falgate::emulator::EmulatorHandle {
+    falgate::emulator::spawn(
         EmulatorConfig::fast(),
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
     )
-    .await;
-    fal.set_all_durations(Durations::new(0, 0));
+    .await
+}
 
+/// A free port for the server, its base URL, and a client for it.
+fn address_and_client() -> (u16, String, reqwest::Client) {
     let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
+    (port, format!("http://127.0.0.1:{port}"), client)
+}
+
+async fn job_detail(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
+    client
+        .get(format!("{base}/v1/jobs/{id}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn killed_and_restarted(backend: Backend) {
+    let Some((database, key)) = migrated_database(backend).await else {
+        return;
+    };
+
+    let fal = fast_emulator().await;
+    fal.set_all_durations(Durations::new(0, 0));
+
+    let (port, base, client) = address_and_client();
     let mut server = start_server(&database.url, &fal, port);
     wait_until_serving(&client, &base).await;
 
@@ -207,15 +233,7 @@ async fn killed_and_restarted(backend: Backend) {
     for job in &jobs {
         let id = job["id"].as_str().unwrap();
         assert_eq!(job["status"], "succeeded", "{job}");
-        let detail: Value = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let detail = job_detail(&client, &base, &key, id).await;
         let ends = detail["events"]
             .as_array()
             .unwrap()
@@ -249,31 +267,14 @@ async fn killed_and_restarted_on_postgres() {
 /// Killed while a submit FAL took is still unanswered: after the restart the job waits for the
 /// request's callback instead of sending the job again, and takes that request's outcome.
 async fn killed_during_a_submit(backend: Backend) {
-    falgate::install_crypto_provider();
-    let Some(database) = TestDatabase::create(backend).await else {
+    let Some((database, key)) = migrated_database(backend).await else {
         return;
     };
-    let store = Store::connect(&database.url, &Default::default())
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    let (_, key) = store.issue_api_key("crash test").await.unwrap();
-    let key = key.secret;
-    store.close().await;
-    let fal = falgate::emulator::spawn(
-        EmulatorConfig::fast(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await;
+    let fal = fast_emulator().await;
     // The request waits in FAL's queue until the restarted process is up to hear its callback.
     fal.set_all_durations(Durations::new(600_000, 0));
     fal.inject_fault(FaultRule::submit(HttpFault::AcceptThenHold, 1));
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let (port, base, client) = address_and_client();
     // A wait far longer than the test: a resend would have to be a blind one.
     let settings = [("FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS", "600")];
     let mut server = start_server_with(&database.url, &fal, port, &settings);
@@ -308,15 +309,7 @@ async fn killed_during_a_submit(backend: Backend) {
     let mut history = Value::Null;
     while tokio::time::Instant::now() < quiet {
         assert_eq!(fal.submits().len(), 1, "sent again blind");
-        history = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        history = job_detail(&client, &base, &key, &id).await;
         assert_eq!(history["status"], "pending", "{history}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -331,15 +324,7 @@ async fn killed_during_a_submit(backend: Backend) {
     fal.set_request_durations(&request.id, Durations::new(0, 0));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let done = loop {
-        let job: Value = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job = job_detail(&client, &base, &key, &id).await;
         if job["status"] == "succeeded" {
             break job;
         }

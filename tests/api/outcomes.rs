@@ -14,14 +14,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 async fn submit(app: &TestApp, prompt: &str) -> String {
-    let response = app
-        .request(Method::POST, "/v1/jobs")
-        .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": prompt}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let job: Value = response.json().await.unwrap();
+    let job = app.create_job(&app.key, prompt).await;
     job["id"].as_str().unwrap().to_owned()
 }
 
