@@ -89,7 +89,9 @@ async fn read_response(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result
         .iter()
         .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
         .and_then(|(_, v)| v.parse::<usize>().ok());
+    let bodiless = (100..200).contains(&status) || status == 204 || status == 304;
     match length {
+        _ if bodiless => body.clear(),
         Some(length) => {
             while body.len() < length {
                 let mut chunk = [0u8; 4096];
@@ -606,3 +608,116 @@ async fn idle_connections_beyond_the_open_files_limit_on_sqlite() {
 async fn idle_connections_beyond_the_open_files_limit_on_postgres() {
     idle_connections_beyond_the_open_files_limit(Backend::Postgres).await;
 }
+
+/// Shutting down closes idle connections at once but lets a request in flight finish.
+async fn shutdown_lets_the_request_in_flight_finish(backend: Backend) {
+    falgate::install_crypto_provider();
+    let Some(database) = TestDatabase::create(backend).await else {
+        return;
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = config_for(&database.url);
+    config.run_workers = false;
+    let storage_dir = config.avatars.storage_dir.clone();
+    let app = falgate::app::App::build(config, listener).await.unwrap();
+    let addr = app.local_addr();
+    let (_, key) = app.store().issue_api_key("shutdown").await.unwrap();
+
+    let mut idle = kept_alive(addr).await;
+    // `Expect: 100-continue` makes the server say when the handler starts reading the body:
+    // from then on the request is in flight.
+    let body =
+        br#"{"endpoint": "fal-ai/flux-lora", "input": {"prompt": "finished after the signal"}}"#;
+    let mut in_flight = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: falgate\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        key.secret,
+        body.len()
+    );
+    in_flight.write_all(head.as_bytes()).await.unwrap();
+    let go_on = timeout(Duration::from_secs(10), read_response(&mut in_flight))
+        .await
+        .expect("an interim answer")
+        .expect("100 Continue");
+    assert_eq!(go_on.status, 100, "{go_on:?}");
+
+    let shutting_down = tokio::spawn(app.shutdown());
+    assert!(
+        closed_by_server(&mut idle, Duration::from_secs(10))
+            .await
+            .is_some(),
+        "an idle connection is closed on shutdown"
+    );
+    assert!(
+        !shutting_down.is_finished(),
+        "shutdown waits for the request"
+    );
+    in_flight.write_all(body).await.unwrap();
+    let created = timeout(Duration::from_secs(10), read_response(&mut in_flight))
+        .await
+        .expect("an answer")
+        .expect("the response");
+    assert_eq!(created.status, 202, "{created:?}");
+    timeout(Duration::from_secs(10), shutting_down)
+        .await
+        .expect("shutdown ends once the request is answered")
+        .unwrap();
+    assert!(TcpStream::connect(addr).await.is_err());
+    database.drop_database().await;
+    let _ = std::fs::remove_dir_all(storage_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_request_in_flight_finish_on_sqlite() {
+    shutdown_lets_the_request_in_flight_finish(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_request_in_flight_finish_on_postgres() {
+    shutdown_lets_the_request_in_flight_finish(Backend::Postgres).await;
+}
+
+// Callbacks have their own body limit, neither the JSON one nor the uploads' one: under it a
+// body is read and judged by its signature, over it the answer is a 413 and nothing is kept.
+backend_test!(
+    callback_bodies_have_their_own_limit,
+    |config| {
+        config.run_workers = false;
+        config.body_limit = 2048;
+        config.callback_body_limit = 64 * 1024;
+    },
+    |app| {
+        let job = app.create_job(&app.key, "limits").await;
+        let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+        let url = app.app.state().callback_url(id).expect("a callback URL");
+        let send = |size: usize| {
+            let (client, url) = (app.client.clone(), url.clone());
+            async move {
+                let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(size));
+                client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap()
+            }
+        };
+        problem(
+            send(100 * 1024).await,
+            reqwest::StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        )
+        .await;
+        assert!(app.store().list_callbacks(id).await.unwrap().is_empty());
+        // Larger than a JSON body may be, yet read: refused for its missing signature, and kept.
+        problem(
+            send(48 * 1024).await,
+            reqwest::StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        )
+        .await;
+        assert_eq!(app.store().list_callbacks(id).await.unwrap().len(), 1);
+    }
+);
