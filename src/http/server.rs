@@ -67,8 +67,10 @@ impl Limits {
     pub fn fitted(config: &ConnectionLimits, database_connections: u32) -> Self {
         let mut max_connections = config.max_connections;
         if let Some(open_files) = open_files_limit() {
+            // A SQLite connection holds the database and its write-ahead log open.
+            let database_files = 2 * database_connections as usize;
             let room = open_files
-                .saturating_sub(PROBE_RESERVE + OTHER_FILES + database_connections as usize)
+                .saturating_sub(PROBE_RESERVE + OTHER_FILES + database_files)
                 .max(1);
             if room < max_connections {
                 tracing::warn!(
@@ -232,7 +234,7 @@ impl Shared {
             .filter(|conn| {
                 conn.in_flight.load(Ordering::Acquire) == 0 && !conn.evicted.load(Ordering::Acquire)
             })
-            .min_by_key(|conn| conn.idle_since.load(Ordering::Acquire))?;
+            .min_by_key(|conn| (conn.idle_since.load(Ordering::Acquire), conn.id))?;
         let slot = victim
             .slot
             .lock()
@@ -268,7 +270,7 @@ impl Drop for Registration {
 const NEVER: u64 = u64::MAX;
 
 /// One connection's state, as its supervisor and the accept loop see it. Times are
-/// milliseconds since [`Shared::epoch`].
+/// microseconds since [`Shared::epoch`].
 struct Conn {
     id: u64,
     epoch: Instant,
@@ -289,7 +291,7 @@ struct Conn {
 
 impl Conn {
     fn new(id: u64, epoch: Instant, slot: Option<OwnedSemaphorePermit>) -> Self {
-        let now = millis_since(epoch);
+        let now = micros_since(epoch);
         Self {
             id,
             epoch,
@@ -308,7 +310,7 @@ impl Conn {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let at = |millis: u64| self.epoch + Duration::from_millis(millis);
+        let at = |micros: u64| self.epoch + Duration::from_micros(micros);
         match self.head_since.load(Ordering::Acquire) {
             NEVER => Some(at(self.idle_since.load(Ordering::Acquire)) + limits.idle_timeout),
             head => Some(at(head) + limits.header_timeout),
@@ -322,7 +324,7 @@ impl Conn {
                 .head_since
                 .compare_exchange(
                     NEVER,
-                    millis_since(self.epoch),
+                    micros_since(self.epoch),
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 )
@@ -333,8 +335,8 @@ impl Conn {
     }
 }
 
-fn millis_since(epoch: Instant) -> u64 {
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(NEVER - 1)
+fn micros_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_micros()).unwrap_or(NEVER - 1)
 }
 
 /// A request between its head being read and its response being sent in full.
@@ -353,7 +355,7 @@ impl Drop for InFlight {
         let conn = &self.0;
         if conn.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             conn.idle_since
-                .store(millis_since(conn.epoch), Ordering::Release);
+                .store(micros_since(conn.epoch), Ordering::Release);
             conn.wake.notify_one();
         }
     }
