@@ -194,14 +194,13 @@ impl App {
             Vec::new()
         };
         let router = crate::http::router(state.clone());
-        let mut server_stopping = stopping;
-        let server = tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = server_stopping.wait_for(|stop| *stop).await;
-                })
-                .await
-        });
+        let limits = crate::http::server::Limits::fitted(
+            &state.config.connections,
+            state.config.database.max_connections,
+        );
+        let server = tokio::spawn(crate::http::server::serve(
+            listener, router, limits, stopping,
+        ));
         Ok(Self {
             addr,
             state,

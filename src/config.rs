@@ -63,6 +63,24 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_BODY_LIMIT", default_value = "1048576")]
     pub body_limit: String,
 
+    /// Largest FAL callback body, in bytes (results can carry images inline).
+    #[arg(long, env = "FALGATE_CALLBACK_BODY_LIMIT", default_value = "33554432")]
+    pub callback_body_limit: String,
+
+    /// Seconds a client has to send a request's headers, counted from connecting or from the
+    /// first byte of a next request on a kept-alive connection.
+    #[arg(long, env = "FALGATE_HEADER_TIMEOUT_SECS", default_value = "10")]
+    pub header_timeout_secs: String,
+
+    /// Seconds a kept-alive connection may wait for its next request before it is closed
+    /// (keep it above the idle timeout of a load balancer in front).
+    #[arg(long, env = "FALGATE_IDLE_TIMEOUT_SECS", default_value = "75")]
+    pub idle_timeout_secs: String,
+
+    /// Most client connections open at once; lowered at start to fit the open-files limit.
+    #[arg(long, env = "FALGATE_MAX_CONNECTIONS", default_value = "1024")]
+    pub max_connections: String,
+
     /// FAL endpoints that raw jobs may call, comma-separated.
     #[arg(long, env = "FALGATE_ALLOWED_ENDPOINTS")]
     pub allowed_endpoints: Option<String>,
@@ -221,6 +239,14 @@ pub struct AvatarLimits {
     pub max_batch: u32,
 }
 
+/// How client connections are bounded.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
 /// The validated configuration of a running service.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -235,6 +261,8 @@ pub struct Config {
     pub public_url: Option<Url>,
     pub webhook_secrets: Vec<Secret>,
     pub body_limit: usize,
+    pub callback_body_limit: usize,
+    pub connections: ConnectionLimits,
     pub allowed_endpoints: Vec<EndpointId>,
     pub shutdown_timeout: Duration,
     pub migrate_on_start: bool,
@@ -360,6 +388,12 @@ impl ServeArgs {
             "body-limit",
             1024..=(64 << 20),
         )?;
+        let callback_body_limit = parse_number::<usize>(
+            &self.callback_body_limit,
+            "FALGATE_CALLBACK_BODY_LIMIT",
+            "callback-body-limit",
+            1024..=(1 << 30),
+        )?;
         let allowed_endpoints = match non_empty(&self.allowed_endpoints) {
             None => DEFAULT_ALLOWED
                 .iter()
@@ -463,6 +497,26 @@ impl ServeArgs {
                 7 * 86_400,
             )?,
         };
+        let connections = ConnectionLimits {
+            header_timeout: secs(
+                &self.header_timeout_secs,
+                "FALGATE_HEADER_TIMEOUT_SECS",
+                "header-timeout-secs",
+                3600,
+            )?,
+            idle_timeout: secs(
+                &self.idle_timeout_secs,
+                "FALGATE_IDLE_TIMEOUT_SECS",
+                "idle-timeout-secs",
+                86_400,
+            )?,
+            max_connections: parse_number::<usize>(
+                &self.max_connections,
+                "FALGATE_MAX_CONNECTIONS",
+                "max-connections",
+                1..=1_000_000,
+            )?,
+        };
         let min_photos = parse_number::<u32>(
             &self.min_photos,
             "FALGATE_MIN_PHOTOS",
@@ -517,6 +571,8 @@ impl ServeArgs {
             public_url,
             webhook_secrets,
             body_limit,
+            callback_body_limit,
+            connections,
             allowed_endpoints,
             shutdown_timeout,
             migrate_on_start: !self.no_migrate,
@@ -566,6 +622,10 @@ impl Config {
             public_url: None,
             webhook_secret: None,
             body_limit: "1048576".into(),
+            callback_body_limit: "33554432".into(),
+            header_timeout_secs: "10".into(),
+            idle_timeout_secs: "75".into(),
+            max_connections: "1024".into(),
             allowed_endpoints: None,
             shutdown_timeout_secs: "5".into(),
             no_migrate: false,
@@ -637,6 +697,21 @@ mod tests {
         assert!(err.to_string().starts_with("FALGATE_LISTEN"), "{err}");
         let err = parse(&["--body-limit", "lots"]).unwrap_err();
         assert!(err.to_string().starts_with("FALGATE_BODY_LIMIT"), "{err}");
+        let err = parse(&["--sandbox", "--header-timeout-secs", "0"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("FALGATE_HEADER_TIMEOUT_SECS"),
+            "{err}"
+        );
+        let err = parse(&["--sandbox", "--max-connections", "none"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("FALGATE_MAX_CONNECTIONS"),
+            "{err}"
+        );
+        let err = parse(&["--sandbox", "--callback-body-limit", "12"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("FALGATE_CALLBACK_BODY_LIMIT"),
+            "{err}"
+        );
         let err = parse(&["--database-url", "mysql://x"]).unwrap_err();
         assert!(err.to_string().starts_with("DATABASE_URL"), "{err}");
         let err = parse(&["--allowed-endpoints", "fal-ai/ok,bad"]).unwrap_err();

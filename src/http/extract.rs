@@ -41,9 +41,23 @@ where
         let _ = state;
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
-            .map_err(|_| ApiError::PayloadTooLarge { limit })?;
+            .map_err(|err| body_read_error(&err, limit))?;
         parse_json(&bytes)
     }
+}
+
+/// Why a request body could not be read: over `limit` is a 413; anything else (a broken chunked
+/// encoding, a connection that ended early) is a malformed request, and the client must not be
+/// told to send less.
+pub fn body_read_error(err: &axum::Error, limit: usize) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(current) = cause {
+        if current.is::<http_body_util::LengthLimitError>() {
+            return ApiError::PayloadTooLarge { limit };
+        }
+        cause = current.source();
+    }
+    ApiError::BadRequest(format!("the request body could not be read: {err}"))
 }
 
 /// Parses a JSON object into `T`, naming the field that is wrong.

@@ -2,7 +2,7 @@
 //! URL proves we made the URL, FAL's Ed25519 signature proves FAL sent the body. Whatever passes
 //! the token is stored raw, in the same transaction as the transition it causes, before the 2xx.
 
-use super::extract::{ApiPathId, ApiQuery};
+use super::extract::{ApiPathId, ApiQuery, body_read_error};
 use crate::app::AppState;
 use crate::domain::job::{EventSource, JobEvent};
 use crate::error::{ApiError, ApiResult, Problem};
@@ -12,9 +12,6 @@ use crate::store::{
     CallbackOutcome, ErrorChange, JobError, NewCallback, SignatureVerdict, Transition,
 };
 use axum::body::Body;
-
-/// The largest callback body accepted.
-const WEBHOOK_BODY_LIMIT: usize = 32 * 1024 * 1024;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
@@ -45,7 +42,9 @@ pub struct WebhookQuery {
     request_body(content = Object, description = "FAL's callback body, verified over its raw bytes."),
     responses(
         (status = 200, description = "Stored (and applied, when it was news)."),
-        (status = 401, description = "Wrong token or signature.", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "The body could not be read.", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong token (refused before the body is read) or signature.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is larger than the callback limit.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The job id or token is malformed.", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "FAL's signing keys could not be fetched; retry.", body = Problem, content_type = "application/problem+json"),
     )
@@ -58,17 +57,20 @@ pub async fn fal_webhook(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<StatusCode> {
-    // FAL's results can be larger than a client's request; they get their own limit.
-    let body = axum::body::to_bytes(body, WEBHOOK_BODY_LIMIT)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge {
-            limit: WEBHOOK_BODY_LIMIT,
-        })?;
+    // The token is in the URL, so a caller without it is refused before a byte of its body is
+    // read: anyone can reach this route, and bodies may be large.
     let signer = state.signer.as_ref().ok_or(ApiError::Unauthorized)?;
     if !signer.verify(&job_id.to_string(), &query.token) {
         tracing::warn!("callback with a wrong token refused");
         return Err(ApiError::Unauthorized);
     }
+    // FAL's results can be far larger than a client's request, and are read through the raw
+    // body, so neither the JSON limit nor the router-wide upload limit applies: callbacks have
+    // their own.
+    let limit = state.config.callback_body_limit;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|err| body_read_error(&err, limit))?;
     let received_at = crate::domain::now();
     let mut callback = NewCallback {
         id: Uuid::now_v7(),

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod ops;
 pub mod paging;
 pub mod photos;
+pub mod server;
 pub mod trainings;
 
 use crate::app::AppState;

@@ -7,6 +7,7 @@ mod avatars;
 mod cli;
 mod crash;
 mod errors;
+mod hostile;
 mod idempotency;
 mod jobs;
 mod openapi;
