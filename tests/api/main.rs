@@ -11,4 +11,5 @@ mod idempotency;
 mod jobs;
 mod openapi;
 mod ops;
+mod photos;
 mod pipeline;
