@@ -274,14 +274,20 @@ fn jpeg_cut_short<R: Read + Seek>(reader: &mut R) -> std::io::Result<bool> {
 }
 
 fn jpeg_end_missing<R: Read>(reader: R) -> std::io::Result<bool> {
-    let mut bytes = std::io::BufReader::new(reader).bytes();
-    let mut next = move || bytes.next().transpose();
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, reader);
+    let next = |reader: &mut std::io::BufReader<R>| -> std::io::Result<Option<u8>> {
+        let byte = reader.fill_buf()?.first().copied();
+        if byte.is_some() {
+            reader.consume(1);
+        }
+        Ok(byte)
+    };
     // SOI
-    if next()?.is_none() || next()?.is_none() {
+    if next(&mut reader)?.is_none() || next(&mut reader)?.is_none() {
         return Ok(true);
     }
     loop {
-        let Some(mut byte) = next()? else {
+        let Some(mut byte) = next(&mut reader)? else {
             return Ok(true);
         };
         if byte != 0xFF {
@@ -289,7 +295,7 @@ fn jpeg_end_missing<R: Read>(reader: R) -> std::io::Result<bool> {
             return Ok(false);
         }
         while byte == 0xFF {
-            let Some(following) = next()? else {
+            let Some(following) = next(&mut reader)? else {
                 return Ok(true);
             };
             byte = following;
@@ -300,24 +306,31 @@ fn jpeg_end_missing<R: Read>(reader: R) -> std::io::Result<bool> {
             0x01 | 0xD0..=0xD7 => continue,
             _ => {}
         }
-        let (Some(high), Some(low)) = (next()?, next()?) else {
+        let (Some(high), Some(low)) = (next(&mut reader)?, next(&mut reader)?) else {
             return Ok(true);
         };
-        let length = u16::from_be_bytes([high, low]);
-        for _ in 2..length {
-            if next()?.is_none() {
-                return Ok(true);
-            }
+        let length = u64::from(u16::from_be_bytes([high, low]).saturating_sub(2));
+        let skipped = std::io::copy(&mut (&mut reader).take(length), &mut std::io::sink())?;
+        if skipped < length {
+            return Ok(true);
         }
     }
+    // The scans: a chunk at a time, since they are nearly all of the file.
     let mut after_ff = false;
-    while let Some(byte) = next()? {
-        if after_ff && byte == 0xD9 {
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(true);
+        }
+        let ends_here =
+            (after_ff && chunk[0] == 0xD9) || chunk.windows(2).any(|pair| pair == [0xFF, 0xD9]);
+        if ends_here {
             return Ok(false);
         }
-        after_ff = byte == 0xFF;
+        after_ff = chunk.last() == Some(&0xFF);
+        let consumed = chunk.len();
+        reader.consume(consumed);
     }
-    Ok(true)
 }
 
 /// Whether the picture is displayed turned a quarter, so that its width and height swap.
@@ -524,6 +537,21 @@ mod tests {
             check_photo(&whole[..whole.len() / 2], limits),
             Err(PhotoProblem::Truncated("JPEG"))
         );
+        // An Exif thumbnail's end marker is not the picture's end.
+        let mut thumbnail = with_orientation(&whole, 1);
+        let app1_length = u16::from_be_bytes([thumbnail[4], thumbnail[5]]);
+        thumbnail[4..6].copy_from_slice(&(app1_length + 4).to_be_bytes());
+        let app1_end = 4 + usize::from(app1_length);
+        thumbnail.splice(app1_end..app1_end, [0xFF, 0xD8, 0xFF, 0xD9]);
+        assert!(check_photo(&thumbnail, limits).is_ok());
+        assert_eq!(
+            check_photo(&thumbnail[..thumbnail.len() - 100], limits),
+            Err(PhotoProblem::Truncated("JPEG"))
+        );
+        // Bytes after the end, as some cameras write, are no harm.
+        let mut trailer = whole.clone();
+        trailer.extend_from_slice(b"camera trailer");
+        assert!(check_photo(&trailer, limits).is_ok());
     }
 
     #[test]
