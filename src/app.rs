@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinHandle;
 
 /// What every handler and worker can reach.
@@ -30,6 +30,11 @@ pub struct AppState {
     pub fal_health: Arc<FalHealth>,
     /// falgate's own files (training photos).
     pub blobs: Blobs,
+    /// One permit per photo upload being received and checked.
+    pub photo_uploads: Arc<Semaphore>,
+    /// One permit per photo being decoded: decoding takes a core and the picture's size in
+    /// memory, so no more run at once than there are cores.
+    pub photo_decodes: Arc<Semaphore>,
     pub http_counters: Arc<crate::http::ops::HttpCounters>,
     pub counters: Arc<PipelineCounters>,
 }
@@ -175,10 +180,13 @@ impl App {
         }
         let blobs = Blobs::open(&config.avatars.storage_dir)
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let state = AppState {
             http_counters: Arc::new(crate::http::ops::HttpCounters::default()),
             counters: Arc::new(PipelineCounters::default()),
             blobs,
+            photo_uploads: Arc::new(Semaphore::new(config.avatars.upload_concurrency)),
+            photo_decodes: Arc::new(Semaphore::new(cores.min(config.avatars.upload_concurrency))),
             store,
             config: Arc::new(config),
             fal,

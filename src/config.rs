@@ -139,6 +139,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_MAX_PHOTO_BYTES", default_value = "20971520")]
     pub max_photo_bytes: String,
 
+    /// Largest photo upload request body, in bytes (all its files and the form around them).
+    /// Default: the most photos an avatar may hold, each of the largest size, plus 64 KiB each.
+    #[arg(long, env = "FALGATE_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<String>,
+
+    /// Photo uploads processed at once; one more is answered 503 with Retry-After.
+    #[arg(long, env = "FALGATE_UPLOAD_CONCURRENCY", default_value = "4")]
+    pub upload_concurrency: String,
+
     /// Most prompts in one generation batch.
     #[arg(long, env = "FALGATE_MAX_BATCH", default_value = "10")]
     pub max_batch: String,
@@ -236,6 +245,10 @@ pub struct AvatarLimits {
     pub min_photos: u32,
     pub max_photos: u32,
     pub max_photo_bytes: usize,
+    /// Largest photo upload request body.
+    pub max_upload_bytes: u64,
+    /// Photo uploads processed at once.
+    pub upload_concurrency: usize,
     pub max_batch: u32,
 }
 
@@ -523,20 +536,39 @@ impl ServeArgs {
             "min-photos",
             1..=1000,
         )?;
+        let max_photos = parse_number::<u32>(
+            &self.max_photos,
+            "FALGATE_MAX_PHOTOS",
+            "max-photos",
+            min_photos..=1000,
+        )?;
+        let max_photo_bytes = parse_number::<usize>(
+            &self.max_photo_bytes,
+            "FALGATE_MAX_PHOTO_BYTES",
+            "max-photo-bytes",
+            1..=(200 << 20),
+        )?;
+        let max_upload_bytes = match non_empty(&self.max_upload_bytes) {
+            // A form's boundaries and part headers are far smaller than 64 KiB a file.
+            None => u64::from(max_photos) * (max_photo_bytes as u64 + (64 << 10)),
+            Some(raw) => parse_number::<u64>(
+                raw,
+                "FALGATE_MAX_UPLOAD_BYTES",
+                "max-upload-bytes",
+                max_photo_bytes as u64..=(64 << 30),
+            )?,
+        };
         let avatars = AvatarLimits {
             storage_dir: std::path::PathBuf::from(self.storage_dir.trim()),
             min_photos,
-            max_photos: parse_number::<u32>(
-                &self.max_photos,
-                "FALGATE_MAX_PHOTOS",
-                "max-photos",
-                min_photos..=1000,
-            )?,
-            max_photo_bytes: parse_number::<usize>(
-                &self.max_photo_bytes,
-                "FALGATE_MAX_PHOTO_BYTES",
-                "max-photo-bytes",
-                1..=(200 << 20),
+            max_photos,
+            max_photo_bytes,
+            max_upload_bytes,
+            upload_concurrency: parse_number::<usize>(
+                &self.upload_concurrency,
+                "FALGATE_UPLOAD_CONCURRENCY",
+                "upload-concurrency",
+                1..=1024,
             )?,
             max_batch: parse_number::<u32>(
                 &self.max_batch,
@@ -642,6 +674,8 @@ impl Config {
             min_photos: "10".into(),
             max_photos: "20".into(),
             max_photo_bytes: "20971520".into(),
+            max_upload_bytes: None,
+            upload_concurrency: "4".into(),
             max_batch: "10".into(),
             dispatch_concurrency: "8".into(),
             submit_deadline_secs: "900".into(),
@@ -711,6 +745,25 @@ mod tests {
         assert!(
             err.to_string().starts_with("FALGATE_CALLBACK_BODY_LIMIT"),
             "{err}"
+        );
+        let err = parse(&["--sandbox", "--upload-concurrency", "0"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("FALGATE_UPLOAD_CONCURRENCY"),
+            "{err}"
+        );
+        // An upload must be able to carry at least one photo of the largest size.
+        let err = parse(&["--sandbox", "--max-upload-bytes", "1000"]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("FALGATE_MAX_UPLOAD_BYTES"),
+            "{err}"
+        );
+        let config = parse(&["--sandbox", "--max-upload-bytes", "30000000"]).unwrap();
+        assert_eq!(config.avatars.max_upload_bytes, 30_000_000);
+        let config = parse(&["--sandbox", "--max-photos", "10"]).unwrap();
+        assert_eq!(
+            config.avatars.max_upload_bytes,
+            10 * (20_971_520 + 65_536),
+            "derived from the photo limits"
         );
         let err = parse(&["--database-url", "mysql://x"]).unwrap_err();
         assert!(err.to_string().starts_with("DATABASE_URL"), "{err}");

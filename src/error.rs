@@ -81,6 +81,13 @@ pub enum ApiError {
     Unprocessable { code: &'static str, detail: String },
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// Too much of one kind of work is under way; the client may try again after
+    /// `retry_after_secs` (sent as `Retry-After`).
+    #[error("{detail}")]
+    Busy {
+        detail: String,
+        retry_after_secs: u64,
+    },
     /// A bug or an outage. The message is logged, never sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -106,7 +113,7 @@ impl ApiError {
             Self::Validation(_) | Self::PartlyRefused { .. } | Self::Unprocessable { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            Self::ServiceUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ServiceUnavailable(_) | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -122,6 +129,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Validation(_) | Self::PartlyRefused { .. } => "validation_failed",
             Self::ServiceUnavailable(_) => "service_unavailable",
+            Self::Busy { .. } => "busy",
             Self::Internal(_) => "internal_error",
         }
     }
@@ -137,6 +145,7 @@ impl ApiError {
             Self::Validation(_) | Self::PartlyRefused { .. } => "Validation failed",
             Self::Unprocessable { .. } => "Unprocessable request",
             Self::ServiceUnavailable(_) => "Service unavailable",
+            Self::Busy { .. } => "Busy",
             Self::Internal(_) => "Internal server error",
         }
     }
@@ -224,6 +233,12 @@ impl IntoResponse for ApiError {
             tracing::error!(%cause, "internal error");
         }
         let unauthorized = matches!(self, Self::Unauthorized);
+        let retry_after = match &self {
+            Self::Busy {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            _ => None,
+        };
         let problem = self.into_problem(current_request_id());
         let body = serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec());
         let mut response = (status, body).into_response();
@@ -237,6 +252,9 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(r#"Bearer realm="falgate""#),
             );
+        }
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -95,15 +95,13 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
-    // The router-wide limit guards photo uploads (many photos per request); JSON bodies are
-    // held to `body_limit` by their extractor.
-    let upload_limit = (state.config.avatars.max_photo_bytes + 64 * 1024)
-        .saturating_mul(state.config.avatars.max_photos as usize);
     let (api, spec) = api_router().split_for_parts();
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(upload_limit.max(body_limit)))
+        // Bodies read whole are held to `body_limit`; photo uploads and callbacks stream their
+        // bodies under limits of their own.
+        .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::Extension(BodyLimit(body_limit)))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,

@@ -6,14 +6,16 @@ use super::avatars::find_avatar;
 use super::extract::{ApiPathId, PhotoPath};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use crate::app::AppState;
-use crate::domain::photo::{PhotoLimits, check_photo};
+use crate::domain::photo::{
+    CheckedPhoto, PhotoLimits, PhotoProblem, SNIFF_BYTES, check_size, decode_photo, sniff,
+};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::store::blobs::BlobWriter;
 use crate::store::{Photo, PhotoAdded};
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::multipart::MultipartRejection;
-use axum::extract::{Multipart, State};
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -67,11 +69,17 @@ pub struct PhotoUpload {
 /// Upload photos
 ///
 /// Each file is checked on its own: JPEG, PNG or WEBP by its bytes (not its name), not empty,
-/// within the size limit, shorter side at least 512 px, not the same bytes as another photo of
-/// the avatar, within the avatar's photo limit. If any file is refused the answer is a 422
-/// naming each refused file and why in `errors`; the accepted ones are kept either way, and
-/// listed by id in `accepted`. Such a 422 does not use up the Idempotency-Key: sent again, the
-/// kept files are refused as duplicates naming their photos.
+/// within the size limit, decoded in full (a truncated or damaged picture is refused), at most
+/// 12000 px a side and 40 megapixels, shorter side at least 512 px as displayed (after its EXIF
+/// orientation), not the same bytes as another photo of the avatar, within the avatar's photo
+/// limit. If any file is refused the answer is a 422 naming each refused file and why in
+/// `errors`; the accepted ones are kept either way, and listed by id in `accepted`. Such a 422
+/// does not use up the Idempotency-Key: sent again, the kept files are refused as duplicates
+/// naming their photos.
+///
+/// The whole request body is held to a limit (413 past it), and so is the number of files in
+/// one upload (the most photos an avatar may hold). Only so many uploads are processed at once:
+/// one more is answered 503 at once, with `Retry-After`.
 #[utoipa::path(
     post,
     path = "/v1/avatars/{id}/photos",
@@ -86,9 +94,10 @@ pub struct PhotoUpload {
         (status = 400, description = "The body is not a readable multipart form.", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The upload is over the size limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The request body is over the upload limit; nothing was kept.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not multipart/form-data.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Some files were refused (each named in `errors`); the others were kept (their ids in `accepted`).", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Some files were refused (each named in `errors`); the others were kept (their ids in `accepted`). Or the form holds no file, or more files than an avatar may hold.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "As many uploads as allowed are already being processed; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -98,21 +107,49 @@ pub async fn upload_photos(
     tenant: Tenant,
     ApiPathId(id): ApiPathId,
     idempotency_key: MaybeIdempotencyKey,
-    form: Result<Multipart, MultipartRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> ApiResult<Response> {
-    let form = form.map_err(|rejection| {
-        ApiError::UnsupportedMediaType(format!(
-            "photos are sent as multipart/form-data, one file per part: {rejection}"
-        ))
-    })?;
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .ok_or_else(|| "no Content-Type".to_owned())
+        .and_then(|value| multer::parse_boundary(value).map_err(|err| err.to_string()))
+        .map_err(|problem| {
+            ApiError::UnsupportedMediaType(format!(
+                "photos are sent as multipart/form-data, one file per part: {problem}"
+            ))
+        })?;
+    let limit = state.config.avatars.max_upload_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large(limit));
+    }
     find_avatar(&state, &tenant, id).await?;
-    let files = read_files(&state, form).await?;
+    // Refused at once rather than queued: a queued upload would hold its connection and its
+    // client's bytes while waiting, which is what the bound is there to prevent.
+    let _permit = state
+        .photo_uploads
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            tracing::warn!("photo upload refused: as many as allowed are under way");
+            ApiError::Busy {
+                detail: "as many photo uploads as allowed are being processed; try again shortly"
+                    .into(),
+                retry_after_secs: UPLOAD_RETRY_AFTER_SECS,
+            }
+        })?;
+    let files = receive_files(&state, body, boundary).await?;
     // Two uploads are the same request when they carry the same files in the same order.
     let mut canonical = Vec::new();
-    for (name, bytes) in &files {
-        canonical.extend_from_slice(name.as_bytes());
+    for file in &files {
+        canonical.extend_from_slice(file.name.as_bytes());
         canonical.push(0);
-        canonical.extend_from_slice(&Sha256::digest(bytes));
+        canonical.extend_from_slice(&file.sha256);
     }
     let store = state.store.clone();
     let route = format!("POST /v1/avatars/{id}/photos");
@@ -142,41 +179,88 @@ pub async fn upload_photos(
     .await
 }
 
-/// Every file of the form, with the name it was sent under.
-async fn read_files(state: &AppState, mut form: Multipart) -> ApiResult<Vec<(String, Bytes)>> {
+/// Seconds a client is asked to wait when every upload slot is taken.
+const UPLOAD_RETRY_AFTER_SECS: u64 = 5;
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::PayloadTooLarge {
+        limit: usize::try_from(limit).unwrap_or(usize::MAX),
+    }
+}
+
+/// One file of an upload, as received.
+struct Received {
+    /// The name it was sent under.
+    name: String,
+    sha256: [u8; 32],
+    bytes: u64,
+    /// Its first bytes, which tell its format.
+    head: Vec<u8>,
+    /// Its bytes, in a temporary file that goes away with the writer unless it is kept; `None`
+    /// for a file over the size limit, whose bytes were counted and dropped.
+    file: Option<BlobWriter>,
+}
+
+/// Every file of the form, each streamed to a temporary file as it arrives: no file is held in
+/// memory. A file over the size limit stops being written the moment it crosses it; the rest of
+/// its bytes are read past (to reach the next file) and dropped.
+async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiResult<Vec<Received>> {
+    let limits = &state.config.avatars;
+    let max_files = limits.max_photos as usize;
+    let constraints = multer::Constraints::new()
+        .size_limit(multer::SizeLimit::new().whole_stream(limits.max_upload_bytes));
+    let mut form =
+        multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
     let mut files = Vec::new();
-    loop {
-        let field = match form.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(err) if err.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                return Err(ApiError::PayloadTooLarge {
-                    limit: state.config.avatars.max_photo_bytes
-                        * state.config.avatars.max_photos as usize,
-                });
-            }
-            Err(err) => {
-                return Err(ApiError::BadRequest(format!(
-                    "the form could not be read: {err}"
-                )));
-            }
-        };
+    while let Some(mut field) = form
+        .next_field()
+        .await
+        .map_err(|err| form_error(limits.max_upload_bytes, None, err))?
+    {
+        if files.len() == max_files {
+            return Err(ApiError::validation(
+                "files",
+                format!(
+                    "an upload carries at most {max_files} files, the most photos an avatar may \
+                     hold; this one has more"
+                ),
+            ));
+        }
         let name = field
             .file_name()
             .or(field.name())
             .map(|n| n.chars().take(200).collect::<String>())
             .unwrap_or_else(|| format!("file {}", files.len() + 1));
-        let bytes = field.bytes().await.map_err(|err| {
-            if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge {
-                    limit: state.config.avatars.max_photo_bytes
-                        * state.config.avatars.max_photos as usize,
+        let mut file = Some(state.blobs.writer().await.map_err(ApiError::internal)?);
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        while let Some(chunk) = field
+            .chunk()
+            .await
+            .map_err(|err| form_error(limits.max_upload_bytes, Some(&name), err))?
+        {
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            let wanted = SNIFF_BYTES.saturating_sub(head.len()).min(chunk.len());
+            head.extend_from_slice(&chunk[..wanted]);
+            if bytes > limits.max_photo_bytes as u64 {
+                if file.take().is_some() {
+                    tracing::info!(file = %name, "a photo is over the size limit; not kept");
                 }
-            } else {
-                ApiError::BadRequest(format!("`{name}` could not be read: {err}"))
+                continue;
             }
-        })?;
-        files.push((name, bytes));
+            if let Some(writer) = file.as_mut() {
+                writer.write(&chunk).await.map_err(ApiError::internal)?;
+            }
+        }
+        files.push(Received {
+            name,
+            sha256: hasher.finalize().into(),
+            bytes,
+            head,
+            file,
+        });
     }
     if files.is_empty() {
         return Err(ApiError::validation("files", "the form holds no file"));
@@ -184,21 +268,70 @@ async fn read_files(state: &AppState, mut form: Multipart) -> ApiResult<Vec<(Str
     Ok(files)
 }
 
-/// Checks each file and keeps the good ones; a 422 names every refused file.
-async fn keep_photos(
+fn form_error(limit: u64, file: Option<&str>, err: multer::Error) -> ApiError {
+    match err {
+        multer::Error::StreamSizeExceeded { .. } => too_large(limit),
+        err => match file {
+            Some(name) => ApiError::BadRequest(format!("`{name}` could not be read: {err}")),
+            None => ApiError::BadRequest(format!("the form could not be read: {err}")),
+        },
+    }
+}
+
+/// Checks one received file: its size and format from what was counted while it arrived, then
+/// its picture, decoded from the temporary file on a blocking thread.
+async fn check_received(
     state: &AppState,
-    id: Uuid,
-    files: Vec<(String, Bytes)>,
-) -> ApiResult<Vec<Photo>> {
+    file: &mut Received,
+    limits: PhotoLimits,
+) -> ApiResult<Result<CheckedPhoto, PhotoProblem>> {
+    if let Err(problem) = check_size(file.bytes, limits) {
+        return Ok(Err(problem));
+    }
+    let format = match sniff(&file.head) {
+        Ok(format) => format,
+        Err(problem) => return Ok(Err(problem)),
+    };
+    let writer = file
+        .file
+        .as_mut()
+        .ok_or_else(|| ApiError::internal("a photo within the size limit was not kept"))?;
+    writer.flush().await.map_err(ApiError::internal)?;
+    let path = writer.path().to_owned();
+    let permit = state
+        .photo_decodes
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(ApiError::internal)?;
+    let decoded = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let file = std::fs::File::open(path)?;
+        Ok::<_, std::io::Error>(decode_photo(std::io::BufReader::new(file), format, limits))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(decoded.map(|picture| CheckedPhoto {
+        format,
+        width: picture.width,
+        height: picture.height,
+        bytes: file.bytes as usize,
+        sha256: hex::encode(file.sha256),
+    }))
+}
+
+/// Checks each file and keeps the good ones; a 422 names every refused file.
+async fn keep_photos(state: &AppState, id: Uuid, files: Vec<Received>) -> ApiResult<Vec<Photo>> {
     let limits = PhotoLimits {
         max_bytes: state.config.avatars.max_photo_bytes,
         ..PhotoLimits::default()
     };
     let mut accepted = Vec::new();
     let mut refused = Vec::new();
-    for (index, (name, bytes)) in files.into_iter().enumerate() {
-        let label = format!("files[{index}] ({name})");
-        let checked = match check_photo(&bytes, limits) {
+    for (index, mut file) in files.into_iter().enumerate() {
+        let label = format!("files[{index}] ({})", file.name);
+        let checked = match check_received(state, &mut file, limits).await? {
             Ok(checked) => checked,
             Err(problem) => {
                 refused.push(FieldError::new(label, problem.to_string()));
@@ -215,13 +348,15 @@ async fn keep_photos(
             height: i32::try_from(checked.height).unwrap_or(i32::MAX),
             bytes: checked.bytes as i64,
             storage_key: format!("photos/{id}/{photo_id}.{}", checked.format.extension()),
-            file_name: Some(name),
+            file_name: Some(file.name),
             created_at: crate::domain::now(),
         };
         // The bytes first: a row never points at a file that is not there.
-        state
-            .blobs
-            .put(&photo.storage_key, &bytes)
+        let Some(writer) = file.file.take() else {
+            return Err(ApiError::internal("a checked photo has no file"));
+        };
+        writer
+            .finish(&photo.storage_key)
             .await
             .map_err(ApiError::internal)?;
         let added = match state

@@ -166,6 +166,22 @@ impl BlobWriter {
         self.written
     }
 
+    /// Hands the bytes written so far to the file system, so that the temporary file can be
+    /// read through [`path`](Self::path) before it is finished.
+    pub async fn flush(&mut self) -> Result<(), BlobError> {
+        use tokio::io::AsyncWriteExt;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| BlobError("the file is already finished".into()))?;
+        file.flush().await.map_err(|e| BlobError(e.to_string()))
+    }
+
+    /// Where the unfinished file is; it goes away when the writer is dropped unfinished.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Flushes the bytes to disk and moves them under `key`.
     pub async fn finish(mut self, key: &str) -> Result<(), BlobError> {
         let target = self.blobs.path(key)?;

@@ -13,4 +13,5 @@ mod jobs;
 mod openapi;
 mod ops;
 mod outcomes;
+mod photos;
 mod pipeline;
