@@ -181,6 +181,20 @@ where
     F: Future<Output = Response>,
 {
     let fault = state.take_fault(target);
+    with_this_fault(state, fault, conn, on_refused, work).await
+}
+
+/// [`with_fault`] with the fault already taken.
+async fn with_this_fault<F>(
+    state: &EmulatorState,
+    fault: Option<HttpFault>,
+    conn: Option<ConnCtl>,
+    on_refused: impl FnOnce(&HttpFault),
+    work: F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     if let Some(f) = &fault {
         if let Some(resp) = fault_response(f) {
             on_refused(f);
@@ -245,14 +259,19 @@ pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -
                     at: SystemTime::now(),
                 });
             };
+            // Taken here so the request remembers what its submit met (a lost answer).
+            let fault = state.take_fault(target);
             let work = submit(
                 &state,
-                &endpoint,
-                input.clone(),
-                webhook.clone(),
-                headers.clone(),
+                Submitted {
+                    endpoint: &endpoint,
+                    input: input.clone(),
+                    webhook: webhook.clone(),
+                    headers: headers.clone(),
+                    fault: fault.as_ref().map(fault_name),
+                },
             );
-            with_fault(&state, target, conn, refused, work).await
+            with_this_fault(&state, fault, conn, refused, work).await
         }
         Route::Status { prefix, id } => {
             let logs = wants_logs(&query);
@@ -305,13 +324,23 @@ fn urls(state: &EmulatorState, prefix: &str, id: &str) -> (String, String, Strin
     )
 }
 
-async fn submit(
-    state: &EmulatorState,
-    endpoint: &str,
+/// What a submit brought.
+struct Submitted<'a> {
+    endpoint: &'a str,
     input: Value,
     webhook: Option<String>,
     headers: Vec<(String, String)>,
-) -> Response {
+    fault: Option<String>,
+}
+
+async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
+    let Submitted {
+        endpoint,
+        input,
+        webhook,
+        headers,
+        fault,
+    } = submitted;
     let id = uuid::Uuid::now_v7().to_string();
     let prefix = app_prefix(endpoint);
     let position = {
@@ -323,7 +352,7 @@ async fn submit(
             .values()
             .filter(|r| r.endpoint == endpoint && r.phase == Phase::InQueue)
             .count();
-        let forced = inner.model_failures.pop_front();
+        let forced = EmulatorState::take_model_failure(&mut inner);
         inner.requests.insert(
             id.clone(),
             RequestSnapshot {
@@ -334,6 +363,9 @@ async fn submit(
                 webhook: webhook.clone(),
                 phase: Phase::InQueue,
                 outcome: None,
+                started: false,
+                cancelled: false,
+                submit_fault: fault,
                 logs: Vec::new(),
                 inference_time: None,
                 seq,
@@ -454,6 +486,7 @@ fn advance(state: &EmulatorState, id: &str, from: Phase, to: Phase, log: &str) -
             return false;
         }
         req.phase = to;
+        req.started |= to == Phase::InProgress;
         req.logs.push(log_line(log));
     }
     state.bump();
@@ -633,6 +666,9 @@ fn cancel(state: &EmulatorState, prefix: &str, id: &str) -> Response {
     if req.phase == Phase::Completed {
         record_cancel(state, id, 400);
         return json_response(400, &json!({"status": "ALREADY_COMPLETED"}));
+    }
+    if let Some(req) = state.lock().requests.get_mut(id) {
+        req.cancelled = true;
     }
     // Queued requests leave the queue; running ones get the runner's 499.
     complete(
