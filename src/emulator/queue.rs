@@ -220,6 +220,7 @@ where
 }
 
 pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -> Response {
+    let received_at = SystemTime::now();
     let (parts, body) = req.into_parts();
     let conn = parts
         .extensions
@@ -269,6 +270,7 @@ pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -
                     webhook: webhook.clone(),
                     headers: headers.clone(),
                     fault: fault.as_ref().map(fault_name),
+                    received_at,
                 },
             );
             with_this_fault(&state, fault, conn, refused, work).await
@@ -331,6 +333,7 @@ struct Submitted<'a> {
     webhook: Option<String>,
     headers: Vec<(String, String)>,
     fault: Option<String>,
+    received_at: SystemTime,
 }
 
 async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
@@ -340,6 +343,7 @@ async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
         webhook,
         headers,
         fault,
+        received_at,
     } = submitted;
     let id = uuid::Uuid::now_v7().to_string();
     let prefix = app_prefix(endpoint);
@@ -366,6 +370,7 @@ async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
                 started: false,
                 cancelled: false,
                 submit_fault: fault,
+                received_at,
                 logs: Vec::new(),
                 inference_time: None,
                 seq,

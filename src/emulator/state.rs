@@ -98,6 +98,8 @@ pub struct RequestSnapshot {
     pub cancelled: bool,
     /// The fault its submit met, if any (e.g. `accept_then_reset`: the answer was lost).
     pub submit_fault: Option<String>,
+    /// When its submit call arrived (before any delay a fault put on it).
+    pub received_at: SystemTime,
     pub logs: Vec<Value>,
     pub inference_time: Option<f64>,
     #[serde(skip)]
@@ -135,7 +137,7 @@ pub struct RequestRecord {
     pub output: Option<Value>,
     /// The fault its submit met, if any.
     pub submit_fault: Option<String>,
-    /// When the submit was taken.
+    /// When its submit call arrived (before any delay a fault put on it).
     pub submitted_at: SystemTime,
 }
 
@@ -529,12 +531,6 @@ impl EmulatorState {
     /// Every request accepted, in submit order: whose job it was, whether it ran, how it
     /// ended and what it produced.
     pub fn record(&self) -> Vec<RequestRecord> {
-        let submitted: HashMap<String, SystemTime> = self
-            .lock()
-            .submits
-            .iter()
-            .filter_map(|s| Some((s.request_id.clone()?, s.at)))
-            .collect();
         self.requests()
             .into_iter()
             .map(|r| {
@@ -550,10 +546,7 @@ impl EmulatorState {
                     ran: r.started,
                     verdict,
                     output: r.outcome.map(|o| o.body),
-                    submitted_at: submitted
-                        .get(&r.id)
-                        .copied()
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    submitted_at: r.received_at,
                     request_id: r.id,
                     endpoint: r.endpoint,
                     submit_fault: r.submit_fault,

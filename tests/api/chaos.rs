@@ -44,6 +44,8 @@ struct Plan {
     down_ms: (u64, u64),
     /// How long a client keeps retrying one call (the server may be down meanwhile).
     call_patience: Duration,
+    /// How long a client waits for its avatar to be trained before it gives up generating.
+    training_patience: Duration,
     /// How long, once faults are lifted, every job and every FAL request has to finish.
     settle: Duration,
 }
@@ -64,6 +66,7 @@ impl Plan {
                 kill_gap_ms: (1500, 5000),
                 down_ms: (0, 1500),
                 call_patience: Duration::from_secs(30),
+                training_patience: Duration::from_secs(90),
                 settle: Duration::from_secs(180),
             }
         } else {
@@ -79,6 +82,7 @@ impl Plan {
                 kill_gap_ms: (1000, 3000),
                 down_ms: (0, 800),
                 call_patience: Duration::from_secs(20),
+                training_patience: Duration::from_secs(30),
                 settle: Duration::from_secs(60),
             }
         }
@@ -211,8 +215,14 @@ impl Server {
             ("FALGATE_POLL_MAX_SECS", "2".into()),
             // A submit whose fate is unknown waits for its callback longer than FAL's callback
             // retries take here (about 7 s at the emulator's time scale) before it is resent.
-            ("FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS", "9".into()),
-            ("FALGATE_UNCONFIRMED_TRAINING_WAIT_SECS", "10".into()),
+            (
+                "FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS",
+                UNCONFIRMED_WAIT.as_secs().to_string(),
+            ),
+            (
+                "FALGATE_UNCONFIRMED_TRAINING_WAIT_SECS",
+                UNCONFIRMED_TRAINING_WAIT.as_secs().to_string(),
+            ),
             ("FALGATE_MIN_PHOTOS", PHOTOS.to_string()),
             ("RUST_LOG", "warn".into()),
         ];
@@ -280,6 +290,11 @@ fn free_port() -> u16 {
 
 /// Photos per avatar (the server is told this is enough to train).
 const PHOTOS: u64 = 4;
+
+/// How long falgate waits for evidence of a submit whose answer it may have missed, before it
+/// sends the job again: generations and raw jobs, then trainings.
+const UNCONFIRMED_WAIT: Duration = Duration::from_secs(9);
+const UNCONFIRMED_TRAINING_WAIT: Duration = Duration::from_secs(10);
 
 /// A client that outlives the server's deaths: a call is sent again (with the same
 /// idempotency key, for creating POSTs) until it gets an answer that a kill did not cause.
@@ -461,7 +476,7 @@ async fn avatar_flow(api: &Api, plan: &Plan, seed: u64, n: usize, ledger: &Mutex
         );
     });
     // The training ends (or not) while the server keeps dying; the settle phase judges it.
-    let deadline = Instant::now() + plan.settle;
+    let deadline = Instant::now() + plan.training_patience;
     let status = loop {
         let status = match api.get(&format!("/v1/avatars/{id}")).await {
             Some((StatusCode::OK, avatar)) => avatar["status"].as_str().unwrap_or("").to_owned(),
@@ -553,26 +568,28 @@ fn is_terminal(job: &Value) -> bool {
     )
 }
 
-/// Could falgate have missed that `request` exists when it sent the job again at `resent_at`?
+/// Could falgate have missed that `request` exists, waiting as long as it was told to?
 /// Only if the answer to its submit may never have reached falgate (FAL reset the connection,
 /// or the process was killed around the call) and no callback naming it was acknowledged
-/// before the resend. Then no client could have known, and the resend was the only way on.
-fn unseen_before(
+/// within that wait (it was dropped, badly signed, or kept failing). Then no client could have
+/// known, and sending the job again was the only way on.
+fn unseen(
     request: &RequestRecord,
-    resent_at: SystemTime,
+    wait: Duration,
     kills: &[SystemTime],
     callbacks: &[&CallbackAttempt],
 ) -> bool {
     let at = request.submitted_at;
+    // From just before the call arrived to well after a slow answer could have been stored.
     let near_a_kill = kills
         .iter()
-        .any(|k| *k + Duration::from_millis(500) >= at && *k <= at + Duration::from_secs(2));
+        .any(|k| *k + Duration::from_millis(500) >= at && *k <= at + Duration::from_secs(4));
     let answer_maybe_lost =
         request.submit_fault.as_deref() == Some("accept_then_reset") || near_a_kill;
     let acknowledged = callbacks.iter().any(|c| {
         c.request_id == request.request_id
             && c.status.is_some_and(|s| (200..300).contains(&s))
-            && c.sent_at < resent_at
+            && c.sent_at < at + wait
     });
     answer_maybe_lost && !acknowledged
 }
@@ -721,18 +738,22 @@ async fn chaos(backend: Backend) {
         // Run twice: more than one request reached a runner, not counting the ones falgate
         // could not have known about when it sent the job again.
         let ran: Vec<&&RequestRecord> = mine.iter().filter(|r| r.ran).collect();
+        let wait = if job["kind"] == "training" {
+            UNCONFIRMED_TRAINING_WAIT
+        } else {
+            UNCONFIRMED_WAIT
+        };
         let mut billed = ran.len();
+        let mut excused = Vec::new();
         for r in ran.iter().take(ran.len().saturating_sub(1)) {
-            let resent_at = mine
-                .iter()
-                .map(|later| later.submitted_at)
-                .find(|at| *at > r.submitted_at);
-            if let Some(resent_at) = resent_at
-                && unseen_before(r, resent_at, &kills, &callbacks)
-            {
+            if unseen(r, wait, &kills, &callbacks) {
                 billed -= 1;
-                unavoidable.push(format!("{id} ({label}): request {}", r.request_id));
+                excused.push(r.request_id.clone());
             }
+        }
+        if !excused.is_empty() {
+            let why = format!("resent after request {} went unseen", excused.join(", "));
+            unavoidable.push(diagnose(&api, id, &label, &[why], &mine, &callbacks).await);
         }
         if billed > 1 {
             problems.push((
@@ -820,8 +841,8 @@ async fn chaos(backend: Backend) {
         "chaos[{backend:?}] fault rates: {}",
         serde_json::to_string(&rates).unwrap()
     );
-    for line in &unavoidable {
-        eprintln!("chaos[{backend:?}] unavoidable resend (answer lost, no callback): {line}");
+    for story in &unavoidable {
+        eprintln!("chaos[{backend:?}] an unavoidable resend:\n{story}");
     }
     for line in &ledger.unanswered {
         eprintln!("chaos[{backend:?}] no answer: {line}");
