@@ -72,13 +72,13 @@ impl Plan {
         } else {
             Self {
                 long,
-                raw_jobs: 60,
+                raw_jobs: 100,
                 submitters: 3,
                 pause_ms: (50, 350),
                 avatars: 3,
                 generations_per_avatar: 2,
                 cancel_share: 0.1,
-                kills: 4,
+                kills: 5,
                 kill_gap_ms: (1000, 3000),
                 down_ms: (0, 800),
                 call_patience: Duration::from_secs(20),
