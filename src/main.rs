@@ -43,6 +43,10 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:9090")]
         addr: String,
+        /// Multiplies the waits between callback retries (FAL's: 10 retries over 2 hours);
+        /// 0.01 makes that 72 seconds.
+        #[arg(long, default_value = "1", value_parser = falgate::emulator::parse_time_scale)]
+        time_scale: f64,
     },
 }
 
@@ -180,11 +184,14 @@ async fn run(command: Command) -> Result<(), String> {
                 ))
             }
         }
-        Command::Emulator { addr } => {
+        Command::Emulator { addr, time_scale } => {
             let listener = tokio::net::TcpListener::bind(addr.trim())
                 .await
                 .map_err(|e| format!("could not listen on {addr}: {e}"))?;
-            let config = falgate::emulator::EmulatorConfig::default();
+            let config = falgate::emulator::EmulatorConfig {
+                time_scale,
+                ..Default::default()
+            };
             let key = config.key.expose().to_owned();
             let emulator = falgate::emulator::spawn(config, listener).await;
             let base = emulator.base_url();

@@ -32,7 +32,7 @@ pub(crate) fn on_completed(state: &EmulatorState, request_id: &str, url: &str, o
         url: url.to_owned(),
         body: callback_body(request_id, outcome),
     };
-    let fault = state.lock().callback_faults.pop_front();
+    let fault = state.take_callback_fault();
     match fault {
         Some(CallbackFault::Drop) => {
             record(
@@ -156,7 +156,7 @@ async fn deliver(
             return;
         }
         if let Some(wait) = schedule.get(attempt as usize - 1) {
-            tokio::time::sleep(*wait).await;
+            state.scaled_sleep(*wait).await;
         }
     }
 }

@@ -11,13 +11,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::EmulatorState;
-use super::faults::{CallbackFault, FaultRule, ModelFailure};
+use super::faults::{CallbackFault, FaultRates, FaultRule, ModelFailure};
 use super::queue::json_response;
 use super::state::Durations;
 
 pub(crate) fn routes() -> Router<EmulatorState> {
     Router::new()
         .route("/faults", post(add_fault))
+        .route("/fault-rates", post(set_fault_rates))
+        .route("/time-scale", get(time_scale).post(set_time_scale))
+        .route("/record", get(record))
         .route("/callback-faults", post(add_callback_fault))
         .route("/model-failures", post(add_model_failure))
         .route("/clear-faults", post(clear_faults))
@@ -64,6 +67,36 @@ fn ok() -> Response {
 async fn add_fault(State(s): State<EmulatorState>, Json(rule): Json<FaultRule>) -> Response {
     s.inject_fault(rule);
     ok()
+}
+
+async fn set_fault_rates(
+    State(s): State<EmulatorState>,
+    Json(rates): Json<FaultRates>,
+) -> Response {
+    match s.set_fault_rates(rates) {
+        Ok(()) => ok(),
+        Err(e) => json_response(422, &json!({"detail": e})),
+    }
+}
+
+#[derive(Deserialize)]
+struct TimeScale {
+    time_scale: f64,
+}
+
+async fn time_scale(State(s): State<EmulatorState>) -> Response {
+    json_response(200, &json!({"time_scale": s.time_scale()}))
+}
+
+async fn set_time_scale(State(s): State<EmulatorState>, Json(t): Json<TimeScale>) -> Response {
+    match s.set_time_scale(t.time_scale) {
+        Ok(()) => json_response(200, &json!({"time_scale": s.time_scale()})),
+        Err(e) => json_response(422, &json!({"detail": e})),
+    }
+}
+
+async fn record(State(s): State<EmulatorState>) -> Response {
+    to_json(&s.record())
 }
 
 #[derive(Deserialize)]

@@ -137,6 +137,111 @@ impl ModelFailure {
     }
 }
 
+/// Faults drawn call by call at fixed rates from a seeded generator: a steady drizzle of
+/// trouble for load tests, where counted faults ([`FaultRule`]) would all land on the first
+/// calls. Counted faults still come first. One draw per call picks at most one fault: the
+/// rates of the faults a call can get add up to at most 1.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FaultRates {
+    pub seed: u64,
+    #[serde(default)]
+    pub http: Vec<RatedHttpFault>,
+    #[serde(default)]
+    pub callbacks: Vec<RatedCallbackFault>,
+    /// Applied at submit: the request completes with this error instead of its output.
+    #[serde(default)]
+    pub models: Vec<RatedModelFailure>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RatedHttpFault {
+    #[serde(default)]
+    pub target: FaultTarget,
+    #[serde(flatten)]
+    pub fault: HttpFault,
+    /// Share of the calls of `target` that get this fault, 0 to 1.
+    pub rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RatedCallbackFault {
+    #[serde(flatten)]
+    pub fault: CallbackFault,
+    pub rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RatedModelFailure {
+    #[serde(flatten)]
+    pub failure: ModelFailure,
+    pub rate: f64,
+}
+
+impl FaultRates {
+    /// Refuses rates outside 0..=1 and targets whose faults add up to more than 1.
+    pub fn validate(&self) -> Result<(), String> {
+        let rates = self
+            .http
+            .iter()
+            .map(|f| f.rate)
+            .chain(self.callbacks.iter().map(|f| f.rate))
+            .chain(self.models.iter().map(|f| f.rate));
+        for rate in rates {
+            if !(rate.is_finite() && (0.0..=1.0).contains(&rate)) {
+                return Err(format!("rate must be from 0 to 1, got {rate}"));
+            }
+        }
+        for target in [
+            FaultTarget::Submit,
+            FaultTarget::Status,
+            FaultTarget::Result,
+            FaultTarget::Cancel,
+            FaultTarget::Upload,
+        ] {
+            let sum: f64 = self
+                .http
+                .iter()
+                .filter(|f| f.target == target || f.target == FaultTarget::Any)
+                .map(|f| f.rate)
+                .sum();
+            if sum > 1.0 + 1e-9 {
+                return Err(format!(
+                    "the faults of {target:?} calls add up to a rate of {sum}, more than 1"
+                ));
+            }
+        }
+        for (what, sum) in [
+            (
+                "callback",
+                self.callbacks.iter().map(|f| f.rate).sum::<f64>(),
+            ),
+            ("model", self.models.iter().map(|f| f.rate).sum::<f64>()),
+        ] {
+            if sum > 1.0 + 1e-9 {
+                return Err(format!(
+                    "the {what} faults add up to a rate of {sum}, more than 1"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Picks the item whose slice of `0..1` holds `draw`; `None` past the last one.
+pub(crate) fn pick<'a, T>(
+    draw: f64,
+    items: impl IntoIterator<Item = (&'a T, f64)>,
+) -> Option<&'a T> {
+    let mut upto = 0.0;
+    for (item, rate) in items {
+        upto += rate;
+        if draw < upto {
+            return Some(item);
+        }
+    }
+    None
+}
+
 /// FAL-like bodies per status (fal-protocol.md §2).
 pub(crate) fn default_error_body(status: u16) -> Value {
     match status {
@@ -196,5 +301,42 @@ mod tests {
         assert_eq!(f, CallbackFault::Delay { delay_ms: 5 });
         let m: ModelFailure = serde_json::from_str("{}").unwrap();
         assert_eq!(m.status, 422);
+    }
+
+    #[test]
+    fn rates_parse_and_are_checked() {
+        let rates: FaultRates = serde_json::from_str(
+            r#"{"seed": 7,
+                "http": [{"target": "status", "kind": "status", "status": 503, "rate": 0.25},
+                         {"kind": "nginx502", "rate": 0.5}],
+                "callbacks": [{"kind": "drop", "rate": 0.1}],
+                "models": [{"status": 422, "rate": 0.05}]}"#,
+        )
+        .unwrap();
+        assert_eq!(rates.http[1].target, FaultTarget::Submit);
+        assert_eq!(rates.http[0].fault, FaultRule::status(503));
+        assert_eq!(rates.models[0].failure, ModelFailure::new(422));
+        assert_eq!(rates.validate(), Ok(()));
+
+        let mut over = rates.clone();
+        over.http.push(RatedHttpFault {
+            target: FaultTarget::Any,
+            fault: HttpFault::Nginx502,
+            rate: 0.6,
+        });
+        assert!(over.validate().unwrap_err().contains("Submit"));
+        let mut negative = rates;
+        negative.callbacks[0].rate = -0.1;
+        assert!(negative.validate().is_err());
+    }
+
+    #[test]
+    fn a_draw_picks_the_fault_whose_slice_holds_it() {
+        let items = [("a", 0.1), ("b", 0.2)];
+        let pick_at = |d| pick(d, items.iter().map(|(n, r)| (n, *r))).copied();
+        assert_eq!(pick_at(0.0), Some("a"));
+        assert_eq!(pick_at(0.1), Some("b"));
+        assert_eq!(pick_at(0.29), Some("b"));
+        assert_eq!(pick_at(0.31), None);
     }
 }

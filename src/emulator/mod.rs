@@ -29,10 +29,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::fal::Secret;
-pub use faults::{CallbackFault, FaultRule, FaultTarget, HttpFault, ModelFailure};
+pub use faults::{
+    CallbackFault, FaultRates, FaultRule, FaultTarget, HttpFault, ModelFailure, RatedCallbackFault,
+    RatedHttpFault, RatedModelFailure,
+};
 pub use state::{
     CallbackAttempt, CancelRecord, DownloadRecord, Durations, EmulatorState, Outcome, Phase,
-    RequestSnapshot, SubmitRecord, UploadRecord,
+    RequestEnd, RequestRecord, RequestSnapshot, SubmitRecord, UploadRecord,
 };
 
 /// Largest upload accepted (training archives).
@@ -50,8 +53,13 @@ pub struct EmulatorConfig {
     pub generation: Durations,
     /// Default timings of the three trainers.
     pub training: Durations,
-    /// Waits between callback attempts; attempts = len + 1.
+    /// Waits between callback attempts; attempts = len + 1. Default: FAL's, see
+    /// [`fal_callback_retry_schedule`].
     pub callback_retry_schedule: Vec<Duration>,
+    /// Multiplies every wait of `callback_retry_schedule`: 1.0 is FAL's pace, 0.001 turns its
+    /// two hours into seven seconds with the same shape. Changeable while running
+    /// ([`EmulatorState::set_time_scale`], `POST /_emulator/time-scale`).
+    pub time_scale: f64,
     /// Per-attempt timeout of a callback delivery (FAL: 15 s).
     pub callback_timeout: Duration,
     /// Timeout for trainers downloading their archive.
@@ -68,10 +76,8 @@ impl Default for EmulatorConfig {
             public_base: None,
             generation: Durations::new(200, 800),
             training: Durations::new(500, 2500),
-            callback_retry_schedule: [200, 400, 800, 1600, 3200]
-                .into_iter()
-                .map(Duration::from_millis)
-                .collect(),
+            callback_retry_schedule: fal_callback_retry_schedule(),
+            time_scale: 1.0,
             callback_timeout: Duration::from_secs(15),
             download_timeout: Duration::from_secs(30),
             max_image_pixels: 16 * 1024 * 1024,
@@ -80,18 +86,46 @@ impl Default for EmulatorConfig {
 }
 
 impl EmulatorConfig {
-    /// Near-zero timings and quick callback retries, for tests.
+    /// Near-zero timings, for tests. Callbacks keep FAL's retry schedule at a thousandth of its
+    /// pace: retries after 7 ms, 14 ms, … 3.6 s, the last about 7 s after the first attempt.
     pub fn fast() -> Self {
         Self {
             generation: Durations::new(5, 20),
             training: Durations::new(5, 30),
-            callback_retry_schedule: [50, 100, 200, 400]
-                .into_iter()
-                .map(Duration::from_millis)
-                .collect(),
+            time_scale: 0.001,
             callback_timeout: Duration::from_secs(5),
             ..Self::default()
         }
+    }
+}
+
+/// FAL's callback retries: "it will retry 10 times in the span of 2 hours" (docs.fal.ai,
+/// webhooks). The spacing is not published; this doubles from 7 s: 7, 14, 28, 56, 112, 224,
+/// 448, 896, 1792 and 3584 s, so the last retry goes out 7161 s (1 h 59 min 21 s) after the
+/// first attempt.
+pub fn fal_callback_retry_schedule() -> Vec<Duration> {
+    (0..10).map(|k| Duration::from_secs(7 << k)).collect()
+}
+
+/// Largest time scale accepted: a thousand times slower than FAL is already days per retry.
+pub const MAX_TIME_SCALE: f64 = 1000.0;
+
+/// Parses a time scale: a finite number from 0 (no waits at all) to [`MAX_TIME_SCALE`].
+pub fn parse_time_scale(raw: &str) -> Result<f64, String> {
+    let scale: f64 = raw
+        .trim()
+        .parse()
+        .map_err(|_| format!("time scale `{raw}` is not a number"))?;
+    check_time_scale(scale)
+}
+
+pub(crate) fn check_time_scale(scale: f64) -> Result<f64, String> {
+    if scale.is_finite() && (0.0..=MAX_TIME_SCALE).contains(&scale) {
+        Ok(scale)
+    } else {
+        Err(format!(
+            "time scale must be a number from 0 to {MAX_TIME_SCALE}, got {scale}"
+        ))
     }
 }
 
@@ -186,7 +220,8 @@ impl EmulatorHandle {
         &self.state
     }
 
-    /// Stops background work, lets open answers finish for up to a second, then aborts.
+    /// Stops background work (callback deliveries and their retries included), lets open
+    /// answers finish for up to a second, then aborts.
     pub async fn shutdown(mut self) {
         self.state.abort_tasks();
         if let Some(stop) = self.stop.take() {

@@ -185,6 +185,20 @@ where
     F: Future<Output = Response>,
 {
     let fault = state.take_fault(target);
+    with_this_fault(state, fault, conn, on_refused, work).await
+}
+
+/// [`with_fault`] with the fault already taken.
+async fn with_this_fault<F>(
+    state: &EmulatorState,
+    fault: Option<HttpFault>,
+    conn: Option<ConnCtl>,
+    on_refused: impl FnOnce(&HttpFault),
+    work: F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     if let Some(f) = &fault {
         if let Some(resp) = fault_response(f) {
             on_refused(f);
@@ -213,6 +227,7 @@ where
 }
 
 pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -> Response {
+    let received_at = SystemTime::now();
     let (parts, body) = req.into_parts();
     let conn = parts
         .extensions
@@ -252,14 +267,20 @@ pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -
                     at: SystemTime::now(),
                 });
             };
+            // Taken here so the request remembers what its submit met (a lost answer).
+            let fault = state.take_fault(target);
             let work = submit(
                 &state,
-                &endpoint,
-                input.clone(),
-                webhook.clone(),
-                headers.clone(),
+                Submitted {
+                    endpoint: &endpoint,
+                    input: input.clone(),
+                    webhook: webhook.clone(),
+                    headers: headers.clone(),
+                    fault: fault.as_ref().map(fault_name),
+                    received_at,
+                },
             );
-            with_fault(&state, target, conn, refused, work).await
+            with_this_fault(&state, fault, conn, refused, work).await
         }
         Route::Status { prefix, id } => {
             let logs = wants_logs(&query);
@@ -312,13 +333,25 @@ fn urls(state: &EmulatorState, prefix: &str, id: &str) -> (String, String, Strin
     )
 }
 
-async fn submit(
-    state: &EmulatorState,
-    endpoint: &str,
+/// What a submit brought.
+struct Submitted<'a> {
+    endpoint: &'a str,
     input: Value,
     webhook: Option<String>,
     headers: Vec<(String, String)>,
-) -> Response {
+    fault: Option<String>,
+    received_at: SystemTime,
+}
+
+async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
+    let Submitted {
+        endpoint,
+        input,
+        webhook,
+        headers,
+        fault,
+        received_at,
+    } = submitted;
     let id = uuid::Uuid::now_v7().to_string();
     let prefix = app_prefix(endpoint);
     let position = {
@@ -330,7 +363,7 @@ async fn submit(
             .values()
             .filter(|r| r.endpoint == endpoint && r.phase == Phase::InQueue)
             .count();
-        let forced = inner.model_failures.pop_front();
+        let forced = EmulatorState::take_model_failure(&mut inner);
         inner.requests.insert(
             id.clone(),
             RequestSnapshot {
@@ -341,6 +374,10 @@ async fn submit(
                 webhook: webhook.clone(),
                 phase: Phase::InQueue,
                 outcome: None,
+                started: false,
+                cancelled: false,
+                submit_fault: fault,
+                received_at,
                 logs: Vec::new(),
                 inference_time: None,
                 seq,
@@ -461,6 +498,7 @@ fn advance(state: &EmulatorState, id: &str, from: Phase, to: Phase, log: &str) -
             return false;
         }
         req.phase = to;
+        req.started |= to == Phase::InProgress;
         req.logs.push(log_line(log));
     }
     state.bump();
@@ -640,6 +678,9 @@ fn cancel(state: &EmulatorState, prefix: &str, id: &str) -> Response {
     if req.phase == Phase::Completed {
         record_cancel(state, id, 400);
         return json_response(400, &json!({"status": "ALREADY_COMPLETED"}));
+    }
+    if let Some(req) = state.lock().requests.get_mut(id) {
+        req.cancelled = true;
     }
     // Queued requests leave the queue; running ones get the runner's 499.
     complete(

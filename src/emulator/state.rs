@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
-use rand::Rng as _;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -14,7 +15,9 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::EmulatorConfig;
-use super::faults::{CallbackFault, FaultRule, FaultTarget, HttpFault, ModelFailure};
+use super::faults::{
+    CallbackFault, FaultRates, FaultRule, FaultTarget, HttpFault, ModelFailure, pick,
+};
 use crate::fal::signature::jwk_for;
 
 /// Queue-then-run timing of one endpoint.
@@ -89,12 +92,63 @@ pub struct RequestSnapshot {
     pub webhook: Option<String>,
     pub phase: Phase,
     pub outcome: Option<Outcome>,
+    /// A runner took the request (it went IN_PROGRESS): from here on FAL bills it.
+    pub started: bool,
+    /// A client cancelled it (its outcome is then the 499 of a cancelled request).
+    pub cancelled: bool,
+    /// The fault its submit met, if any (e.g. `accept_then_reset`: the answer was lost).
+    pub submit_fault: Option<String>,
+    /// When its submit call arrived (before any delay a fault put on it).
+    pub received_at: SystemTime,
     pub logs: Vec<Value>,
     pub inference_time: Option<f64>,
     #[serde(skip)]
     pub(crate) seq: u64,
     #[serde(skip)]
     pub(crate) forced: Option<ModelFailure>,
+}
+
+/// How a request ended at FAL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RequestEnd {
+    /// Still queued or running.
+    Unfinished,
+    /// Completed with the model's output.
+    Ok,
+    /// Completed with an error: the model's verdict, with the status its result answers.
+    ModelError { status: u16 },
+    /// Cancelled by a client, in the queue or while running (see `ran`).
+    Cancelled,
+}
+
+/// One accepted request, as a test compares it with the job that sent it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub endpoint: String,
+    /// The job named by the webhook URL's path (`…/v1/fal/webhook/{job_id}?token=…`).
+    pub webhook_job_id: Option<String>,
+    /// A runner took it: the request was (or is being) carried out and billed, unlike one
+    /// cancelled while still queued.
+    pub ran: bool,
+    pub verdict: RequestEnd,
+    /// What its result URL answers: the output for `Ok`, the error body otherwise.
+    pub output: Option<Value>,
+    /// The fault its submit met, if any.
+    pub submit_fault: Option<String>,
+    /// When its submit call arrived (before any delay a fault put on it).
+    pub submitted_at: SystemTime,
+}
+
+/// The job id in a falgate webhook URL: the segment after `/fal/webhook/`.
+pub fn webhook_job_id(url: &str) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    let segments: Vec<&str> = parsed.path_segments()?.collect();
+    segments
+        .windows(3)
+        .find(|w| w[0] == "fal" && w[1] == "webhook" && !w[2].is_empty())
+        .map(|w| w[2].to_owned())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -216,6 +270,11 @@ pub(crate) struct Inner {
     pub releases: u64,
     pub finetunes: Vec<String>,
     pub tasks: Vec<AbortHandle>,
+    /// Set on shutdown: no background task starts any more.
+    pub closed: bool,
+    /// Multiplies callback retry waits.
+    pub time_scale: f64,
+    pub rates: Option<(FaultRates, StdRng)>,
 }
 
 pub(crate) struct Shared {
@@ -294,6 +353,12 @@ impl EmulatorState {
             releases: 0,
             finetunes: Vec::new(),
             tasks: Vec::new(),
+            closed: false,
+            time_scale: super::check_time_scale(config.time_scale).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "emulator time scale ignored; using 1");
+                1.0
+            }),
+            rates: None,
         };
         let base = config
             .public_base
@@ -344,20 +409,75 @@ impl EmulatorState {
         self.0.changed.subscribe()
     }
 
-    /// Spawns a background task that shutdown aborts.
+    /// Spawns a background task that shutdown aborts. After shutdown nothing starts: a
+    /// request finishing as the emulator stops must not send its callback afterwards.
     pub(crate) fn spawn<F>(&self, fut: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        let handle = tokio::spawn(fut).abort_handle();
         let mut inner = self.lock();
+        if inner.closed {
+            return;
+        }
+        let handle = tokio::spawn(fut).abort_handle();
         inner.tasks.retain(|t| !t.is_finished());
         inner.tasks.push(handle);
     }
 
     pub(crate) fn abort_tasks(&self) {
-        for t in self.lock().tasks.drain(..) {
+        let mut inner = self.lock();
+        inner.closed = true;
+        for t in inner.tasks.drain(..) {
             t.abort();
+        }
+    }
+
+    /// Background tasks (request timers, callback deliveries) not yet finished.
+    pub fn live_tasks(&self) -> usize {
+        self.lock()
+            .tasks
+            .iter()
+            .filter(|t| !t.is_finished())
+            .count()
+    }
+
+    /// The current multiplier of callback retry waits.
+    pub fn time_scale(&self) -> f64 {
+        self.lock().time_scale
+    }
+
+    /// Changes the multiplier of callback retry waits; waits already under way are
+    /// stretched or shrunk at once. Refuses anything but a number from 0 to
+    /// [`super::MAX_TIME_SCALE`].
+    pub fn set_time_scale(&self, scale: f64) -> Result<(), String> {
+        let scale = super::check_time_scale(scale)?;
+        self.lock().time_scale = scale;
+        self.bump();
+        Ok(())
+    }
+
+    /// Sleeps `wait` times the time scale, following changes of the scale while asleep.
+    pub(crate) async fn scaled_sleep(&self, wait: Duration) {
+        let start = tokio::time::Instant::now();
+        let mut changes = self.subscribe();
+        loop {
+            let scaled = Duration::try_from_secs_f64(wait.as_secs_f64() * self.time_scale())
+                .unwrap_or(Duration::MAX);
+            let deadline = start.checked_add(scaled);
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = sleep => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
         }
     }
 
@@ -406,6 +526,33 @@ impl EmulatorState {
         let mut all: Vec<_> = self.lock().requests.values().cloned().collect();
         all.sort_by_key(|r| r.seq);
         all
+    }
+
+    /// Every request accepted, in submit order: whose job it was, whether it ran, how it
+    /// ended and what it produced.
+    pub fn record(&self) -> Vec<RequestRecord> {
+        self.requests()
+            .into_iter()
+            .map(|r| {
+                let verdict = match &r.outcome {
+                    _ if r.phase != Phase::Completed => RequestEnd::Unfinished,
+                    None => RequestEnd::Unfinished,
+                    Some(_) if r.cancelled => RequestEnd::Cancelled,
+                    Some(o) if o.is_success() => RequestEnd::Ok,
+                    Some(o) => RequestEnd::ModelError { status: o.status },
+                };
+                RequestRecord {
+                    webhook_job_id: r.webhook.as_deref().and_then(webhook_job_id),
+                    ran: r.started,
+                    verdict,
+                    output: r.outcome.map(|o| o.body),
+                    submitted_at: r.received_at,
+                    request_id: r.id,
+                    endpoint: r.endpoint,
+                    submit_fault: r.submit_fault,
+                }
+            })
+            .collect()
     }
 
     /// Bytes of a file the emulator serves (uploads and model outputs), by its URL.
@@ -558,21 +705,41 @@ impl EmulatorState {
         }
     }
 
-    /// Disarms every fault.
+    /// Arms faults at random rates (replacing any rates armed before); counted faults keep
+    /// precedence. Refuses rates that do not add up (see [`FaultRates::validate`]).
+    pub fn set_fault_rates(&self, rates: FaultRates) -> Result<(), String> {
+        rates.validate()?;
+        let rng = StdRng::seed_from_u64(rates.seed);
+        self.lock().rates = Some((rates, rng));
+        Ok(())
+    }
+
+    /// Disarms every fault, counted and rated.
     pub fn clear_faults(&self) {
         let mut inner = self.lock();
         inner.http_faults.clear();
         inner.callback_faults.clear();
         inner.model_failures.clear();
+        inner.rates = None;
     }
 
-    /// Takes the next armed fault for `target`, decrementing its count.
+    /// Takes the next armed fault for `target`, decrementing its count; else draws one.
     pub(crate) fn take_fault(&self, target: FaultTarget) -> Option<HttpFault> {
         let mut inner = self.lock();
-        let idx = inner
+        let Some(idx) = inner
             .http_faults
             .iter()
-            .position(|r| r.target == target || r.target == FaultTarget::Any)?;
+            .position(|r| r.target == target || r.target == FaultTarget::Any)
+        else {
+            let (rates, rng) = inner.rates.as_mut()?;
+            let draw = rng.random::<f64>();
+            let matching = rates
+                .http
+                .iter()
+                .filter(|f| f.target == target || f.target == FaultTarget::Any)
+                .map(|f| (&f.fault, f.rate));
+            return pick(draw, matching).cloned();
+        };
         let rule = &mut inner.http_faults[idx];
         let fault = rule.fault.clone();
         rule.count = rule.count.saturating_sub(1);
@@ -580,6 +747,27 @@ impl EmulatorState {
             inner.http_faults.remove(idx);
         }
         Some(fault)
+    }
+
+    /// The fault for the next callback: an armed one, else a drawn one.
+    pub(crate) fn take_callback_fault(&self) -> Option<CallbackFault> {
+        let mut inner = self.lock();
+        if let Some(f) = inner.callback_faults.pop_front() {
+            return Some(f);
+        }
+        let (rates, rng) = inner.rates.as_mut()?;
+        let draw = rng.random::<f64>();
+        pick(draw, rates.callbacks.iter().map(|f| (&f.fault, f.rate))).cloned()
+    }
+
+    /// The forced failure of the next submitted request: an armed one, else a drawn one.
+    pub(crate) fn take_model_failure(inner: &mut Inner) -> Option<ModelFailure> {
+        if let Some(f) = inner.model_failures.pop_front() {
+            return Some(f);
+        }
+        let (rates, rng) = inner.rates.as_mut()?;
+        let draw = rng.random::<f64>();
+        pick(draw, rates.models.iter().map(|f| (&f.failure, f.rate))).cloned()
     }
 
     pub(crate) fn store_file(&self, name: &str, content_type: &str, bytes: Vec<u8>) -> String {

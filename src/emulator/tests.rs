@@ -700,6 +700,7 @@ async fn callback_retries_after_receiver_errors() {
 async fn callback_to_a_dead_receiver_gives_up_after_the_schedule() {
     let mut config = EmulatorConfig::fast();
     config.callback_retry_schedule = vec![Duration::from_millis(10); 2];
+    config.time_scale = 1.0;
     let e = env_with(config).await;
     // Bind then drop: nothing listens on this port any more.
     let dead = {
@@ -1220,4 +1221,348 @@ async fn shutdown_stops_serving() {
     emu.shutdown().await;
     let err = raw.get(url).send().await.unwrap_err();
     assert!(err.is_connect() || err.is_request(), "{err}");
+}
+
+#[test]
+fn callbacks_retry_ten_times_over_two_hours_by_default() {
+    let config = EmulatorConfig::default();
+    let schedule = &config.callback_retry_schedule;
+    assert_eq!(schedule.len(), 10, "FAL retries 10 times");
+    assert_eq!(schedule[0], Duration::from_secs(7));
+    assert!(schedule.windows(2).all(|w| w[1] == w[0] * 2));
+    let span: Duration = schedule.iter().sum();
+    assert_eq!(span, Duration::from_secs(7161));
+    assert!(span <= Duration::from_secs(2 * 3600) && span > Duration::from_secs(3600 + 1800));
+    assert_eq!(config.time_scale, 1.0);
+    assert_eq!(EmulatorConfig::fast().callback_retry_schedule, *schedule);
+}
+
+#[test]
+fn time_scales_are_checked() {
+    assert_eq!(parse_time_scale("0.001"), Ok(0.001));
+    assert_eq!(parse_time_scale(" 0 "), Ok(0.0));
+    for bad in ["-1", "nan", "inf", "1e9", "fast", ""] {
+        assert!(parse_time_scale(bad).is_err(), "{bad}");
+    }
+}
+
+/// A webhook receiver that answers 500 to everything, with the time each call came in.
+async fn failing_receiver() -> (Arc<Mutex<Vec<Instant>>>, Url) {
+    let hits: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let app = Router::new()
+        .route(
+            "/v1/fal/webhook/{job}",
+            post(|State(h): State<Arc<Mutex<Vec<Instant>>>>| async move {
+                h.lock().unwrap().push(Instant::now());
+                StatusCode::INTERNAL_SERVER_ERROR
+            }),
+        )
+        .with_state(hits.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let url = Url::parse(&format!("http://{addr}/v1/fal/webhook/job-1?token=t")).unwrap();
+    (hits, url)
+}
+
+#[tokio::test]
+async fn the_time_scale_shrinks_the_retry_window_and_keeps_its_shape() {
+    let mut config = EmulatorConfig::fast();
+    config.time_scale = 0.0002; // 7161 s become 1.43 s
+    let e = env_with(config).await;
+    let (hits, hook) = failing_receiver().await;
+    e.fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    let attempts = eventually("all 11 attempts", || {
+        let a = e.emu.callback_attempts();
+        (a.len() == 11).then_some(a)
+    })
+    .await;
+    assert_eq!(
+        attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+        (1..=11).collect::<Vec<_>>()
+    );
+    let at = hits.lock().unwrap().clone();
+    assert_eq!(at.len(), 11);
+    let span = at[10] - at[0];
+    assert!(
+        span >= Duration::from_millis(1432) && span < Duration::from_millis(4000),
+        "{span:?}"
+    );
+    // The last wait is half the window, as in FAL's two hours.
+    let last = at[10] - at[9];
+    assert!(
+        last >= Duration::from_millis(716) && last < Duration::from_millis(2000),
+        "{last:?}"
+    );
+    // No twelfth attempt: the schedule is over.
+    assert_eq!(e.emu.live_tasks(), 0);
+}
+
+#[tokio::test]
+async fn a_new_time_scale_applies_to_waits_under_way() {
+    let mut config = EmulatorConfig::fast();
+    config.time_scale = 1.0; // the first retry is 7 s away
+    let e = env_with(config).await;
+    let (hits, hook) = failing_receiver().await;
+    e.fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    eventually("the first attempt", || {
+        (hits.lock().unwrap().len() == 1).then_some(())
+    })
+    .await;
+    let set = |scale: Value| {
+        e.raw
+            .post(e.url("/_emulator/time-scale"))
+            .json(&json!({ "time_scale": scale }))
+            .send()
+    };
+    let refused = set(json!(-2)).await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let answer: Value = set(json!(0)).await.unwrap().json().await.unwrap();
+    assert_eq!(answer["time_scale"], 0.0);
+    // Well before the 7 s the first retry was due at, all ten have gone out.
+    eventually("the ten retries", || {
+        (hits.lock().unwrap().len() == 11).then_some(())
+    })
+    .await;
+    let at = hits.lock().unwrap().clone();
+    assert!(at[10] - at[0] < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn shutdown_stops_the_callback_retries_under_way() {
+    let mut config = EmulatorConfig::fast();
+    config.time_scale = 0.005; // retries after 35 ms, 70 ms, 140 ms, …
+    let e = env_with(config).await;
+    let (hits, hook) = failing_receiver().await;
+    e.fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    eventually("two attempts", || {
+        (hits.lock().unwrap().len() >= 2).then_some(())
+    })
+    .await;
+    let state = e.emu.state().clone();
+    e.emu.shutdown().await;
+    let seen = hits.lock().unwrap().len();
+    assert_eq!(state.live_tasks(), 0);
+    // Watch past the next retries' due times (at most 70 + 140 ms away): none comes.
+    let watch = Instant::now();
+    while watch.elapsed() < Duration::from_millis(600) {
+        assert_eq!(hits.lock().unwrap().len(), seen, "a retry after shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_record_says_whose_each_request_was_and_how_it_ended() {
+    let e = env().await;
+    let hook = |job: &str| {
+        Url::parse(&format!(
+            "http://127.0.0.1:9/base/v1/fal/webhook/{job}?token=abc"
+        ))
+        .unwrap()
+    };
+    let submit = |job: &'static str| {
+        let fal = e.fal.clone();
+        let url = hook(job);
+        async move {
+            fal.submit(
+                "fal-ai/flux-lora",
+                &json!({"prompt": job, "image_size": {"width": 64, "height": 64}}),
+                Some(&url),
+            )
+            .await
+        }
+    };
+    e.emu.set_all_durations(Durations::new(0, 0));
+    let ok = submit("job-ok").await.unwrap();
+    e.emu.fail_next_models(ModelFailure::new(422), 1);
+    let failed = submit("job-failed").await.unwrap();
+    e.wait_completed(ok.status_url.as_deref().unwrap()).await;
+    e.wait_completed(failed.status_url.as_deref().unwrap())
+        .await;
+    e.emu.set_all_durations(Durations::new(60_000, 60_000));
+    let queued = submit("job-queued").await.unwrap();
+    e.fal
+        .cancel(queued.cancel_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    e.emu.set_all_durations(Durations::new(0, 60_000));
+    let running = submit("job-running").await.unwrap();
+    eventually("a runner takes it", || {
+        e.emu
+            .request(&running.request_id)
+            .is_some_and(|r| r.phase == Phase::InProgress)
+            .then_some(())
+    })
+    .await;
+    e.fal
+        .cancel(running.cancel_url.as_deref().unwrap())
+        .await
+        .unwrap();
+    e.emu
+        .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
+    submit("job-lost-answer").await.unwrap_err();
+    let unanswered = submit("job-unfinished").await.unwrap();
+
+    let record = e.emu.record();
+    let by_job = |job: &str| {
+        record
+            .iter()
+            .find(|r| r.webhook_job_id.as_deref() == Some(job))
+            .unwrap_or_else(|| panic!("no request for {job}: {record:?}"))
+            .clone()
+    };
+    let r = by_job("job-ok");
+    assert_eq!(r.request_id, ok.request_id);
+    assert_eq!(r.endpoint, "fal-ai/flux-lora");
+    assert_eq!((r.ran, r.verdict), (true, RequestEnd::Ok));
+    let output = r.output.unwrap();
+    assert_eq!(output["images"][0]["width"], 64);
+    assert_eq!(
+        Some(output),
+        e.emu
+            .request(&ok.request_id)
+            .unwrap()
+            .outcome
+            .map(|o| o.body)
+    );
+    let r = by_job("job-failed");
+    assert_eq!(
+        (r.ran, r.verdict),
+        (true, RequestEnd::ModelError { status: 422 })
+    );
+    assert!(r.output.unwrap()["detail"].is_array());
+    let r = by_job("job-queued");
+    assert_eq!((r.ran, r.verdict), (false, RequestEnd::Cancelled));
+    let r = by_job("job-running");
+    assert_eq!((r.ran, r.verdict), (true, RequestEnd::Cancelled));
+    let r = by_job("job-lost-answer");
+    assert_eq!(r.submit_fault.as_deref(), Some("accept_then_reset"));
+    let r = by_job("job-unfinished");
+    assert_eq!(r.request_id, unanswered.request_id);
+    assert_eq!(
+        (r.verdict, r.output.is_none()),
+        (RequestEnd::Unfinished, true)
+    );
+    assert!(r.submitted_at <= std::time::SystemTime::now());
+    assert_eq!(record.len(), 6);
+
+    let over_http: Value = e
+        .raw
+        .get(e.url("/_emulator/record"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(over_http.as_array().unwrap().len(), 6);
+    assert_eq!(over_http[0]["webhook_job_id"], "job-ok");
+    assert_eq!(over_http[0]["verdict"], json!({"kind": "ok"}));
+}
+
+#[test]
+fn webhook_urls_name_their_job() {
+    use super::state::webhook_job_id;
+    assert_eq!(
+        webhook_job_id("https://gw.example/v1/fal/webhook/0190-ab?token=x").as_deref(),
+        Some("0190-ab")
+    );
+    assert_eq!(
+        webhook_job_id("http://127.0.0.1:8080/prefix/v1/fal/webhook/j/").as_deref(),
+        Some("j")
+    );
+    assert_eq!(webhook_job_id("http://h/hook?token=abc"), None);
+    assert_eq!(webhook_job_id("not a url"), None);
+}
+
+/// Which of `n` status calls a fault refused, under fault rates seeded with `seed`.
+async fn refused_statuses(seed: u64, n: usize) -> Vec<bool> {
+    let e = env().await;
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
+        .await
+        .unwrap();
+    let rates: FaultRates = serde_json::from_value(json!({
+        "seed": seed,
+        "http": [{"target": "status", "kind": "status", "status": 503, "rate": 0.3},
+                 {"target": "status", "kind": "status", "status": 500, "rate": 0.2}],
+    }))
+    .unwrap();
+    e.emu.set_fault_rates(rates).unwrap();
+    let mut refused = Vec::new();
+    for _ in 0..n {
+        let answer = e
+            .raw
+            .get(sub.status_url.as_deref().unwrap())
+            .header("authorization", e.auth())
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        assert!(matches!(status, 200 | 202 | 500 | 503), "{status}");
+        refused.push(status >= 500);
+    }
+    // Lifted: every call goes through again.
+    e.emu.clear_faults();
+    let answer = e
+        .raw
+        .get(sub.status_url.as_deref().unwrap())
+        .header("authorization", e.auth())
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    refused
+}
+
+#[tokio::test]
+async fn fault_rates_are_drawn_from_their_seed() {
+    let first = refused_statuses(42, 200).await;
+    let again = refused_statuses(42, 200).await;
+    assert_eq!(first, again, "the same seed draws the same faults");
+    let hits = first.iter().filter(|r| **r).count();
+    assert!((60..=140).contains(&hits), "about half refused: {hits}");
+    assert_ne!(refused_statuses(43, 200).await, first);
+}
+
+#[tokio::test]
+async fn rated_model_and_callback_faults_apply_and_bad_rates_are_refused() {
+    let e = env().await;
+    let (rx, hook) = Receiver::start().await;
+    let answer = e
+        .raw
+        .post(e.url("/_emulator/fault-rates"))
+        .json(&json!({"seed": 1, "models": [{"status": 422, "rate": 0.7}, {"status": 500, "rate": 0.7}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 422);
+    let answer = e
+        .raw
+        .post(e.url("/_emulator/fault-rates"))
+        .json(&json!({"seed": 1, "models": [{"status": 422, "rate": 1.0}],
+                      "callbacks": [{"kind": "duplicate", "rate": 1.0}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let sub = e
+        .fal
+        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
+        .await
+        .unwrap();
+    eventually("both deliveries", || (rx.hits().len() == 2).then_some(())).await;
+    let record = e.emu.record();
+    assert_eq!(record[0].request_id, sub.request_id);
+    assert_eq!(record[0].verdict, RequestEnd::ModelError { status: 422 });
 }

@@ -4,6 +4,7 @@ mod support;
 
 mod auth;
 mod avatars;
+mod chaos;
 mod cli;
 mod crash;
 mod errors;
