@@ -13,6 +13,10 @@ use axum::routing::post;
 use reqwest::Url;
 use serde_json::{Value, json};
 
+/// These tests read whatever the result answers as FAL's own word.
+const ANY_END: crate::fal::client::ReportedEnd =
+    crate::fal::client::ReportedEnd::Failed { error_type: None };
+
 use super::*;
 use crate::fal::signature::{self, InvalidReason, WebhookHeaders, parse_jwks};
 use crate::fal::wire::{CallbackBody, CallbackStatus, QueueState, python_json};
@@ -187,7 +191,7 @@ async fn submit_status_result_and_real_png() {
 
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     else {
@@ -285,7 +289,7 @@ async fn url_forms_trailing_slash_and_response_alias() {
     }
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     else {
@@ -351,7 +355,7 @@ async fn cancel_result_before_completion_and_unknown() {
         .unwrap();
     let err = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap_err();
     assert_eq!(err.kind, FalErrorKind::NotReady);
@@ -385,7 +389,7 @@ async fn cancel_result_before_completion_and_unknown() {
     assert_eq!(s.error_type.as_deref(), Some("client_cancelled"));
     match e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     {
@@ -441,7 +445,7 @@ async fn validation_error_completes_with_422() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::ModelError { status, body, .. } = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     else {
@@ -524,7 +528,7 @@ async fn storage_roundtrip_and_trainer_download() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     else {
@@ -568,7 +572,7 @@ async fn storage_roundtrip_and_trainer_download() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     match e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     {
@@ -592,7 +596,7 @@ async fn storage_roundtrip_and_trainer_download() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     else {
@@ -743,7 +747,7 @@ async fn model_failure_injection() {
     assert_eq!(s.error_type.as_deref(), Some("internal_error"));
     match e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     {
@@ -770,7 +774,7 @@ async fn model_failure_injection() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     assert!(matches!(
         e.fal
-            .result(sub.response_url.as_deref().unwrap(), true)
+            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
             .await
             .unwrap(),
         ModelResult::Output(_)
@@ -888,7 +892,7 @@ async fn status_and_result_faults() {
     });
     let err = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap_err();
     assert!(
@@ -897,7 +901,7 @@ async fn status_and_result_faults() {
     );
     assert!(matches!(
         e.fal
-            .result(sub.response_url.as_deref().unwrap(), true)
+            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
             .await
             .unwrap(),
         ModelResult::Output(_)
@@ -1141,7 +1145,7 @@ async fn control_api_over_http() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     assert!(matches!(
         e.fal
-            .result(sub.response_url.as_deref().unwrap(), true)
+            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
             .await
             .unwrap(),
         ModelResult::ModelError { status: 422, .. }
@@ -1190,7 +1194,7 @@ async fn control_api_over_http() {
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let ModelResult::Output(out) = e
         .fal
-        .result(sub.response_url.as_deref().unwrap(), true)
+        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
         .await
         .unwrap()
     else {

@@ -432,13 +432,13 @@ impl FalClient {
 
     /// `GET response_url`: the model's output, or its error replayed by FAL.
     ///
-    /// A 5xx is FAL's verdict on the model only when FAL has said the request failed
-    /// (`reported_failed`: its COMPLETED status carried an error). Otherwise it is an outage
-    /// of this call, answered as a retryable error: the result is still there to fetch.
+    /// A 5xx is FAL's verdict on the model only when FAL's COMPLETED status said the request
+    /// failed, and with the same error type when it named one. Otherwise it is an outage of
+    /// this call, answered as a retryable error: the result is still there to fetch.
     pub async fn result(
         &self,
         response_url: &str,
-        reported_failed: bool,
+        reported: &ReportedEnd,
     ) -> Result<ModelResult, FalError> {
         let url = self.queue_url(response_url)?;
         let resp = self
@@ -466,7 +466,7 @@ impl FalClient {
         let about_the_call = err.kind == FalErrorKind::NotReady
             || matches!(status.as_u16(), 401 | 403 | 404 | 405 | 408 | 429)
             || (json.is_none() && err.retryable())
-            || (status.is_server_error() && !reported_failed);
+            || (status.is_server_error() && !reported.explains(err.error_type.as_deref()));
         if about_the_call && status.is_server_error() {
             let mut err = err;
             // Retryable whatever the code: the request is done, only this answer failed.
@@ -775,6 +775,29 @@ pub fn requests_base(queue_base: &Url, endpoint: &str) -> String {
         queue_base.as_str().trim_end_matches('/'),
         app_prefix(endpoint)
     )
+}
+
+/// How FAL's COMPLETED status said a request ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ReportedEnd {
+    /// No error on the status: the result holds the output.
+    #[default]
+    Succeeded,
+    /// The status carried an error, of this type when it named one.
+    Failed { error_type: Option<String> },
+}
+
+impl ReportedEnd {
+    /// Whether a failed result answer with `error_type` is the failure the status reported.
+    fn explains(&self, error_type: Option<&str>) -> bool {
+        match self {
+            Self::Succeeded => false,
+            Self::Failed { error_type: None } => true,
+            Self::Failed {
+                error_type: Some(reported),
+            } => error_type == Some(reported.as_str()),
+        }
+    }
 }
 
 /// Where to ask FAL about one request.

@@ -6,7 +6,7 @@
 use super::{after, deadline, job_error, wait_for_work};
 use crate::app::AppState;
 use crate::domain::job::{EventSource, JobEvent, JobKind};
-use crate::fal::client::{CancelOutcome, FalErrorKind, ModelResult, RequestUrls};
+use crate::fal::client::{CancelOutcome, FalErrorKind, ModelResult, ReportedEnd, RequestUrls};
 use crate::fal::wire::{QueueState, model_error};
 use crate::store::{ClaimKind, ErrorChange, Job, JobError, Transition};
 use chrono::{DateTime, Utc};
@@ -71,8 +71,14 @@ async fn look_at_fal(state: &AppState, job: Job, now: DateTime<Utc>) {
     match state.fal.status(&urls.status, false).await {
         Ok(status) => match status.status {
             QueueState::Completed => {
-                let reported_failed = status.error.is_some() || status.error_type.is_some();
-                fetch_result(state, &job, &urls.response, reported_failed, now).await
+                let reported = if status.error.is_some() || status.error_type.is_some() {
+                    ReportedEnd::Failed {
+                        error_type: status.error_type.clone(),
+                    }
+                } else {
+                    ReportedEnd::Succeeded
+                };
+                fetch_result(state, &job, &urls.response, &reported, now).await
             }
             QueueState::InQueue | QueueState::InProgress if overdue => {
                 fail_overdue(state, &job).await
@@ -134,11 +140,11 @@ async fn fetch_result(
     state: &AppState,
     job: &Job,
     response_url: &str,
-    reported_failed: bool,
+    reported: &ReportedEnd,
     now: DateTime<Utc>,
 ) {
     let overdue = now > after(job.created_at, deadline(state, job.kind));
-    match state.fal.result(response_url, reported_failed).await {
+    match state.fal.result(response_url, reported).await {
         Ok(ModelResult::Output(output)) => {
             let news = Transition::new(JobEvent::Succeeded, EventSource::Reconciler, now)
                 .with_result(output)

@@ -377,3 +377,24 @@ backend_test!(
         );
     }
 );
+
+backend_test!(
+    a_cancelled_request_whose_result_call_fails_once_still_ends_canceled,
+    |config| {
+        config.workers.callback_grace = Duration::from_millis(100);
+    },
+    |app| {
+        // Running at FAL when the client cancels; FAL's cancellation callback is lost, and
+        // the first look at the result meets an outage with an error type of its own.
+        app.fal.set_all_durations(Durations::new(0, 30_000));
+        let id = submit(&app, "cancelled while drawing").await;
+        app.wait_for_status(&id, "running").await;
+        app.fal.inject_callback_fault(CallbackFault::Drop, 1);
+        app.fal
+            .inject_fault(fault(FaultTarget::Result, FaultRule::status(503), 1));
+        app.cancel(&id).await;
+        let job = app.wait_for_status(&id, "canceled").await;
+        assert!(job["error"].is_null(), "{job}");
+        assert!(job["result"].is_null());
+    }
+);
