@@ -8,6 +8,7 @@ pub mod fal_webhook;
 pub mod generations;
 pub mod idempotency;
 pub mod jobs;
+pub mod linger;
 pub mod ops;
 pub mod paging;
 pub mod photos;
@@ -101,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies read whole are held to `body_limit`; photo uploads and callbacks stream their
         // bodies under limits of their own.
+        .layer(middleware::from_fn(linger::drain_refused_bodies))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::Extension(BodyLimit(body_limit)))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
