@@ -198,16 +198,9 @@ struct Server {
 impl Server {
     fn new(database_url: &str, fal: &EmulatorHandle, storage: &std::path::Path) -> Self {
         let port = free_port();
-        let env = vec![
+        let mut env = spawned_server_env(database_url, fal, port);
+        env.extend([
             ("FALGATE_STORAGE_DIR", storage.display().to_string()),
-            ("DATABASE_URL", database_url.to_owned()),
-            ("FALGATE_LISTEN", format!("127.0.0.1:{port}")),
-            ("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}")),
-            ("FALGATE_WEBHOOK_SECRET", TEST_WEBHOOK_SECRET.to_owned()),
-            ("FAL_KEY", EmulatorConfig::default().key.expose().to_owned()),
-            ("FAL_QUEUE_URL", fal.base_url().to_string()),
-            ("FAL_REST_URL", fal.base_url().to_string()),
-            ("FAL_JWKS_URL", fal.jwks_url().to_string()),
             ("FALGATE_JWKS_MIN_REFETCH_SECS", "0".into()),
             // Short enough to settle in seconds, long enough for FAL's (scaled) answers.
             ("FALGATE_CALLBACK_GRACE_SECS", "1".into()),
@@ -224,8 +217,7 @@ impl Server {
                 UNCONFIRMED_TRAINING_WAIT.as_secs().to_string(),
             ),
             ("FALGATE_MIN_PHOTOS", PHOTOS.to_string()),
-            ("RUST_LOG", "warn".into()),
-        ];
+        ]);
         let log = std::env::temp_dir().join(format!(
             "falgate-chaos-{}.log",
             uuid::Uuid::new_v4().simple()
@@ -279,13 +271,6 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Photos per avatar (the server is told this is enough to train).

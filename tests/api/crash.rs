@@ -9,13 +9,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tokio::process::{Child, Command};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 fn start_server(database_url: &str, fal: &falgate::emulator::EmulatorHandle, port: u16) -> Child {
     start_server_with(database_url, fal, port, &[])
 }
@@ -28,21 +21,12 @@ fn start_server_with(
 ) -> Child {
     Command::new(env!("CARGO_BIN_EXE_falgate"))
         .arg("serve")
-        .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
-        .env("DATABASE_URL", database_url)
-        .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
-        .env("FALGATE_WEBHOOK_SECRET", TEST_WEBHOOK_SECRET)
-        .env("FAL_KEY", EmulatorConfig::default().key.expose())
-        .env("FAL_QUEUE_URL", fal.base_url().as_str())
-        .env("FAL_REST_URL", fal.base_url().as_str())
-        .env("FAL_JWKS_URL", fal.jwks_url().as_str())
+        .envs(spawned_server_env(database_url, fal, port))
         .env("FALGATE_JWKS_MIN_REFETCH_SECS", "0")
         .env("FALGATE_CALLBACK_GRACE_SECS", "1")
         .env("FALGATE_LEASE_SECS", "2")
         // A submit cut off by the kill waits this long for its callback before it is resent.
         .env("FALGATE_UNCONFIRMED_SUBMIT_WAIT_SECS", "2")
-        .env("RUST_LOG", "warn")
         .envs(settings.iter().copied())
         .kill_on_drop(true)
         .spawn()

@@ -195,13 +195,6 @@ backend_test!(
     }
 );
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A `falgate serve` process, killed when dropped.
 struct Spawned {
     child: tokio::process::Child,
@@ -223,16 +216,7 @@ impl Spawned {
             .arg("-c")
             .arg(format!("{shell_prefix} exec \"$0\" serve"))
             .arg(env!("CARGO_BIN_EXE_falgate"))
-            .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
-            .env("DATABASE_URL", database_url)
-            .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
-            .env("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
-            .env("FALGATE_WEBHOOK_SECRET", TEST_WEBHOOK_SECRET)
-            .env("FAL_KEY", EmulatorConfig::default().key.expose())
-            .env("FAL_QUEUE_URL", fal.base_url().as_str())
-            .env("FAL_REST_URL", fal.base_url().as_str())
-            .env("FAL_JWKS_URL", fal.jwks_url().as_str())
-            .env("RUST_LOG", "warn")
+            .envs(spawned_server_env(database_url, fal, port))
             .kill_on_drop(true);
         for (name, value) in env {
             command.env(name, value);

@@ -402,3 +402,36 @@ macro_rules! backend_test {
 pub fn shared_scratch_dir() -> std::path::PathBuf {
     std::env::temp_dir().join("falgate-test-files")
 }
+
+/// A port nobody listens on now, for a spawned server.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The environment of a spawned `falgate serve` on `port`: its database, FAL at `fal`, callbacks
+/// to itself signed with the test secret, files in the shared scratch directory. A test's own
+/// settings go after these and win.
+pub fn spawned_server_env(
+    database_url: &str,
+    fal: &EmulatorHandle,
+    port: u16,
+) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "FALGATE_STORAGE_DIR",
+            shared_scratch_dir().display().to_string(),
+        ),
+        ("DATABASE_URL", database_url.to_owned()),
+        ("FALGATE_LISTEN", format!("127.0.0.1:{port}")),
+        ("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}")),
+        ("FALGATE_WEBHOOK_SECRET", TEST_WEBHOOK_SECRET.to_owned()),
+        ("FAL_KEY", EmulatorConfig::default().key.expose().to_owned()),
+        ("FAL_QUEUE_URL", fal.base_url().to_string()),
+        ("FAL_REST_URL", fal.base_url().to_string()),
+        ("FAL_JWKS_URL", fal.jwks_url().to_string()),
+        ("RUST_LOG", "warn".to_owned()),
+    ]
+}
