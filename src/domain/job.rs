@@ -258,8 +258,8 @@ pub fn decide(current: JobStatus, event: JobEvent) -> Decision {
 
 /// [`decide`] for a job that may have a request at FAL we never heard of (its submit was
 /// sent and no answer recorded). Such a pending job cannot be cancelled on the spot: the
-/// cancel is kept, and passed on to FAL once the request is known, or confirmed once it is
-/// certain that FAL has none.
+/// cancel is kept, and passed on to FAL once a callback names the request, or confirmed once
+/// the wait for such a callback is over (or the submit is known never to have reached FAL).
 pub fn decide_for(current: JobStatus, submit_in_doubt: bool, event: JobEvent) -> Decision {
     match (current, event) {
         (JobStatus::Pending, JobEvent::CancelRequested) if submit_in_doubt => {

@@ -36,7 +36,7 @@ impl PhotoFormat {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Jpeg => "JPEG",
             Self::Png => "PNG",

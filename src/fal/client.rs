@@ -231,13 +231,10 @@ impl FalError {
         e.user_timeout = header_str("x-fal-request-timeout-type")
             .is_some_and(|v| v.eq_ignore_ascii_case("user"));
         e.fal_request_id = header_str("x-fal-request-id");
-        // 500/502/504 can come from a gateway after the request was forwarded; 4xx and
-        // 503 are refusals before any work was queued. So is an error page of FAL's ingress
-        // (nginx's own page, no request id): FAL's clients retry exactly those freely.
-        let ingress_page = e.fal_request_id.is_none()
-            && parsed.is_none()
-            && String::from_utf8_lossy(body).contains("nginx");
-        e.may_have_reached_fal = matches!(status.as_u16(), 500 | 502 | 504) && !ingress_page;
+        // 500/502/504 can come from a gateway after the request was forwarded, an error page
+        // of FAL's ingress included (a 504 there means the queue did not answer in time, not
+        // that it did nothing); 4xx and 503 are refusals before any work was queued.
+        e.may_have_reached_fal = matches!(status.as_u16(), 500 | 502 | 504);
         e
     }
 }
@@ -909,12 +906,11 @@ mod tests {
             Some("body.prompt: Field required")
         );
 
-        // FAL's ingress refused it: nothing was queued (FAL's Python client retries these).
+        // A gateway error, FAL's ingress page included, may hide a queued request.
         let e = http_error(502, &[], "<html><center>nginx</center></html>");
-        assert!(e.retryable() && !e.may_have_reached_fal && e.fal_request_id.is_none());
-        // Past the ingress, a gateway error may hide a queued request.
-        let e = http_error(502, &[], r#"{"detail": "Bad gateway"}"#);
-        assert!(e.retryable() && e.may_have_reached_fal);
+        assert!(e.retryable() && e.may_have_reached_fal && e.fal_request_id.is_none());
+        let e = http_error(500, &[], r#"{"detail": "Internal server error"}"#);
+        assert!(e.may_have_reached_fal);
 
         let e = http_error(400, &[], r#"{"detail": "Request is still in progress"}"#);
         assert_eq!(e.kind, FalErrorKind::NotReady);

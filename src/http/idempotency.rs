@@ -23,6 +23,15 @@ const ABANDONED_AFTER: TimeDelta = TimeDelta::seconds(10);
 /// How often a request still at work renews its claim (well within [`ABANDONED_AFTER`]).
 const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The task renewing a claim; it stops when the request's work ends, or is dropped with it.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The optional `Idempotency-Key` header, validated.
 pub struct MaybeIdempotencyKey(pub Option<IdempotencyKey>);
 
@@ -148,21 +157,24 @@ where
         tenant,
         key: Some(key.clone()),
     };
-    let work = work(scope);
-    tokio::pin!(work);
-    let mut renew = tokio::time::interval(RENEW_EVERY);
-    renew.tick().await;
-    let outcome = loop {
-        tokio::select! {
-            outcome = &mut work => break outcome,
-            _ = renew.tick() => {
+    // Renewed beside the work, never in its way: the work may hold the very row (or, on
+    // SQLite, the write lock) that a renewal waits for.
+    let renewal = Renewal(tokio::spawn({
+        let (store, key) = (store.clone(), key.as_str().to_owned());
+        async move {
+            let mut every = tokio::time::interval(RENEW_EVERY);
+            every.tick().await;
+            loop {
+                every.tick().await;
                 let now = crate::domain::now();
-                if let Err(err) = store.renew_idempotency_key(tenant, key.as_str(), now).await {
+                if let Err(err) = store.renew_idempotency_key(tenant, &key, now).await {
                     tracing::warn!(error = %err, "could not renew an idempotency key's claim");
                 }
             }
         }
-    };
+    }));
+    let outcome = work(scope).await;
+    drop(renewal);
     match outcome {
         Ok(response) => response.into_response(false),
         Err(err) => {

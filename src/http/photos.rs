@@ -304,14 +304,21 @@ async fn check_received(
         .acquire_owned()
         .await
         .map_err(ApiError::internal)?;
-    let decoded = tokio::task::spawn_blocking(move || {
+    let decoded = match tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let file = std::fs::File::open(path)?;
         Ok::<_, std::io::Error>(decode_photo(std::io::BufReader::new(file), format, limits))
     })
     .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    {
+        Ok(decoded) => decoded.map_err(ApiError::internal)?,
+        // A decoder that panics on a file has met a file it cannot read: the file's fault.
+        Err(err) if err.is_panic() => Err(PhotoProblem::Damaged {
+            format: format.name(),
+            reason: "the decoder could not read it".into(),
+        }),
+        Err(err) => return Err(ApiError::internal(err)),
+    };
     Ok(decoded.map(|picture| CheckedPhoto {
         format,
         width: picture.width,

@@ -41,6 +41,9 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
 
+/// The largest request head (request line and headers) a connection may buffer.
+const MAX_HEAD_BYTES: usize = 64 << 10;
+
 /// Connections beyond the cap that may still ask for `/healthz` and `/readyz` while every
 /// capped connection has a request in flight.
 const PROBE_RESERVE: usize = 8;
@@ -515,7 +518,12 @@ async fn serve_connection(
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     // The supervisor keeps the header deadline; hyper's own would also cut idle connections.
-    builder.header_read_timeout(None).keep_alive(!probes_only);
+    builder
+        .header_read_timeout(None)
+        .keep_alive(!probes_only)
+        // A request head larger than this is refused (431): hyper's default lets each of a
+        // thousand unauthenticated connections hold about 400 KiB.
+        .max_buf_size(MAX_HEAD_BYTES);
     let mut connection = pin!(builder.serve_connection(io, service));
     let limits = &shared.limits;
     let mut closing = false;

@@ -455,6 +455,9 @@ impl Store {
         let mut update = JobUpdate::of(job, at);
         update.submit_mark = SubmitMark::Set(at);
         update.touch = false;
+        // Only while this claim is the latest: a worker that stalled past its lease must not
+        // send beside the one that took the job over.
+        update.expect_attempts = Some(job.attempts);
         self.update_job(&update).await
     }
 
@@ -870,6 +873,102 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn store_with_a_pending_job() -> (Store, Job, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("falgate-store-{}.db", Uuid::now_v7()));
+        let store = Store::connect(
+            &format!("sqlite:{}", path.display()),
+            &StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let (key, _) = store.issue_api_key("t").await.unwrap();
+        let new = NewJob {
+            id: Uuid::now_v7(),
+            tenant: key.id,
+            kind: JobKind::Raw,
+            avatar_id: None,
+            batch_id: None,
+            endpoint: "fal-ai/flux-lora".into(),
+            input: serde_json::json!({"prompt": "p"}),
+            sandbox: false,
+            idempotency_key: None,
+            created_at: crate::domain::now(),
+        };
+        let job = store.create_jobs(&[new], None).await.unwrap().remove(0);
+        (store, job, path)
+    }
+
+    async fn forget(store: Store, path: std::path::PathBuf) {
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_write_decided_before_a_submit_left_does_not_land_after_it() {
+        let (store, read_before, path) = store_with_a_pending_job().await;
+        let now = crate::domain::now();
+        store
+            .mark_submit_sent(&read_before, now)
+            .await
+            .unwrap()
+            .unwrap();
+        // A cancel decided on the read from before the mark: the job is no longer as read.
+        let mut cancel = JobUpdate::of(&read_before, now);
+        cancel.status = JobStatus::Canceled;
+        assert!(store.update_job(&cancel).await.unwrap().is_none());
+        // Decided again on a fresh read, the cancel is only recorded.
+        let transition = Transition::new(JobEvent::CancelRequested, EventSource::Api, now);
+        let applied = store
+            .apply(None, read_before.id, &transition)
+            .await
+            .unwrap();
+        let applied = applied.unwrap();
+        assert_eq!(applied.decision, Decision::RecordCancelRequest);
+        assert_eq!(applied.job.status, JobStatus::Pending);
+        forget(store, path).await;
+    }
+
+    #[tokio::test]
+    async fn only_the_latest_claim_may_mark_a_submit_as_sent() {
+        let (store, job, path) = store_with_a_pending_job().await;
+        let now = crate::domain::now();
+        let lease = Duration::from_millis(1);
+        let stalled = store
+            .claim_jobs(ClaimKind::Submit, now, lease, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        // Its lease runs out; another worker claims the job and sends it.
+        let later = now + chrono::TimeDelta::seconds(1);
+        let current = store
+            .claim_jobs(ClaimKind::Submit, later, lease, 1)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(current.attempts, stalled.attempts + 1);
+        // The stalled worker wakes up first: it may no longer send.
+        assert!(
+            store
+                .mark_submit_sent(&stalled, later)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .mark_submit_sent(&current, later)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let marked = store.get_job(job.tenant, job.id).await.unwrap().unwrap();
+        assert!(marked.submit_sent_at.is_some());
+        forget(store, path).await;
+    }
 
     #[test]
     fn passwords_never_reach_error_messages() {

@@ -68,7 +68,9 @@ mod sql {
         started_at = CASE WHEN $3::text = 'running' THEN COALESCE(started_at, $4) \
         ELSE started_at END, \
         finished_at = CASE WHEN $15::boolean THEN COALESCE(finished_at, $4) ELSE finished_at END \
-        WHERE id = $1 AND status = $2 AND fal_request_id IS NOT DISTINCT FROM $20::text";
+        WHERE id = $1 AND status = $2 AND fal_request_id IS NOT DISTINCT FROM $20::text \
+        AND (submit_sent_at IS NULL) = $24::boolean \
+        AND ($25::int4 IS NULL OR attempts = $25::int4)";
     pub const CLAIM_SUBMIT: &str = concat!(
         "UPDATE jobs SET lease_until = $2, attempts = attempts + 1 WHERE id IN (\
         SELECT id FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \

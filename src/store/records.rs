@@ -161,6 +161,12 @@ pub(crate) struct JobUpdate {
     pub avatar: Option<AvatarOutcome>,
     pub expect_status: JobStatus,
     pub expect_request_id: Option<String>,
+    /// Whether the job was read with a submit in doubt: a write decided without knowing of
+    /// one (a cancel, say) must not land once a submit has left.
+    pub expect_submit_sent: bool,
+    /// The claim the write belongs to (`attempts` counts claims), for a write that only the
+    /// current holder of a submit claim may make.
+    pub expect_attempts: Option<i32>,
     pub status: JobStatus,
     pub at: DateTime<Utc>,
     pub fal: Option<FalRequest>,
@@ -191,6 +197,8 @@ impl JobUpdate {
             avatar: None,
             expect_status: job.status,
             expect_request_id: job.fal_request_id.clone(),
+            expect_submit_sent: job.submit_sent_at.is_some(),
+            expect_attempts: None,
             status: job.status,
             at,
             fal: None,

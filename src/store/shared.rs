@@ -589,6 +589,8 @@ macro_rules! shared_store_methods {
                 SubmitMark::Set(at) => Some(at),
                 SubmitMark::Keep | SubmitMark::Clear => None,
             })
+            .bind(!update.expect_submit_sent)
+            .bind(update.expect_attempts)
             .execute(&mut *tx)
             .await?
             .rows_affected();

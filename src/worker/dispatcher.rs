@@ -2,7 +2,7 @@
 //! of submits in flight; retries what FAL may accept later (429, 5xx, timeouts) with backoff
 //! until the submit deadline, and fails at once what FAL refuses, with FAL's detail.
 
-use super::{after, job_error, wait_for_work};
+use super::{after, deadline, job_error, wait_for_work};
 use crate::app::AppState;
 use crate::domain::job::{EventSource, JobEvent, JobKind};
 use crate::fal::client::{CancelOutcome, FalError};
@@ -103,54 +103,32 @@ async fn submit(state: &AppState, job: Job) {
                 response_url: answer.response_url,
                 cancel_url: answer.cancel_url,
             };
-            let first_look = if webhook.is_some() {
-                state.config.workers.callback_grace
-            } else {
-                Duration::from_millis(500)
-            };
-            match record(state, &job, &request, first_look).await {
-                Ok(Submission::Recorded { .. }) => {
-                    tracing::info!(fal_request_id = %request.request_id, "submitted to FAL");
-                    // The reconciler may be asleep until a later job's time: let it see this one.
-                    state.wake.reconciler.notify_one();
-                }
-                Ok(Submission::Superseded { job }) => {
-                    tracing::warn!(
-                        surplus = %request.request_id,
-                        kept = job.fal_request_id.as_deref().unwrap_or_default(),
-                        "a second FAL request for one job; cancelling the surplus one"
-                    );
-                    withdraw(state, &job.endpoint, &request).await;
-                }
-                Ok(Submission::JobEnded { job }) => {
-                    tracing::info!(status = %job.status, "job ended while it was being submitted; withdrawing it from FAL");
-                    withdraw(state, &job.endpoint, &request).await;
-                }
-                Ok(Submission::JobGone) => withdraw(state, &job.endpoint, &request).await,
-                Err(err) => {
-                    // FAL has the request but we could not write that down. The mark stays: the
-                    // request's callback will name it, and the job adopts it then.
-                    tracing::error!(error = %err, fal_request_id = %request.request_id, "could not record a submission; its callback will bring it");
-                }
-            }
+            take_request(state, &job, request, webhook.is_some()).await;
         }
-        Err(err)
-            if err.retryable()
-                && err.status.is_some()
-                && err.fal_request_id.is_some()
-                && err.may_have_reached_fal =>
-        {
-            // A gateway error that names FAL's request: FAL has it. Follow that request rather
-            // than run the job twice; its callback (or the deadline) ends the job.
-            let request = FalRequest {
-                request_id: err.fal_request_id.clone().unwrap_or_default(),
-                ..FalRequest::default()
-            };
-            tracing::warn!(fal_request_id = %request.request_id, status = ?err.status, "FAL queued the job but its answer failed; following that request");
-            if let Err(store_err) =
-                record(state, &job, &request, state.config.workers.callback_grace).await
-            {
-                tracing::error!(error = %store_err, "could not record a submission");
+        Err(err) if err.may_have_reached_fal && err.fal_request_id.is_some() => {
+            // A gateway error naming a request: FAL's word that it queued one, or only the id of
+            // the failed call. FAL itself tells which.
+            let request_id = err.fal_request_id.clone().unwrap_or_default();
+            let urls = state.fal.request_urls(&job.endpoint, &request_id);
+            match state.fal.status(&urls.status, false).await {
+                Ok(_) => {
+                    tracing::warn!(fal_request_id = %request_id, status = ?err.status, "FAL queued the job but its answer failed; following that request");
+                    let request = FalRequest {
+                        request_id,
+                        status_url: Some(urls.status),
+                        response_url: Some(urls.response),
+                        cancel_url: Some(urls.cancel),
+                    };
+                    take_request(state, &job, request, webhook.is_some()).await;
+                }
+                // FAL holds no such request: the submit was refused before it was queued.
+                Err(status_err) if status_err.status == Some(404) => {
+                    retry_later(state, &job, &err, sent_at).await
+                }
+                Err(_) => {
+                    let why = format!("the submit's answer was lost: {}", err.message);
+                    unconfirmed(state, &job, sent_at, &why, Some(&err)).await;
+                }
             }
         }
         Err(err) if err.may_have_reached_fal => {
@@ -164,6 +142,45 @@ async fn submit(state: &AppState, job: Job) {
             }
             tracing::warn!(status = ?err.status, error = %err.message, "FAL refused the job");
             fail(state, &job, job_error(&err)).await;
+        }
+    }
+}
+
+/// Records the request FAL holds for a job, withdrawing it when the job cannot take it.
+async fn take_request(state: &AppState, job: &Job, request: FalRequest, with_callback: bool) {
+    let first_look = if with_callback {
+        state.config.workers.callback_grace
+    } else {
+        Duration::from_millis(500)
+    };
+    match record(state, job, &request, first_look).await {
+        Ok(Submission::Recorded { .. }) => {
+            tracing::info!(fal_request_id = %request.request_id, "submitted to FAL");
+            // The reconciler may be asleep until a later job's time: let it see this one.
+            state.wake.reconciler.notify_one();
+        }
+        Ok(Submission::Superseded { job }) => {
+            tracing::warn!(
+                surplus = %request.request_id,
+                kept = job.fal_request_id.as_deref().unwrap_or_default(),
+                "a second FAL request for one job; cancelling the surplus one"
+            );
+            withdraw(state, &job.endpoint, &request).await;
+        }
+        Ok(Submission::JobEnded { job }) => {
+            tracing::info!(status = %job.status, "job ended while it was being submitted; withdrawing it from FAL");
+            withdraw(state, &job.endpoint, &request).await;
+        }
+        Ok(Submission::JobGone) => withdraw(state, &job.endpoint, &request).await,
+        Err(err) if with_callback => {
+            // FAL has the request but we could not write that down. The mark stays: the
+            // request's callback will name it, and the job adopts it then.
+            tracing::error!(error = %err, fal_request_id = %request.request_id, "could not record a submission; its callback will bring it");
+        }
+        Err(err) => {
+            // No callback can bring it: withdraw it, so that the resend is the only run.
+            tracing::error!(error = %err, fal_request_id = %request.request_id, "could not record a submission; withdrawing it");
+            withdraw(state, &job.endpoint, &request).await;
         }
     }
 }
@@ -212,6 +229,38 @@ async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
             "FAL sent no word of a request for this job within the wait",
         )
         .await;
+        return None;
+    }
+    if now > after(job.created_at, state.config.workers.submit_deadline) {
+        // Past the submit deadline nothing is sent again; a request FAL may hold can still
+        // name the job until the job's own deadline.
+        let end = after(job.created_at, deadline(state, job.kind));
+        if now >= end {
+            let error = JobError {
+                code: "deadline_exceeded".into(),
+                message: format!(
+                    "FAL never confirmed a submit of this job within {} s",
+                    deadline(state, job.kind).as_secs()
+                ),
+                detail: None,
+            };
+            fail(state, &job, error).await;
+        } else {
+            let detail = serde_json::json!({
+                "submit": "unconfirmed",
+                "reason": "the submit deadline has passed: the job is not sent again, and waits \
+                           for FAL's callback until its deadline",
+                "sent_at": sent_at,
+                "waiting_until": end,
+            });
+            if let Err(err) = state
+                .store
+                .hold_unconfirmed_submit(&job, end, None, detail, now)
+                .await
+            {
+                tracing::error!(error = %err, "could not hold an unconfirmed submit");
+            }
+        }
         return None;
     }
     state

@@ -13,6 +13,9 @@ use chrono::{DateTime, Utc};
 use std::time::Duration;
 use tokio::sync::watch;
 
+/// How long past a job's deadline FAL's finished result is still fetched through outages.
+const RESULT_FETCH_GRACE: Duration = Duration::from_secs(600);
+
 /// Jobs looked at together in one round.
 const BATCH: u32 = 16;
 
@@ -143,7 +146,13 @@ async fn fetch_result(
     reported: &ReportedEnd,
     now: DateTime<Utc>,
 ) {
-    let overdue = now > after(job.created_at, deadline(state, job.kind));
+    // FAL has finished: its result is fetched through outages for a while past the job's
+    // deadline, since it is there to be had (FAL keeps it at least 6 minutes).
+    let overdue = now
+        > after(
+            job.created_at,
+            deadline(state, job.kind) + RESULT_FETCH_GRACE,
+        );
     match state.fal.result(response_url, reported).await {
         Ok(ModelResult::Output(output)) => {
             let news = Transition::new(JobEvent::Succeeded, EventSource::Reconciler, now)
@@ -168,9 +177,11 @@ async fn fetch_result(
             if !overdue
                 && (err.kind == FalErrorKind::NotReady
                     || err.retryable()
-                    || err.kind == FalErrorKind::Decode) =>
+                    || err.kind == FalErrorKind::Decode
+                    || matches!(err.status, Some(401 | 403))) =>
         {
-            // An outage of this call (a truncated answer included): the result is still at FAL.
+            // An outage of this call (a truncated answer, or the account locked for a while,
+            // included): the result is still at FAL.
             tracing::info!(error = %err.message, "FAL's result unavailable; will ask again");
             reschedule(state, job, now).await
         }
@@ -186,7 +197,11 @@ async fn fetch_result(
 /// job is finished with.
 async fn forward_cancel(state: &AppState, job: &Job) -> Option<Job> {
     let now = crate::domain::now();
-    let urls = request_urls(state, job)?;
+    let Some(urls) = request_urls(state, job) else {
+        tracing::error!("a job with FAL has no request id");
+        reschedule(state, job, now).await;
+        return None;
+    };
     match state.fal.cancel(&urls.cancel).await {
         Ok(CancelOutcome::CancellationRequested | CancelOutcome::Ok) => {
             mark_forwarded(state, job, now, "FAL accepted the cancellation").await

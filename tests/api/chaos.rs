@@ -754,7 +754,17 @@ async fn chaos(backend: Backend) {
                 .and_then(|rid| mine.iter().find(|r| r.request_id == rid));
             let status = job["status"].as_str().unwrap();
             let verdict = match (status, kept) {
-                ("canceled", _) if ledger.cancels.contains(id) => None,
+                // Cancelled by its client: no request of it ran to a result falgate could have
+                // known of (a cancel that came too late leaves the job succeeded).
+                ("canceled", _) if ledger.cancels.contains(id) => mine
+                    .iter()
+                    .find(|r| r.verdict == RequestEnd::Ok && !unseen(r, wait, &kills, &callbacks))
+                    .map(|r| {
+                        format!(
+                            "canceled, but FAL's request {} ran to a result",
+                            r.request_id
+                        )
+                    }),
                 ("canceled", _) => Some("canceled, but no client cancelled it".to_owned()),
                 (_, None) => Some(format!(
                     "{status} without a FAL request of its own (holds {}): {}",

@@ -705,3 +705,77 @@ backend_test!(
         assert_eq!(app.store().list_callbacks(id).await.unwrap().len(), 1);
     }
 );
+
+/// Three uploads of 40 MiB each at once: the process streams them to disk and holds a small
+/// part at most.
+async fn concurrent_large_uploads_are_not_held_in_memory(backend: Backend) {
+    let env = [("FALGATE_MAX_UPLOAD_BYTES", "67108864")];
+    with_spawned(backend, "", &env, |addr, key, server| async move {
+        let base = format!("http://{addr}");
+        let client = reqwest::Client::new();
+        let avatar: serde_json::Value = client
+            .post(format!("{base}/v1/avatars"))
+            .bearer_auth(&key)
+            .json(&serde_json::json!({"name": "Ada", "kind": "character"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let path = format!(
+            "{base}/v1/avatars/{}/photos",
+            avatar["id"].as_str().unwrap()
+        );
+        // Two files of nearly 20 MiB each (the largest size) per upload, in 64 KiB chunks
+        // shared between them, so that the client holds little of it either.
+        let size = (20 << 20) - 4096;
+        let send = |n: u8| {
+            let boundary = crate::photos::new_boundary();
+            let chunk = bytes::Bytes::from(vec![n; 64 << 10]);
+            let mut pieces: Vec<bytes::Bytes> = Vec::new();
+            for file in 0..2 {
+                let head = crate::photos::part_head(&boundary, &format!("big-{n}-{file}.bin"));
+                pieces.push(head.into());
+                for _ in 0..size / chunk.len() {
+                    pieces.push(chunk.clone());
+                }
+                pieces.push(bytes::Bytes::from(vec![n; size % chunk.len()]));
+                pieces.push(bytes::Bytes::from_static(b"\r\n"));
+            }
+            pieces.push(format!("--{boundary}--\r\n").into_bytes().into());
+            client
+                .post(&path)
+                .bearer_auth(&key)
+                .header("content-type", crate::photos::content_type(&boundary))
+                .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                    pieces.into_iter().map(Ok::<_, std::io::Error>),
+                )))
+                .send()
+        };
+        let before_kib = server.memory_kib("VmHWM");
+        let answers = futures_util::future::join_all([send(1), send(2), send(3)]).await;
+        for answer in answers {
+            // Each file is refused for what it is; the point is what the process held.
+            assert_eq!(answer.unwrap().status(), 422);
+        }
+        let grew_kib = server.memory_kib("VmHWM").saturating_sub(before_kib);
+        assert!(
+            grew_kib < 48 * 1024,
+            "peak RSS grew by {} MiB while 120 MiB were uploaded",
+            grew_kib / 1024
+        );
+        server
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_uploads_are_not_held_in_memory_on_sqlite() {
+    concurrent_large_uploads_are_not_held_in_memory(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_large_uploads_are_not_held_in_memory_on_postgres() {
+    concurrent_large_uploads_are_not_held_in_memory(Backend::Postgres).await;
+}

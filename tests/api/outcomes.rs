@@ -192,9 +192,9 @@ backend_test!(
         config.workers.unconfirmed_submit_wait = Duration::from_millis(500);
     },
     |app| {
-        // FAL's gateway answers 500 without queueing anything: no callback can come.
+        // FAL's ingress answers 502 without queueing anything: no callback can come.
         app.fal
-            .inject_fault(FaultRule::submit(FaultRule::status(500), 1));
+            .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
         let id = submit(&app, "nothing there").await;
         let job = app.wait_for_status(&id, "succeeded").await;
         assert_eq!(submit_notes(&job), ["unconfirmed", "resent"]);
@@ -232,7 +232,7 @@ backend_test!(
         // In doubt, and FAL has nothing: once the wait is over the cancel is confirmed, and
         // nothing is sent.
         app.fal
-            .inject_fault(FaultRule::submit(FaultRule::status(500), 1));
+            .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
         let absent = submit(&app, "never queued").await;
         app.poll_until("the second submit in doubt", || async {
             (submit_notes(&app.job(&absent).await) == ["unconfirmed"]).then_some(())
@@ -396,5 +396,59 @@ backend_test!(
         let job = app.wait_for_status(&id, "canceled").await;
         assert!(job["error"].is_null(), "{job}");
         assert!(job["result"].is_null());
+    }
+);
+
+backend_test!(
+    submits_in_doubt_stop_at_the_submit_deadline_and_the_job_ends_at_its_own,
+    |config| {
+        config.workers.callback_grace = Duration::from_millis(100);
+        config.workers.unconfirmed_submit_wait = Duration::from_millis(300);
+        config.workers.submit_deadline = Duration::from_secs(2);
+        config.workers.generation_deadline = Duration::from_secs(4);
+    },
+    |app| {
+        // Every submit meets a gateway error: each may have reached FAL, none is confirmed.
+        app.fal
+            .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1_000));
+        let id = submit(&app, "never confirmed").await;
+        let job = app.wait_for_status(&id, "failed").await;
+        assert_eq!(job["error"]["code"], "deadline_exceeded", "{job}");
+        let created =
+            chrono::DateTime::parse_from_rfc3339(job["created_at"].as_str().unwrap()).unwrap();
+        // No submit left after the submit deadline.
+        let last_sent = app
+            .fal
+            .submits()
+            .iter()
+            .map(|s| chrono::DateTime::<chrono::Utc>::from(s.at))
+            .max()
+            .unwrap();
+        assert!(
+            last_sent <= created + chrono::TimeDelta::milliseconds(2_500),
+            "sent at {last_sent}, created {created}"
+        );
+        assert!(
+            submit_notes(&job).iter().filter(|n| *n == "resent").count() >= 1,
+            "{job}"
+        );
+    }
+);
+
+backend_test!(
+    a_gateway_error_naming_a_request_is_checked_with_fal,
+    |config| {
+        config.workers.callback_grace = Duration::from_millis(100);
+    },
+    |app| {
+        // A 500 naming a request FAL does not hold: the submit was refused, and is retried at
+        // once rather than waited on.
+        app.fal
+            .inject_fault(FaultRule::submit(FaultRule::status(500), 1));
+        let refused = submit(&app, "named but not queued").await;
+        let job = app.wait_for_status(&refused, "succeeded").await;
+        assert!(submit_notes(&job).is_empty(), "{job}");
+        assert_eq!(requests_for(&app, &refused).len(), 1);
+        assert_eq!(app.fal.submits().len(), 2);
     }
 );

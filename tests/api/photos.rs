@@ -4,7 +4,6 @@
 
 use crate::backend_test;
 use crate::support::*;
-use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -16,7 +15,7 @@ fn photo(n: u64, width: u32, height: u32) -> Vec<u8> {
 }
 
 /// One part of a multipart body: its headers, for a file named `name`.
-fn part_head(boundary: &str, name: &str) -> Vec<u8> {
+pub(crate) fn part_head(boundary: &str, name: &str) -> Vec<u8> {
     format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n\
          Content-Type: application/octet-stream\r\n\r\n"
@@ -24,11 +23,11 @@ fn part_head(boundary: &str, name: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn new_boundary() -> String {
+pub(crate) fn new_boundary() -> String {
     format!("falgate-{}", uuid::Uuid::new_v4().simple())
 }
 
-fn content_type(boundary: &str) -> String {
+pub(crate) fn content_type(boundary: &str) -> String {
     format!("multipart/form-data; boundary={boundary}")
 }
 
@@ -216,14 +215,6 @@ fn oriented_jpeg(width: u32, height: u32, orientation: u16) -> Vec<u8> {
     out
 }
 
-/// The most memory this process has held at once, in bytes (Linux).
-fn peak_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 backend_test!(
     pictures_cut_short_lying_or_inflating_are_refused_by_name,
     |app| {
@@ -243,7 +234,6 @@ backend_test!(
             *byte ^= 0x5A;
         }
 
-        let peak_before = peak_memory();
         let started = Instant::now();
         let response = upload(
             &app,
@@ -278,15 +268,8 @@ backend_test!(
             assert_eq!(field, want_field, "{errors:?}");
             assert!(message.contains(want_words), "{field}: {message}");
         }
-        // The bomb was refused from its header: quickly, and without its 400 MB of pixels.
+        // The bomb was refused from its header (its message names the side limit), quickly.
         assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
-        if let (Some(before), Some(after)) = (peak_before, peak_memory()) {
-            assert!(
-                after.saturating_sub(before) < 100 << 20,
-                "peak memory grew by {} MiB",
-                (after - before) >> 20
-            );
-        }
         let kept = kept_photos(&app, &avatar).await;
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0]["file_name"], "good.png");
@@ -541,63 +524,5 @@ backend_test!(
         let response = upload(&app, &avatar, &[("after.png", photo(8, 640, 512))]).await;
         assert_eq!(response.status(), StatusCode::CREATED);
         assert_eq!(kept_photos(&app, &avatar).await.len(), 2);
-    }
-);
-
-backend_test!(
-    concurrent_large_uploads_are_not_held_in_memory,
-    |config| {
-        config.avatars.max_upload_bytes = 64 << 20;
-    },
-    |app| {
-        let avatar = create_avatar(&app).await;
-        let path = format!("/v1/avatars/{avatar}/photos");
-        // Three uploads of two files of nearly 20 MiB each (the largest size), sent in 64 KiB
-        // chunks made as they go, so that the client holds none of it either.
-        let size = (20 << 20) - 4096;
-        let send = |n: u8| {
-            let boundary = new_boundary();
-            let chunk = vec![n; 64 << 10];
-            let mut pieces: Vec<bytes::Bytes> = Vec::new();
-            for file in 0..2 {
-                pieces.push(part_head(&boundary, &format!("big-{n}-{file}.bin")).into());
-                let whole = bytes::Bytes::from(chunk.clone());
-                for _ in 0..size / chunk.len() {
-                    pieces.push(whole.clone());
-                }
-                pieces.push(bytes::Bytes::from(vec![n; size % chunk.len()]));
-                pieces.push(bytes::Bytes::from_static(b"\r\n"));
-            }
-            pieces.push(format!("--{boundary}--\r\n").into_bytes().into());
-            app.request(Method::POST, &path)
-                .header("content-type", content_type(&boundary))
-                .body(reqwest::Body::wrap_stream(
-                    futures_util::stream::iter(pieces).map(Ok::<_, std::io::Error>),
-                ))
-                .send()
-        };
-        let before = peak_memory();
-        let answers = futures_util::future::join_all([send(1), send(2), send(3)]).await;
-        let after = peak_memory();
-        for answer in answers {
-            let body = problem(
-                answer.unwrap(),
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
-            )
-            .await;
-            let errors = refusals(&body);
-            assert_eq!(errors.len(), 2, "{errors:?}");
-            assert!(errors[0].1.contains("not JPEG, PNG or WEBP"), "{errors:?}");
-        }
-        // 120 MiB went through; the process held a small part of it at most.
-        if let (Some(before), Some(after)) = (before, after) {
-            assert!(
-                after.saturating_sub(before) < 48 << 20,
-                "peak memory grew by {} MiB",
-                (after - before) >> 20
-            );
-        }
-        wait_for_no_partial_files(&app).await;
     }
 );
