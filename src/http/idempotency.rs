@@ -80,22 +80,24 @@ fn json_response(status: StatusCode, body: Vec<u8>, replayed: bool) -> Response 
 /// What the work of a request needs to store its response atomically with what it creates.
 pub struct IdempotencyScope {
     tenant: Uuid,
-    key: Option<IdempotencyKey>,
+    /// The key and this request's claim on it.
+    key: Option<(IdempotencyKey, Uuid)>,
 }
 
 impl IdempotencyScope {
     pub fn key(&self) -> Option<&str> {
-        self.key.as_ref().map(IdempotencyKey::as_str)
+        self.key.as_ref().map(|(key, _)| key.as_str())
     }
 
     /// The record to write in the same transaction as the work, if the request has a key.
     pub fn completion(&self, response: &Replayable) -> ApiResult<Option<IdempotencyCompletion>> {
-        let Some(key) = &self.key else {
+        let Some((key, token)) = &self.key else {
             return Ok(None);
         };
         Ok(Some(IdempotencyCompletion {
             tenant: self.tenant,
             key: key.as_str().to_owned(),
+            token: *token,
             status: response.status.as_u16(),
             body: serde_json::to_string(&response.body).map_err(ApiError::internal)?,
         }))
@@ -125,6 +127,7 @@ where
     let claim = IdempotencyClaim {
         tenant,
         key: key.as_str().to_owned(),
+        token: Uuid::new_v4(),
         fingerprint: fingerprint(route, canonical_body),
         now,
         expires_before: now - RETENTION,
@@ -153,9 +156,10 @@ where
             return Ok(json_response(status, body.into_bytes(), true));
         }
     }
+    let token = claim.token;
     let scope = IdempotencyScope {
         tenant,
-        key: Some(key.clone()),
+        key: Some((key.clone(), token)),
     };
     // Renewed beside the work, never in its way: the work may hold the very row (or, on
     // SQLite, the write lock) that a renewal waits for.
@@ -167,7 +171,7 @@ where
             loop {
                 every.tick().await;
                 let now = crate::domain::now();
-                if let Err(err) = store.renew_idempotency_key(tenant, &key, now).await {
+                if let Err(err) = store.renew_idempotency_key(tenant, &key, token, now).await {
                     tracing::warn!(error = %err, "could not renew an idempotency key's claim");
                 }
             }
@@ -179,7 +183,10 @@ where
         Ok(response) => response.into_response(false),
         Err(err) => {
             // Nothing was created, so the key is free for a corrected retry.
-            if let Err(release) = store.release_idempotency_key(tenant, key.as_str()).await {
+            if let Err(release) = store
+                .release_idempotency_key(tenant, key.as_str(), token)
+                .await
+            {
                 tracing::warn!(error = %release, "could not release an idempotency key");
             }
             Err(err)

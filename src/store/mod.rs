@@ -670,13 +670,20 @@ impl Store {
         &self,
         tenant: Uuid,
         key: &str,
+        token: Uuid,
         at: DateTime<Utc>,
     ) -> StoreResult<()> {
-        dispatch!(self, s => s.renew_idempotency_key(tenant, key, at).await)
+        dispatch!(self, s => s.renew_idempotency_key(tenant, key, token, at).await)
     }
 
-    pub async fn release_idempotency_key(&self, tenant: Uuid, key: &str) -> StoreResult<()> {
-        dispatch!(self, s => s.release_idempotency_key(tenant, key).await)
+    /// Frees a key whose request created nothing, if that request still holds it.
+    pub async fn release_idempotency_key(
+        &self,
+        tenant: Uuid,
+        key: &str,
+        token: Uuid,
+    ) -> StoreResult<()> {
+        dispatch!(self, s => s.release_idempotency_key(tenant, key, token).await)
     }
 
     /// Completes a claim with a response (for requests whose work is not a job creation).

@@ -338,6 +338,8 @@ pub struct JobFilter {
 pub struct IdempotencyClaim {
     pub tenant: Uuid,
     pub key: String,
+    /// This request's own mark on the claim, made fresh for each request.
+    pub token: Uuid,
     pub fingerprint: String,
     pub now: DateTime<Utc>,
     /// Records older than this are forgotten (24 h).
@@ -364,6 +366,8 @@ pub enum IdempotencyState {
 pub struct IdempotencyCompletion {
     pub tenant: Uuid,
     pub key: String,
+    /// The claim the response belongs to.
+    pub token: Uuid,
     pub status: u16,
     pub body: String,
 }

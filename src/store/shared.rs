@@ -689,13 +689,15 @@ macro_rules! shared_store_methods {
         ) -> StoreResult<IdempotencyState> {
             let mut tx = self.begin_write().await?;
             let inserted = sqlx::query(
-                "INSERT INTO idempotency_keys (tenant, key, fingerprint, created_at, locked_at) \
-                 VALUES ($1, $2, $3, $4, $4) ON CONFLICT (tenant, key) DO NOTHING",
+                "INSERT INTO idempotency_keys \
+                 (tenant, key, fingerprint, created_at, locked_at, claim_token) \
+                 VALUES ($1, $2, $3, $4, $4, $5) ON CONFLICT (tenant, key) DO NOTHING",
             )
             .bind(claim.tenant)
             .bind(&claim.key)
             .bind(&claim.fingerprint)
             .bind(claim.now)
+            .bind(claim.token)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -717,7 +719,7 @@ macro_rules! shared_store_methods {
             // Expired or abandoned: take it over, unless someone else just did.
             let taken = sqlx::query(
                 "UPDATE idempotency_keys SET fingerprint = $3, response_status = NULL, \
-                 response_body = NULL, created_at = $4, locked_at = $4 \
+                 response_body = NULL, created_at = $4, locked_at = $4, claim_token = $6 \
                  WHERE tenant = $1 AND key = $2 AND locked_at = $5",
             )
             .bind(claim.tenant)
@@ -725,6 +727,7 @@ macro_rules! shared_store_methods {
             .bind(&claim.fingerprint)
             .bind(claim.now)
             .bind(existing.locked_at)
+            .bind(claim.token)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -740,27 +743,37 @@ macro_rules! shared_store_methods {
             &self,
             tenant: Uuid,
             key: &str,
+            token: Uuid,
             at: DateTime<Utc>,
         ) -> StoreResult<()> {
             sqlx::query(
                 "UPDATE idempotency_keys SET locked_at = $3 \
-                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL",
+                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL \
+                 AND claim_token = $4",
             )
             .bind(tenant)
             .bind(key)
             .bind(at)
+            .bind(token)
             .execute(&self.pool)
             .await?;
             Ok(())
         }
 
-        pub async fn release_idempotency_key(&self, tenant: Uuid, key: &str) -> StoreResult<()> {
+        pub async fn release_idempotency_key(
+            &self,
+            tenant: Uuid,
+            key: &str,
+            token: Uuid,
+        ) -> StoreResult<()> {
             sqlx::query(
                 "DELETE FROM idempotency_keys \
-                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL",
+                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL \
+                 AND claim_token = $3",
             )
             .bind(tenant)
             .bind(key)
+            .bind(token)
             .execute(&self.pool)
             .await?;
             Ok(())
@@ -936,18 +949,20 @@ macro_rules! shared_store_helpers {
         ) -> StoreResult<()> {
             let written = sqlx::query(
                 "UPDATE idempotency_keys SET response_status = $3, response_body = $4 \
-                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL",
+                 WHERE tenant = $1 AND key = $2 AND response_status IS NULL \
+                 AND claim_token = $5",
             )
             .bind(done.tenant)
             .bind(&done.key)
             .bind(i32::from(done.status))
             .bind(&done.body)
+            .bind(done.token)
             .execute(&mut **tx)
             .await?
             .rows_affected();
             if written == 0 {
-                // A request that took the key over (this one's claim looked abandoned) finished
-                // first: this one's work is rolled back, so the key's effects happen once.
+                // Another request took the key over (this one's claim looked abandoned): this
+                // one's work is rolled back, so that the key's effects happen once.
                 return Err(StoreError::UniqueTaken(
                     "the Idempotency-Key was completed by another request".into(),
                 ));

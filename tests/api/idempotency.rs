@@ -106,6 +106,7 @@ backend_test!(a_key_in_flight_is_409, |app| {
         .claim_idempotency_key(&IdempotencyClaim {
             tenant,
             key: "busy".into(),
+            token: uuid::Uuid::new_v4(),
             fingerprint: fingerprint("POST /v1/jobs", &canonical),
             now,
             expires_before: now - chrono::TimeDelta::hours(24),
@@ -173,3 +174,47 @@ backend_test!(malformed_idempotency_keys_are_422, |app| {
     .await;
     assert_eq!(fields(&problem), vec!["Idempotency-Key"]);
 });
+
+backend_test!(
+    a_request_whose_claim_was_taken_over_cannot_touch_the_new_one,
+    |app| {
+        let tenant = app.store().list_api_keys().await.unwrap()[0].id;
+        let now = falgate::domain::now();
+        let claim = |token: uuid::Uuid, at: chrono::DateTime<chrono::Utc>| IdempotencyClaim {
+            tenant,
+            key: "taken-over".into(),
+            token,
+            fingerprint: fingerprint("POST /v1/jobs", b"{}"),
+            now: at,
+            expires_before: at - chrono::TimeDelta::hours(24),
+            abandoned_before: at - chrono::TimeDelta::seconds(10),
+        };
+        let (first, second) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let store = app.store();
+        let stalled = claim(first, now - chrono::TimeDelta::seconds(30));
+        assert_eq!(
+            store.claim_idempotency_key(&stalled).await.unwrap(),
+            IdempotencyState::Claimed
+        );
+        // Its claim looked abandoned, and a retry took the key over.
+        assert_eq!(
+            store
+                .claim_idempotency_key(&claim(second, now))
+                .await
+                .unwrap(),
+            IdempotencyState::Claimed
+        );
+        // The first request comes back to life and fails: its release leaves the new claim alone.
+        store
+            .release_idempotency_key(tenant, "taken-over", first)
+            .await
+            .unwrap();
+        assert_eq!(
+            store
+                .claim_idempotency_key(&claim(uuid::Uuid::new_v4(), now))
+                .await
+                .unwrap(),
+            IdempotencyState::InFlight
+        );
+    }
+);

@@ -339,6 +339,7 @@ backend_test!(
             IdempotencyClaim {
                 tenant,
                 key: key.into(),
+                token: uuid::Uuid::new_v4(),
                 fingerprint: falgate::domain::idempotency::fingerprint(
                     "POST /v1/jobs",
                     &serde_json::to_vec(&body).unwrap(),
