@@ -18,8 +18,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -201,6 +204,9 @@ struct Received {
     file: Option<BlobWriter>,
 }
 
+/// How far the bytes of a form may run ahead of the file contents read from it.
+const FORM_SLACK: u64 = 1 << 20;
+
 /// Every file of the form, each streamed to a temporary file as it arrives: no file is held in
 /// memory. A file over the size limit stops being written the moment it crosses it; the rest of
 /// its bytes are read past (to reach the next file) and dropped.
@@ -209,8 +215,22 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
     let max_files = limits.max_photos as usize;
     let constraints = multer::Constraints::new()
         .size_limit(multer::SizeLimit::new().whole_stream(limits.max_upload_bytes));
-    let mut form =
-        multer::Multipart::with_constraints(body.into_data_stream(), boundary, constraints);
+    // The parser holds what it has not yet handed out as file contents (the preamble, a
+    // part's headers): a form that runs far ahead of its files is refused, not buffered.
+    let handed_out = Arc::new(AtomicU64::new(0));
+    let mut received = 0u64;
+    let watched = handed_out.clone();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let chunk = chunk.map_err(std::io::Error::other)?;
+        received += chunk.len() as u64;
+        if received > watched.load(Ordering::Relaxed) + FORM_SLACK {
+            return Err(std::io::Error::other(format!(
+                "more than {FORM_SLACK} bytes of it are neither files nor part headers"
+            )));
+        }
+        Ok(chunk)
+    });
+    let mut form = multer::Multipart::with_constraints(stream, boundary, constraints);
     let mut files = Vec::new();
     while let Some(mut field) = form
         .next_field()
@@ -242,6 +262,7 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
         {
             hasher.update(&chunk);
             bytes += chunk.len() as u64;
+            handed_out.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             let wanted = SNIFF_BYTES.saturating_sub(head.len()).min(chunk.len());
             head.extend_from_slice(&chunk[..wanted]);
             if bytes > limits.max_photo_bytes as u64 {
@@ -271,6 +292,11 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
 fn form_error(limit: u64, file: Option<&str>, err: multer::Error) -> ApiError {
     match err {
         multer::Error::StreamSizeExceeded { .. } => too_large(limit),
+        // Our own refusal, or the connection's failure: its words say more than the parser's.
+        multer::Error::StreamReadFailed(why) => match file {
+            Some(name) => ApiError::BadRequest(format!("`{name}` could not be read: {why}")),
+            None => ApiError::BadRequest(format!("the form could not be read: {why}")),
+        },
         err => match file {
             Some(name) => ApiError::BadRequest(format!("`{name}` could not be read: {err}")),
             None => ApiError::BadRequest(format!("the form could not be read: {err}")),
