@@ -202,9 +202,13 @@ impl App {
             Vec::new()
         };
         let router = crate::http::router(state.clone());
+        // Each upload under way keeps a temporary file open per photo, and one more to decode.
+        let avatars = &state.config.avatars;
+        let upload_files = avatars.upload_concurrency * (avatars.max_photos as usize + 1);
         let limits = crate::http::server::Limits::fitted(
             &state.config.connections,
             state.config.database.max_connections,
+            upload_files,
         );
         let server = tokio::spawn(crate::http::server::serve(
             listener, router, limits, stopping,

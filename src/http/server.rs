@@ -66,14 +66,19 @@ pub struct Limits {
 
 impl Limits {
     /// The configured limits, with the cap lowered when the process may not open that many
-    /// files beside its database pool: past that, `accept` fails and nobody is served.
-    pub fn fitted(config: &ConnectionLimits, database_connections: u32) -> Self {
+    /// files beside its database pool and the files of uploads under way (`upload_files`):
+    /// past that, `accept` fails and nobody is served.
+    pub fn fitted(
+        config: &ConnectionLimits,
+        database_connections: u32,
+        upload_files: usize,
+    ) -> Self {
         let mut max_connections = config.max_connections;
         if let Some(open_files) = open_files_limit() {
             // A SQLite connection holds the database and its write-ahead log open.
             let database_files = 2 * database_connections as usize;
             let room = open_files
-                .saturating_sub(PROBE_RESERVE + OTHER_FILES + database_files)
+                .saturating_sub(PROBE_RESERVE + OTHER_FILES + database_files + upload_files)
                 .max(1);
             if room < max_connections {
                 tracing::warn!(
