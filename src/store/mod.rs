@@ -821,7 +821,11 @@ impl Transition {
                 update.touch = true;
                 update.status = to;
                 update.result = self.result.clone();
-                update.error = self.error.clone();
+                update.error = match (&self.error, to) {
+                    // A cancelled job did not fail: what its last attempt met is moot.
+                    (ErrorChange::Keep, JobStatus::Canceled) => ErrorChange::Clear,
+                    (error, _) => error.clone(),
+                };
                 update.event = Some((self.source, self.detail.clone()));
             }
             Decision::RecordCancelRequest if job.cancel_requested_at.is_none() => {
