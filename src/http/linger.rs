@@ -1,15 +1,16 @@
-//! A body refused as too large is read on for a moment before the refusal is sent.
+//! A body refused before it was read is read on for a moment before the refusal is sent.
 //!
-//! An upload refused at its limit is usually still being sent. If the server answers and closes
-//! at once, the client's unsent bytes meet a closed socket, the kernel resets the connection,
-//! and most clients report a broken connection instead of the 413 that explains it. So, as
-//! nginx's lingering close does, the rest of such a body is read and thrown away, up to a small
-//! amount and a short time, before the answer goes out. Bodies far larger than that are not
-//! waited for: their client gets the reset it asked for.
+//! A request refused early (too large, not a form, no valid token) is usually still being sent.
+//! If the server answers and closes at once, the client's unsent bytes meet a closed socket, the
+//! kernel resets the connection, and most clients report a broken connection instead of the 4xx
+//! that explains it. So, as nginx's lingering close does, the rest of such a body is read and
+//! thrown away, up to a small amount and a short time, before the answer goes out. Bodies far
+//! larger than that are not waited for: their client gets the reset it asked for. A client that
+//! waits for `100 Continue` has sent nothing yet, and is not invited to.
 
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
-use axum::http::StatusCode;
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::Response;
 use http_body_util::BodyExt;
@@ -24,9 +25,12 @@ const DRAIN_BYTES: usize = 1 << 20;
 /// The longest a refusal waits for its body.
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
-/// Middleware: after a 413, reads what is left of the request's body (within the bounds above)
+/// Middleware: after a 4xx, reads what is left of the request's body (within the bounds above)
 /// before answering.
 pub async fn drain_refused_bodies(request: Request, next: Next) -> Response {
+    if request.headers().contains_key(header::EXPECT) {
+        return next.run(request).await;
+    }
     let (back, mut returned) = oneshot::channel();
     let request = request.map(|body| {
         Body::new(ReturnedOnDrop {
@@ -35,7 +39,7 @@ pub async fn drain_refused_bodies(request: Request, next: Next) -> Response {
         })
     });
     let response = next.run(request).await;
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE
+    if response.status().is_client_error()
         && let Ok(mut rest) = returned.try_recv()
     {
         let drain = async {

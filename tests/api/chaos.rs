@@ -217,6 +217,8 @@ impl Server {
                 UNCONFIRMED_TRAINING_WAIT.as_secs().to_string(),
             ),
             ("FALGATE_MIN_PHOTOS", PHOTOS.to_string()),
+            // Kept in the server's log file, for the diagnosis of a failed run.
+            ("RUST_LOG", "warn".into()),
         ]);
         let log = std::env::temp_dir().join(format!(
             "falgate-chaos-{}.log",

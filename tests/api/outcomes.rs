@@ -241,7 +241,10 @@ backend_test!(
         assert_eq!(app.cancel(&absent).await["status"], "pending");
         let job = app.wait_for_status(&absent, "canceled").await;
         assert!(job["fal_request_id"].is_null());
-        assert!(job["error"].is_null(), "a cancelled job did not fail: {job}");
+        assert!(
+            job["error"].is_null(),
+            "a cancelled job did not fail: {job}"
+        );
         assert!(requests_for(&app, &absent).is_empty());
         assert_eq!(
             app.fal

@@ -432,6 +432,7 @@ pub fn spawned_server_env(
         ("FAL_QUEUE_URL", fal.base_url().to_string()),
         ("FAL_REST_URL", fal.base_url().to_string()),
         ("FAL_JWKS_URL", fal.jwks_url().to_string()),
-        ("RUST_LOG", "warn".to_owned()),
+        // The tests' own output stays readable; a test that wants the server's warnings asks.
+        ("RUST_LOG", "error".to_owned()),
     ]
 }
