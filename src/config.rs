@@ -72,8 +72,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_HEADER_TIMEOUT_SECS", default_value = "10")]
     pub header_timeout_secs: String,
 
-    /// Seconds a kept-alive connection may wait for its next request before it is closed
-    /// (keep it above the idle timeout of a load balancer in front).
+    /// Seconds a kept-alive connection may wait for its next request before it is closed, and
+    /// a request body may send nothing before it is answered 400 (keep it above the idle
+    /// timeout of a load balancer in front).
     #[arg(long, env = "FALGATE_IDLE_TIMEOUT_SECS", default_value = "75")]
     pub idle_timeout_secs: String,
 

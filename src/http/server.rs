@@ -369,6 +369,62 @@ impl Drop for InFlight {
     }
 }
 
+/// A request body that fails once its client has sent nothing for as long as a connection may
+/// idle: a request in flight is not timed by the connection, and a body that stops coming would
+/// otherwise hold its connection (and an upload its slot) for good.
+struct Unstalled {
+    body: Incoming,
+    silence: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Unstalled {
+    fn new(body: Incoming, silence: Duration) -> Self {
+        Self {
+            body,
+            silence,
+            deadline: Box::pin(tokio::time::sleep(silence)),
+        }
+    }
+}
+
+impl HttpBody for Unstalled {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = Instant::now() + this.silence;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(frame.map(|frame| frame.map_err(std::io::Error::other)))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the request body stalled: nothing came for {} s",
+                        this.silence.as_secs()
+                    ),
+                )))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// A response body that keeps its request in flight until it is sent or dropped.
 struct Tracked {
     body: Body,
@@ -495,13 +551,15 @@ async fn serve_connection(
             Some(permit),
         ),
     };
+    let limits_idle = shared.limits.idle_timeout;
     let service = hyper::service::service_fn({
         let conn = conn.clone();
         move |request: Request<Incoming>| {
             let in_flight = InFlight::begin(&conn);
             let router = router.clone();
+            let stall_after = limits_idle;
             async move {
-                let request = request.map(Body::new);
+                let request = request.map(|body| Body::new(Unstalled::new(body, stall_after)));
                 let response = if probes_only && !is_probe(request.uri().path()) {
                     at_capacity()
                 } else {

@@ -779,3 +779,32 @@ async fn concurrent_large_uploads_are_not_held_in_memory_on_sqlite() {
 async fn concurrent_large_uploads_are_not_held_in_memory_on_postgres() {
     concurrent_large_uploads_are_not_held_in_memory(Backend::Postgres).await;
 }
+
+// A request whose body stops coming is answered 400 once its client has been silent for the
+// idle timeout, instead of holding its connection for good; nothing is stored.
+backend_test!(
+    a_request_whose_body_stalls_is_answered_and_its_connection_freed,
+    |config| {
+        config.connections.header_timeout = Duration::from_secs(60);
+        config.connections.idle_timeout = Duration::from_secs(1);
+    },
+    |app| {
+        let addr = app.app.local_addr();
+        let mut stream = stuck_request(addr, &app.key).await;
+        let started = Instant::now();
+        let response = timeout(Duration::from_secs(10), read_response(&mut stream))
+            .await
+            .expect("an answer within the idle timeout")
+            .expect("a response");
+        assert!(started.elapsed() >= Duration::from_millis(900));
+        let problem = response.problem(400, "bad_request");
+        assert!(
+            problem["detail"].as_str().unwrap().contains("stalled"),
+            "{problem}"
+        );
+        let jobs = get(addr, "/v1/jobs", Some(&app.key)).await;
+        assert_eq!(jobs.status, 200);
+        let page: Value = serde_json::from_slice(&jobs.body).unwrap();
+        assert!(page["items"].as_array().unwrap().is_empty(), "{page}");
+    }
+);
