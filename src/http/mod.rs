@@ -92,7 +92,11 @@ fn api_router() -> OpenApiRouter<AppState> {
 /// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
     let mut spec = api_router().into_openapi();
-    spec::complete(&mut spec);
+    // The document a server with the default configuration serves.
+    spec::complete(
+        &mut spec,
+        &crate::config::Config::for_database("sqlite::memory:"),
+    );
     spec
 }
 
@@ -100,11 +104,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
     let (api, mut spec) = api_router().split_for_parts();
-    spec::complete(&mut spec);
-    spec::with_allowed_endpoints(
-        &mut spec,
-        state.config.allowed_endpoints.iter().map(|e| e.as_str()),
-    );
+    spec::complete(&mut spec, &state.config);
     // Swagger UI would otherwise send the spec's URL to an online validator whenever it is served
     // under a host other than localhost.
     let docs = SwaggerUi::new("/docs")

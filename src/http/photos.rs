@@ -65,8 +65,8 @@ pub struct PhotoList {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct PhotoUpload {
-    /// One part per photo; at most as many as an avatar may hold (`FALGATE_MAX_PHOTOS`, 20 by
-    /// default).
+    /// One part per photo; at most as many as an avatar may hold (the server's
+    /// `FALGATE_MAX_PHOTOS`).
     #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
     pub files: Vec<Vec<u8>>,
 }

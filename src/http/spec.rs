@@ -2,6 +2,7 @@
 //! answer, declared once, and the schemas of values whose Rust type would mislead a generated
 //! client (seeds above 2^53 or 2^63) or whose rules live in code (enums, ranges, patterns).
 
+use crate::config::Config;
 use crate::domain::endpoint::DEFAULT_ALLOWED;
 use crate::domain::generation::{ASPECT_RATIOS, NAMED_SIZES};
 use crate::domain::idempotency::IdempotencyKey;
@@ -114,7 +115,7 @@ pub fn image_size() -> Schema {
         .into()
 }
 
-/// `prompts`: at least one; the most per batch is the server's `FALGATE_MAX_BATCH`.
+/// `prompts`: at least one; the most per batch is the server's own (see [`with_limits`]).
 pub fn prompts() -> Schema {
     ArrayBuilder::new()
         .schema_type(nullable(Type::Array))
@@ -125,8 +126,8 @@ pub fn prompts() -> Schema {
         )
         .min_items(Some(1))
         .description(Some(
-            "Several prompts: one job each. At least one; at most `FALGATE_MAX_BATCH` (10 by \
-             default).",
+            "Several prompts: one job each. At least one; at most the server's \
+             `FALGATE_MAX_BATCH`.",
         ))
         .into()
 }
@@ -150,18 +151,31 @@ fn endpoint_enum<'a>(allowed: impl IntoIterator<Item = &'a str>) -> Schema {
         .into()
 }
 
-/// Puts this server's endpoint allow-list into the document it serves.
-pub fn with_allowed_endpoints<'a>(spec: &mut OpenApi, allowed: impl IntoIterator<Item = &'a str>) {
-    let Some(RefOr::T(Schema::Object(request))) = spec
-        .components
-        .as_mut()
-        .and_then(|c| c.schemas.get_mut("CreateJobRequest"))
-    else {
+/// Puts a server's own limits into the document it serves: its endpoint allow-list, the most
+/// photos an avatar may hold (so the most files one upload may carry) and the most prompts in a
+/// batch. The committed document is the one a server with the default configuration serves.
+fn with_limits(spec: &mut OpenApi, config: &Config) {
+    let Some(components) = spec.components.as_mut() else {
         return;
     };
-    request
-        .properties
-        .insert("endpoint".into(), endpoint_enum(allowed).into());
+    if let Some(RefOr::T(Schema::Object(request))) = components.schemas.get_mut("CreateJobRequest")
+    {
+        let allowed = config.allowed_endpoints.iter().map(|e| e.as_str());
+        request
+            .properties
+            .insert("endpoint".into(), endpoint_enum(allowed).into());
+    }
+    if let Some(RefOr::T(Schema::Object(upload))) = components.schemas.get_mut("PhotoUpload")
+        && let Some(RefOr::T(Schema::Array(files))) = upload.properties.get_mut("files")
+    {
+        files.max_items = Some(config.avatars.max_photos as usize);
+    }
+    if let Some(RefOr::T(Schema::Object(request))) =
+        components.schemas.get_mut("CreateGenerationRequest")
+        && let Some(RefOr::T(Schema::Array(prompts))) = request.properties.get_mut("prompts")
+    {
+        prompts.max_items = Some(config.avatars.max_batch as usize);
+    }
 }
 
 /// The errors many routes share, each declared once under `components/responses` and referred
@@ -225,10 +239,11 @@ fn declare(operation: &mut Operation, status: &str) {
         .or_insert_with(|| RefOr::Ref(Ref::from_response_name(*name)));
 }
 
-/// Completes the document: the errors every route shares, the `Idempotency-Key` rules, and the
-/// rule no derive can state (exactly one of `prompt` and `prompts`). Applied to the document as
-/// committed and as served.
-pub fn complete(spec: &mut OpenApi) {
+/// Completes the document: the server's limits, the errors every route shares, the
+/// `Idempotency-Key` rules, and the rule no derive can state (exactly one of `prompt` and
+/// `prompts`). Applied to the document as committed and as served.
+pub fn complete(spec: &mut OpenApi, config: &Config) {
+    with_limits(spec, config);
     spec.components
         .get_or_insert_with(Default::default)
         .responses

@@ -1,6 +1,7 @@
 //! The OpenAPI document: committed, served, and telling the truth about auth and errors.
 
 use crate::backend_test;
+use crate::support::{fields, problem};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -311,12 +312,22 @@ fn validator(spec: &Value, method: &str, path: &str, status: &str) -> jsonschema
         .unwrap_or_else(|e| panic!("{method} {path} {status}: {e}"))
 }
 
-/// Every object schema with declared properties refuses the undeclared ones.
+/// Every object schema with declared properties refuses the undeclared ones, and an integer of
+/// a declared width holds no number past it, as a generated client's validator reads them.
 fn close_objects(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
             if map.contains_key("properties") && !map.contains_key("additionalProperties") {
                 map.insert("additionalProperties".into(), json!(false));
+            }
+            let (min, max) = match map.get("format").and_then(Value::as_str) {
+                Some("int64") => (json!(i64::MIN), json!(i64::MAX)),
+                Some("int32") => (json!(i32::MIN), json!(i32::MAX)),
+                _ => (Value::Null, Value::Null),
+            };
+            if !min.is_null() {
+                map.entry("minimum").or_insert(min);
+                map.entry("maximum").or_insert(max);
             }
             map.values_mut().for_each(close_objects);
         }
@@ -418,3 +429,132 @@ backend_test!(real_responses_match_the_spec_strictly, |app| {
         .await;
     assert_valid(&spec, "get", "/v1/jobs/{id}", "404", &unknown);
 });
+
+/// A validator for a component schema of the spec (a request body).
+fn component_validator(spec: &Value, name: &str) -> jsonschema::Validator {
+    let root = json!({
+        "components": spec["components"].clone(),
+        "$ref": format!("#/components/schemas/{name}"),
+    });
+    jsonschema::draft202012::options().build(&root).unwrap()
+}
+
+backend_test!(
+    seeds_are_taken_as_integers_or_digits_and_nothing_else,
+    |app| {
+        let spec: Value = serde_json::from_str(COMMITTED).unwrap();
+        let request = component_validator(&spec, "CreateGenerationRequest");
+        let avatar = uuid::Uuid::now_v7();
+        // What the spec refuses, the server refuses, naming the field.
+        for seed in [
+            json!(-1),
+            json!(1.5),
+            json!("12a"),
+            json!(""),
+            json!(" 7"),
+            json!(true),
+            // Past u64, which a pattern cannot bound (the spec says so in words).
+            json!("18446744073709551616"),
+        ] {
+            let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
+            assert!(
+                !request.is_valid(&body) || seed == "18446744073709551616",
+                "the spec takes seed {seed}"
+            );
+            let response = app
+                .request(Method::POST, "/v1/generations")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let problem = problem(
+                response,
+                reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+                "validation_failed",
+            )
+            .await;
+            assert_eq!(fields(&problem), ["seed"], "seed {seed}: {problem}");
+        }
+        // What the spec takes gets past the body's checks (to the unknown avatar).
+        for seed in [
+            json!(0),
+            json!(u64::MAX),
+            json!("18446744073709551615"),
+            json!("007"),
+            Value::Null,
+        ] {
+            let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
+            assert!(request.is_valid(&body), "the spec refuses seed {seed}");
+            let response = app
+                .request(Method::POST, "/v1/generations")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
+        }
+        // Exactly one of `prompt` and `prompts`, in the spec as on the server.
+        for body in [
+            json!({"avatar_id": avatar}),
+            json!({"avatar_id": avatar, "prompt": "x", "prompts": ["y"]}),
+        ] {
+            assert!(!request.is_valid(&body), "the spec takes {body}");
+            let response = app
+                .request(Method::POST, "/v1/generations")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+                "{body}"
+            );
+        }
+    }
+);
+
+backend_test!(
+    a_server_serves_a_spec_with_its_own_limits,
+    |config| {
+        config
+            .allowed_endpoints
+            .push("fal-ai/flux/dev".parse().unwrap());
+        config.avatars.max_photos = 12;
+        config.avatars.max_batch = 3;
+    },
+    |app| {
+        let served: Value = app
+            .client
+            .get(app.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let schemas = &served["components"]["schemas"];
+        let endpoints = schemas["CreateJobRequest"]["properties"]["endpoint"]["enum"]
+            .as_array()
+            .unwrap();
+        assert!(
+            endpoints.contains(&json!("fal-ai/flux/dev")),
+            "{endpoints:?}"
+        );
+        assert_eq!(
+            schemas["PhotoUpload"]["properties"]["files"]["maxItems"],
+            12
+        );
+        assert_eq!(
+            schemas["CreateGenerationRequest"]["allOf"][0]["properties"]["prompts"]["maxItems"],
+            3
+        );
+        let created = app
+            .request(Method::POST, "/v1/jobs")
+            .json(&json!({"endpoint": "fal-ai/flux/dev", "input": {"prompt": "x"}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), reqwest::StatusCode::ACCEPTED);
+    }
+);
