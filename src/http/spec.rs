@@ -263,9 +263,15 @@ pub fn complete(spec: &mut OpenApi, config: &Config) {
     if let Some(components) = spec.components.as_mut()
         && let Some(request) = components.schemas.remove("CreateGenerationRequest")
     {
+        // A `null` is as good as absent to the server, so each alternative asks for a value.
+        let given = |field: &str, ty: Type| {
+            ObjectBuilder::new()
+                .property(field, ObjectBuilder::new().schema_type(ty))
+                .required(field)
+        };
         let one_of_prompts = OneOfBuilder::new()
-            .item(ObjectBuilder::new().required("prompt"))
-            .item(ObjectBuilder::new().required("prompts"))
+            .item(given("prompt", Type::String))
+            .item(given("prompts", Type::Array))
             .description(Some("Exactly one of `prompt` and `prompts`."));
         components.schemas.insert(
             "CreateGenerationRequest".into(),

@@ -493,7 +493,21 @@ backend_test!(
                 .unwrap();
             problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
         }
-        // Exactly one of `prompt` and `prompts`, in the spec as on the server.
+        // Exactly one of `prompt` and `prompts`, in the spec as on the server; a `null` is
+        // as good as absent.
+        for body in [
+            json!({"avatar_id": avatar, "prompt": null, "prompts": ["y"]}),
+            json!({"avatar_id": avatar, "prompt": "x", "prompts": null}),
+        ] {
+            assert!(request.is_valid(&body), "the spec refuses {body}");
+            let response = app
+                .request(Method::POST, "/v1/generations")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
+        }
         for body in [
             json!({"avatar_id": avatar}),
             json!({"avatar_id": avatar, "prompt": "x", "prompts": ["y"]}),
