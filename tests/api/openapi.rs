@@ -414,6 +414,31 @@ backend_test!(real_responses_match_the_spec_strictly, |app| {
     let photos = app.get_json(&format!("/v1/avatars/{avatar}/photos")).await;
     assert_eq!(photos["items"].as_array().unwrap().len(), 10);
     assert_valid(&spec, "get", "/v1/avatars/{id}/photos", "200", &photos);
+    let photo_id = photos["items"][0]["id"].as_str().unwrap();
+    let photo = app
+        .get_json(&format!("/v1/avatars/{avatar}/photos/{photo_id}"))
+        .await;
+    assert_valid(
+        &spec,
+        "get",
+        "/v1/avatars/{id}/photos/{photo_id}",
+        "200",
+        &photo,
+    );
+    let raw = app.create_job(&app.key, "a raw job").await;
+    assert_valid(&spec, "post", "/v1/jobs", "202", &raw);
+    let cancel = app
+        .request(
+            Method::POST,
+            &format!("/v1/jobs/{}/cancel", raw["id"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+    // The emulator may have finished the job already: either answer is in the spec.
+    let status = cancel.status().as_u16().to_string();
+    let cancel: Value = cancel.json().await.unwrap();
+    assert_valid(&spec, "post", "/v1/jobs/{id}/cancel", &status, &cancel);
 
     // Errors too: a problem document with its field list, and one without.
     let refused = app
@@ -572,3 +597,41 @@ backend_test!(
         assert_eq!(created.status(), reqwest::StatusCode::ACCEPTED);
     }
 );
+
+#[test]
+fn the_response_validator_is_strict() {
+    let spec: Value = serde_json::from_str(COMMITTED).unwrap();
+    let validator = validator(&spec, "get", "/v1/jobs", "200");
+    assert!(validator.is_valid(&json!({"items": [], "next_cursor": null})));
+    // A property the spec does not declare.
+    assert!(!validator.is_valid(&json!({"items": [], "next_cursor": null, "total": 3})));
+    // An int32 past its width, as a generated client would refuse it.
+    let job_view = validator_for_component(&spec, "JobView");
+    let mut job = json!({
+        "id": uuid::Uuid::now_v7(), "kind": "raw", "status": "pending",
+        "endpoint": "fal-ai/flux-lora", "input": {}, "attempts": 0, "sandbox": true,
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+    });
+    assert!(job_view.is_valid(&job), "{job}");
+    job["attempts"] = json!(1u64 << 40);
+    assert!(!job_view.is_valid(&job));
+    job["attempts"] = json!(0);
+    job["output"] = json!({"images": [], "has_nsfw_concepts": [], "seed": 17454220438242315174u64});
+    assert!(!job_view.is_valid(&job), "a seed is digits, not a number");
+    job["output"]["seed"] = json!(BIG_SEED);
+    assert!(job_view.is_valid(&job));
+}
+
+/// The strict validator of one component schema.
+fn validator_for_component(spec: &Value, name: &str) -> jsonschema::Validator {
+    let mut schemas = spec["components"]["schemas"].clone();
+    close_objects(&mut schemas);
+    let root = json!({
+        "components": {"schemas": schemas},
+        "$ref": format!("#/components/schemas/{name}"),
+    });
+    jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&root)
+        .unwrap()
+}
