@@ -635,3 +635,88 @@ fn validator_for_component(spec: &Value, name: &str) -> jsonschema::Validator {
         .build(&root)
         .unwrap()
 }
+
+backend_test!(
+    every_creating_post_declares_the_body_errors_it_answers,
+    |config| {
+        config.body_limit = 2048;
+        config.avatars.max_upload_bytes = 4096;
+    },
+    |app| {
+        let spec: Value = serde_json::from_str(COMMITTED).unwrap();
+        let avatar: Value = app
+            .request(Method::POST, "/v1/avatars")
+            .json(&json!({"name": "Ada", "kind": "character"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = avatar["id"].as_str().unwrap();
+        let json_posts = [
+            ("/v1/jobs", "/v1/jobs".to_owned()),
+            ("/v1/avatars", "/v1/avatars".to_owned()),
+            (
+                "/v1/avatars/{id}/trainings",
+                format!("/v1/avatars/{id}/trainings"),
+            ),
+            ("/v1/generations", "/v1/generations".to_owned()),
+        ];
+        let photos = (
+            "/v1/avatars/{id}/photos",
+            format!("/v1/avatars/{id}/photos"),
+        );
+        let big = "x".repeat(8192);
+        let mut answered = Vec::new();
+        for (route, url) in &json_posts {
+            for (content_type, body) in [
+                ("application/json", "{\"not json".to_owned()),
+                ("text/plain", "{}".to_owned()),
+                ("application/json", format!("{{\"pad\": \"{big}\"}}")),
+            ] {
+                let response = app
+                    .request(Method::POST, url)
+                    .header("content-type", content_type)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                answered.push((*route, response.status().as_u16(), response));
+            }
+        }
+        let (route, url) = &photos;
+        let boundary = "b0undary";
+        for (content_type, body) in [
+            (
+                format!("multipart/form-data; boundary={boundary}"),
+                "garbage, no parts".to_owned(),
+            ),
+            ("application/json".to_owned(), "{}".to_owned()),
+            (
+                format!("multipart/form-data; boundary={boundary}"),
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n{big}\r\n--{boundary}--\r\n"
+                ),
+            ),
+        ] {
+            let response = app
+                .request(Method::POST, url)
+                .header("content-type", content_type)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            answered.push((*route, response.status().as_u16(), response));
+        }
+        for chunk in answered.chunks(3) {
+            let route = chunk[0].0;
+            let statuses: Vec<u16> = chunk.iter().map(|(_, status, _)| *status).collect();
+            assert_eq!(statuses, [400, 415, 413], "POST {route}");
+        }
+        for (route, status, response) in answered {
+            let body: Value = response.json().await.unwrap();
+            assert_valid(&spec, "post", route, &status.to_string(), &body);
+        }
+    }
+);
