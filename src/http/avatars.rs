@@ -23,10 +23,12 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct CreateAvatarRequest {
     /// A name for people, 1 to 100 characters.
-    #[schema(example = "Ada")]
+    #[schema(example = "Ada", min_length = 1, max_length = 100)]
     pub name: String,
     pub kind: AvatarKind,
-    /// The words that call the avatar up in prompts; default `TOK_` and 8 hex digits of its id.
+    /// The words that call the avatar up in prompts, 1 to 50 characters; default `TOK_` and 8
+    /// hex digits of its id.
+    #[schema(min_length = 1, max_length = 50)]
     pub trigger_phrase: Option<String>,
 }
 
@@ -119,6 +121,7 @@ pub struct AvatarPage {
 #[into_params(parameter_in = Query)]
 pub struct ListAvatarsQuery {
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -330,7 +333,7 @@ pub async fn delete_avatar(
     tag = "avatars",
     params(("id" = Uuid, Path, description = "The avatar's id.")),
     responses(
-        (status = 200, description = "The safetensors file.", content_type = "application/octet-stream"),
+        (status = 200, description = "The safetensors file.", body = super::spec::Binary, content_type = "application/octet-stream"),
         (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar, or no copy of its LoRA (yet).", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),

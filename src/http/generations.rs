@@ -6,6 +6,7 @@ use super::avatars::find_avatar;
 use super::extract::{ApiJson, ApiPathId};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
+use super::spec;
 use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{Artifact, GenerationOptions, GenerationPreset, generation_input};
@@ -27,30 +28,82 @@ use uuid::Uuid;
 pub struct CreateGenerationRequest {
     pub avatar_id: Uuid,
     /// One prompt; or give `prompts` for a batch.
+    #[schema(min_length = 1)]
     pub prompt: Option<String>,
     /// Several prompts: one job each.
+    #[schema(schema_with = spec::prompts)]
     pub prompts: Option<Vec<String>>,
     /// `fast`, `balanced` (default), `quality`, `portrait`, `landscape`, `ultra`.
     #[serde(default)]
     pub preset: GenerationPreset,
     /// `21:9`, `16:9`, `4:3`, `3:2`, `1:1`, `2:3`, `3:4`, `9:16`, `9:21`.
+    #[schema(schema_with = spec::aspect_ratio)]
     pub aspect_ratio: Option<String>,
     /// LoRA avatars only: a named size or `{width, height}`; wins over the preset's.
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = spec::image_size)]
     pub image_size: Option<Value>,
     /// 1 to 4 images per prompt.
+    #[schema(minimum = 1, maximum = 4)]
     pub num_images: Option<u32>,
+    /// An integer, or a string of decimal digits (exact past 2^53).
+    #[serde(default, deserialize_with = "deserialize_seed")]
+    #[schema(schema_with = spec::seed_request)]
     pub seed: Option<u64>,
     /// `jpeg` or `png`.
+    #[schema(schema_with = spec::output_format)]
     pub output_format: Option<String>,
     /// LoRA avatars only.
     pub enable_safety_checker: Option<bool>,
     /// Finetuned avatars only: `"1"` (strictest) to `"6"`.
+    #[schema(schema_with = spec::safety_tolerance)]
     pub safety_tolerance: Option<String>,
     /// Finetuned avatars only: a less processed look.
     pub raw: Option<bool>,
     /// Taken by neither endpoint: always refused, never silently dropped.
     pub negative_prompt: Option<String>,
+}
+
+/// A seed as an integer or as a string of decimal digits: a client whose numbers are doubles
+/// cannot send one above 2^53 exactly as a number, and falgate answers seeds as strings.
+fn deserialize_seed<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    struct SeedVisitor;
+    const EXPECTED: &str =
+        "an integer from 0 to 18446744073709551615, or such a number as a string of digits";
+    impl serde::de::Visitor<'_> for SeedVisitor {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str(EXPECTED)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            u64::try_from(v)
+                .map(Some)
+                .map_err(|_| E::custom(format!("expected {EXPECTED}")))
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(E::custom(format!("expected {EXPECTED}")));
+            }
+            v.parse()
+                .map(Some)
+                .map_err(|_| E::custom(format!("expected {EXPECTED}")))
+        }
+    }
+    de.deserialize_any(SeedVisitor)
 }
 
 /// A set of generations made by one request.

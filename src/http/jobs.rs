@@ -23,8 +23,7 @@ use uuid::Uuid;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJobRequest {
-    /// A FAL endpoint id from the allow-list, e.g. `fal-ai/flux-lora`.
-    #[schema(example = "fal-ai/flux-lora")]
+    #[schema(schema_with = super::spec::endpoint)]
     pub endpoint: String,
     /// The model input, a JSON object, sent to FAL as given.
     #[schema(value_type = Object, example = json!({"prompt": "a lighthouse at dawn"}))]
@@ -91,9 +90,8 @@ pub struct ImageView {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct GenerationOutput {
     pub images: Vec<ImageView>,
-    /// The seed FAL used (may exceed 2^63).
-    #[schema(value_type = Option<u64>)]
-    pub seed: Option<Value>,
+    #[schema(schema_with = super::spec::seed_response)]
+    pub seed: Option<String>,
     /// One flag per image, as FAL returned them.
     pub has_nsfw_concepts: Vec<bool>,
 }
@@ -116,7 +114,12 @@ impl GenerationOutput {
                     })
                 })
                 .collect(),
-            seed: result.get("seed").filter(|s| s.is_number()).cloned(),
+            // Decimal digits, exact whatever the client's number type; a seed that is not a
+            // non-negative integer is not one a client could send back, so it is left out.
+            seed: result
+                .get("seed")
+                .and_then(Value::as_u64)
+                .map(|s| s.to_string()),
             has_nsfw_concepts: result
                 .get("has_nsfw_concepts")
                 .and_then(Value::as_array)
@@ -212,6 +215,7 @@ pub struct ListJobsQuery {
     /// Only jobs of this avatar.
     pub avatar_id: Option<Uuid>,
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,

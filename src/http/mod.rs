@@ -13,6 +13,7 @@ pub mod ops;
 pub mod paging;
 pub mod photos;
 pub mod server;
+pub mod spec;
 pub mod trainings;
 
 use crate::app::AppState;
@@ -90,14 +91,26 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    api_router().into_openapi()
+    let mut spec = api_router().into_openapi();
+    // The document a server with the default configuration serves.
+    spec::complete(
+        &mut spec,
+        &crate::config::Config::for_database("sqlite::memory:"),
+    );
+    spec
 }
 
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
-    let (api, spec) = api_router().split_for_parts();
-    api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+    let (api, mut spec) = api_router().split_for_parts();
+    spec::complete(&mut spec, &state.config);
+    // Swagger UI would otherwise send the spec's URL to an online validator whenever it is served
+    // under a host other than localhost.
+    let docs = SwaggerUi::new("/docs")
+        .url("/openapi.json", spec)
+        .config(utoipa_swagger_ui::Config::default().validator_url("none"));
+    api.merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies read whole are held to `body_limit`; photo uploads and callbacks stream their

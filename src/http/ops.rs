@@ -106,7 +106,7 @@ impl HttpCounters {
     path = "/metrics",
     tag = "operations",
     responses(
-        (status = 200, description = "Metrics in Prometheus text format.", content_type = "text/plain"),
+        (status = 200, description = "Metrics in Prometheus text format.", body = String, content_type = "text/plain"),
         (status = 503, description = "The database is unavailable.", body = crate::error::Problem, content_type = "application/problem+json"),
     )
 )]

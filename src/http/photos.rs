@@ -65,7 +65,9 @@ pub struct PhotoList {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct PhotoUpload {
-    #[schema(value_type = Vec<String>, format = Binary)]
+    /// One part per photo; at most as many as an avatar may hold (the server's
+    /// `FALGATE_MAX_PHOTOS`).
+    #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
     pub files: Vec<Vec<u8>>,
 }
 

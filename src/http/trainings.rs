@@ -35,7 +35,8 @@ pub struct StartTrainingRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub overrides: Map<String, Value>,
-    /// A public URL of a ZIP of photos; without it the avatar's uploaded photos are used.
+    /// A public http(s) URL of a ZIP of photos; without it the avatar's uploaded photos are used.
+    #[schema(pattern = "^[Hh][Tt][Tt][Pp][Ss]?://")]
     pub images_data_url: Option<String>,
 }
 
