@@ -623,7 +623,8 @@ fn non_empty(value: &Option<String>) -> Option<&str> {
     value.as_deref().filter(|v| !v.trim().is_empty())
 }
 
-/// A switch: absent is false; the usual spellings of yes and no are taken in any case.
+/// A switch: absent or empty (`FALGATE_SANDBOX=`, as a blank line of an env file) is false;
+/// the usual spellings of yes and no are taken in any case.
 fn parse_switch(
     raw: &Option<String>,
     variable: &'static str,
@@ -631,8 +632,8 @@ fn parse_switch(
 ) -> Result<bool, ConfigError> {
     let Some(raw) = raw else { return Ok(false) };
     match raw.trim().to_ascii_lowercase().as_str() {
-        "" | "1" | "true" | "yes" | "y" | "on" => Ok(true),
-        "0" | "false" | "no" | "n" | "off" => Ok(false),
+        "1" | "true" | "yes" | "y" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "n" | "off" => Ok(false),
         _ => Err(invalid(
             variable,
             flag,
@@ -806,7 +807,7 @@ mod tests {
             let config = parse(&[&format!("--sandbox={yes}")]).unwrap();
             assert!(config.sandbox, "{yes}");
         }
-        for no in ["0", "false", "FALSE", "no", "off", "OFF"] {
+        for no in ["0", "false", "FALSE", "no", "off", "OFF", ""] {
             let config = parse(&["--fal-key", "id:secret", &format!("--sandbox={no}")]).unwrap();
             assert!(!config.sandbox, "{no}");
             let config = parse(&["--sandbox", &format!("--no-migrate={no}")]).unwrap();
