@@ -134,7 +134,7 @@ async fn run(command: Command) -> Result<(), String> {
                 println!();
                 if revoked > 0 {
                     println!(
-                        "  The previous sandbox key of this database is revoked ({revoked} revoked)."
+                        "  Earlier sandbox keys of this database revoked: {revoked}. Export this one."
                     );
                     println!();
                 }
