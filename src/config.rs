@@ -38,6 +38,9 @@ pub struct DatabaseArgs {
 }
 
 /// Flags and variables of `falgate serve`.
+///
+/// Switches are read as text too (`--sandbox` alone means true), so that a variable such as
+/// `FALGATE_SANDBOX=1` is judged here, under its own name, rather than by clap under the flag's.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -91,16 +94,16 @@ pub struct ServeArgs {
     pub shutdown_timeout_secs: String,
 
     /// Do not run migrations at start (for several replicas: run `falgate migrate` once).
-    #[arg(long, env = "FALGATE_NO_MIGRATE")]
-    pub no_migrate: bool,
+    #[arg(long, env = "FALGATE_NO_MIGRATE", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub no_migrate: Option<String>,
 
     /// Serve the API only; the workers that talk to FAL run in other replicas.
-    #[arg(long, env = "FALGATE_NO_WORKERS")]
-    pub no_workers: bool,
+    #[arg(long, env = "FALGATE_NO_WORKERS", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub no_workers: Option<String>,
 
     /// Run against a built-in FAL emulator: no key needed, nothing reaches FAL.
-    #[arg(long, env = "FALGATE_SANDBOX")]
-    pub sandbox: bool,
+    #[arg(long, env = "FALGATE_SANDBOX", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub sandbox: Option<String>,
 
     /// FAL's queue base URL.
     #[arg(long, env = "FAL_QUEUE_URL", default_value = "https://queue.fal.run")]
@@ -330,6 +333,9 @@ impl DatabaseArgs {
 impl ServeArgs {
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let database = self.database.validate()?;
+        let sandbox = parse_switch(&self.sandbox, "FALGATE_SANDBOX", "sandbox")?;
+        let no_migrate = parse_switch(&self.no_migrate, "FALGATE_NO_MIGRATE", "no-migrate")?;
+        let no_workers = parse_switch(&self.no_workers, "FALGATE_NO_WORKERS", "no-workers")?;
         let listen = self.listen.trim().parse().map_err(|_| {
             invalid(
                 "FALGATE_LISTEN",
@@ -585,7 +591,7 @@ impl ServeArgs {
                 "must not be empty",
             ));
         }
-        if !self.sandbox && fal_key.is_none() {
+        if !sandbox && fal_key.is_none() {
             return Err(invalid(
                 "FAL_KEY",
                 "fal-key",
@@ -595,7 +601,7 @@ impl ServeArgs {
         }
         Ok(Config {
             avatars,
-            sandbox: self.sandbox,
+            sandbox,
             fal_urls,
             workers,
             listen,
@@ -608,14 +614,33 @@ impl ServeArgs {
             connections,
             allowed_endpoints,
             shutdown_timeout,
-            migrate_on_start: !self.no_migrate,
-            run_workers: !self.no_workers,
+            migrate_on_start: !no_migrate,
+            run_workers: !no_workers,
         })
     }
 }
 
 fn non_empty(value: &Option<String>) -> Option<&str> {
     value.as_deref().filter(|v| !v.trim().is_empty())
+}
+
+/// A switch: absent or empty (`FALGATE_SANDBOX=`, as a blank line of an env file) is false;
+/// the usual spellings of yes and no are taken in any case.
+fn parse_switch(
+    raw: &Option<String>,
+    variable: &'static str,
+    flag: &'static str,
+) -> Result<bool, ConfigError> {
+    let Some(raw) = raw else { return Ok(false) };
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "y" | "on" => Ok(true),
+        "" | "0" | "false" | "no" | "n" | "off" => Ok(false),
+        _ => Err(invalid(
+            variable,
+            flag,
+            format!("`{raw}` is not a switch: use true/false, 1/0, yes/no or on/off"),
+        )),
+    }
 }
 
 fn parse_number<T>(
@@ -661,9 +686,9 @@ impl Config {
             max_connections: "1024".into(),
             allowed_endpoints: None,
             shutdown_timeout_secs: "5".into(),
-            no_migrate: false,
-            no_workers: false,
-            sandbox: true,
+            no_migrate: None,
+            no_workers: None,
+            sandbox: Some("true".into()),
             fal_queue_url: "https://queue.fal.run".into(),
             fal_rest_url: "https://rest.fal.ai".into(),
             fal_jwks_url: "https://rest.fal.ai/.well-known/jwks.json".into(),
@@ -775,6 +800,27 @@ mod tests {
             err.to_string().starts_with("FALGATE_WEBHOOK_SECRET"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn switches_take_the_usual_spellings() {
+        for yes in ["1", "true", "TRUE", "True", "yes", "YES", "on", "On", " y "] {
+            let config = parse(&[&format!("--sandbox={yes}")]).unwrap();
+            assert!(config.sandbox, "{yes}");
+        }
+        for no in ["0", "false", "FALSE", "no", "off", "OFF", ""] {
+            let config = parse(&["--fal-key", "id:secret", &format!("--sandbox={no}")]).unwrap();
+            assert!(!config.sandbox, "{no}");
+            let config = parse(&["--sandbox", &format!("--no-migrate={no}")]).unwrap();
+            assert!(config.migrate_on_start, "{no}");
+        }
+        let config = parse(&["--sandbox", "--no-migrate", "--no-workers"]).unwrap();
+        assert!(config.sandbox && !config.migrate_on_start && !config.run_workers);
+        let err = parse(&["--sandbox=maybe"]).unwrap_err();
+        assert!(err.to_string().starts_with("FALGATE_SANDBOX"), "{err}");
+        assert!(err.to_string().contains("`maybe`"), "{err}");
+        let err = parse(&["--sandbox", "--no-workers=2"]).unwrap_err();
+        assert!(err.to_string().starts_with("FALGATE_NO_WORKERS"), "{err}");
     }
 
     #[test]

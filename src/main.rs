@@ -1,6 +1,6 @@
 //! The command line: everything else lives in the library.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use falgate::app::App;
 use falgate::config::{DatabaseArgs, LogFormat, ServeArgs};
 use falgate::store::{Store, StoreOptions};
@@ -13,15 +13,14 @@ use std::process::ExitCode;
     about = "A durable REST gateway in front of FAL"
 )]
 struct Cli {
-    /// Log format.
+    /// Log format: `text` or `json`.
     #[arg(
         long,
         env = "FALGATE_LOG_FORMAT",
-        value_enum,
-        default_value_t,
+        default_value = "text",
         global = true
     )]
-    log_format: LogFormat,
+    log_format: String,
 
     #[command(subcommand)]
     command: Command,
@@ -76,7 +75,17 @@ enum ApiKeyCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     falgate::install_crypto_provider();
-    init_tracing(cli.log_format);
+    let log_format = match LogFormat::from_str(cli.log_format.trim(), true) {
+        Ok(format) => format,
+        Err(_) => {
+            eprintln!(
+                "error: FALGATE_LOG_FORMAT (--log-format): `{}` is not `text` or `json`",
+                cli.log_format
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    init_tracing(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -106,9 +115,7 @@ async fn run(command: Command) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             let base = format!("http://{}", app.local_addr());
             if sandbox {
-                let (_, key) = app
-                    .store()
-                    .issue_api_key("sandbox development key")
+                let (key, revoked) = renew_sandbox_key(app.store())
                     .await
                     .map_err(|e| e.to_string())?;
                 let fal = app
@@ -119,10 +126,18 @@ async fn run(command: Command) -> Result<(), String> {
                 println!();
                 println!("  falgate sandbox on {base}  (Swagger UI: {base}/docs)");
                 println!("  FAL is emulated at {fal}: no job reaches the real FAL.");
-                println!("  Development API key (made for this run):");
+                println!(
+                    "  Development API key (`{SANDBOX_KEY_NAME}`, made at this start; valid until the next one):"
+                );
                 println!();
                 println!("    export FALGATE_KEY={}", key.secret);
                 println!();
+                if revoked > 0 {
+                    println!(
+                        "  Earlier sandbox keys of this database revoked: {revoked}. Export this one."
+                    );
+                    println!();
+                }
             }
             tracing::info!(address = %app.local_addr(), docs = %format!("{base}/docs"), "falgate is serving");
             app.run_until_signalled().await;
@@ -151,22 +166,26 @@ async fn run(command: Command) -> Result<(), String> {
         Command::ApiKey(ApiKeyCommand::List { database }) => {
             let store = migrated_store(&database).await?;
             let keys = store.list_api_keys().await.map_err(|e| e.to_string())?;
-            println!(
-                "{:<36}  {:<12}  {:<25}  {:<25}  NAME",
-                "ID", "PREFIX", "CREATED", "REVOKED"
-            );
-            for key in keys {
-                println!(
-                    "{:<36}  {:<12}  {:<25}  {:<25}  {}",
-                    key.id,
+            let time = |t: chrono::DateTime<chrono::Utc>| {
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            };
+            let mut rows = vec![[
+                "ID".to_owned(),
+                "PREFIX".to_owned(),
+                "CREATED".to_owned(),
+                "REVOKED".to_owned(),
+                "NAME".to_owned(),
+            ]];
+            rows.extend(keys.into_iter().map(|key| {
+                [
+                    key.id.to_string(),
                     key.prefix,
-                    key.created_at.to_rfc3339(),
-                    key.revoked_at
-                        .map(|t| t.to_rfc3339())
-                        .unwrap_or_else(|| "-".into()),
-                    key.name
-                );
-            }
+                    time(key.created_at),
+                    key.revoked_at.map(time).unwrap_or_else(|| "-".into()),
+                    key.name,
+                ]
+            }));
+            print!("{}", align_columns(&rows));
             Ok(())
         }
         Command::ApiKey(ApiKeyCommand::Revoke { key, database }) => {
@@ -215,6 +234,59 @@ async fn run(command: Command) -> Result<(), String> {
     }
 }
 
+/// The name of the key the sandbox issues; each start revokes the ones before it, so that a
+/// database holds one live sandbox key however often the sandbox is started.
+const SANDBOX_KEY_NAME: &str = "sandbox";
+
+/// Earlier versions named the sandbox's key so; those are revoked as well.
+const OLD_SANDBOX_KEY_NAME: &str = "sandbox development key";
+
+async fn renew_sandbox_key(
+    store: &Store,
+) -> Result<(falgate::domain::api_key::NewApiKey, usize), falgate::store::StoreError> {
+    let now = falgate::domain::now();
+    let mut revoked = 0;
+    for key in store.list_api_keys().await? {
+        if key.revoked_at.is_none()
+            && (key.name == SANDBOX_KEY_NAME || key.name == OLD_SANDBOX_KEY_NAME)
+            && store.revoke_api_key(&key.id.to_string(), now).await?
+        {
+            revoked += 1;
+        }
+    }
+    let (_, key) = store.issue_api_key(SANDBOX_KEY_NAME).await?;
+    Ok((key, revoked))
+}
+
+/// Rows as text columns, each as wide as its widest cell (counted in characters, since
+/// names may hold any), two spaces apart; the last column is not padded.
+fn align_columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < N {
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(
+                    ' ',
+                    widths[i] - cell.chars().count() + 2,
+                ));
+            } else {
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 async fn open_store(database: &DatabaseArgs) -> Result<Store, String> {
     let config = database.validate().map_err(|e| e.to_string())?;
     Store::connect(
@@ -240,8 +312,10 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    // Colour codes only help a person at a terminal; in a file or a pipe they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

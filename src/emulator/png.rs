@@ -1,7 +1,8 @@
 //! A minimal PNG writer (8-bit RGB) with a tiny deflate encoder.
 //!
 //! The emulator serves images whose real pixel size equals the width/height it reports,
-//! so large sizes must stay cheap. The pictures are flat colour blocks; a greedy LZ77
+//! so large sizes must stay cheap. The pictures are flat colour blocks under a caption of
+//! large, flat letters; a greedy LZ77
 //! that only looks 3 bytes back (previous pixel) or one row back, emitted with deflate's
 //! fixed Huffman codes, shrinks a 2048×2048 image to a few tens of KB without a crate.
 
@@ -39,14 +40,20 @@ pub fn encode_rgb(width: u32, height: u32, mut fill_row: impl FnMut(u32, &mut [u
 }
 
 /// Draws the emulator's deterministic picture: 64-pixel colour blocks derived from
-/// `seed` and a hash of the prompt, so equal inputs give equal bytes.
+/// `seed` and a hash of the prompt, under a white band that spells the prompt's first
+/// [`CAPTION_CHARS`] characters (where falgate puts an avatar's trigger phrase), so that a
+/// person can tell which picture answers which request. Equal inputs give equal bytes.
 pub fn render(width: u32, height: u32, seed: u64, prompt: &str) -> Vec<u8> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in prompt.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     let key = h ^ seed.rotate_left(17);
+    let caption = Caption::new(prompt, width, height);
     encode_rgb(width, height, |y, row| {
+        if caption.draw_row(y, row) {
+            return;
+        }
         let by = u64::from(y / 64);
         for (x, px) in row.chunks_exact_mut(3).enumerate() {
             let bx = (x / 64) as u64;
@@ -55,6 +62,220 @@ pub fn render(width: u32, height: u32, seed: u64, prompt: &str) -> Vec<u8> {
         }
     })
 }
+
+/// How much of a prompt the picture spells.
+pub const CAPTION_CHARS: usize = 40;
+
+/// The prompt's words laid out in the band at the top of the picture.
+struct Caption {
+    lines: Vec<Vec<u8>>,
+    scale: u32,
+    margin: u32,
+}
+
+impl Caption {
+    fn new(prompt: &str, width: u32, height: u32) -> Self {
+        let text: Vec<u8> = prompt
+            .trim()
+            .chars()
+            .take(CAPTION_CHARS)
+            .map(|c| match c {
+                ' '..='~' => c as u8,
+                c if c.is_whitespace() => b' ',
+                _ => b'?',
+            })
+            .collect();
+        // Letters grow with the picture, so that they stay legible on a large one.
+        let mut scale = (width.min(height) / 256).clamp(1, 8);
+        let fits = |scale: u32| width >= 2 * 2 * scale + GLYPH_W * scale;
+        while scale > 1 && !fits(scale) {
+            scale -= 1;
+        }
+        let margin = 2 * scale;
+        let none = Self {
+            lines: Vec::new(),
+            scale,
+            margin,
+        };
+        if text.is_empty() || !fits(scale) {
+            return none;
+        }
+        let columns = ((width - 2 * margin) / (GLYPH_W * scale)) as usize;
+        let rows = (height.saturating_sub(2 * margin) / (GLYPH_H * scale)) as usize;
+        let lines: Vec<Vec<u8>> = wrap(&text, columns).into_iter().take(rows).collect();
+        Self {
+            lines,
+            scale,
+            margin,
+        }
+    }
+
+    fn band_height(&self) -> u32 {
+        if self.lines.is_empty() {
+            0
+        } else {
+            2 * self.margin + self.lines.len() as u32 * GLYPH_H * self.scale
+        }
+    }
+
+    /// Fills row `y` if it lies in the band; false when it is the picture's.
+    fn draw_row(&self, y: u32, row: &mut [u8]) -> bool {
+        if y >= self.band_height() {
+            return false;
+        }
+        row.fill(0xff);
+        let Some(ly) = y.checked_sub(self.margin).map(|v| v / self.scale) else {
+            return true;
+        };
+        let (line, gy) = ((ly / GLYPH_H) as usize, ly % GLYPH_H);
+        let Some(text) = self.lines.get(line) else {
+            return true;
+        };
+        if gy >= 7 {
+            return true;
+        }
+        for (x, px) in row.chunks_exact_mut(3).enumerate() {
+            let Some(lx) = (x as u32).checked_sub(self.margin).map(|v| v / self.scale) else {
+                continue;
+            };
+            let (column, gx) = ((lx / GLYPH_W) as usize, lx % GLYPH_W);
+            let Some(&c) = text.get(column) else { break };
+            if gx < 5 && glyph(c)[gx as usize] >> gy & 1 == 1 {
+                px.fill(0);
+            }
+        }
+        true
+    }
+}
+
+/// Greedy word wrap into lines of at most `columns` characters; a longer word is cut.
+fn wrap(text: &[u8], columns: usize) -> Vec<Vec<u8>> {
+    let mut lines: Vec<Vec<u8>> = Vec::new();
+    let mut line: Vec<u8> = Vec::new();
+    for word in text.split(|&c| c == b' ').filter(|w| !w.is_empty()) {
+        for piece in word.chunks(columns) {
+            if !line.is_empty() && line.len() + 1 + piece.len() > columns {
+                lines.push(std::mem::take(&mut line));
+            }
+            if !line.is_empty() {
+                line.push(b' ');
+            }
+            line.extend_from_slice(piece);
+        }
+    }
+    if !line.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
+/// A glyph's cell: five columns of ink and one of space, seven rows and one of space.
+const GLYPH_W: u32 = 6;
+const GLYPH_H: u32 = 8;
+
+fn glyph(c: u8) -> &'static [u8; 5] {
+    &FONT[usize::from(c.clamp(b' ', b'~') - b' ')]
+}
+
+/// The classic 5×7 font for printable ASCII (space to `~`): five columns a glyph, the top row
+/// in the lowest bit.
+const FONT: [[u8; 5]; 95] = [
+    [0x00, 0x00, 0x00, 0x00, 0x00], // ' '
+    [0x00, 0x00, 0x5f, 0x00, 0x00], // !
+    [0x00, 0x07, 0x00, 0x07, 0x00], // "
+    [0x14, 0x7f, 0x14, 0x7f, 0x14], // #
+    [0x24, 0x2a, 0x7f, 0x2a, 0x12], // $
+    [0x23, 0x13, 0x08, 0x64, 0x62], // %
+    [0x36, 0x49, 0x55, 0x22, 0x50], // &
+    [0x00, 0x05, 0x03, 0x00, 0x00], // '
+    [0x00, 0x1c, 0x22, 0x41, 0x00], // (
+    [0x00, 0x41, 0x22, 0x1c, 0x00], // )
+    [0x14, 0x08, 0x3e, 0x08, 0x14], // *
+    [0x08, 0x08, 0x3e, 0x08, 0x08], // +
+    [0x00, 0x50, 0x30, 0x00, 0x00], // ,
+    [0x08, 0x08, 0x08, 0x08, 0x08], // -
+    [0x00, 0x60, 0x60, 0x00, 0x00], // .
+    [0x20, 0x10, 0x08, 0x04, 0x02], // /
+    [0x3e, 0x51, 0x49, 0x45, 0x3e], // 0
+    [0x00, 0x42, 0x7f, 0x40, 0x00], // 1
+    [0x42, 0x61, 0x51, 0x49, 0x46], // 2
+    [0x21, 0x41, 0x45, 0x4b, 0x31], // 3
+    [0x18, 0x14, 0x12, 0x7f, 0x10], // 4
+    [0x27, 0x45, 0x45, 0x45, 0x39], // 5
+    [0x3c, 0x4a, 0x49, 0x49, 0x30], // 6
+    [0x01, 0x71, 0x09, 0x05, 0x03], // 7
+    [0x36, 0x49, 0x49, 0x49, 0x36], // 8
+    [0x06, 0x49, 0x49, 0x29, 0x1e], // 9
+    [0x00, 0x36, 0x36, 0x00, 0x00], // :
+    [0x00, 0x56, 0x36, 0x00, 0x00], // ;
+    [0x08, 0x14, 0x22, 0x41, 0x00], // <
+    [0x14, 0x14, 0x14, 0x14, 0x14], // =
+    [0x00, 0x41, 0x22, 0x14, 0x08], // >
+    [0x02, 0x01, 0x51, 0x09, 0x06], // ?
+    [0x32, 0x49, 0x79, 0x41, 0x3e], // @
+    [0x7e, 0x11, 0x11, 0x11, 0x7e], // A
+    [0x7f, 0x49, 0x49, 0x49, 0x36], // B
+    [0x3e, 0x41, 0x41, 0x41, 0x22], // C
+    [0x7f, 0x41, 0x41, 0x22, 0x1c], // D
+    [0x7f, 0x49, 0x49, 0x49, 0x41], // E
+    [0x7f, 0x09, 0x09, 0x09, 0x01], // F
+    [0x3e, 0x41, 0x49, 0x49, 0x7a], // G
+    [0x7f, 0x08, 0x08, 0x08, 0x7f], // H
+    [0x00, 0x41, 0x7f, 0x41, 0x00], // I
+    [0x20, 0x40, 0x41, 0x3f, 0x01], // J
+    [0x7f, 0x08, 0x14, 0x22, 0x41], // K
+    [0x7f, 0x40, 0x40, 0x40, 0x40], // L
+    [0x7f, 0x02, 0x0c, 0x02, 0x7f], // M
+    [0x7f, 0x04, 0x08, 0x10, 0x7f], // N
+    [0x3e, 0x41, 0x41, 0x41, 0x3e], // O
+    [0x7f, 0x09, 0x09, 0x09, 0x06], // P
+    [0x3e, 0x41, 0x51, 0x21, 0x5e], // Q
+    [0x7f, 0x09, 0x19, 0x29, 0x46], // R
+    [0x46, 0x49, 0x49, 0x49, 0x31], // S
+    [0x01, 0x01, 0x7f, 0x01, 0x01], // T
+    [0x3f, 0x40, 0x40, 0x40, 0x3f], // U
+    [0x1f, 0x20, 0x40, 0x20, 0x1f], // V
+    [0x3f, 0x40, 0x38, 0x40, 0x3f], // W
+    [0x63, 0x14, 0x08, 0x14, 0x63], // X
+    [0x07, 0x08, 0x70, 0x08, 0x07], // Y
+    [0x61, 0x51, 0x49, 0x45, 0x43], // Z
+    [0x00, 0x7f, 0x41, 0x41, 0x00], // [
+    [0x02, 0x04, 0x08, 0x10, 0x20], // backslash
+    [0x00, 0x41, 0x41, 0x7f, 0x00], // ]
+    [0x04, 0x02, 0x01, 0x02, 0x04], // ^
+    [0x40, 0x40, 0x40, 0x40, 0x40], // _
+    [0x00, 0x01, 0x02, 0x04, 0x00], // `
+    [0x20, 0x54, 0x54, 0x54, 0x78], // a
+    [0x7f, 0x48, 0x44, 0x44, 0x38], // b
+    [0x38, 0x44, 0x44, 0x44, 0x20], // c
+    [0x38, 0x44, 0x44, 0x48, 0x7f], // d
+    [0x38, 0x54, 0x54, 0x54, 0x18], // e
+    [0x08, 0x7e, 0x09, 0x01, 0x02], // f
+    [0x0c, 0x52, 0x52, 0x52, 0x3e], // g
+    [0x7f, 0x08, 0x04, 0x04, 0x78], // h
+    [0x00, 0x44, 0x7d, 0x40, 0x00], // i
+    [0x20, 0x40, 0x44, 0x3d, 0x00], // j
+    [0x7f, 0x10, 0x28, 0x44, 0x00], // k
+    [0x00, 0x41, 0x7f, 0x40, 0x00], // l
+    [0x7c, 0x04, 0x18, 0x04, 0x78], // m
+    [0x7c, 0x08, 0x04, 0x04, 0x78], // n
+    [0x38, 0x44, 0x44, 0x44, 0x38], // o
+    [0x7c, 0x14, 0x14, 0x14, 0x08], // p
+    [0x08, 0x14, 0x14, 0x18, 0x7c], // q
+    [0x7c, 0x08, 0x04, 0x04, 0x08], // r
+    [0x48, 0x54, 0x54, 0x54, 0x20], // s
+    [0x04, 0x3f, 0x44, 0x40, 0x20], // t
+    [0x3c, 0x40, 0x40, 0x20, 0x7c], // u
+    [0x1c, 0x20, 0x40, 0x20, 0x1c], // v
+    [0x3c, 0x40, 0x30, 0x40, 0x3c], // w
+    [0x44, 0x28, 0x10, 0x28, 0x44], // x
+    [0x0c, 0x50, 0x50, 0x50, 0x3c], // y
+    [0x44, 0x64, 0x54, 0x4c, 0x44], // z
+    [0x00, 0x08, 0x36, 0x41, 0x00], // {
+    [0x00, 0x00, 0x7f, 0x00, 0x00], // |
+    [0x00, 0x41, 0x36, 0x08, 0x00], // }
+    [0x02, 0x01, 0x02, 0x04, 0x02], // ~
+];
 
 fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -371,6 +592,65 @@ mod tests {
         });
         let (_, _, idat) = parse(&png);
         assert_eq!(inflate_fixed(&idat[2..idat.len() - 4]), expected);
+    }
+
+    /// The band of text at the top: rows that are white but for black letters.
+    fn band(png: &[u8]) -> (image::RgbImage, u32) {
+        let picture = image::load_from_memory_with_format(png, image::ImageFormat::Png)
+            .expect("a PNG any decoder reads")
+            .to_rgb8();
+        let band = (0..picture.height())
+            .take_while(|&y| {
+                (0..picture.width()).all(|x| {
+                    let p = picture.get_pixel(x, y).0;
+                    p == [255; 3] || p == [0; 3]
+                })
+            })
+            .count() as u32;
+        (picture, band)
+    }
+
+    #[test]
+    fn the_picture_spells_its_prompt() {
+        let a = render(1024, 768, 7, "TOK_1a2b3c4d at the beach");
+        let b = render(1024, 768, 7, "TOK_1a2b3c4d in a library");
+        let (pa, band_a) = band(&a);
+        let (pb, band_b) = band(&b);
+        assert_eq!(pa.dimensions(), (1024, 768));
+        assert!(band_a >= 7 && band_a == band_b, "{band_a} {band_b}");
+        let ink = |p: &image::RgbImage| {
+            (0..band_a)
+                .flat_map(|y| (0..p.width()).map(move |x| (x, y)))
+                .filter(|&(x, y)| p.get_pixel(x, y).0 == [0; 3])
+                .collect::<Vec<_>>()
+        };
+        let (ink_a, ink_b) = (ink(&pa), ink(&pb));
+        assert!(!ink_a.is_empty());
+        assert_ne!(ink_a, ink_b, "two prompts, two captions");
+        // The shared trigger phrase is drawn alike in both, at the start of the band.
+        let left = |ink: &[(u32, u32)]| {
+            ink.iter()
+                .filter(|&&(x, _)| x < 200)
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(left(&ink_a), left(&ink_b));
+        // The caption is the prompt's alone: another seed changes the picture, not the text.
+        let (pc, band_c) = band(&render(1024, 768, 8, "TOK_1a2b3c4d at the beach"));
+        assert_eq!(band_c, band_a);
+        assert_eq!(ink(&pc), ink_a);
+
+        // Small, narrow and long-worded pictures keep their size and decode.
+        for (w, h, prompt) in [
+            (1, 1, "x"),
+            (7, 300, "abc"),
+            (64, 64, "a long prompt that wraps onto several lines"),
+            (640, 640, "Ünïcode ✓ and\ttabs"),
+            (300, 40, "averyveryverylongwordwithoutanyspaces"),
+        ] {
+            let (p, _) = band(&render(w, h, 1, prompt));
+            assert_eq!(p.dimensions(), (w, h), "{prompt}");
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum StoreError {
     Migration(String),
     #[error("unsupported database URL `{0}`: use sqlite:… or postgres://…")]
     UnsupportedUrl(String),
+    /// The database the URL names cannot be opened at start; the message says which one,
+    /// where, and why, never the password.
+    #[error("DATABASE_URL: {0}")]
+    Open(String),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -68,6 +72,8 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub struct StoreOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// How long the first connection, made at start to say what is wrong, may take.
+    pub connect_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -75,6 +81,7 @@ impl Default for StoreOptions {
         Self {
             max_connections: 10,
             acquire_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
         }
     }
 }

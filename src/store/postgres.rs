@@ -102,12 +102,53 @@ impl PgStore {
     pub async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Self> {
         let connect = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::UnsupportedUrl(format!("{}: {e}", redact_url(url))))?;
+        // One connection first, alone and briefly: the pool would retry a refused connection
+        // until its acquire timeout and then say only "pool timed out".
+        let server = match connect.get_socket() {
+            Some(socket) => socket.display().to_string(),
+            None => format!("{}:{}", connect.get_host(), connect.get_port()),
+        };
+        let database = connect
+            .get_database()
+            .unwrap_or(connect.get_username())
+            .to_owned();
+        let opened = tokio::time::timeout(
+            options.connect_timeout,
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&connect),
+        )
+        .await;
+        let failure = match opened {
+            Ok(Ok(first)) => {
+                let _ = sqlx::Connection::close(first).await;
+                None
+            }
+            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {
+                Some(format!(
+                    "the PostgreSQL server at {server} has no database `{database}`: create it, or name another in the URL"
+                ))
+            }
+            Ok(Err(sqlx::Error::Database(db))) => Some(format!(
+                "the PostgreSQL server at {server} refused the connection to database `{database}` as user `{}`: {}",
+                connect.get_username(),
+                db.message()
+            )),
+            Ok(Err(e)) => Some(format!(
+                "cannot reach the PostgreSQL server at {server}: {e}"
+            )),
+            Err(_) => Some(format!(
+                "no answer from the PostgreSQL server at {server} within {} s",
+                options.connect_timeout.as_secs_f64()
+            )),
+        };
+        if let Some(message) = failure {
+            return Err(StoreError::Open(message));
+        }
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::Open(format!("the PostgreSQL server at {server}: {e}")))?;
         Ok(Self { pool })
     }
 

@@ -105,12 +105,30 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true);
+        let path = connect.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(1))
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| {
+                // SQLite says only "unable to open database file"; opening the file ourselves
+                // gives the operating system's reason (no such directory, permission denied).
+                let reason = match std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                {
+                    Err(os) => os.to_string(),
+                    Ok(_) => e.to_string(),
+                };
+                StoreError::Open(format!(
+                    "cannot open the SQLite database file {}: {reason}",
+                    path.display()
+                ))
+            })?;
         Ok(Self { pool })
     }
 

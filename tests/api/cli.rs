@@ -180,3 +180,242 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
     child.kill().await.ok();
     database.drop_database().await;
 }
+
+/// Runs `falgate` with `env` on top of a clean environment for the variables it reads.
+fn falgate_with(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_falgate"));
+    command
+        .args(args)
+        .env_remove("FAL_KEY")
+        .env_remove("FALGATE_SANDBOX")
+        .env_remove("DATABASE_URL")
+        .env("FALGATE_STORAGE_DIR", shared_scratch_dir());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().expect("run falgate");
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8(output.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn an_unopenable_sqlite_file_is_named_with_the_reason() {
+    let missing_dir = std::env::temp_dir()
+        .join(format!("falgate-missing-{}", uuid::Uuid::new_v4().simple()))
+        .join("falgate.db");
+    let url = format!("sqlite:{}", missing_dir.display());
+    for args in [&["migrate"][..], &["api-key", "list"][..]] {
+        let (ok, _, stderr) = falgate_with(args, &[("DATABASE_URL", &url)]);
+        assert!(!ok);
+        assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+        assert!(
+            stderr.contains(&missing_dir.display().to_string()),
+            "{stderr}"
+        );
+        assert!(stderr.contains("No such file or directory"), "{stderr}");
+    }
+}
+
+#[test]
+fn an_unreachable_postgres_server_is_named_at_once_without_the_password() {
+    let port = free_port();
+    let url = format!("postgres://falgate:hunter2-secret@127.0.0.1:{port}/falgate");
+    let started = std::time::Instant::now();
+    let (ok, _, stderr) = falgate_with(&["migrate"], &[("DATABASE_URL", &url)]);
+    assert!(!ok);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "a refused connection is reported at once, not after the pool's timeout"
+    );
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{port}")), "{stderr}");
+    assert!(stderr.contains("refused"), "{stderr}");
+    assert!(!stderr.contains("pool timed out"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_missing_postgres_database_is_named() {
+    // Only the server's address is taken from the test database; the name is one that does
+    // not exist.
+    let Some(database) = TestDatabase::create(Backend::Postgres).await else {
+        return;
+    };
+    let missing = format!("falgate_missing_{}", uuid::Uuid::new_v4().simple());
+    let mut url = reqwest::Url::parse(&database.url).unwrap();
+    url.set_path(&format!("/{missing}"));
+    let server = format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port_or_known_default().unwrap()
+    );
+    let (ok, _, stderr) = falgate_with(&["migrate"], &[("DATABASE_URL", url.as_str())]);
+    assert!(!ok);
+    assert!(stderr.contains("DATABASE_URL"), "{stderr}");
+    assert!(stderr.contains(&format!("`{missing}`")), "{stderr}");
+    assert!(stderr.contains(&server), "{stderr}");
+    assert!(stderr.contains("no database"), "{stderr}");
+    database.drop_database().await;
+}
+
+#[test]
+fn bad_switches_in_the_environment_name_their_variable() {
+    for (variable, value) in [
+        ("FALGATE_SANDBOX", "maybe"),
+        ("FALGATE_NO_MIGRATE", "2"),
+        ("FALGATE_NO_WORKERS", "sure"),
+    ] {
+        let (ok, _, stderr) = falgate_with(&["serve"], &[(variable, value)]);
+        assert!(!ok);
+        assert!(
+            stderr.starts_with(&format!("error: {variable}")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(&format!("`{value}`")), "{stderr}");
+    }
+    let (ok, _, stderr) = falgate_with(&["serve"], &[("FALGATE_LOG_FORMAT", "xml")]);
+    assert!(!ok);
+    assert!(stderr.contains("FALGATE_LOG_FORMAT"), "{stderr}");
+    // Read as false, so a FAL key is asked for: the value was understood.
+    for no in ["0", "FALSE", "off", "No"] {
+        let (ok, _, stderr) = falgate_with(&["serve"], &[("FALGATE_SANDBOX", no)]);
+        assert!(!ok);
+        assert!(stderr.starts_with("error: FAL_KEY"), "{no}: {stderr}");
+    }
+}
+
+/// Starts `falgate serve` in sandbox mode on `database_url` and returns the key it prints and
+/// everything it logged until then (stderr is a pipe here, as when logs go to a file).
+async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, String) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    let port = free_port();
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_falgate"));
+    command
+        .arg("serve")
+        .env("FALGATE_STORAGE_DIR", shared_scratch_dir())
+        .env("DATABASE_URL", database_url)
+        .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .env_remove("FAL_KEY")
+        .env_remove("FALGATE_SANDBOX")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    if switch.0.starts_with("--") {
+        command.arg(switch.0);
+    } else {
+        command.env(switch.0, switch.1);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let key = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
+                return key.to_owned();
+            }
+        }
+        panic!("no key printed");
+    })
+    .await
+    .expect("the sandbox prints a key");
+    child.kill().await.unwrap();
+    let mut logged = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut logged)
+        .await
+        .unwrap();
+    (key, logged)
+}
+
+#[tokio::test]
+async fn the_sandbox_keeps_one_live_key_per_database() {
+    falgate::install_crypto_provider();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(database) = TestDatabase::create(backend).await else {
+            continue;
+        };
+        let url = database.url.clone();
+        let (first, logged) = sandbox_start(&url, ("FALGATE_SANDBOX", "on")).await;
+        assert!(logged.contains("SANDBOX MODE"), "{logged}");
+        assert!(
+            !logged.contains('\x1b'),
+            "logs into a pipe carry no colour codes: {logged:?}"
+        );
+        let (second, _) = sandbox_start(&url, ("--sandbox", "")).await;
+        assert_ne!(first, second);
+
+        let store = bare_store(&database).await;
+        let live = |secret: &str| {
+            let hash = falgate::domain::api_key::hash_key(secret);
+            let store = store.clone();
+            async move { store.find_live_api_key(&hash.0).await.unwrap().is_some() }
+        };
+        assert!(!live(&first).await, "the first start's key is revoked");
+        assert!(live(&second).await);
+        let keys = store.list_api_keys().await.unwrap();
+        let live_sandbox: Vec<_> = keys
+            .iter()
+            .filter(|k| k.name == "sandbox" && k.revoked_at.is_none())
+            .collect();
+        assert_eq!(live_sandbox.len(), 1, "{keys:?}");
+        assert!(second.starts_with(&live_sandbox[0].prefix));
+
+        let listed = falgate(&["api-key", "list"], &url);
+        let listing = String::from_utf8(listed.stdout).unwrap();
+        let live_rows: Vec<&str> = listing
+            .lines()
+            .filter(|line| line.ends_with("  sandbox") && line.contains("  -  "))
+            .collect();
+        assert_eq!(live_rows.len(), 1, "{listing}");
+        assert!(live_rows[0].contains(&live_sandbox[0].prefix), "{listing}");
+        store.close().await;
+        database.drop_database().await;
+    }
+}
+
+#[tokio::test]
+async fn api_key_list_lines_up_its_columns() {
+    let database = TestDatabase::create(Backend::Sqlite).await.unwrap();
+    let url = database.url.clone();
+    let mut prefixes = Vec::new();
+    for name in ["a", "a rather longer name for a key"] {
+        let created = falgate(&["api-key", "create", "--name", name], &url);
+        let stdout = String::from_utf8(created.stdout).unwrap();
+        prefixes.push(
+            stdout
+                .lines()
+                .find_map(|line| line.strip_prefix("prefix:"))
+                .map(|p| p.trim().to_owned())
+                .unwrap(),
+        );
+    }
+    assert!(
+        falgate(&["api-key", "revoke", &prefixes[0]], &url)
+            .status
+            .success()
+    );
+    let listed = falgate(&["api-key", "list"], &url);
+    assert!(listed.status.success());
+    let listing = String::from_utf8(listed.stdout).unwrap();
+    assert!(!listing.contains('\x1b'));
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 3, "{listing}");
+    let header = lines[0];
+    for column in ["PREFIX", "CREATED", "REVOKED", "NAME"] {
+        let at = header.find(column).unwrap();
+        for line in &lines[1..] {
+            let chars: Vec<char> = line.chars().collect();
+            assert!(
+                chars[at - 2] == ' ' && chars[at - 1] == ' ' && chars[at] != ' ',
+                "{column} does not line up:\n{listing}"
+            );
+        }
+    }
+    database.drop_database().await;
+}
