@@ -150,24 +150,14 @@ fn problem(field: &str, message: impl Into<String>) -> FieldProblem {
     }
 }
 
-/// The exact FAL input of one generation, or every field that is wrong. A field the chosen
-/// endpoint does not take is refused, never dropped.
-pub fn generation_input(
-    artifact: &Artifact,
-    trigger: &str,
-    prompt: &str,
-    options: &GenerationOptions,
-) -> Result<Value, Vec<FieldProblem>> {
+/// What is wrong with the options whatever the avatar was trained into: these are known from
+/// the request alone, before the avatar is looked at.
+pub fn option_problems(options: &GenerationOptions) -> Vec<FieldProblem> {
     let mut problems = Vec::new();
-    let preset = options.preset.values();
-    let prompt = prompt.trim();
-    if prompt.is_empty() {
-        problems.push(problem("prompt", "must not be empty"));
-    }
     if options.negative_prompt.is_some() {
         problems.push(problem(
             "negative_prompt",
-            format!("{} does not take a negative prompt", artifact.endpoint()),
+            format!("neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes a negative prompt"),
         ));
     }
     if let Some(n) = options.num_images
@@ -188,6 +178,24 @@ pub fn generation_input(
             format!("must be one of {}", ASPECT_RATIOS.join(", ")),
         ));
     }
+    problems
+}
+
+/// The exact FAL input of one generation, or every field that is wrong. A field the chosen
+/// endpoint does not take is refused, never dropped.
+pub fn generation_input(
+    artifact: &Artifact,
+    trigger: &str,
+    prompt: &str,
+    options: &GenerationOptions,
+) -> Result<Value, Vec<FieldProblem>> {
+    let mut problems = Vec::new();
+    let preset = options.preset.values();
+    let prompt = prompt.trim();
+    if prompt.is_empty() {
+        problems.push(problem("prompt", "must not be empty"));
+    }
+    problems.extend(option_problems(options));
     let mut input = json!({"prompt": with_trigger(prompt, trigger)});
     let fields = input.as_object_mut().expect("an object");
     match artifact {

@@ -8,7 +8,7 @@ use super::paging::Keyset;
 use crate::app::AppState;
 use crate::domain::avatar::{AvatarKind, AvatarStatus, default_trigger_phrase};
 use crate::domain::job::{EventSource, JobEvent};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::store::{Avatar, Transition};
 use axum::Json;
 use axum::extract::State;
@@ -151,22 +151,27 @@ pub async fn create_avatar(
         value: request,
         canonical,
     } = body;
+    let mut errors = Vec::new();
     let name = request.name.trim().to_owned();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(ApiError::validation(
+        errors.push(FieldError::new(
             "name",
             "must be 1 to 100 printable characters",
         ));
     }
-    let trigger = match request.trigger_phrase.as_deref().map(str::trim) {
-        Some(t) if t.is_empty() || t.chars().count() > 50 || t.chars().any(char::is_control) => {
-            return Err(ApiError::validation(
-                "trigger_phrase",
-                "must be 1 to 50 printable characters",
-            ));
-        }
-        other => other.map(str::to_owned),
-    };
+    let trigger = request.trigger_phrase.as_deref().map(str::trim);
+    if let Some(t) = trigger
+        && (t.is_empty() || t.chars().count() > 50 || t.chars().any(char::is_control))
+    {
+        errors.push(FieldError::new(
+            "trigger_phrase",
+            "must be 1 to 50 printable characters",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let trigger = trigger.map(str::to_owned);
     let store = state.store.clone();
     idempotency::run_once(
         &store,

@@ -8,7 +8,9 @@ use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
 use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
-use crate::domain::generation::{Artifact, GenerationOptions, GenerationPreset, generation_input};
+use crate::domain::generation::{
+    Artifact, GenerationOptions, GenerationPreset, generation_input, option_problems,
+};
 use crate::domain::job::{JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::store::{Batch, Job, NewJob};
@@ -127,12 +129,15 @@ pub async fn create_generation(
         value: request,
         canonical,
     } = body;
+    // Everything the request alone can tell is checked before the avatar is looked at, so a
+    // wrong field is reported whatever state the avatar is in.
+    let mut errors = Vec::new();
     let prompts: Vec<(String, String)> = match (&request.prompt, &request.prompts) {
         (Some(prompt), None) => vec![("prompt".into(), prompt.clone())],
         (None, Some(prompts)) if !prompts.is_empty() => {
             let max = state.config.avatars.max_batch as usize;
             if prompts.len() > max {
-                return Err(ApiError::validation(
+                errors.push(FieldError::new(
                     "prompts",
                     format!("at most {max} prompts per batch"),
                 ));
@@ -144,20 +149,29 @@ pub async fn create_generation(
                 .collect()
         }
         (None, Some(_)) => {
-            return Err(ApiError::validation(
-                "prompts",
-                "must hold at least one prompt",
-            ));
+            errors.push(FieldError::new("prompts", "must hold at least one prompt"));
+            Vec::new()
         }
         (Some(_), Some(_)) => {
-            return Err(ApiError::validation(
+            errors.push(FieldError::new(
                 "prompt",
                 "give `prompt` or `prompts`, not both",
             ));
+            Vec::new()
         }
-        (None, None) => return Err(ApiError::validation("prompt", "is required (or `prompts`)")),
+        (None, None) => {
+            errors.push(FieldError::new("prompt", "is required (or `prompts`)"));
+            Vec::new()
+        }
     };
-    let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
+    if errors.is_empty() {
+        errors.extend(
+            prompts
+                .iter()
+                .filter(|(_, prompt)| prompt.trim().is_empty())
+                .map(|(field, _)| FieldError::new(field.clone(), "must not be empty")),
+        );
+    }
     let options = GenerationOptions {
         preset: request.preset,
         aspect_ratio: request.aspect_ratio.clone(),
@@ -170,6 +184,15 @@ pub async fn create_generation(
         raw: request.raw,
         negative_prompt: request.negative_prompt.clone(),
     };
+    errors.extend(
+        option_problems(&options)
+            .into_iter()
+            .map(|p| FieldError::new(p.field, p.message)),
+    );
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
     let store = state.store.clone();
     idempotency::run_once(
         &store,

@@ -1,7 +1,7 @@
 //! Keyset pagination over time-ordered (UUIDv7) ids, newest first: the page size rule and the
 //! opaque cursors every list endpoint shares.
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, FieldError};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use uuid::Uuid;
@@ -24,27 +24,33 @@ impl Keyset {
         cursor: Option<&str>,
     ) -> ApiResult<Self> {
         let limit = limit.unwrap_or(DEFAULT_PAGE);
+        let mut errors = Vec::new();
         if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::validation(
+            errors.push(FieldError::new(
                 "limit",
                 format!("must be between 1 and {MAX_PAGE}"),
             ));
         }
-        let after = cursor
-            .map(|cursor| {
-                URL_SAFE_NO_PAD
-                    .decode(cursor)
-                    .ok()
-                    .and_then(|bytes| String::from_utf8(bytes).ok())
-                    .and_then(|text| {
-                        text.strip_prefix(prefix)
-                            .and_then(|id| Uuid::parse_str(id).ok())
-                    })
-                    .ok_or_else(|| {
-                        ApiError::validation("cursor", "is not a cursor this API gave out")
-                    })
-            })
-            .transpose()?;
+        let after = cursor.and_then(|cursor| {
+            let id = URL_SAFE_NO_PAD
+                .decode(cursor)
+                .ok()
+                .and_then(|bytes| String::from_utf8(bytes).ok())
+                .and_then(|text| {
+                    text.strip_prefix(prefix)
+                        .and_then(|id| Uuid::parse_str(id).ok())
+                });
+            if id.is_none() {
+                errors.push(FieldError::new(
+                    "cursor",
+                    "is not a cursor this API gave out",
+                ));
+            }
+            id
+        });
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
         Ok(Self {
             limit,
             after,
