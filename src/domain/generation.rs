@@ -150,33 +150,57 @@ fn problem(field: &str, message: impl Into<String>) -> FieldProblem {
     }
 }
 
+/// Why no generation endpoint takes a negative prompt.
+pub fn negative_prompt_refusal() -> String {
+    format!("neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes a negative prompt")
+}
+
+pub fn check_num_images(n: u32) -> Result<(), String> {
+    if (1..=4).contains(&n) {
+        Ok(())
+    } else {
+        Err("must be from 1 to 4".into())
+    }
+}
+
+pub fn check_output_format(format: &str) -> Result<(), String> {
+    if matches!(format, "jpeg" | "png") {
+        Ok(())
+    } else {
+        Err("must be `jpeg` or `png`".into())
+    }
+}
+
+pub fn check_aspect_ratio(ratio: &str) -> Result<(), String> {
+    if ASPECT_RATIOS.contains(&ratio) {
+        Ok(())
+    } else {
+        Err(format!("must be one of {}", ASPECT_RATIOS.join(", ")))
+    }
+}
+
 /// What is wrong with the options whatever the avatar was trained into: these are known from
 /// the request alone, before the avatar is looked at.
 pub fn option_problems(options: &GenerationOptions) -> Vec<FieldProblem> {
     let mut problems = Vec::new();
     if options.negative_prompt.is_some() {
-        problems.push(problem(
-            "negative_prompt",
-            format!("neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes a negative prompt"),
-        ));
+        problems.push(problem("negative_prompt", negative_prompt_refusal()));
     }
-    if let Some(n) = options.num_images
-        && !(1..=4).contains(&n)
-    {
-        problems.push(problem("num_images", "must be from 1 to 4"));
-    }
-    if let Some(format) = &options.output_format
-        && !matches!(format.as_str(), "jpeg" | "png")
-    {
-        problems.push(problem("output_format", "must be `jpeg` or `png`"));
-    }
-    if let Some(ratio) = &options.aspect_ratio
-        && !ASPECT_RATIOS.contains(&ratio.as_str())
-    {
-        problems.push(problem(
+    let checks = [
+        ("num_images", options.num_images.map(check_num_images)),
+        (
+            "output_format",
+            options.output_format.as_deref().map(check_output_format),
+        ),
+        (
             "aspect_ratio",
-            format!("must be one of {}", ASPECT_RATIOS.join(", ")),
-        ));
+            options.aspect_ratio.as_deref().map(check_aspect_ratio),
+        ),
+    ];
+    for (field, check) in checks {
+        if let Some(Err(message)) = check {
+            problems.push(problem(field, message));
+        }
     }
     problems
 }

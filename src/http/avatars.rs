@@ -8,7 +8,7 @@ use super::paging::Keyset;
 use crate::app::AppState;
 use crate::domain::avatar::{AvatarKind, AvatarStatus, default_trigger_phrase};
 use crate::domain::job::{EventSource, JobEvent};
-use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::error::{ApiError, ApiResult, Problem};
 use crate::store::{Avatar, Transition};
 use axum::Json;
 use axum::extract::State;
@@ -24,10 +24,39 @@ use uuid::Uuid;
 pub struct CreateAvatarRequest {
     /// A name for people, 1 to 100 characters.
     #[schema(example = "Ada")]
+    #[serde(deserialize_with = "avatar_name")]
     pub name: String,
     pub kind: AvatarKind,
     /// The words that call the avatar up in prompts; default `TOK_` and 8 hex digits of its id.
+    #[serde(default, deserialize_with = "trigger_phrase")]
     pub trigger_phrase: Option<String>,
+}
+
+// Checked while parsing, so that a wrong name is reported along with the body's other errors.
+
+/// `text` trimmed, if it is 1 to `max` printable characters.
+fn printable(text: &str, max: usize) -> Option<&str> {
+    let text = text.trim();
+    let fine =
+        !text.is_empty() && text.chars().count() <= max && !text.chars().any(char::is_control);
+    fine.then_some(text)
+}
+
+fn avatar_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    printable(&name, 100)
+        .map(str::to_owned)
+        .ok_or_else(|| serde::de::Error::custom("must be 1 to 100 printable characters"))
+}
+
+fn trigger_phrase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|phrase| {
+            printable(&phrase, 50)
+                .map(str::to_owned)
+                .ok_or_else(|| serde::de::Error::custom("must be 1 to 50 printable characters"))
+        })
+        .transpose()
 }
 
 /// The trained weights, as FAL produced them.
@@ -119,8 +148,10 @@ pub struct AvatarPage {
 #[into_params(parameter_in = Query)]
 pub struct ListAvatarsQuery {
     /// Page size, 1 to 100 (default 20).
+    #[serde(default, deserialize_with = "super::paging::page_limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[serde(default, deserialize_with = "super::paging::avatar_cursor")]
     pub cursor: Option<String>,
 }
 
@@ -151,27 +182,8 @@ pub async fn create_avatar(
         value: request,
         canonical,
     } = body;
-    let mut errors = Vec::new();
-    let name = request.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        errors.push(FieldError::new(
-            "name",
-            "must be 1 to 100 printable characters",
-        ));
-    }
-    let trigger = request.trigger_phrase.as_deref().map(str::trim);
-    if let Some(t) = trigger
-        && (t.is_empty() || t.chars().count() > 50 || t.chars().any(char::is_control))
-    {
-        errors.push(FieldError::new(
-            "trigger_phrase",
-            "must be 1 to 50 printable characters",
-        ));
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::Validation(errors));
-    }
-    let trigger = trigger.map(str::to_owned);
+    let name = request.name;
+    let trigger = request.trigger_phrase;
     let store = state.store.clone();
     idempotency::run_once(
         &store,
@@ -233,7 +245,7 @@ pub async fn list_avatars(
     tenant: Tenant,
     ApiQuery(query): ApiQuery<ListAvatarsQuery>,
 ) -> ApiResult<Json<AvatarPage>> {
-    let keyset = Keyset::parse("a1:", query.limit, query.cursor.as_deref())?;
+    let keyset = Keyset::parse(super::paging::AVATARS, query.limit, query.cursor.as_deref())?;
     let avatars = state
         .store
         .list_avatars(tenant.id, keyset.after, keyset.fetch_limit())

@@ -9,7 +9,8 @@ use super::jobs::JobView;
 use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{
-    Artifact, GenerationOptions, GenerationPreset, generation_input, option_problems,
+    Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_num_images,
+    check_output_format, generation_input, negative_prompt_refusal, option_problems,
 };
 use crate::domain::job::{JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
@@ -29,21 +30,26 @@ use uuid::Uuid;
 pub struct CreateGenerationRequest {
     pub avatar_id: Uuid,
     /// One prompt; or give `prompts` for a batch.
+    #[serde(default, deserialize_with = "prompt")]
     pub prompt: Option<String>,
     /// Several prompts: one job each.
+    #[serde(default, deserialize_with = "prompts")]
     pub prompts: Option<Vec<String>>,
     /// `fast`, `balanced` (default), `quality`, `portrait`, `landscape`, `ultra`.
     #[serde(default)]
     pub preset: GenerationPreset,
     /// `21:9`, `16:9`, `4:3`, `3:2`, `1:1`, `2:3`, `3:4`, `9:16`, `9:21`.
+    #[serde(default, deserialize_with = "aspect_ratio")]
     pub aspect_ratio: Option<String>,
     /// LoRA avatars only: a named size or `{width, height}`; wins over the preset's.
     #[schema(value_type = Option<Object>)]
     pub image_size: Option<Value>,
     /// 1 to 4 images per prompt.
+    #[serde(default, deserialize_with = "num_images")]
     pub num_images: Option<u32>,
     pub seed: Option<u64>,
     /// `jpeg` or `png`.
+    #[serde(default, deserialize_with = "output_format")]
     pub output_format: Option<String>,
     /// LoRA avatars only.
     pub enable_safety_checker: Option<bool>,
@@ -52,7 +58,64 @@ pub struct CreateGenerationRequest {
     /// Finetuned avatars only: a less processed look.
     pub raw: Option<bool>,
     /// Taken by neither endpoint: always refused, never silently dropped.
+    #[serde(default, deserialize_with = "negative_prompt")]
     pub negative_prompt: Option<String>,
+}
+
+// The rules that need nothing but the request are checked while it is parsed, so that a wrong
+// value is reported along with wrong types, unknown and missing fields elsewhere in the body.
+
+fn checked<'de, D, T>(
+    deserializer: D,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let value = Option::<T>::deserialize(deserializer)?;
+    if let Some(given) = &value {
+        check(given).map_err(serde::de::Error::custom)?;
+    }
+    Ok(value)
+}
+
+/// A prompt with words in it.
+struct Prompt(String);
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let prompt = String::deserialize(d)?;
+        if prompt.trim().is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(Self(prompt))
+    }
+}
+
+fn prompt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Prompt>::deserialize(d)?.map(|prompt| prompt.0))
+}
+
+fn prompts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Ok(Option::<Vec<Prompt>>::deserialize(d)?
+        .map(|prompts| prompts.into_iter().map(|prompt| prompt.0).collect()))
+}
+
+fn aspect_ratio<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |ratio: &String| check_aspect_ratio(ratio))
+}
+
+fn num_images<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    checked(d, |n: &u32| check_num_images(*n))
+}
+
+fn output_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |format: &String| check_output_format(format))
+}
+
+fn negative_prompt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |_: &String| Err(negative_prompt_refusal()))
 }
 
 /// A set of generations made by one request.
@@ -164,14 +227,6 @@ pub async fn create_generation(
             Vec::new()
         }
     };
-    if errors.is_empty() {
-        errors.extend(
-            prompts
-                .iter()
-                .filter(|(_, prompt)| prompt.trim().is_empty())
-                .map(|(field, _)| FieldError::new(field.clone(), "must not be empty")),
-        );
-    }
     let options = GenerationOptions {
         preset: request.preset,
         aspect_ratio: request.aspect_ratio.clone(),

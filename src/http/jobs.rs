@@ -224,8 +224,10 @@ pub struct ListJobsQuery {
     /// Only jobs of this avatar.
     pub avatar_id: Option<Uuid>,
     /// Page size, 1 to 100 (default 20).
+    #[serde(default, deserialize_with = "super::paging::page_limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[serde(default, deserialize_with = "super::paging::job_cursor")]
     pub cursor: Option<String>,
 }
 
@@ -344,7 +346,7 @@ pub async fn list_jobs(
     tenant: Tenant,
     ApiQuery(query): ApiQuery<ListJobsQuery>,
 ) -> ApiResult<Json<JobPage>> {
-    let keyset = Keyset::parse("j1:", query.limit, query.cursor.as_deref())?;
+    let keyset = Keyset::parse(super::paging::JOBS, query.limit, query.cursor.as_deref())?;
     let filter = JobFilter {
         kind: query.kind,
         status: query.status,

@@ -293,7 +293,27 @@ backend_test!(every_wrong_field_of_a_body_is_named, |app| {
             vec!["endpoint", "input", "priority"],
         ),
         ("/v1/jobs", json!({}), vec!["endpoint", "input"]),
-        // Values that parse but are refused.
+        // Values of the right type that are refused, along with wrong types.
+        (
+            "/v1/avatars",
+            json!({"name": "", "kind": "robot", "trigger_phrase": "x".repeat(51)}),
+            vec!["kind", "name", "trigger_phrase"],
+        ),
+        (
+            "/v1/generations",
+            json!({
+                "avatar_id": "nope", "prompt": "x", "num_images": 9, "output_format": "gif",
+                "aspect_ratio": "5:4", "negative_prompt": "blurry", "preset": "best"
+            }),
+            vec![
+                "aspect_ratio",
+                "avatar_id",
+                "negative_prompt",
+                "num_images",
+                "output_format",
+                "preset",
+            ],
+        ),
         (
             "/v1/avatars",
             json!({"kind": "robot", "trigger_phrase": 5}),
@@ -408,6 +428,7 @@ backend_test!(every_wrong_query_parameter_is_named, |app| {
             vec!["avatar_id", "status"],
         ),
         ("/v1/jobs?limit=0&cursor=garbage", vec!["cursor", "limit"]),
+        ("/v1/jobs?limit=0&status=done", vec!["limit", "status"]),
         ("/v1/avatars?limit=-1&page=2", vec!["limit", "page"]),
         ("/v1/avatars?limit=500&cursor=x", vec!["cursor", "limit"]),
     ] {
