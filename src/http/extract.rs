@@ -337,3 +337,77 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiPathId {
         path_id(&params, &name).map(ApiPathId)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, utoipa::ToSchema, IntoParams)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Strict {
+        name: String,
+        count: u32,
+        tags: Option<Vec<u8>>,
+        #[serde(default)]
+        flag: bool,
+    }
+
+    #[derive(Debug, Deserialize, utoipa::ToSchema, IntoParams)]
+    #[allow(dead_code)]
+    struct Lenient {
+        token: String,
+        page: Option<u32>,
+    }
+
+    fn named(err: ApiError) -> Vec<(String, String)> {
+        match err {
+            ApiError::Validation(errors) => {
+                errors.into_iter().map(|e| (e.field, e.message)).collect()
+            }
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_body_names_each_wrong_unknown_and_missing_field() {
+        let err = parse_json::<Strict>(br#"{"count": "x", "tags": [1, 300], "extra": 1}"#)
+            .err()
+            .unwrap();
+        let errors = named(err);
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["count", "extra", "tags[1]", "name"], "{errors:?}");
+        assert_eq!(errors[3].1, "is required");
+        assert!(errors[1].1.starts_with("unknown field"), "{errors:?}");
+        assert!(parse_json::<Strict>(br#"{"name": "a", "count": 1}"#).is_ok());
+        // Optional and defaulted fields are never said to be missing.
+        let errors = named(parse_json::<Strict>(br#"{"name": 1}"#).err().unwrap());
+        assert_eq!(
+            errors.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
+            ["name", "count"]
+        );
+    }
+
+    #[test]
+    fn a_query_names_each_wrong_repeated_and_missing_parameter() {
+        let errors = named(
+            parse_query::<Strict>("count=x&count=2&colour=red")
+                .err()
+                .unwrap(),
+        );
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["count", "count", "colour", "name"], "{errors:?}");
+        assert_eq!(errors[1].1, "is given more than once");
+        // A type that ignores unknown parameters is refused only for what is wrong or missing.
+        let errors = named(parse_query::<Lenient>("page=x&other=1").err().unwrap());
+        assert_eq!(
+            errors,
+            [
+                ("page".to_owned(), errors[0].1.clone()),
+                ("token".to_owned(), "is required".to_owned())
+            ]
+        );
+        assert!(parse_query::<Lenient>("token=t&other=1").is_ok());
+    }
+}
