@@ -184,6 +184,10 @@ fn every_error<V: Clone>(
     let mut errors = Vec::new();
     let mut seen = std::collections::HashSet::new();
     for (key, value) in entries {
+        // A body of many thousand bad keys must not buy a far larger answer, nor as many parses.
+        if errors.len() >= MAX_REPORTED {
+            break;
+        }
         if !seen.insert(key.as_str()) {
             errors.push(FieldError::new(key.clone(), "is given more than once"));
             continue;
@@ -205,8 +209,12 @@ fn every_error<V: Clone>(
             errors.push(FieldError::new(name.clone(), "is required"));
         }
     }
+    errors.truncate(MAX_REPORTED);
     errors
 }
+
+/// The most field errors one answer lists.
+const MAX_REPORTED: usize = 50;
 
 /// The path of the first string or key holding U+0000, if any.
 fn nul_in(value: &serde_json::Value, path: String) -> Option<String> {
@@ -387,6 +395,16 @@ mod tests {
             errors.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
             ["name", "count"]
         );
+    }
+
+    #[test]
+    fn a_body_of_countless_bad_keys_gets_a_bounded_answer() {
+        let keys: serde_json::Map<String, serde_json::Value> = (0..10_000)
+            .map(|n| (format!("k{n}"), serde_json::Value::Null))
+            .collect();
+        let body = serde_json::to_vec(&keys).unwrap();
+        let errors = named(parse_json::<Strict>(&body).err().unwrap());
+        assert_eq!(errors.len(), MAX_REPORTED);
     }
 
     #[test]

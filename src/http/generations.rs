@@ -10,7 +10,7 @@ use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{
     Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_num_images,
-    check_output_format, generation_input, negative_prompt_refusal, option_problems,
+    check_output_format, generation_input, negative_prompt_refusal,
 };
 use crate::domain::job::{JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
@@ -239,11 +239,6 @@ pub async fn create_generation(
         raw: request.raw,
         negative_prompt: request.negative_prompt.clone(),
     };
-    errors.extend(
-        option_problems(&options)
-            .into_iter()
-            .map(|p| FieldError::new(p.field, p.message)),
-    );
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
