@@ -198,9 +198,6 @@ struct Received {
 /// How far the bytes of a form may run ahead of the file contents read from it.
 const FORM_SLACK: u64 = 1 << 20;
 
-/// Every file of the form, each streamed to a temporary file as it arrives: no file is held in
-/// memory. A file over the size limit stops being written the moment it crosses it; the rest of
-/// its bytes are read past (to reach the next file) and dropped.
 /// The boundary of a multipart/form-data body. Anything else, a JSON body above all, is told
 /// what this endpoint takes, not how a multipart parser failed on it.
 fn form_boundary(headers: &HeaderMap) -> ApiResult<String> {
@@ -226,6 +223,9 @@ fn form_boundary(headers: &HeaderMap) -> ApiResult<String> {
     })
 }
 
+/// Every file of the form, each streamed to a temporary file as it arrives: no file is held in
+/// memory. A file over the size limit stops being written the moment it crosses it; the rest of
+/// its bytes are read past (to reach the next file) and dropped.
 async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiResult<Vec<Received>> {
     let limits = &state.config.avatars;
     let max_files = limits.max_photos as usize;
