@@ -63,6 +63,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     NotFound(String),
+    /// The route exists but does not take this method; the router adds the `Allow` header.
+    #[error("this route does not take the {0} method; the `Allow` header lists those it takes")]
+    MethodNotAllowed(String),
     #[error("{detail}")]
     ConflictCode { code: &'static str, detail: String },
     #[error("the request body is larger than the limit of {limit} bytes")]
@@ -107,6 +110,7 @@ impl ApiError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::ConflictCode { .. } => StatusCode::CONFLICT,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -124,6 +128,7 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
             Self::ConflictCode { code, .. } | Self::Unprocessable { code, .. } => code,
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
@@ -139,6 +144,7 @@ impl ApiError {
             Self::BadRequest(_) => "Bad request",
             Self::Unauthorized => "Unauthorized",
             Self::NotFound(_) => "Not found",
+            Self::MethodNotAllowed(_) => "Method not allowed",
             Self::ConflictCode { .. } => "Conflict",
             Self::PayloadTooLarge { .. } => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",

@@ -150,6 +150,61 @@ fn problem(field: &str, message: impl Into<String>) -> FieldProblem {
     }
 }
 
+/// Why no generation endpoint takes a negative prompt.
+pub fn negative_prompt_refusal() -> String {
+    format!("neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes a negative prompt")
+}
+
+pub fn check_num_images(n: u32) -> Result<(), String> {
+    if (1..=4).contains(&n) {
+        Ok(())
+    } else {
+        Err("must be from 1 to 4".into())
+    }
+}
+
+pub fn check_output_format(format: &str) -> Result<(), String> {
+    if matches!(format, "jpeg" | "png") {
+        Ok(())
+    } else {
+        Err("must be `jpeg` or `png`".into())
+    }
+}
+
+pub fn check_aspect_ratio(ratio: &str) -> Result<(), String> {
+    if ASPECT_RATIOS.contains(&ratio) {
+        Ok(())
+    } else {
+        Err(format!("must be one of {}", ASPECT_RATIOS.join(", ")))
+    }
+}
+
+/// What is wrong with the options whatever the avatar was trained into: these are known from
+/// the request alone, before the avatar is looked at.
+pub fn option_problems(options: &GenerationOptions) -> Vec<FieldProblem> {
+    let mut problems = Vec::new();
+    if options.negative_prompt.is_some() {
+        problems.push(problem("negative_prompt", negative_prompt_refusal()));
+    }
+    let checks = [
+        ("num_images", options.num_images.map(check_num_images)),
+        (
+            "output_format",
+            options.output_format.as_deref().map(check_output_format),
+        ),
+        (
+            "aspect_ratio",
+            options.aspect_ratio.as_deref().map(check_aspect_ratio),
+        ),
+    ];
+    for (field, check) in checks {
+        if let Some(Err(message)) = check {
+            problems.push(problem(field, message));
+        }
+    }
+    problems
+}
+
 /// The exact FAL input of one generation, or every field that is wrong. A field the chosen
 /// endpoint does not take is refused, never dropped.
 pub fn generation_input(
@@ -164,30 +219,7 @@ pub fn generation_input(
     if prompt.is_empty() {
         problems.push(problem("prompt", "must not be empty"));
     }
-    if options.negative_prompt.is_some() {
-        problems.push(problem(
-            "negative_prompt",
-            format!("{} does not take a negative prompt", artifact.endpoint()),
-        ));
-    }
-    if let Some(n) = options.num_images
-        && !(1..=4).contains(&n)
-    {
-        problems.push(problem("num_images", "must be from 1 to 4"));
-    }
-    if let Some(format) = &options.output_format
-        && !matches!(format.as_str(), "jpeg" | "png")
-    {
-        problems.push(problem("output_format", "must be `jpeg` or `png`"));
-    }
-    if let Some(ratio) = &options.aspect_ratio
-        && !ASPECT_RATIOS.contains(&ratio.as_str())
-    {
-        problems.push(problem(
-            "aspect_ratio",
-            format!("must be one of {}", ASPECT_RATIOS.join(", ")),
-        ));
-    }
+    problems.extend(option_problems(options));
     let mut input = json!({"prompt": with_trigger(prompt, trigger)});
     let fields = input.as_object_mut().expect("an object");
     match artifact {

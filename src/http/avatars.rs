@@ -24,12 +24,41 @@ use uuid::Uuid;
 pub struct CreateAvatarRequest {
     /// A name for people, 1 to 100 characters.
     #[schema(example = "Ada", min_length = 1, max_length = 100)]
+    #[serde(deserialize_with = "avatar_name")]
     pub name: String,
     pub kind: AvatarKind,
     /// The words that call the avatar up in prompts, 1 to 50 characters; default `TOK_` and 8
     /// hex digits of its id.
     #[schema(min_length = 1, max_length = 50)]
+    #[serde(default, deserialize_with = "trigger_phrase")]
     pub trigger_phrase: Option<String>,
+}
+
+// Checked while parsing, so that a wrong name is reported along with the body's other errors.
+
+/// `text` trimmed, if it is 1 to `max` printable characters.
+fn printable(text: &str, max: usize) -> Option<&str> {
+    let text = text.trim();
+    let fine =
+        !text.is_empty() && text.chars().count() <= max && !text.chars().any(char::is_control);
+    fine.then_some(text)
+}
+
+fn avatar_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    printable(&name, 100)
+        .map(str::to_owned)
+        .ok_or_else(|| serde::de::Error::custom("must be 1 to 100 printable characters"))
+}
+
+fn trigger_phrase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|phrase| {
+            printable(&phrase, 50)
+                .map(str::to_owned)
+                .ok_or_else(|| serde::de::Error::custom("must be 1 to 50 printable characters"))
+        })
+        .transpose()
 }
 
 /// The trained weights, as FAL produced them.
@@ -122,8 +151,10 @@ pub struct AvatarPage {
 pub struct ListAvatarsQuery {
     /// Page size, 1 to 100 (default 20).
     #[param(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "super::paging::page_limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[serde(default, deserialize_with = "super::paging::avatar_cursor")]
     pub cursor: Option<String>,
 }
 
@@ -154,22 +185,8 @@ pub async fn create_avatar(
         value: request,
         canonical,
     } = body;
-    let name = request.name.trim().to_owned();
-    if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(ApiError::validation(
-            "name",
-            "must be 1 to 100 printable characters",
-        ));
-    }
-    let trigger = match request.trigger_phrase.as_deref().map(str::trim) {
-        Some(t) if t.is_empty() || t.chars().count() > 50 || t.chars().any(char::is_control) => {
-            return Err(ApiError::validation(
-                "trigger_phrase",
-                "must be 1 to 50 printable characters",
-            ));
-        }
-        other => other.map(str::to_owned),
-    };
+    let name = request.name;
+    let trigger = request.trigger_phrase;
     let store = state.store.clone();
     idempotency::run_once(
         &store,
@@ -231,7 +248,7 @@ pub async fn list_avatars(
     tenant: Tenant,
     ApiQuery(query): ApiQuery<ListAvatarsQuery>,
 ) -> ApiResult<Json<AvatarPage>> {
-    let keyset = Keyset::parse("a1:", query.limit, query.cursor.as_deref())?;
+    let keyset = Keyset::parse(super::paging::AVATARS, query.limit, query.cursor.as_deref())?;
     let avatars = state
         .store
         .list_avatars(tenant.id, keyset.after, keyset.fetch_limit())

@@ -6,6 +6,9 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
+use utoipa::openapi::Required;
+use utoipa::openapi::path::ParameterIn;
+use utoipa::{IntoParams, PartialSchema};
 
 /// A JSON body, parsed into `T` with per-field errors, and kept in canonical form (sorted keys,
 /// no insignificant whitespace) for idempotency fingerprints.
@@ -17,7 +20,7 @@ pub struct ApiJson<T> {
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned,
+    T: DeserializeOwned + PartialSchema,
 {
     type Rejection = ApiError;
 
@@ -60,15 +63,17 @@ pub fn body_read_error(err: &axum::Error, limit: usize) -> ApiError {
     ApiError::BadRequest(format!("the request body could not be read: {err}"))
 }
 
-/// Parses a JSON object into `T`, naming the field that is wrong.
-pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<ApiJson<T>, ApiError> {
+/// Parses a JSON object into `T`, naming every field that is wrong.
+pub fn parse_json<T: DeserializeOwned + PartialSchema>(
+    bytes: &[u8],
+) -> Result<ApiJson<T>, ApiError> {
     let raw: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
     // serde would also read a struct from an array of its fields in order; a body of this API is
     // always an object, so anything else is refused before it can be misread.
-    if !raw.is_object() {
+    let Some(object) = raw.as_object() else {
         return Err(ApiError::validation("body", "must be a JSON object"));
-    }
+    };
     if let Some(path) = nul_in(&raw, String::new()) {
         // PostgreSQL cannot store U+0000 in JSON; refusing it everywhere keeps both backends alike.
         return Err(ApiError::validation(
@@ -81,16 +86,135 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<ApiJson<T>, ApiEr
         ));
     }
     let canonical = serde_json::to_vec(&raw).map_err(ApiError::internal)?;
-    let value = serde_path_to_error::deserialize(raw).map_err(|err| {
-        let path = err.path().to_string();
-        let field = if path == "." { "body".to_owned() } else { path };
-        ApiError::Validation(vec![FieldError::new(
-            field,
-            clean_serde_message(err.inner()),
-        )])
-    })?;
-    Ok(ApiJson { value, canonical })
+    match serde_path_to_error::deserialize(&raw) {
+        Ok(value) => Ok(ApiJson { value, canonical }),
+        Err(first) => {
+            let entries: Vec<(String, serde_json::Value)> = object
+                .iter()
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            let errors = body_fields::<T>()
+                .map(|fields| {
+                    every_error(&entries, &fields, |entry| {
+                        let one = serde_json::Value::Object(std::iter::once(entry).collect());
+                        serde_path_to_error::deserialize::<_, T>(&one)
+                            .map(drop)
+                            .map_err(|err| Refusal::of(&err))
+                    })
+                })
+                .unwrap_or_default();
+            Err(ApiError::Validation(if errors.is_empty() {
+                vec![Refusal::of(&first).into_field_error("body")]
+            } else {
+                errors
+            }))
+        }
+    }
 }
+
+/// The fields a request type takes, and those it cannot do without, as its schema declares
+/// them (the schema follows serde's names, `Option`s and defaults).
+struct FieldSet {
+    names: Vec<String>,
+    required: Vec<String>,
+}
+
+fn body_fields<T: PartialSchema>() -> Option<FieldSet> {
+    use utoipa::openapi::{RefOr, Schema};
+    match T::schema() {
+        RefOr::T(Schema::Object(object)) => Some(FieldSet {
+            names: object.properties.keys().cloned().collect(),
+            required: object.required,
+        }),
+        _ => None,
+    }
+}
+
+fn query_fields<T: IntoParams>() -> FieldSet {
+    let params = T::into_params(|| Some(ParameterIn::Query));
+    FieldSet {
+        required: params
+            .iter()
+            .filter(|p| matches!(p.required, Required::True))
+            .map(|p| p.name.clone())
+            .collect(),
+        names: params.into_iter().map(|p| p.name).collect(),
+    }
+}
+
+/// One deserialization error: where (the top-level field, and the full path) and why.
+struct Refusal {
+    field: Option<String>,
+    path: String,
+    message: String,
+}
+
+impl Refusal {
+    fn of<E: std::fmt::Display>(err: &serde_path_to_error::Error<E>) -> Self {
+        let field = match err.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) => Some(key.clone()),
+            _ => None,
+        };
+        Self {
+            field,
+            path: err.path().to_string(),
+            message: clean_serde_message(err.inner()),
+        }
+    }
+
+    fn into_field_error(self, whole: &str) -> FieldError {
+        let field = if self.path == "." {
+            whole.to_owned()
+        } else {
+            self.path
+        };
+        FieldError::new(field, self.message)
+    }
+}
+
+/// Every wrong field of a request that failed to parse, each under its own name: serde stops at
+/// the first, so each given field is parsed again on its own (a field alone is refused only for
+/// its own sake, or for the fields it lacks, which are told apart by the path), and the fields
+/// the type requires are checked for presence by name.
+fn every_error<V: Clone>(
+    entries: &[(String, V)],
+    fields: &FieldSet,
+    probe: impl Fn((String, V)) -> Result<(), Refusal>,
+) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (key, value) in entries {
+        // A body of many thousand bad keys must not buy a far larger answer, nor as many parses.
+        if errors.len() >= MAX_REPORTED {
+            break;
+        }
+        if !seen.insert(key.as_str()) {
+            errors.push(FieldError::new(key.clone(), "is given more than once"));
+            continue;
+        }
+        let Err(refusal) = probe((key.clone(), value.clone())) else {
+            continue;
+        };
+        if !fields.names.contains(key) {
+            // A type that ignores unknown fields is refused here only for what it lacks.
+            if refusal.message.starts_with("unknown field") {
+                errors.push(FieldError::new(key.clone(), refusal.message));
+            }
+        } else if refusal.field.as_deref() == Some(key.as_str()) {
+            errors.push(refusal.into_field_error(key));
+        }
+    }
+    for name in &fields.required {
+        if !seen.contains(name.as_str()) {
+            errors.push(FieldError::new(name.clone(), "is required"));
+        }
+    }
+    errors.truncate(MAX_REPORTED);
+    errors
+}
+
+/// The most field errors one answer lists.
+const MAX_REPORTED: usize = 50;
 
 /// The path of the first string or key holding U+0000, if any.
 fn nul_in(value: &serde_json::Value, path: String) -> Option<String> {
@@ -128,35 +252,48 @@ fn clean_serde_message(err: &impl std::fmt::Display) -> String {
     }
 }
 
-/// Query parameters, parsed into `T` with per-parameter errors.
+/// Query parameters, parsed into `T` with every wrong parameter named.
 pub struct ApiQuery<T>(pub T);
 
 impl<S, T> FromRequestParts<S> for ApiQuery<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned,
+    T: DeserializeOwned + IntoParams,
 {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or_default();
-        let deserializer =
-            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
-        serde_path_to_error::deserialize(deserializer)
-            .map(ApiQuery)
-            .map_err(|err| {
-                let path = err.path().to_string();
-                let field = if path == "." {
-                    "query".to_owned()
-                } else {
-                    path
-                };
-                ApiError::Validation(vec![FieldError::new(
-                    field,
-                    clean_serde_message(err.inner()),
-                )])
-            })
+        parse_query(query).map(ApiQuery)
     }
+}
+
+/// Parses a query string into `T`, naming every parameter that is wrong.
+pub fn parse_query<T: DeserializeOwned + IntoParams>(query: &str) -> Result<T, ApiError> {
+    let deserializer =
+        serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+    let first = match serde_path_to_error::deserialize(deserializer) {
+        Ok(value) => return Ok(value),
+        Err(first) => first,
+    };
+    let entries: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    let errors = every_error(&entries, &query_fields::<T>(), |(key, value)| {
+        let one = form_urlencoded::Serializer::new(String::new())
+            .append_pair(&key, &value)
+            .finish();
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(one.as_bytes()));
+        serde_path_to_error::deserialize::<_, T>(deserializer)
+            .map(drop)
+            .map_err(|err| Refusal::of(&err))
+    });
+    Err(ApiError::Validation(if errors.is_empty() {
+        vec![Refusal::of(&first).into_field_error("query")]
+    } else {
+        errors
+    }))
 }
 
 /// The UUID path parameter `name`; anything else is a 422 naming the parameter.
@@ -206,5 +343,89 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiPathId {
             .map(|(name, _)| name.to_owned())
             .ok_or_else(|| ApiError::internal("route without a path parameter"))?;
         path_id(&params, &name).map(ApiPathId)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize, utoipa::ToSchema, IntoParams)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Strict {
+        name: String,
+        count: u32,
+        tags: Option<Vec<u8>>,
+        #[serde(default)]
+        flag: bool,
+    }
+
+    #[derive(Debug, Deserialize, utoipa::ToSchema, IntoParams)]
+    #[allow(dead_code)]
+    struct Lenient {
+        token: String,
+        page: Option<u32>,
+    }
+
+    fn named(err: ApiError) -> Vec<(String, String)> {
+        match err {
+            ApiError::Validation(errors) => {
+                errors.into_iter().map(|e| (e.field, e.message)).collect()
+            }
+            other => panic!("not a validation error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_body_names_each_wrong_unknown_and_missing_field() {
+        let err = parse_json::<Strict>(br#"{"count": "x", "tags": [1, 300], "extra": 1}"#)
+            .err()
+            .unwrap();
+        let errors = named(err);
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["count", "extra", "tags[1]", "name"], "{errors:?}");
+        assert_eq!(errors[3].1, "is required");
+        assert!(errors[1].1.starts_with("unknown field"), "{errors:?}");
+        assert!(parse_json::<Strict>(br#"{"name": "a", "count": 1}"#).is_ok());
+        // Optional and defaulted fields are never said to be missing.
+        let errors = named(parse_json::<Strict>(br#"{"name": 1}"#).err().unwrap());
+        assert_eq!(
+            errors.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
+            ["name", "count"]
+        );
+    }
+
+    #[test]
+    fn a_body_of_countless_bad_keys_gets_a_bounded_answer() {
+        let keys: serde_json::Map<String, serde_json::Value> = (0..10_000)
+            .map(|n| (format!("k{n}"), serde_json::Value::Null))
+            .collect();
+        let body = serde_json::to_vec(&keys).unwrap();
+        let errors = named(parse_json::<Strict>(&body).err().unwrap());
+        assert_eq!(errors.len(), MAX_REPORTED);
+    }
+
+    #[test]
+    fn a_query_names_each_wrong_repeated_and_missing_parameter() {
+        let errors = named(
+            parse_query::<Strict>("count=x&count=2&colour=red")
+                .err()
+                .unwrap(),
+        );
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(fields, ["count", "count", "colour", "name"], "{errors:?}");
+        assert_eq!(errors[1].1, "is given more than once");
+        // A type that ignores unknown parameters is refused only for what is wrong or missing.
+        let errors = named(parse_query::<Lenient>("page=x&other=1").err().unwrap());
+        assert_eq!(
+            errors,
+            [
+                ("page".to_owned(), errors[0].1.clone()),
+                ("token".to_owned(), "is required".to_owned())
+            ]
+        );
+        assert!(parse_query::<Lenient>("token=t&other=1").is_ok());
     }
 }

@@ -9,7 +9,10 @@ use super::jobs::JobView;
 use super::spec;
 use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
-use crate::domain::generation::{Artifact, GenerationOptions, GenerationPreset, generation_input};
+use crate::domain::generation::{
+    Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_num_images,
+    check_output_format, generation_input, negative_prompt_refusal,
+};
 use crate::domain::job::{JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::store::{Batch, Job, NewJob};
@@ -29,21 +32,25 @@ pub struct CreateGenerationRequest {
     pub avatar_id: Uuid,
     /// One prompt; or give `prompts` for a batch.
     #[schema(min_length = 1)]
+    #[serde(default, deserialize_with = "prompt")]
     pub prompt: Option<String>,
     /// Several prompts: one job each.
     #[schema(schema_with = spec::prompts)]
+    #[serde(default, deserialize_with = "prompts")]
     pub prompts: Option<Vec<String>>,
     /// `fast`, `balanced` (default), `quality`, `portrait`, `landscape`, `ultra`.
     #[serde(default)]
     pub preset: GenerationPreset,
     /// `21:9`, `16:9`, `4:3`, `3:2`, `1:1`, `2:3`, `3:4`, `9:16`, `9:21`.
     #[schema(schema_with = spec::aspect_ratio)]
+    #[serde(default, deserialize_with = "aspect_ratio")]
     pub aspect_ratio: Option<String>,
     /// LoRA avatars only: a named size or `{width, height}`; wins over the preset's.
     #[schema(schema_with = spec::image_size)]
     pub image_size: Option<Value>,
     /// 1 to 4 images per prompt.
     #[schema(minimum = 1, maximum = 4)]
+    #[serde(default, deserialize_with = "num_images")]
     pub num_images: Option<u32>,
     /// An integer, or a string of decimal digits (exact past 2^53).
     #[serde(default, deserialize_with = "deserialize_seed")]
@@ -51,6 +58,7 @@ pub struct CreateGenerationRequest {
     pub seed: Option<u64>,
     /// `jpeg` or `png`.
     #[schema(schema_with = spec::output_format)]
+    #[serde(default, deserialize_with = "output_format")]
     pub output_format: Option<String>,
     /// LoRA avatars only.
     pub enable_safety_checker: Option<bool>,
@@ -60,6 +68,7 @@ pub struct CreateGenerationRequest {
     /// Finetuned avatars only: a less processed look.
     pub raw: Option<bool>,
     /// Taken by neither endpoint: always refused, never silently dropped.
+    #[serde(default, deserialize_with = "negative_prompt")]
     pub negative_prompt: Option<String>,
 }
 
@@ -104,6 +113,62 @@ fn deserialize_seed<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<u6
         }
     }
     de.deserialize_any(SeedVisitor)
+}
+
+// The rules that need nothing but the request are checked while it is parsed, so that a wrong
+// value is reported along with wrong types, unknown and missing fields elsewhere in the body.
+
+fn checked<'de, D, T>(
+    deserializer: D,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let value = Option::<T>::deserialize(deserializer)?;
+    if let Some(given) = &value {
+        check(given).map_err(serde::de::Error::custom)?;
+    }
+    Ok(value)
+}
+
+/// A prompt with words in it.
+struct Prompt(String);
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let prompt = String::deserialize(d)?;
+        if prompt.trim().is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(Self(prompt))
+    }
+}
+
+fn prompt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<Prompt>::deserialize(d)?.map(|prompt| prompt.0))
+}
+
+fn prompts<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    Ok(Option::<Vec<Prompt>>::deserialize(d)?
+        .map(|prompts| prompts.into_iter().map(|prompt| prompt.0).collect()))
+}
+
+fn aspect_ratio<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |ratio: &String| check_aspect_ratio(ratio))
+}
+
+fn num_images<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    checked(d, |n: &u32| check_num_images(*n))
+}
+
+fn output_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |format: &String| check_output_format(format))
+}
+
+fn negative_prompt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |_: &String| Err(negative_prompt_refusal()))
 }
 
 /// A set of generations made by one request.
@@ -180,12 +245,15 @@ pub async fn create_generation(
         value: request,
         canonical,
     } = body;
+    // Everything the request alone can tell is checked before the avatar is looked at, so a
+    // wrong field is reported whatever state the avatar is in.
+    let mut errors = Vec::new();
     let prompts: Vec<(String, String)> = match (&request.prompt, &request.prompts) {
         (Some(prompt), None) => vec![("prompt".into(), prompt.clone())],
         (None, Some(prompts)) if !prompts.is_empty() => {
             let max = state.config.avatars.max_batch as usize;
             if prompts.len() > max {
-                return Err(ApiError::validation(
+                errors.push(FieldError::new(
                     "prompts",
                     format!("at most {max} prompts per batch"),
                 ));
@@ -197,20 +265,21 @@ pub async fn create_generation(
                 .collect()
         }
         (None, Some(_)) => {
-            return Err(ApiError::validation(
-                "prompts",
-                "must hold at least one prompt",
-            ));
+            errors.push(FieldError::new("prompts", "must hold at least one prompt"));
+            Vec::new()
         }
         (Some(_), Some(_)) => {
-            return Err(ApiError::validation(
+            errors.push(FieldError::new(
                 "prompt",
                 "give `prompt` or `prompts`, not both",
             ));
+            Vec::new()
         }
-        (None, None) => return Err(ApiError::validation("prompt", "is required (or `prompts`)")),
+        (None, None) => {
+            errors.push(FieldError::new("prompt", "is required (or `prompts`)"));
+            Vec::new()
+        }
     };
-    let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
     let options = GenerationOptions {
         preset: request.preset,
         aspect_ratio: request.aspect_ratio.clone(),
@@ -223,6 +292,10 @@ pub async fn create_generation(
         raw: request.raw,
         negative_prompt: request.negative_prompt.clone(),
     };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
     let store = state.store.clone();
     idempotency::run_once(
         &store,

@@ -7,7 +7,7 @@ use super::paging::Keyset;
 use crate::app::AppState;
 use crate::domain::endpoint::EndpointId;
 use crate::domain::job::{Decision, EventSource, JobEvent, JobKind, JobStatus};
-use crate::error::{ApiError, ApiResult, Problem};
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::store::{Job, JobEventRecord, JobFilter, NewJob, Transition};
 use axum::Json;
 use axum::extract::State;
@@ -27,7 +27,19 @@ pub struct CreateJobRequest {
     pub endpoint: String,
     /// The model input, a JSON object, sent to FAL as given.
     #[schema(value_type = Object, example = json!({"prompt": "a lighthouse at dawn"}))]
+    #[serde(deserialize_with = "json_object")]
     pub input: Value,
+}
+
+/// Refused while parsing, not after, so that it is reported along with the other fields'
+/// errors.
+fn json_object<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(serde::de::Error::custom("must be a JSON object"))
+    }
 }
 
 /// Why a job failed.
@@ -216,8 +228,10 @@ pub struct ListJobsQuery {
     pub avatar_id: Option<Uuid>,
     /// Page size, 1 to 100 (default 20).
     #[param(minimum = 1, maximum = 100)]
+    #[serde(default, deserialize_with = "super::paging::page_limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[serde(default, deserialize_with = "super::paging::job_cursor")]
     pub cursor: Option<String>,
 }
 
@@ -255,10 +269,8 @@ pub async fn create_job(
         value: request,
         canonical,
     } = body;
-    let endpoint = parse_allowed_endpoint(&state, &request.endpoint)?;
-    if !request.input.is_object() {
-        return Err(ApiError::validation("input", "must be a JSON object"));
-    }
+    let endpoint = parse_allowed_endpoint(&state, &request.endpoint)
+        .map_err(|error| ApiError::Validation(vec![error]))?;
     let store = state.store.clone();
     idempotency::run_once(
         &store,
@@ -295,10 +307,10 @@ pub async fn create_job(
     .await
 }
 
-fn parse_allowed_endpoint(state: &AppState, raw: &str) -> ApiResult<EndpointId> {
+fn parse_allowed_endpoint(state: &AppState, raw: &str) -> Result<EndpointId, FieldError> {
     let endpoint: EndpointId = raw
         .parse()
-        .map_err(|e| ApiError::validation("endpoint", format!("`{raw}` {e}")))?;
+        .map_err(|e| FieldError::new("endpoint", format!("`{raw}` {e}")))?;
     if !state.config.allowed_endpoints.contains(&endpoint) {
         let allowed: Vec<&str> = state
             .config
@@ -306,7 +318,7 @@ fn parse_allowed_endpoint(state: &AppState, raw: &str) -> ApiResult<EndpointId> 
             .iter()
             .map(EndpointId::as_str)
             .collect();
-        return Err(ApiError::validation(
+        return Err(FieldError::new(
             "endpoint",
             format!(
                 "`{raw}` is not allowed here; allowed: {}",
@@ -338,7 +350,7 @@ pub async fn list_jobs(
     tenant: Tenant,
     ApiQuery(query): ApiQuery<ListJobsQuery>,
 ) -> ApiResult<Json<JobPage>> {
-    let keyset = Keyset::parse("j1:", query.limit, query.cursor.as_deref())?;
+    let keyset = Keyset::parse(super::paging::JOBS, query.limit, query.cursor.as_deref())?;
     let filter = JobFilter {
         kind: query.kind,
         status: query.status,

@@ -20,7 +20,7 @@ use crate::app::AppState;
 use crate::error::{ApiError, REQUEST_ID};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use std::time::Instant;
@@ -143,11 +143,8 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such route".into())
 }
 
-async fn method_not_allowed() -> Response {
-    let mut response =
-        ApiError::BadRequest("this method is not allowed on this route".into()).into_response();
-    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    response
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
 }
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {

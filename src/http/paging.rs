@@ -1,13 +1,66 @@
 //! Keyset pagination over time-ordered (UUIDv7) ids, newest first: the page size rule and the
 //! opaque cursors every list endpoint shares.
 
-use crate::error::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult, FieldError};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use uuid::Uuid;
 
 const MAX_PAGE: u32 = 100;
 const DEFAULT_PAGE: u32 = 20;
+
+/// A query's `limit`, checked while the query is parsed so that it is reported along with the
+/// query's other errors.
+pub fn page_limit<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let limit = <Option<u32> as serde::Deserialize>::deserialize(d)?;
+    match limit {
+        Some(limit) if !(1..=MAX_PAGE).contains(&limit) => Err(serde::de::Error::custom(format!(
+            "must be between 1 and {MAX_PAGE}"
+        ))),
+        _ => Ok(limit),
+    }
+}
+
+/// The prefix of the cursors of `GET /v1/jobs`.
+pub const JOBS: &str = "j1:";
+/// The prefix of the cursors of `GET /v1/avatars`.
+pub const AVATARS: &str = "a1:";
+
+const NOT_A_CURSOR: &str = "is not a cursor this API gave out";
+
+fn decode(prefix: &str, cursor: &str) -> Option<Uuid> {
+    URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|text| {
+            text.strip_prefix(prefix)
+                .and_then(|id| Uuid::parse_str(id).ok())
+        })
+}
+
+fn cursor_of<'de, D: serde::Deserializer<'de>>(
+    prefix: &str,
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    let cursor = <Option<String> as serde::Deserialize>::deserialize(d)?;
+    match &cursor {
+        Some(given) if decode(prefix, given).is_none() => {
+            Err(serde::de::Error::custom(NOT_A_CURSOR))
+        }
+        _ => Ok(cursor),
+    }
+}
+
+/// A `cursor` of the jobs list, checked while the query is parsed.
+pub fn job_cursor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    cursor_of(JOBS, d)
+}
+
+/// A `cursor` of the avatars list, checked while the query is parsed.
+pub fn avatar_cursor<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    cursor_of(AVATARS, d)
+}
 
 /// One page request: how many items, after which id. `prefix` ties a cursor to its list, so a
 /// cursor of one list is refused by another.
@@ -24,27 +77,23 @@ impl Keyset {
         cursor: Option<&str>,
     ) -> ApiResult<Self> {
         let limit = limit.unwrap_or(DEFAULT_PAGE);
+        let mut errors = Vec::new();
         if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::validation(
+            errors.push(FieldError::new(
                 "limit",
                 format!("must be between 1 and {MAX_PAGE}"),
             ));
         }
-        let after = cursor
-            .map(|cursor| {
-                URL_SAFE_NO_PAD
-                    .decode(cursor)
-                    .ok()
-                    .and_then(|bytes| String::from_utf8(bytes).ok())
-                    .and_then(|text| {
-                        text.strip_prefix(prefix)
-                            .and_then(|id| Uuid::parse_str(id).ok())
-                    })
-                    .ok_or_else(|| {
-                        ApiError::validation("cursor", "is not a cursor this API gave out")
-                    })
-            })
-            .transpose()?;
+        let after = cursor.and_then(|cursor| {
+            let id = decode(prefix, cursor);
+            if id.is_none() {
+                errors.push(FieldError::new("cursor", NOT_A_CURSOR));
+            }
+            id
+        });
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
         Ok(Self {
             limit,
             after,

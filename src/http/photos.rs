@@ -115,16 +115,7 @@ pub async fn upload_photos(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let boundary = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .ok_or_else(|| "no Content-Type".to_owned())
-        .and_then(|value| multer::parse_boundary(value).map_err(|err| err.to_string()))
-        .map_err(|problem| {
-            ApiError::UnsupportedMediaType(format!(
-                "photos are sent as multipart/form-data, one file per part: {problem}"
-            ))
-        })?;
+    let boundary = form_boundary(&headers)?;
     let limit = state.config.avatars.max_upload_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -208,6 +199,31 @@ struct Received {
 
 /// How far the bytes of a form may run ahead of the file contents read from it.
 const FORM_SLACK: u64 = 1 << 20;
+
+/// The boundary of a multipart/form-data body. Anything else, a JSON body above all, is told
+/// what this endpoint takes, not how a multipart parser failed on it.
+fn form_boundary(headers: &HeaderMap) -> ApiResult<String> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    let is_form = content_type
+        .split(';')
+        .next()
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("multipart/form-data"));
+    if !is_form {
+        return Err(ApiError::UnsupportedMediaType(
+            "this endpoint takes multipart/form-data, one photo per file part".into(),
+        ));
+    }
+    multer::parse_boundary(content_type).map_err(|_| {
+        ApiError::UnsupportedMediaType(
+            "this endpoint takes multipart/form-data with its `boundary` parameter, as HTTP \
+             clients set it when sending a form"
+                .into(),
+        )
+    })
+}
 
 /// Every file of the form, each streamed to a temporary file as it arrives: no file is held in
 /// memory. A file over the size limit stops being written the moment it crosses it; the rest of

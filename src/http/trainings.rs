@@ -73,14 +73,12 @@ pub async fn start_training(
         canonical,
     } = body;
     let avatar = find_avatar(&state, &tenant, id).await?;
+    let mut errors = Vec::new();
     if let Some(url) = &request.images_data_url {
         let fine = reqwest::Url::parse(url)
             .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some());
         if !fine {
-            return Err(ApiError::validation(
-                "images_data_url",
-                "must be an http(s) URL",
-            ));
+            errors.push(FieldError::new("images_data_url", "must be an http(s) URL"));
         }
     }
     let trainer = request.model.resolve(avatar.kind);
@@ -96,14 +94,17 @@ pub async fn start_training(
         data_url: placeholder,
         overrides: &request.overrides,
     };
-    training_input(&check).map_err(|problems| {
-        ApiError::Validation(
+    if let Err(problems) = training_input(&check) {
+        errors.extend(
             problems
                 .into_iter()
-                .map(|p| FieldError::new(p.field, p.message))
-                .collect(),
-        )
-    })?;
+                .map(|p| FieldError::new(p.field, p.message)),
+        );
+    }
+    // The avatar's state is looked at only once the request is known to be right.
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
     let store = state.store.clone();
     let route = format!("POST /v1/avatars/{id}/trainings");
     idempotency::run_once(

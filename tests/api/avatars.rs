@@ -905,3 +905,126 @@ backend_test!(
         assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
     }
 );
+
+backend_test!(a_request_is_checked_before_the_avatar_it_names, |app| {
+    // Wrong fields on an avatar that is not trained yet: the fields are named, not the
+    // avatar's state.
+    let draft = create_avatar(&app, "character").await;
+    let draft = draft["id"].as_str().unwrap();
+    let response = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({
+            "avatar_id": draft, "prompt": "x", "num_images": 9, "aspect_ratio": "5:4",
+            "negative_prompt": "blurry"
+        }))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    let mut named = fields(&body);
+    named.sort();
+    assert_eq!(
+        named,
+        ["aspect_ratio", "negative_prompt", "num_images"],
+        "{body}"
+    );
+    let response = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({"avatar_id": draft, "prompts": ["fine", ""]}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(fields(&body), ["prompts[1]"]);
+    // A right request on it is still told the avatar is not ready.
+    let response = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({"avatar_id": draft, "prompt": "x", "num_images": 2}))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+
+    // Likewise a training: a wrong override on an avatar already training is a 422.
+    let (training, _) = avatar_with_photos(&app, "product", 10).await;
+    let training = training["id"].as_str().unwrap();
+    app.fal.set_all_durations(Durations::new(30_000, 30_000));
+    let started = train(&app, training, json!({})).await;
+    assert_eq!(started.status(), StatusCode::ACCEPTED);
+    let response = train(
+        &app,
+        training,
+        json!({"preset": "quality", "overrides": {"no_such_field": 1}}),
+    )
+    .await;
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(fields(&body), ["overrides.no_such_field"]);
+    let again = train(&app, training, json!({})).await;
+    problem(again, StatusCode::CONFLICT, "avatar_training").await;
+});
+
+backend_test!(
+    photos_sent_as_anything_but_a_form_are_told_what_to_send,
+    |app| {
+        let avatar = create_avatar(&app, "style").await;
+        let path = format!("/v1/avatars/{}/photos", avatar["id"].as_str().unwrap());
+        let json = app
+            .request(Method::POST, &path)
+            .json(&json!({"files": ["a.png"]}));
+        let text = app
+            .request(Method::POST, &path)
+            .header("content-type", "text/plain")
+            .body("a.png");
+        let bare = app.request(Method::POST, &path).body("a.png");
+        for request in [json, text, bare] {
+            let response = request.send().await.unwrap();
+            let body = problem(
+                response,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+            )
+            .await;
+            assert_eq!(
+                body["detail"],
+                "this endpoint takes multipart/form-data, one photo per file part"
+            );
+        }
+        // A form without its boundary is told what is missing, in the words of HTTP, not a parser.
+        let response = app
+            .request(Method::POST, &path)
+            .header("content-type", "multipart/form-data")
+            .body("a.png")
+            .send()
+            .await
+            .unwrap();
+        let body = problem(
+            response,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        )
+        .await;
+        let detail = body["detail"].as_str().unwrap();
+        assert!(
+            detail.starts_with("this endpoint takes multipart/form-data"),
+            "{detail}"
+        );
+        assert!(!detail.contains("Invalid"), "{detail}");
+        let photos = app.get_json(&path).await;
+        assert_eq!(photos["items"].as_array().unwrap().len(), 0);
+    }
+);

@@ -24,7 +24,7 @@ backend_test!(body_validation_names_the_field, |app| {
             json!({"endpoint": "fal-ai/flux-lora", "input": {}, "extra": 1}),
             "extra",
         ),
-        (json!({"input": {}}), "body"),
+        (json!({"input": {}}), "endpoint"),
         (json!({"endpoint": 42, "input": {}}), "endpoint"),
         (json!([1, 2, 3]), "body"),
         (
@@ -200,11 +200,33 @@ backend_test!(unknown_routes_and_methods_answer_in_problem_json, |app| {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    let body = problem(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("DELETE"),
+        "{body}"
     );
+    let mut allowed: Vec<&str> = allow.split(',').map(str::trim).collect();
+    allowed.sort_unstable();
+    assert_eq!(allowed, ["GET", "HEAD", "POST"], "{allow}");
+    let job = uuid::Uuid::now_v7();
+    let response = app
+        .request(Method::PUT, &format!("/v1/jobs/{job}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["allow"], "POST");
+    problem(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
     let id = uuid::Uuid::now_v7();
     let response = app
         .request(Method::GET, &format!("/v1/jobs/{id}"))
@@ -234,4 +256,207 @@ backend_test!(request_ids_are_echoed_or_made, |app| {
     let response = app.request(Method::GET, "/v1/jobs").send().await.unwrap();
     let made = response.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(made).is_ok(), "{made}");
+});
+
+/// The fields a validation problem names, in order, for comparing as a set.
+fn sorted_fields(problem: &serde_json::Value) -> Vec<String> {
+    let mut named = fields(problem);
+    named.sort();
+    named
+}
+
+/// The message given for `field`.
+fn message_for<'a>(problem: &'a serde_json::Value, field: &str) -> &'a str {
+    problem["errors"]
+        .as_array()
+        .and_then(|errors| errors.iter().find(|e| e["field"] == field))
+        .and_then(|e| e["message"].as_str())
+        .unwrap_or_else(|| panic!("no error for `{field}`: {problem}"))
+}
+
+backend_test!(every_wrong_field_of_a_body_is_named, |app| {
+    let response = app
+        .request(Method::POST, "/v1/avatars")
+        .json(&json!({"name": "Ada", "kind": "character"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let avatar: serde_json::Value = response.json().await.unwrap();
+    let avatar = avatar["id"].as_str().unwrap().to_owned();
+    let trainings = format!("/v1/avatars/{avatar}/trainings");
+    let cases = [
+        // Wrong types, an unknown field and a missing one, all at once.
+        (
+            "/v1/jobs",
+            json!({"endpoint": 42, "input": "x", "priority": "high"}),
+            vec!["endpoint", "input", "priority"],
+        ),
+        ("/v1/jobs", json!({}), vec!["endpoint", "input"]),
+        // Values of the right type that are refused, along with wrong types.
+        (
+            "/v1/avatars",
+            json!({"name": "", "kind": "robot", "trigger_phrase": "x".repeat(51)}),
+            vec!["kind", "name", "trigger_phrase"],
+        ),
+        (
+            "/v1/generations",
+            json!({
+                "avatar_id": "nope", "prompt": "x", "num_images": 9, "output_format": "gif",
+                "aspect_ratio": "5:4", "negative_prompt": "blurry", "preset": "best"
+            }),
+            vec![
+                "aspect_ratio",
+                "avatar_id",
+                "negative_prompt",
+                "num_images",
+                "output_format",
+                "preset",
+            ],
+        ),
+        (
+            "/v1/avatars",
+            json!({"kind": "robot", "trigger_phrase": 5}),
+            vec!["kind", "name", "trigger_phrase"],
+        ),
+        (
+            "/v1/avatars",
+            json!({"name": " ", "kind": "style", "trigger_phrase": ""}),
+            vec!["name", "trigger_phrase"],
+        ),
+        (
+            &trainings,
+            json!({"model": "sdxl", "preset": "best", "colour": "red"}),
+            vec!["colour", "model", "preset"],
+        ),
+        (
+            &trainings,
+            json!({"images_data_url": "ftp://x/y.zip", "overrides": {"steps": -1, "nonsense": 1}}),
+            vec!["images_data_url", "overrides.nonsense", "overrides.steps"],
+        ),
+        (
+            "/v1/generations",
+            json!({"avatar_id": "nope", "prompt": "x", "preset": "best", "num_images": "four"}),
+            vec!["avatar_id", "num_images", "preset"],
+        ),
+        (
+            "/v1/generations",
+            json!({"prompts": ["a", 7], "seed": -1}),
+            vec!["avatar_id", "prompts[1]", "seed"],
+        ),
+        (
+            "/v1/generations",
+            json!({"avatar_id": avatar, "prompts": ["a", " "], "num_images": 9, "output_format": "gif"}),
+            vec!["num_images", "output_format", "prompts[1]"],
+        ),
+    ];
+    for (path, body, expected) in cases {
+        let response = app
+            .request(Method::POST, path)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let problem = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(
+            sorted_fields(&problem),
+            expected,
+            "{path} {body}: {problem}"
+        );
+        for field in &expected {
+            assert!(
+                problem["detail"].as_str().unwrap().contains(field),
+                "{problem}"
+            );
+        }
+    }
+
+    // A missing field is named, and said to be missing.
+    let response = app
+        .request(Method::POST, "/v1/avatars")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(sorted_fields(&body), ["kind", "name"]);
+    assert_eq!(message_for(&body, "name"), "is required");
+    assert_eq!(message_for(&body, "kind"), "is required");
+    let response = app
+        .request(Method::POST, "/v1/jobs")
+        .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {}, "priority": 1, "when": 2}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(sorted_fields(&body), ["priority", "when"]);
+    assert!(
+        message_for(&body, "when").contains("unknown field"),
+        "{body}"
+    );
+
+    // Nothing was stored by any of them.
+    let list = app.get_json("/v1/jobs").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    let list = app.get_json("/v1/avatars").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+});
+
+backend_test!(every_wrong_query_parameter_is_named, |app| {
+    for (path, expected) in [
+        (
+            "/v1/jobs?limit=ten&status=done&kind=video&colour=red",
+            vec!["colour", "kind", "limit", "status"],
+        ),
+        (
+            "/v1/jobs?avatar_id=7&status=running&status=failed",
+            vec!["avatar_id", "status"],
+        ),
+        ("/v1/jobs?limit=0&cursor=garbage", vec!["cursor", "limit"]),
+        ("/v1/jobs?limit=0&status=done", vec!["limit", "status"]),
+        ("/v1/avatars?limit=-1&page=2", vec!["limit", "page"]),
+        ("/v1/avatars?limit=500&cursor=x", vec!["cursor", "limit"]),
+    ] {
+        let response = app.request(Method::GET, path).send().await.unwrap();
+        let body = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(sorted_fields(&body), expected, "{path}: {body}");
+    }
+
+    // FAL's callback without its token names the parameter, not the query.
+    let job = uuid::Uuid::now_v7();
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/fal/webhook/{job}?tok=1")))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(fields(&body), ["token"]);
+    assert_eq!(message_for(&body, "token"), "is required");
 });
