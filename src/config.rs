@@ -595,7 +595,7 @@ impl ServeArgs {
             return Err(invalid(
                 "FAL_KEY",
                 "fal-key",
-                "is required to reach FAL; set it, or run `falgate serve --sandbox` to use the \
+                "is required to reach FAL; set it, or run `cargo run -- serve --sandbox` to use the \
                  built-in emulator",
             ));
         }

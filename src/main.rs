@@ -114,6 +114,17 @@ async fn run(command: Command) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let base = format!("http://{}", app.local_addr());
+            if !sandbox {
+                let revoked = revoke_sandbox_keys(app.store())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if revoked > 0 {
+                    tracing::warn!(
+                        revoked,
+                        "this database served the sandbox: its development key is revoked"
+                    );
+                }
+            }
             if sandbox {
                 let (key, revoked) = renew_sandbox_key(app.store())
                     .await
@@ -153,6 +164,12 @@ async fn run(command: Command) -> Result<(), String> {
             let name = name.trim();
             if name.is_empty() || name.len() > 100 {
                 return Err("--name must be 1 to 100 characters".into());
+            }
+            if name == SANDBOX_KEY_NAME || name == OLD_SANDBOX_KEY_NAME {
+                return Err(format!(
+                    "--name `{name}` is the sandbox's own: its keys are revoked whenever the \
+                     sandbox starts; choose another name"
+                ));
             }
             let store = migrated_store(&database).await?;
             let (record, key) = store.issue_api_key(name).await.map_err(|e| e.to_string())?;
@@ -244,6 +261,14 @@ const OLD_SANDBOX_KEY_NAME: &str = "sandbox development key";
 async fn renew_sandbox_key(
     store: &Store,
 ) -> Result<(falgate::domain::api_key::NewApiKey, usize), falgate::store::StoreError> {
+    let revoked = revoke_sandbox_keys(store).await?;
+    let (_, key) = store.issue_api_key(SANDBOX_KEY_NAME).await?;
+    Ok((key, revoked))
+}
+
+/// Revokes the sandbox's live keys: before a new one is issued, and when the database is served
+/// against the real FAL, where a development key printed to a terminal has no business.
+async fn revoke_sandbox_keys(store: &Store) -> Result<usize, falgate::store::StoreError> {
     let now = falgate::domain::now();
     let mut revoked = 0;
     for key in store.list_api_keys().await? {
@@ -254,8 +279,7 @@ async fn renew_sandbox_key(
             revoked += 1;
         }
     }
-    let (_, key) = store.issue_api_key(SANDBOX_KEY_NAME).await?;
-    Ok((key, revoked))
+    Ok(revoked)
 }
 
 /// Rows as text columns, each as wide as its widest cell (counted in characters, since

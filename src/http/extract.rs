@@ -307,6 +307,14 @@ pub fn path_id(params: &axum::extract::RawPathParams, name: &str) -> Result<uuid
         .map_err(|_| ApiError::validation(name, format!("`{value}` is not a valid id (a UUID)")))
 }
 
+/// A path whose parameters are not even text (`%FF`): no id, like any other that is not a UUID.
+fn not_utf8(name: &str) -> ApiError {
+    ApiError::validation(
+        name,
+        "is not a valid id (a UUID): it is not even valid UTF-8",
+    )
+}
+
 /// An avatar's photo: `/v1/avatars/{id}/photos/{photo_id}`.
 pub struct PhotoPath {
     pub avatar: uuid::Uuid,
@@ -319,7 +327,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PhotoPath {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let params = axum::extract::RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            .map_err(|_| not_utf8("id"))?;
         Ok(Self {
             avatar: path_id(&params, "id")?,
             photo: path_id(&params, "photo_id")?,
@@ -336,7 +344,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ApiPathId {
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         let params = axum::extract::RawPathParams::from_request_parts(parts, state)
             .await
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            .map_err(|_| not_utf8("id"))?;
         let name = params
             .iter()
             .next()

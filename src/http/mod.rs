@@ -38,7 +38,7 @@ use utoipa_swagger_ui::SwaggerUi;
         description = "A durable gateway in front of FAL: every request stored, forwarded to \
                        FAL's queue, and followed to its end through verified callbacks.\n\n\
                        Authenticate with `Authorization: Bearer <api key>` (create one with \
-                       `falgate api-key create --name NAME`). Errors are \
+                       `cargo run -- api-key create --name NAME`, or the `falgate` binary's `api-key create`). Errors are \
                        `application/problem+json` with a stable `code`.",
         license(name = "MIT OR Apache-2.0"),
     ),

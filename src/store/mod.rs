@@ -511,22 +511,29 @@ impl Store {
         dispatch!(self, s => s.list_callbacks(job_id).await)
     }
 
-    /// Leases due jobs for a worker.
+    /// Leases due jobs for a worker: only the sandbox's jobs in the sandbox, only real ones
+    /// elsewhere, so that a database shared by both never sends a sandbox job to the real FAL
+    /// nor a real job to the emulator.
     pub async fn claim_jobs(
         &self,
         kind: ClaimKind,
+        sandbox: bool,
         now: DateTime<Utc>,
         lease: Duration,
         limit: u32,
     ) -> StoreResult<Vec<Job>> {
         let lease_until =
             now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX);
-        dispatch!(self, s => s.claim_jobs(kind, now, lease_until, limit).await)
+        dispatch!(self, s => s.claim_jobs(kind, sandbox, now, lease_until, limit).await)
     }
 
     /// When the next job of this kind of work falls due, if any is waiting.
-    pub async fn next_due(&self, kind: ClaimKind) -> StoreResult<Option<DateTime<Utc>>> {
-        dispatch!(self, s => s.next_due(kind).await)
+    pub async fn next_due(
+        &self,
+        kind: ClaimKind,
+        sandbox: bool,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        dispatch!(self, s => s.next_due(kind, sandbox).await)
     }
 
     // Avatars, photos, batches.
@@ -956,14 +963,14 @@ mod tests {
         let now = crate::domain::now();
         let lease = Duration::from_millis(1);
         let stalled = store
-            .claim_jobs(ClaimKind::Submit, now, lease, 1)
+            .claim_jobs(ClaimKind::Submit, false, now, lease, 1)
             .await
             .unwrap()
             .remove(0);
         // Its lease runs out; another worker claims the job and sends it.
         let later = now + chrono::TimeDelta::seconds(1);
         let current = store
-            .claim_jobs(ClaimKind::Submit, later, lease, 1)
+            .claim_jobs(ClaimKind::Submit, false, later, lease, 1)
             .await
             .unwrap()
             .remove(0);

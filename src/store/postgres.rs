@@ -74,7 +74,7 @@ mod sql {
     pub const CLAIM_SUBMIT: &str = concat!(
         "UPDATE jobs SET lease_until = $2, attempts = attempts + 1 WHERE id IN (\
         SELECT id FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
-        AND (lease_until IS NULL OR lease_until <= $1) \
+        AND (lease_until IS NULL OR lease_until <= $1) AND sandbox = $4::boolean \
         ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING ",
         job_columns!()
     );
@@ -82,15 +82,15 @@ mod sql {
         "UPDATE jobs SET lease_until = $2 WHERE id IN (\
         SELECT id FROM jobs WHERE status IN ('submitted', 'running') \
         AND next_attempt_at <= $1 \
-        AND (lease_until IS NULL OR lease_until <= $1) \
+        AND (lease_until IS NULL OR lease_until <= $1) AND sandbox = $4::boolean \
         ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING ",
         job_columns!()
     );
     pub const NEXT_DUE_SUBMIT: &str = "SELECT MIN(GREATEST(next_attempt_at, lease_until)) \
-        FROM jobs WHERE status = 'pending' AND next_attempt_at IS NOT NULL";
+        FROM jobs WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND sandbox = $1::boolean";
     pub const NEXT_DUE_POLL: &str = "SELECT MIN(GREATEST(next_attempt_at, lease_until)) \
         FROM jobs WHERE status IN ('submitted', 'running') \
-        AND next_attempt_at IS NOT NULL";
+        AND next_attempt_at IS NOT NULL AND sandbox = $1::boolean";
 }
 
 #[derive(Clone)]

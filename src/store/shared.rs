@@ -632,6 +632,7 @@ macro_rules! shared_store_methods {
         pub async fn claim_jobs(
             &self,
             kind: ClaimKind,
+            sandbox: bool,
             now: DateTime<Utc>,
             lease_until: DateTime<Utc>,
             limit: u32,
@@ -644,6 +645,7 @@ macro_rules! shared_store_methods {
             .bind(now)
             .bind(lease_until)
             .bind(i64::from(limit))
+            .bind(sandbox)
             .fetch_all(&mut *tx)
             .await?;
             tx.commit().await?;
@@ -651,12 +653,16 @@ macro_rules! shared_store_methods {
         }
 
         /// The earliest time a job of this kind of work falls due, for workers to sleep until.
-        pub async fn next_due(&self, kind: ClaimKind) -> StoreResult<Option<DateTime<Utc>>> {
+        pub async fn next_due(
+            &self,
+            kind: ClaimKind,
+            sandbox: bool,
+        ) -> StoreResult<Option<DateTime<Utc>>> {
             let query = match kind {
                 ClaimKind::Submit => sqlx::query_scalar(sql::NEXT_DUE_SUBMIT),
                 ClaimKind::Poll => sqlx::query_scalar(sql::NEXT_DUE_POLL),
             };
-            Ok(query.fetch_one(&self.pool).await?)
+            Ok(query.bind(sandbox).fetch_one(&self.pool).await?)
         }
 
         pub async fn job_holding_request(&self, request_id: &str) -> StoreResult<Option<Uuid>> {

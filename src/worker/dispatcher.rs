@@ -30,6 +30,7 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
                 .store
                 .claim_jobs(
                     ClaimKind::Submit,
+                    state.config.sandbox,
                     now,
                     state.config.workers.lease,
                     free as u32,
@@ -63,7 +64,12 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
         if claimed > 0 {
             continue;
         }
-        let next_due = state.store.next_due(ClaimKind::Submit).await.ok().flatten();
+        let next_due = state
+            .store
+            .next_due(ClaimKind::Submit, state.config.sandbox)
+            .await
+            .ok()
+            .flatten();
         tokio::select! {
             () = wait_for_work(&state.wake.dispatcher, next_due, &mut stopping) => {}
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}

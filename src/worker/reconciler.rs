@@ -24,7 +24,13 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
         let now = crate::domain::now();
         match state
             .store
-            .claim_jobs(ClaimKind::Poll, now, state.config.workers.lease, BATCH)
+            .claim_jobs(
+                ClaimKind::Poll,
+                state.config.sandbox,
+                now,
+                state.config.workers.lease,
+                BATCH,
+            )
             .await
         {
             Ok(jobs) if !jobs.is_empty() => {
@@ -35,7 +41,12 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
             Ok(_) => {}
             Err(err) => tracing::warn!(error = %err, "could not claim jobs to follow"),
         }
-        let next_due = state.store.next_due(ClaimKind::Poll).await.ok().flatten();
+        let next_due = state
+            .store
+            .next_due(ClaimKind::Poll, state.config.sandbox)
+            .await
+            .ok()
+            .flatten();
         wait_for_work(&state.wake.reconciler, next_due, &mut stopping).await;
     }
 }

@@ -419,3 +419,16 @@ async fn api_key_list_lines_up_its_columns() {
     }
     database.drop_database().await;
 }
+
+#[tokio::test]
+async fn the_sandbox_key_name_is_reserved() {
+    let database = TestDatabase::create(Backend::Sqlite).await.unwrap();
+    let refused = falgate(&["api-key", "create", "--name", "sandbox"], &database.url);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8(refused.stderr)
+            .unwrap()
+            .contains("choose another name")
+    );
+    database.drop_database().await;
+}

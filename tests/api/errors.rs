@@ -150,6 +150,18 @@ backend_test!(bad_paths_and_queries_are_422s_naming_the_parameter, |app| {
     .await;
     assert_eq!(fields(&body), vec!["id"]);
 
+    // Not even text: the same 422, never an undeclared 400.
+    for path in ["/v1/jobs/%FF", "/v1/avatars/%FF/photos/%FE"] {
+        let response = app.request(Method::GET, path).send().await.unwrap();
+        let body = problem(
+            response,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        )
+        .await;
+        assert_eq!(fields(&body), vec!["id"], "{path}");
+    }
+
     let response = app
         .request(Method::POST, "/v1/jobs/123/cancel")
         .send()

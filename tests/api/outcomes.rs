@@ -457,3 +457,47 @@ backend_test!(
         assert_eq!(app.fal.submits().len(), 2);
     }
 );
+
+backend_test!(
+    a_sandbox_job_in_a_shared_database_never_reaches_the_real_fal,
+    |config| {
+        config.workers.callback_grace = Duration::from_millis(100);
+    },
+    |app| {
+        // A job the sandbox left pending in this database, served now against "the real FAL".
+        let tenant = app
+            .store()
+            .find_live_api_key(&falgate::domain::api_key::hash_key(&app.key).0)
+            .await
+            .unwrap()
+            .unwrap()
+            .id;
+        let left = falgate::store::NewJob {
+            id: uuid::Uuid::now_v7(),
+            tenant,
+            kind: falgate::domain::job::JobKind::Raw,
+            avatar_id: None,
+            batch_id: None,
+            endpoint: "fal-ai/flux-lora".into(),
+            input: json!({"prompt": "made in the sandbox"}),
+            sandbox: true,
+            idempotency_key: None,
+            created_at: falgate::domain::now(),
+        };
+        let left = app
+            .store()
+            .create_jobs(&[left], None)
+            .await
+            .unwrap()
+            .remove(0);
+        let real = submit(&app, "made for real").await;
+        app.wait_for_status(&real, "succeeded").await;
+        assert_eq!(app.job(&left.id.to_string()).await["status"], "pending");
+        assert!(
+            app.fal
+                .submits()
+                .iter()
+                .all(|s| s.input["prompt"] != "made in the sandbox")
+        );
+    }
+);
