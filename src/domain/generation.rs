@@ -163,6 +163,15 @@ pub fn check_num_images(n: u32) -> Result<(), String> {
     }
 }
 
+/// FLUX pro's safety tolerance: `"1"` (strictest) to `"6"`.
+pub fn check_safety_tolerance(tolerance: &str) -> Result<(), String> {
+    if matches!(tolerance, "1" | "2" | "3" | "4" | "5" | "6") {
+        Ok(())
+    } else {
+        Err("must be \"1\" (strictest) to \"6\"".into())
+    }
+}
+
 pub fn check_output_format(format: &str) -> Result<(), String> {
     if matches!(format, "jpeg" | "png") {
         Ok(())
@@ -274,12 +283,9 @@ pub fn generation_input(
                 ));
             }
             if let Some(tolerance) = &options.safety_tolerance
-                && !matches!(tolerance.as_str(), "1" | "2" | "3" | "4" | "5" | "6")
+                && let Err(why) = check_safety_tolerance(tolerance)
             {
-                problems.push(problem(
-                    "safety_tolerance",
-                    "must be \"1\" (strictest) to \"6\"",
-                ));
+                problems.push(problem("safety_tolerance", why));
             }
             fields.insert("finetune_id".into(), json!(id));
             fields.insert("finetune_strength".into(), json!(preset.finetune_strength));
@@ -312,7 +318,8 @@ pub fn generation_input(
     }
 }
 
-fn check_image_size(size: &Value) -> Result<Value, String> {
+/// A named size, or `{width, height}` each from 1 to 14142; answers the size to send.
+pub fn check_image_size(size: &Value) -> Result<Value, String> {
     match size {
         Value::String(name) if NAMED_SIZES.contains(&name.as_str()) => Ok(size.clone()),
         Value::Object(dims) => {

@@ -34,6 +34,8 @@ pub struct CreateAvatarRequest {
     pub trigger_phrase: Option<String>,
 }
 
+impl super::extract::AcrossFields for CreateAvatarRequest {}
+
 // Checked while parsing, so that a wrong name is reported along with the body's other errors.
 
 /// `text` trimmed, if it is 1 to `max` printable characters.

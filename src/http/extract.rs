@@ -17,10 +17,19 @@ pub struct ApiJson<T> {
     pub canonical: Vec<u8>,
 }
 
+/// Rules of a request body that span fields (one of two fields, say). They are checked on the
+/// raw object whether or not its fields parsed, so that they are reported with every other
+/// wrong field of the body.
+pub trait AcrossFields {
+    fn across_fields(_body: &serde_json::Map<String, serde_json::Value>) -> Vec<FieldError> {
+        Vec::new()
+    }
+}
+
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned + PartialSchema,
+    T: DeserializeOwned + PartialSchema + AcrossFields,
 {
     type Rejection = ApiError;
 
@@ -64,7 +73,7 @@ pub fn body_read_error(err: &axum::Error, limit: usize) -> ApiError {
 }
 
 /// Parses a JSON object into `T`, naming every field that is wrong.
-pub fn parse_json<T: DeserializeOwned + PartialSchema>(
+pub fn parse_json<T: DeserializeOwned + PartialSchema + AcrossFields>(
     bytes: &[u8],
 ) -> Result<ApiJson<T>, ApiError> {
     let raw: serde_json::Value = serde_json::from_slice(bytes)
@@ -86,8 +95,10 @@ pub fn parse_json<T: DeserializeOwned + PartialSchema>(
         ));
     }
     let canonical = serde_json::to_vec(&raw).map_err(ApiError::internal)?;
+    let across = T::across_fields(object);
     match serde_path_to_error::deserialize(&raw) {
-        Ok(value) => Ok(ApiJson { value, canonical }),
+        Ok(value) if across.is_empty() => Ok(ApiJson { value, canonical }),
+        Ok(_) => Err(ApiError::Validation(across)),
         Err(first) => {
             let entries: Vec<(String, serde_json::Value)> = object
                 .iter()
@@ -103,11 +114,17 @@ pub fn parse_json<T: DeserializeOwned + PartialSchema>(
                     })
                 })
                 .unwrap_or_default();
-            Err(ApiError::Validation(if errors.is_empty() {
+            let mut errors = if errors.is_empty() {
                 vec![Refusal::of(&first).into_field_error("body")]
             } else {
                 errors
-            }))
+            };
+            for error in across {
+                if !errors.iter().any(|known| known.field == error.field) {
+                    errors.push(error);
+                }
+            }
+            Err(ApiError::Validation(errors))
         }
     }
 }
@@ -369,6 +386,8 @@ mod tests {
         #[serde(default)]
         flag: bool,
     }
+
+    impl AcrossFields for Strict {}
 
     #[derive(Debug, Deserialize, utoipa::ToSchema, IntoParams)]
     #[allow(dead_code)]

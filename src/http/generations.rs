@@ -10,8 +10,9 @@ use super::spec;
 use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{
-    Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_num_images,
-    check_output_format, generation_input, negative_prompt_refusal,
+    Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_image_size,
+    check_num_images, check_output_format, check_safety_tolerance, generation_input,
+    negative_prompt_refusal,
 };
 use crate::domain::job::{JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
@@ -47,6 +48,7 @@ pub struct CreateGenerationRequest {
     pub aspect_ratio: Option<String>,
     /// LoRA avatars only: a named size or `{width, height}`; wins over the preset's.
     #[schema(schema_with = spec::image_size)]
+    #[serde(default, deserialize_with = "image_size")]
     pub image_size: Option<Value>,
     /// 1 to 4 images per prompt.
     #[schema(minimum = 1, maximum = 4)]
@@ -64,12 +66,37 @@ pub struct CreateGenerationRequest {
     pub enable_safety_checker: Option<bool>,
     /// Finetuned avatars only: `"1"` (strictest) to `"6"`.
     #[schema(schema_with = spec::safety_tolerance)]
+    #[serde(default, deserialize_with = "safety_tolerance")]
     pub safety_tolerance: Option<String>,
     /// Finetuned avatars only: a less processed look.
     pub raw: Option<bool>,
     /// Taken by neither endpoint: always refused, never silently dropped.
     #[serde(default, deserialize_with = "negative_prompt")]
     pub negative_prompt: Option<String>,
+}
+
+impl super::extract::AcrossFields for CreateGenerationRequest {
+    /// Exactly one of `prompt` and `prompts`, and a batch of at least one: a `null` counts as
+    /// absent.
+    fn across_fields(body: &serde_json::Map<String, Value>) -> Vec<FieldError> {
+        let given = |name: &str| body.get(name).is_some_and(|value| !value.is_null());
+        match (given("prompt"), given("prompts")) {
+            (true, true) => vec![FieldError::new(
+                "prompt",
+                "give `prompt` or `prompts`, not both",
+            )],
+            (false, false) => vec![FieldError::new("prompt", "is required (or `prompts`)")],
+            (false, true)
+                if body
+                    .get("prompts")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty) =>
+            {
+                vec![FieldError::new("prompts", "must hold at least one prompt")]
+            }
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A seed as an integer or as a string of decimal digits: a client whose numbers are doubles
@@ -161,6 +188,14 @@ fn aspect_ratio<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>
 
 fn num_images<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     checked(d, |n: &u32| check_num_images(*n))
+}
+
+fn image_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    checked(d, |size: &Value| check_image_size(size).map(drop))
+}
+
+fn safety_tolerance<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, |tolerance: &String| check_safety_tolerance(tolerance))
 }
 
 fn output_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
@@ -264,20 +299,11 @@ pub async fn create_generation(
                 .map(|(i, p)| (format!("prompts[{i}]"), p.clone()))
                 .collect()
         }
-        (None, Some(_)) => {
-            errors.push(FieldError::new("prompts", "must hold at least one prompt"));
-            Vec::new()
-        }
-        (Some(_), Some(_)) => {
-            errors.push(FieldError::new(
-                "prompt",
-                "give `prompt` or `prompts`, not both",
+        // Refused while the body was parsed (`AcrossFields`).
+        _ => {
+            return Err(ApiError::internal(
+                "prompt and prompts passed parsing unchecked",
             ));
-            Vec::new()
-        }
-        (None, None) => {
-            errors.push(FieldError::new("prompt", "is required (or `prompts`)"));
-            Vec::new()
         }
     };
     let options = GenerationOptions {

@@ -31,6 +31,8 @@ pub struct CreateJobRequest {
     pub input: Value,
 }
 
+impl super::extract::AcrossFields for CreateJobRequest {}
+
 /// Refused while parsing, not after, so that it is reported along with the other fields'
 /// errors.
 fn json_object<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {

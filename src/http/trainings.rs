@@ -40,6 +40,8 @@ pub struct StartTrainingRequest {
     pub images_data_url: Option<String>,
 }
 
+impl super::extract::AcrossFields for StartTrainingRequest {}
+
 /// Train an avatar
 #[utoipa::path(
     post,

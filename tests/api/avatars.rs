@@ -915,7 +915,7 @@ backend_test!(a_request_is_checked_before_the_avatar_it_names, |app| {
         .request(Method::POST, "/v1/generations")
         .json(&json!({
             "avatar_id": draft, "prompt": "x", "num_images": 9, "aspect_ratio": "5:4",
-            "negative_prompt": "blurry"
+            "negative_prompt": "blurry", "image_size": "huge", "safety_tolerance": "9"
         }))
         .send()
         .await
@@ -930,7 +930,13 @@ backend_test!(a_request_is_checked_before_the_avatar_it_names, |app| {
     named.sort();
     assert_eq!(
         named,
-        ["aspect_ratio", "negative_prompt", "num_images"],
+        [
+            "aspect_ratio",
+            "image_size",
+            "negative_prompt",
+            "num_images",
+            "safety_tolerance"
+        ],
         "{body}"
     );
     let response = app

@@ -361,6 +361,22 @@ backend_test!(every_wrong_field_of_a_body_is_named, |app| {
             json!({"avatar_id": avatar, "prompts": ["a", " "], "num_images": 9, "output_format": "gif"}),
             vec!["num_images", "output_format", "prompts[1]"],
         ),
+        // Rules across fields are named along with the fields that did not parse.
+        (
+            "/v1/generations",
+            json!({"avatar_id": "nope"}),
+            vec!["avatar_id", "prompt"],
+        ),
+        (
+            "/v1/generations",
+            json!({"avatar_id": "nope", "prompt": "x", "prompts": ["y"], "image_size": "huge"}),
+            vec!["avatar_id", "image_size", "prompt"],
+        ),
+        (
+            "/v1/generations",
+            json!({"avatar_id": avatar, "prompts": [], "safety_tolerance": "9"}),
+            vec!["prompts", "safety_tolerance"],
+        ),
     ];
     for (path, body, expected) in cases {
         let response = app
