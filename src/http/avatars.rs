@@ -23,13 +23,13 @@ use uuid::Uuid;
 #[serde(deny_unknown_fields)]
 pub struct CreateAvatarRequest {
     /// A name for people, 1 to 100 characters.
-    #[schema(example = "Ada", min_length = 1, max_length = 100)]
+    #[schema(example = "Ada", min_length = 1, max_length = 100, pattern = "\\S")]
     #[serde(deserialize_with = "avatar_name")]
     pub name: String,
     pub kind: AvatarKind,
     /// The words that call the avatar up in prompts, 1 to 50 characters; default `TOK_` and 8
     /// hex digits of its id.
-    #[schema(min_length = 1, max_length = 50)]
+    #[schema(min_length = 1, max_length = 50, pattern = "\\S")]
     #[serde(default, deserialize_with = "trigger_phrase")]
     pub trigger_phrase: Option<String>,
 }
@@ -156,6 +156,7 @@ pub struct ListAvatarsQuery {
     #[serde(default, deserialize_with = "super::paging::page_limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]+$")]
     #[serde(default, deserialize_with = "super::paging::avatar_cursor")]
     pub cursor: Option<String>,
 }

@@ -32,7 +32,7 @@ use uuid::Uuid;
 pub struct CreateGenerationRequest {
     pub avatar_id: Uuid,
     /// One prompt; or give `prompts` for a batch.
-    #[schema(min_length = 1)]
+    #[schema(min_length = 1, pattern = "\\S")]
     #[serde(default, deserialize_with = "prompt")]
     pub prompt: Option<String>,
     /// Several prompts: one job each.

@@ -233,6 +233,7 @@ pub struct ListJobsQuery {
     #[serde(default, deserialize_with = "super::paging::page_limit")]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = "^[A-Za-z0-9_-]+$")]
     #[serde(default, deserialize_with = "super::paging::job_cursor")]
     pub cursor: Option<String>,
 }

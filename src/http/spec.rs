@@ -19,6 +19,9 @@ pub struct Binary(#[allow(dead_code)] Vec<u8>);
 
 /// Visible ASCII, the characters an `Idempotency-Key` may hold.
 const VISIBLE_ASCII: &str = "^[!-~]+$";
+/// Text with at least one character that is not white space (the server trims, and refuses
+/// what is left empty).
+const WORDS: &str = "\\S";
 const DIGITS: &str = "^[0-9]+$";
 
 fn nullable(ty: Type) -> SchemaType {
@@ -122,7 +125,8 @@ pub fn prompts() -> Schema {
         .items(
             ObjectBuilder::new()
                 .schema_type(Type::String)
-                .min_length(Some(1)),
+                .min_length(Some(1))
+                .pattern(Some(WORDS)),
         )
         .min_items(Some(1))
         .description(Some(

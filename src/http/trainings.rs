@@ -36,7 +36,7 @@ pub struct StartTrainingRequest {
     #[schema(value_type = Object)]
     pub overrides: Map<String, Value>,
     /// A public http(s) URL of a ZIP of photos; without it the avatar's uploaded photos are used.
-    #[schema(pattern = "^[Hh][Tt][Tt][Pp][Ss]?://")]
+    #[schema(pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+")]
     pub images_data_url: Option<String>,
 }
 

@@ -270,6 +270,25 @@ fn the_spec_holds_the_rules_the_server_enforces() {
         (&name["minLength"], &name["maxLength"]),
         (&json!(1), &json!(100))
     );
+    // Text the server trims and refuses when nothing is left: at least one visible character.
+    let generation = &schemas["CreateGenerationRequest"]["allOf"][0]["properties"];
+    for text in [
+        name,
+        &schemas["CreateAvatarRequest"]["properties"]["trigger_phrase"],
+        &generation["prompt"],
+        &generation["prompts"]["items"],
+    ] {
+        assert_eq!(text["pattern"], "\\S", "{text}");
+    }
+    for path in ["/v1/jobs", "/v1/avatars"] {
+        let cursor = spec["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "cursor")
+            .unwrap();
+        assert_eq!(cursor["schema"]["pattern"], "^[A-Za-z0-9_-]+$", "{path}");
+    }
     assert_eq!(schemas["PhotoUpload"]["properties"]["files"]["minItems"], 1);
     let endpoints = &schemas["CreateJobRequest"]["properties"]["endpoint"];
     assert_eq!(
