@@ -1,6 +1,7 @@
 //! Extractors that turn every malformed request into a problem document: axum's own rejections
 //! are plain text, and a client of this API should never have to parse two error formats.
 
+use crate::app::AppState;
 use crate::error::{ApiError, FieldError};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::CONTENT_TYPE;
@@ -20,20 +21,24 @@ pub struct ApiJson<T> {
 /// Rules of a request body that span fields (one of two fields, say). They are checked on the
 /// raw object whether or not its fields parsed, so that they are reported with every other
 /// wrong field of the body.
+/// Rules that depend on the server's configuration (an allow-list, a batch limit) are checked
+/// here too, with the state at hand.
 pub trait AcrossFields {
-    fn across_fields(_body: &serde_json::Map<String, serde_json::Value>) -> Vec<FieldError> {
+    fn across_fields(
+        _body: &serde_json::Map<String, serde_json::Value>,
+        _state: &AppState,
+    ) -> Vec<FieldError> {
         Vec::new()
     }
 }
 
-impl<S, T> FromRequest<S> for ApiJson<T>
+impl<T> FromRequest<AppState> for ApiJson<T>
 where
-    S: Send + Sync,
     T: DeserializeOwned + PartialSchema + AcrossFields,
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
         let is_json = req
             .headers()
             .get(CONTENT_TYPE)
@@ -50,11 +55,10 @@ where
             ));
         }
         let limit = crate::http::body_limit_of(&req);
-        let _ = state;
         let bytes = axum::body::to_bytes(req.into_body(), limit)
             .await
             .map_err(|err| body_read_error(&err, limit))?;
-        parse_json(&bytes)
+        parse_json(&bytes, |body| T::across_fields(body, state))
     }
 }
 
@@ -73,8 +77,9 @@ pub fn body_read_error(err: &axum::Error, limit: usize) -> ApiError {
 }
 
 /// Parses a JSON object into `T`, naming every field that is wrong.
-pub fn parse_json<T: DeserializeOwned + PartialSchema + AcrossFields>(
+pub fn parse_json<T: DeserializeOwned + PartialSchema>(
     bytes: &[u8],
+    across_fields: impl FnOnce(&serde_json::Map<String, serde_json::Value>) -> Vec<FieldError>,
 ) -> Result<ApiJson<T>, ApiError> {
     let raw: serde_json::Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
@@ -95,7 +100,7 @@ pub fn parse_json<T: DeserializeOwned + PartialSchema + AcrossFields>(
         ));
     }
     let canonical = serde_json::to_vec(&raw).map_err(ApiError::internal)?;
-    let across = T::across_fields(object);
+    let across = across_fields(object);
     match serde_path_to_error::deserialize(&raw) {
         Ok(value) if across.is_empty() => Ok(ApiJson { value, canonical }),
         Ok(_) => Err(ApiError::Validation(across)),
@@ -387,8 +392,6 @@ mod tests {
         flag: bool,
     }
 
-    impl AcrossFields for Strict {}
-
     #[derive(Debug, Deserialize, utoipa::ToSchema, IntoParams)]
     #[allow(dead_code)]
     struct Lenient {
@@ -407,17 +410,23 @@ mod tests {
 
     #[test]
     fn a_body_names_each_wrong_unknown_and_missing_field() {
-        let err = parse_json::<Strict>(br#"{"count": "x", "tags": [1, 300], "extra": 1}"#)
-            .err()
-            .unwrap();
+        let err = parse_json::<Strict>(br#"{"count": "x", "tags": [1, 300], "extra": 1}"#, |_| {
+            Vec::new()
+        })
+        .err()
+        .unwrap();
         let errors = named(err);
         let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
         assert_eq!(fields, ["count", "extra", "tags[1]", "name"], "{errors:?}");
         assert_eq!(errors[3].1, "is required");
         assert!(errors[1].1.starts_with("unknown field"), "{errors:?}");
-        assert!(parse_json::<Strict>(br#"{"name": "a", "count": 1}"#).is_ok());
+        assert!(parse_json::<Strict>(br#"{"name": "a", "count": 1}"#, |_| Vec::new()).is_ok());
         // Optional and defaulted fields are never said to be missing.
-        let errors = named(parse_json::<Strict>(br#"{"name": 1}"#).err().unwrap());
+        let errors = named(
+            parse_json::<Strict>(br#"{"name": 1}"#, |_| Vec::new())
+                .err()
+                .unwrap(),
+        );
         assert_eq!(
             errors.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(),
             ["name", "count"]
@@ -430,7 +439,7 @@ mod tests {
             .map(|n| (format!("k{n}"), serde_json::Value::Null))
             .collect();
         let body = serde_json::to_vec(&keys).unwrap();
-        let errors = named(parse_json::<Strict>(&body).err().unwrap());
+        let errors = named(parse_json::<Strict>(&body, |_| Vec::new()).err().unwrap());
         assert_eq!(errors.len(), MAX_REPORTED);
     }
 

@@ -76,10 +76,19 @@ pub struct CreateGenerationRequest {
 }
 
 impl super::extract::AcrossFields for CreateGenerationRequest {
-    /// Exactly one of `prompt` and `prompts`, and a batch of at least one: a `null` counts as
-    /// absent.
-    fn across_fields(body: &serde_json::Map<String, Value>) -> Vec<FieldError> {
+    /// Exactly one of `prompt` and `prompts`, and a batch of one to the server's most: a `null`
+    /// counts as absent.
+    fn across_fields(body: &serde_json::Map<String, Value>, state: &AppState) -> Vec<FieldError> {
         let given = |name: &str| body.get(name).is_some_and(|value| !value.is_null());
+        let max = state.config.avatars.max_batch as usize;
+        if let Some(prompts) = body.get("prompts").and_then(Value::as_array)
+            && prompts.len() > max
+        {
+            return vec![FieldError::new(
+                "prompts",
+                format!("at most {max} prompts per batch"),
+            )];
+        }
         match (given("prompt"), given("prompts")) {
             (true, true) => vec![FieldError::new(
                 "prompt",
@@ -280,26 +289,16 @@ pub async fn create_generation(
         value: request,
         canonical,
     } = body;
-    // Everything the request alone can tell is checked before the avatar is looked at, so a
-    // wrong field is reported whatever state the avatar is in.
-    let mut errors = Vec::new();
-    let prompts: Vec<(String, String)> = match (&request.prompt, &request.prompts) {
-        (Some(prompt), None) => vec![("prompt".into(), prompt.clone())],
-        (None, Some(prompts)) if !prompts.is_empty() => {
-            let max = state.config.avatars.max_batch as usize;
-            if prompts.len() > max {
-                errors.push(FieldError::new(
-                    "prompts",
-                    format!("at most {max} prompts per batch"),
-                ));
-            }
-            prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| (format!("prompts[{i}]"), p.clone()))
-                .collect()
-        }
-        // Refused while the body was parsed (`AcrossFields`).
+    // Everything the request alone can tell was checked while it was parsed (its fields and
+    // `AcrossFields`), before the avatar is looked at, so that a wrong field is reported whatever
+    // state the avatar is in.
+    let prompts: Vec<(String, String)> = match (request.prompt, request.prompts) {
+        (Some(prompt), None) => vec![("prompt".into(), prompt)],
+        (None, Some(prompts)) => prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| (format!("prompts[{i}]"), p))
+            .collect(),
         _ => {
             return Err(ApiError::internal(
                 "prompt and prompts passed parsing unchecked",
@@ -318,9 +317,6 @@ pub async fn create_generation(
         raw: request.raw,
         negative_prompt: request.negative_prompt.clone(),
     };
-    if !errors.is_empty() {
-        return Err(ApiError::Validation(errors));
-    }
     let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
     let store = state.store.clone();
     idempotency::run_once(

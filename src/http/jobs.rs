@@ -31,7 +31,18 @@ pub struct CreateJobRequest {
     pub input: Value,
 }
 
-impl super::extract::AcrossFields for CreateJobRequest {}
+impl super::extract::AcrossFields for CreateJobRequest {
+    /// The endpoint against this server's allow-list.
+    fn across_fields(body: &serde_json::Map<String, Value>, state: &AppState) -> Vec<FieldError> {
+        match body.get("endpoint").and_then(Value::as_str) {
+            Some(raw) => parse_allowed_endpoint(state, raw)
+                .err()
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
 
 /// Refused while parsing, not after, so that it is reported along with the other fields'
 /// errors.

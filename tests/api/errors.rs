@@ -377,6 +377,17 @@ backend_test!(every_wrong_field_of_a_body_is_named, |app| {
             json!({"avatar_id": avatar, "prompts": [], "safety_tolerance": "9"}),
             vec!["prompts", "safety_tolerance"],
         ),
+        // Rules of this server's configuration too.
+        (
+            "/v1/jobs",
+            json!({"endpoint": "fal-ai/not-allowed", "input": [1]}),
+            vec!["endpoint", "input"],
+        ),
+        (
+            "/v1/generations",
+            json!({"avatar_id": "nope", "prompts": vec!["x"; 11]}),
+            vec!["avatar_id", "prompts"],
+        ),
     ];
     for (path, body, expected) in cases {
         let response = app
