@@ -265,7 +265,12 @@ backend_test!(
     |app| {
         let done = submit(&app, "the original").await;
         app.wait_for_status(&done, "succeeded").await;
-        let genuine = app.fal.callback_attempts()[0].clone();
+        // The emulator records a delivery once it has its answer, a moment after falgate acted.
+        let genuine = app
+            .poll_until("the delivery recorded", || async {
+                app.fal.callback_attempts().first().cloned()
+            })
+            .await;
         // A second job that stays pending: FAL refuses its submits.
         app.fal
             .inject_fault(FaultRule::submit(FaultRule::status(503), 1_000));

@@ -117,7 +117,12 @@ backend_test!(
             (stored[0].signature.as_str(), stored[0].outcome.as_str()),
             ("valid", "applied")
         );
-        let attempt = &app.fal.callback_attempts()[0];
+        // The emulator records a delivery once it has its answer, a moment after falgate acted.
+        let attempt = &app
+            .poll_until("the delivery recorded", || async {
+                app.fal.callback_attempts().first().cloned()
+            })
+            .await;
         assert_eq!(
             stored[0].body,
             attempt.body.as_bytes(),
@@ -186,7 +191,11 @@ backend_test!(
     |app| {
         let id = submit_generation(&app, json!({"prompt": "genuine", "seed": 1})).await;
         let job = app.wait_for_status(&id, "succeeded").await;
-        let genuine = app.fal.callback_attempts()[0].clone();
+        let genuine = app
+            .poll_until("the delivery recorded", || async {
+                app.fal.callback_attempts().first().cloned()
+            })
+            .await;
         let signer = CallbackSigner::new(vec![Secret::new(TEST_WEBHOOK_SECRET)]).unwrap();
         let url = |token: &str| app.url(&format!("/v1/fal/webhook/{id}?token={token}"));
         let send = |url: String, body: String, signature: String, timestamp: String| {
