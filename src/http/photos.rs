@@ -308,18 +308,16 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
 }
 
 fn form_error(limit: u64, file: Option<&str>, err: multer::Error) -> ApiError {
-    match err {
-        multer::Error::StreamSizeExceeded { .. } => too_large(limit),
+    let why = match err {
+        multer::Error::StreamSizeExceeded { .. } => return too_large(limit),
         // Our own refusal, or the connection's failure: its words say more than the parser's.
-        multer::Error::StreamReadFailed(why) => match file {
-            Some(name) => ApiError::BadRequest(format!("`{name}` could not be read: {why}")),
-            None => ApiError::BadRequest(format!("the form could not be read: {why}")),
-        },
-        err => match file {
-            Some(name) => ApiError::BadRequest(format!("`{name}` could not be read: {err}")),
-            None => ApiError::BadRequest(format!("the form could not be read: {err}")),
-        },
-    }
+        multer::Error::StreamReadFailed(why) => why.to_string(),
+        err => err.to_string(),
+    };
+    ApiError::BadRequest(match file {
+        Some(name) => format!("`{name}` could not be read: {why}"),
+        None => format!("the form could not be read: {why}"),
+    })
 }
 
 /// Checks one received file: its size and format from what was counted while it arrived, then

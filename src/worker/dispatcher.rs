@@ -259,13 +259,7 @@ async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
                 "sent_at": sent_at,
                 "waiting_until": end,
             });
-            if let Err(err) = state
-                .store
-                .hold_unconfirmed_submit(&job, end, None, detail, now)
-                .await
-            {
-                tracing::error!(error = %err, "could not hold an unconfirmed submit");
-            }
+            hold(state, &job, end, None, detail).await;
         }
         return None;
     }
@@ -332,12 +326,25 @@ async fn unconfirmed(
         ),
         detail: err.detail.clone(),
     });
-    if let Err(store_err) = state
+    hold(state, job, until, last_error, detail).await;
+}
+
+/// Keeps a job whose submit is in doubt from being sent until `until`, with `detail` in its
+/// history.
+async fn hold(
+    state: &AppState,
+    job: &Job,
+    until: chrono::DateTime<chrono::Utc>,
+    last_error: Option<JobError>,
+    detail: serde_json::Value,
+) {
+    let now = crate::domain::now();
+    if let Err(err) = state
         .store
         .hold_unconfirmed_submit(job, until, last_error, detail, now)
         .await
     {
-        tracing::error!(error = %store_err, "could not hold an unconfirmed submit");
+        tracing::error!(error = %err, "could not hold an unconfirmed submit");
     }
 }
 
