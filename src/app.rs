@@ -5,95 +5,17 @@ use crate::config::{Config, Secret};
 use crate::emulator::{EmulatorConfig, EmulatorHandle};
 use crate::fal::client::{FalClient, FalConfig};
 use crate::fal::signature::JwksCache;
-use crate::fal::token::CallbackSigner;
+use crate::fal::token::CallbackUrls;
+use crate::state::{AppState, Parts};
 use crate::store::blobs::Blobs;
 use crate::store::{Store, StoreError, StoreOptions};
+use crate::worker::WorkerContext;
 use reqwest::Url;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-
-/// What every handler and worker can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub store: Store,
-    pub config: Arc<Config>,
-    pub fal: FalClient,
-    pub jwks: JwksCache,
-    /// Signs and checks callback URLs; absent when there is no public URL (polling only).
-    pub signer: Option<Arc<CallbackSigner>>,
-    pub wake: Arc<Wake>,
-    pub fal_health: Arc<FalHealth>,
-    /// falgate's own files (training photos).
-    pub blobs: Blobs,
-    /// One permit per photo upload being received and checked.
-    pub photo_uploads: Arc<Semaphore>,
-    /// One permit per photo being decoded: decoding takes a core and the picture's size in
-    /// memory, so no more run at once than there are cores.
-    pub photo_decodes: Arc<Semaphore>,
-    pub http_counters: Arc<crate::http::ops::HttpCounters>,
-    pub counters: Arc<PipelineCounters>,
-}
-
-/// Decisions of the pipeline worth watching, since this process started.
-#[derive(Default)]
-pub struct PipelineCounters {
-    /// Submits whose answer never came, so that FAL may hold a request for the job.
-    pub submits_unconfirmed: std::sync::atomic::AtomicU64,
-    /// Jobs sent again after such a submit, no callback having named them within the wait.
-    pub submits_resent: std::sync::atomic::AtomicU64,
-}
-
-/// Wakes the workers the moment there is work, so the happy path waits for no timer.
-#[derive(Default)]
-pub struct Wake {
-    pub dispatcher: Notify,
-    pub reconciler: Notify,
-    /// A training ended: there may be a LoRA file to keep.
-    pub keeper: Notify,
-}
-
-/// What the last calls to FAL said about our credentials, for `/readyz`.
-#[derive(Default)]
-pub struct FalHealth {
-    unauthorized: AtomicBool,
-}
-
-impl FalHealth {
-    pub fn record_unauthorized(&self, unauthorized: bool) {
-        self.unauthorized.store(unauthorized, Ordering::Relaxed);
-    }
-
-    pub fn key_refused(&self) -> bool {
-        self.unauthorized.load(Ordering::Relaxed)
-    }
-}
-
-impl AppState {
-    /// Whether FAL is the built-in emulator.
-    pub fn sandbox(&self) -> bool {
-        self.config.sandbox
-    }
-
-    /// The URL FAL calls back for `job_id`, with its HMAC token; `None` without a public URL.
-    pub fn callback_url(&self, job_id: uuid::Uuid) -> Option<Url> {
-        let signer = self.signer.as_ref()?;
-        let base = self.config.public_url.as_ref()?;
-        let mut url = base.clone();
-        let path = format!(
-            "{}/v1/fal/webhook/{job_id}",
-            base.path().trim_end_matches('/')
-        );
-        url.set_path(&path);
-        url.query_pairs_mut()
-            .append_pair("token", &signer.token(&job_id.to_string()));
-        Some(url)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -165,14 +87,14 @@ impl App {
             JwksCache::DEFAULT_TTL,
             config.fal_urls.jwks_min_refetch,
         );
-        let signer = match (&config.public_url, config.webhook_secrets.is_empty()) {
-            (Some(_), false) => Some(Arc::new(
-                CallbackSigner::new(config.webhook_secrets.clone())
+        let callbacks = match (&config.public_url, config.webhook_secrets.is_empty()) {
+            (Some(base), false) => Some(
+                CallbackUrls::new(base.clone(), config.webhook_secrets.clone())
                     .map_err(|e| StartError::Fal(e.to_string()))?,
-            )),
+            ),
             _ => None,
         };
-        if signer.is_none() {
+        if callbacks.is_none() {
             tracing::warn!(
                 "FALGATE_PUBLIC_URL is not set: jobs are followed by polling FAL only, \
                  without callbacks"
@@ -180,24 +102,17 @@ impl App {
         }
         let blobs = Blobs::open(&config.avatars.storage_dir)
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let state = AppState {
-            http_counters: Arc::new(crate::http::ops::HttpCounters::default()),
-            counters: Arc::new(PipelineCounters::default()),
-            blobs,
-            photo_uploads: Arc::new(Semaphore::new(config.avatars.upload_concurrency)),
-            photo_decodes: Arc::new(Semaphore::new(cores.min(config.avatars.upload_concurrency))),
+        let state = AppState::new(Parts {
+            config,
             store,
-            config: Arc::new(config),
             fal,
             jwks,
-            signer,
-            wake: Arc::new(Wake::default()),
-            fal_health: Arc::new(FalHealth::default()),
-        };
+            callbacks,
+            blobs,
+        });
         let (shutdown, stopping) = watch::channel(false);
         let workers = if state.config.run_workers {
-            crate::worker::spawn(state.clone(), stopping.clone())
+            crate::worker::spawn(WorkerContext::new(&state), stopping.clone())
         } else {
             Vec::new()
         };

@@ -7,6 +7,7 @@ pub mod emulator;
 pub mod error;
 pub mod fal;
 pub mod http;
+pub mod state;
 pub mod store;
 pub mod worker;
 

@@ -29,13 +29,14 @@ impl AvatarKind {
 }
 
 impl std::str::FromStr for AvatarKind {
-    type Err = super::job::UnknownVariant;
+    type Err = super::UnknownVariant;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Character, Self::Style, Self::Product, Self::General]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| super::job::UnknownVariant(s.to_owned()))
+        super::parse_spelling(
+            &[Self::Character, Self::Style, Self::Product, Self::General],
+            Self::as_str,
+            s,
+        )
     }
 }
 
@@ -65,13 +66,14 @@ impl AvatarStatus {
 }
 
 impl std::str::FromStr for AvatarStatus {
-    type Err = super::job::UnknownVariant;
+    type Err = super::UnknownVariant;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [Self::Draft, Self::Training, Self::Ready, Self::Failed]
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| super::job::UnknownVariant(s.to_owned()))
+        super::parse_spelling(
+            &[Self::Draft, Self::Training, Self::Ready, Self::Failed],
+            Self::as_str,
+            s,
+        )
     }
 }
 

@@ -15,6 +15,8 @@ use std::fmt;
 use std::str::FromStr;
 use utoipa::ToSchema;
 
+pub use super::UnknownVariant;
+
 /// Where a job is. One enum, one spelling: `snake_case` on the wire and in the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -79,19 +81,140 @@ impl FromStr for JobStatus {
     type Err = UnknownVariant;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|status| status.as_str() == s)
-            .ok_or_else(|| UnknownVariant(s.to_owned()))
+        super::parse_spelling(&Self::ALL, Self::as_str, s)
     }
 }
 
 /// Why a job failed: our stable code, a message, and FAL's own detail when it gave one.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobError {
-    pub code: String,
+    pub code: JobErrorCode,
     pub message: String,
     pub detail: Option<serde_json::Value>,
+}
+
+/// Every reason a job can fail (or, while it waits, why it is held), one stable spelling each:
+/// clients match on these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobErrorCode {
+    /// FAL refused our key or account (401, 403).
+    FalUnauthorized,
+    /// FAL found the input invalid (422), at submit or from the model.
+    FalValidation,
+    /// FAL refused the request as malformed (400).
+    FalBadRequest,
+    /// FAL does not know the endpoint (404 at submit).
+    FalNotFound,
+    /// The request's own start timeout ran out at FAL (504 of the `user` kind).
+    FalStartTimeout,
+    /// FAL refused the request with another status.
+    FalError,
+    /// FAL could not be reached, and the job ran out of time.
+    FalUnreachable,
+    /// The model failed the request.
+    FalModelError,
+    /// FAL was unavailable until the submit deadline.
+    FalUnavailable,
+    /// FAL refused the submit for a while; it is tried again (a pending job's last error).
+    FalRetrying,
+    /// The submit's answer never came; the job waits for FAL to name it.
+    FalSubmitUnconfirmed,
+    /// FAL no longer knows the request (404 on its status).
+    FalRequestLost,
+    /// FAL finished, but its result could not be fetched in time.
+    FalResultUnavailable,
+    /// FAL reported success with no trained weights in its output.
+    FalNoArtifact,
+    /// A training failed without a reason of its own.
+    TrainingFailed,
+    /// The job's deadline passed before FAL finished it.
+    DeadlineExceeded,
+}
+
+impl JobErrorCode {
+    pub const ALL: [JobErrorCode; 16] = [
+        Self::FalUnauthorized,
+        Self::FalValidation,
+        Self::FalBadRequest,
+        Self::FalNotFound,
+        Self::FalStartTimeout,
+        Self::FalError,
+        Self::FalUnreachable,
+        Self::FalModelError,
+        Self::FalUnavailable,
+        Self::FalRetrying,
+        Self::FalSubmitUnconfirmed,
+        Self::FalRequestLost,
+        Self::FalResultUnavailable,
+        Self::FalNoArtifact,
+        Self::TrainingFailed,
+        Self::DeadlineExceeded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FalUnauthorized => "fal_unauthorized",
+            Self::FalValidation => "fal_validation",
+            Self::FalBadRequest => "fal_bad_request",
+            Self::FalNotFound => "fal_not_found",
+            Self::FalStartTimeout => "fal_start_timeout",
+            Self::FalError => "fal_error",
+            Self::FalUnreachable => "fal_unreachable",
+            Self::FalModelError => "fal_model_error",
+            Self::FalUnavailable => "fal_unavailable",
+            Self::FalRetrying => "fal_retrying",
+            Self::FalSubmitUnconfirmed => "fal_submit_unconfirmed",
+            Self::FalRequestLost => "fal_request_lost",
+            Self::FalResultUnavailable => "fal_result_unavailable",
+            Self::FalNoArtifact => "fal_no_artifact",
+            Self::TrainingFailed => "training_failed",
+            Self::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
+impl fmt::Display for JobErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobErrorCode {
+    type Err = UnknownVariant;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        super::parse_spelling(&Self::ALL, Self::as_str, s)
+    }
+}
+
+/// What FAL said of a request, in the job's terms: the one shape that callbacks, status
+/// answers and results are all read into (`fal::outcome`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum FalOutcome {
+    /// Waiting in FAL's queue, at this position when FAL said.
+    Queued { position: Option<i64> },
+    /// A runner is working on it.
+    Running,
+    /// Finished with this output.
+    Succeeded(serde_json::Value),
+    /// Finished with this error.
+    Failed(JobError),
+    /// Ended by a cancel.
+    Canceled,
+}
+
+impl FalOutcome {
+    /// The news this outcome is for the state machine.
+    pub fn event(&self) -> JobEvent {
+        match self {
+            Self::Queued { .. } => JobEvent::SubmitAccepted,
+            Self::Running => JobEvent::Started,
+            Self::Succeeded(_) => JobEvent::Succeeded,
+            Self::Failed(_) => JobEvent::Failed,
+            Self::Canceled => JobEvent::CancelConfirmed,
+        }
+    }
 }
 
 /// What kind of work a job is.
@@ -128,16 +251,9 @@ impl FromStr for JobKind {
     type Err = UnknownVariant;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| UnknownVariant(s.to_owned()))
+        super::parse_spelling(&Self::ALL, Self::as_str, s)
     }
 }
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown value `{0}`")]
-pub struct UnknownVariant(pub String);
 
 /// Who brought the news that moved a job; recorded in its history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -171,10 +287,7 @@ impl FromStr for EventSource {
     type Err = UnknownVariant;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|source| source.as_str() == s)
-            .ok_or_else(|| UnknownVariant(s.to_owned()))
+        super::parse_spelling(&Self::ALL, Self::as_str, s)
     }
 }
 

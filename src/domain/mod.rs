@@ -12,6 +12,24 @@ pub mod photo;
 
 use chrono::{DateTime, SubsecRound, Utc};
 
+/// A word that names none of an enum's values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown value `{0}`")]
+pub struct UnknownVariant(pub String);
+
+/// The value of `all` spelt `word`: the one lookup behind every enum's `FromStr`, so that an
+/// enum's spelling is written once, in its `as_str`.
+pub fn parse_spelling<T: Copy>(
+    all: &[T],
+    spell: fn(T) -> &'static str,
+    word: &str,
+) -> Result<T, UnknownVariant> {
+    all.iter()
+        .copied()
+        .find(|value| spell(*value) == word)
+        .ok_or_else(|| UnknownVariant(word.to_owned()))
+}
+
 /// The current time at the precision both databases keep (microseconds), so that a time read
 /// back equals the time written.
 pub fn now() -> DateTime<Utc> {

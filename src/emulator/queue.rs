@@ -23,7 +23,7 @@ use super::faults::{FaultTarget, HttpFault, default_error_body};
 use super::listener::ConnCtl;
 use super::models;
 use super::state::{Durations, Outcome, Phase, RequestSnapshot, SubmitRecord};
-use crate::fal::client::app_prefix;
+use crate::fal::urls::app_prefix;
 
 const MAX_INPUT_BYTES: usize = 16 * 1024 * 1024;
 

@@ -322,7 +322,7 @@ fn kid_for(key: &VerifyingKey) -> String {
 
 impl EmulatorState {
     pub fn new(config: EmulatorConfig) -> Self {
-        crate::fal::ensure_crypto_provider();
+        crate::install_crypto_provider();
         // Loopback only, never through a proxy: the emulator talks to test receivers.
         let http = reqwest::Client::builder()
             .no_proxy()

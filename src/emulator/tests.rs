@@ -14,8 +14,7 @@ use reqwest::Url;
 use serde_json::{Value, json};
 
 /// These tests read whatever the result answers as FAL's own word.
-const ANY_END: crate::fal::client::ReportedEnd =
-    crate::fal::client::ReportedEnd::Failed { error_type: None };
+const ANY_END: crate::fal::ReportedEnd = crate::fal::ReportedEnd::Failed { error_type: None };
 
 use super::*;
 use crate::fal::signature::{self, InvalidReason, WebhookHeaders, parse_jwks};
@@ -37,7 +36,7 @@ async fn env() -> Env {
 }
 
 async fn env_with(config: EmulatorConfig) -> Env {
-    crate::fal::ensure_crypto_provider();
+    crate::install_crypto_provider();
     let key = config.key.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let emu = spawn(config, listener).await;

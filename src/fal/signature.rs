@@ -573,7 +573,7 @@ mod tests {
 
     #[tokio::test]
     async fn cache_refetches_once_on_unknown_key_and_rate_limits() {
-        crate::fal::ensure_crypto_provider();
+        crate::install_crypto_provider();
         let (h, body, _) = golden();
         let jwks_all = String::from_utf8(fixture("jwks.json")).unwrap();
         let doc: serde_json::Value = serde_json::from_str(&jwks_all).unwrap();
@@ -634,7 +634,7 @@ mod tests {
 
     #[tokio::test]
     async fn cache_fetch_failure_without_keys_is_unavailable() {
-        crate::fal::ensure_crypto_provider();
+        crate::install_crypto_provider();
         let (h, body, _) = golden();
         let served = Arc::new(std::sync::Mutex::new((500, "oops".to_string())));
         let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -7,7 +7,9 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
+use reqwest::Url;
 use sha2::Sha256;
+use uuid::Uuid;
 
 use super::Secret;
 
@@ -65,6 +67,40 @@ impl CallbackSigner {
         self.secrets
             .iter()
             .any(|secret| mac(secret, job_id).verify_slice(&given).is_ok())
+    }
+}
+
+/// The URL FAL calls back for a job: our public base, `/v1/fal/webhook/{job_id}`, and the
+/// job's token. Only jobs submitted with such a URL can be told about by callbacks.
+#[derive(Debug, Clone)]
+pub struct CallbackUrls {
+    base: Url,
+    signer: CallbackSigner,
+}
+
+impl CallbackUrls {
+    pub fn new(base: Url, secrets: Vec<Secret>) -> Result<Self, TokenError> {
+        Ok(Self {
+            base,
+            signer: CallbackSigner::new(secrets)?,
+        })
+    }
+
+    pub fn url_for(&self, job_id: Uuid) -> Url {
+        let mut url = self.base.clone();
+        let path = format!(
+            "{}/v1/fal/webhook/{job_id}",
+            self.base.path().trim_end_matches('/')
+        );
+        url.set_path(&path);
+        url.query_pairs_mut()
+            .append_pair("token", &self.signer.token(&job_id.to_string()));
+        url
+    }
+
+    /// Whether `token` is the one a URL we handed out for `job_id` carries.
+    pub fn verify(&self, job_id: Uuid, token: &str) -> bool {
+        self.signer.verify(&job_id.to_string(), token)
     }
 }
 

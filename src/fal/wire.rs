@@ -369,30 +369,6 @@ fn python_float_repr(f: f64) -> String {
     out
 }
 
-/// The job error for a model that failed, with FAL's body verbatim.
-pub fn model_error(
-    status: u16,
-    error_type: Option<String>,
-    body: serde_json::Value,
-) -> crate::domain::job::JobError {
-    let summary = ErrorDetail::parse(body.to_string().as_bytes())
-        .map(|d| d.summary())
-        .filter(|s| !s.is_empty());
-    let code = match status {
-        422 => "fal_validation",
-        _ => "fal_model_error",
-    };
-    crate::domain::job::JobError {
-        code: code.into(),
-        message: match (summary, error_type) {
-            (Some(summary), _) => format!("FAL reported an error ({status}): {summary}"),
-            (None, Some(kind)) => format!("FAL reported an error ({status}): {kind}"),
-            (None, None) => format!("FAL reported an error ({status})"),
-        },
-        detail: Some(body),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,9 +1,9 @@
 //! `Authorization: Bearer <api key>` on every `/v1` route: the key decides the tenant, and a
 //! tenant sees only its own rows.
 
-use crate::app::AppState;
 use crate::domain::api_key::{hash_key, looks_like_key};
 use crate::error::ApiError;
+use crate::state::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;

@@ -1,8 +1,8 @@
 //! Extractors that turn every malformed request into a problem document: axum's own rejections
 //! are plain text, and a client of this API should never have to parse two error formats.
 
-use crate::app::AppState;
 use crate::error::{ApiError, FieldError};
+use crate::state::AppState;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::request::Parts;

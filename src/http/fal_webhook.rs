@@ -3,14 +3,12 @@
 //! the token is stored raw, in the same transaction as the transition it causes, before the 2xx.
 
 use super::extract::{ApiPathId, ApiQuery, body_read_error};
-use crate::app::AppState;
 use crate::domain::job::{EventSource, JobEvent};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::fal::signature::{SignatureError, Verdict, WebhookHeaders};
-use crate::fal::wire::{CallbackBody, CallbackStatus};
-use crate::store::{
-    CallbackOutcome, ErrorChange, JobError, NewCallback, SignatureVerdict, Transition,
-};
+use crate::fal::wire::CallbackBody;
+use crate::state::AppState;
+use crate::store::{CallbackOutcome, NewCallback, SignatureVerdict, Transition};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -59,8 +57,8 @@ pub async fn fal_webhook(
 ) -> ApiResult<StatusCode> {
     // The token is in the URL, so a caller without it is refused before a byte of its body is
     // read: anyone can reach this route, and bodies may be large.
-    let signer = state.signer.as_ref().ok_or(ApiError::Unauthorized)?;
-    if !signer.verify(&job_id.to_string(), &query.token) {
+    let callbacks = state.callbacks.as_ref().ok_or(ApiError::Unauthorized)?;
+    if !callbacks.verify(job_id, &query.token) {
         tracing::warn!("callback with a wrong token refused");
         return Err(ApiError::Unauthorized);
     }
@@ -161,42 +159,11 @@ pub async fn fal_webhook(
 
 /// The news a trusted callback brings; `None` when it carries no usable outcome.
 fn news_of(body: &CallbackBody, at: chrono::DateTime<chrono::Utc>) -> Option<Transition> {
-    let detail = json!({ "fal_request_id": body.request_id });
-    match (&body.status, &body.payload) {
-        (CallbackStatus::Ok, Some(payload)) if !payload.is_null() => Some(
-            Transition::new(JobEvent::Succeeded, EventSource::Callback, at)
-                .with_result(payload.clone())
-                .with_error(ErrorChange::Clear)
-                .with_detail(detail),
-        ),
-        (CallbackStatus::Error, payload) => {
-            let payload = payload.clone().unwrap_or(Value::Null);
-            let status = body
-                .error
-                .as_deref()
-                .and_then(|e| e.rsplit(' ').next())
-                .and_then(|code| code.parse::<u16>().ok())
-                .unwrap_or(500);
-            let error_type = payload
-                .get("error_type")
-                .and_then(Value::as_str)
-                .map(str::to_owned);
-            if status == 499 || error_type.as_deref() == Some("client_cancelled") {
-                return Some(
-                    Transition::new(JobEvent::CancelConfirmed, EventSource::Callback, at)
-                        .with_detail(detail),
-                );
-            }
-            let error: JobError = crate::fal::wire::model_error(status, error_type, payload);
-            Some(
-                Transition::new(JobEvent::Failed, EventSource::Callback, at)
-                    .with_detail(detail)
-                    .with_error(ErrorChange::Set(error)),
-            )
-        }
-        // OK without a payload (FAL could not serialize it), or a status we do not know.
-        _ => None,
-    }
+    let outcome = crate::fal::outcome::from_callback(body)?;
+    Some(
+        Transition::of_outcome(outcome, EventSource::Callback, at)
+            .with_detail(json!({ "fal_request_id": body.request_id })),
+    )
 }
 
 async fn reject(state: &AppState, mut callback: NewCallback, why: &str) -> ApiResult<StatusCode> {

@@ -7,7 +7,6 @@ use super::extract::{ApiJson, ApiPathId};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
 use super::spec;
-use crate::app::AppState;
 use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{
     Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_image_size,
@@ -16,6 +15,7 @@ use crate::domain::generation::{
 };
 use crate::domain::job::{JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::state::AppState;
 use crate::store::{Batch, Job, NewJob};
 use axum::Json;
 use axum::extract::State;

@@ -4,10 +4,10 @@ use super::auth::Tenant;
 use super::extract::{ApiJson, ApiPathId, ApiQuery};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::paging::Keyset;
-use crate::app::AppState;
 use crate::domain::endpoint::EndpointId;
 use crate::domain::job::{Decision, EventSource, JobEvent, JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::state::AppState;
 use crate::store::{Job, JobEventRecord, JobFilter, NewJob, Transition};
 use axum::Json;
 use axum::extract::State;
@@ -173,7 +173,7 @@ impl From<Job> for JobView {
             queue_position: job.queue_position,
             result: job.result,
             error: job.error.map(|e| JobErrorView {
-                code: e.code,
+                code: e.code.as_str().to_owned(),
                 message: e.message,
                 detail: e.detail,
             }),

@@ -16,8 +16,8 @@ pub mod server;
 pub mod spec;
 pub mod trainings;
 
-use crate::app::AppState;
 use crate::error::{ApiError, REQUEST_ID};
+use crate::state::AppState;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;

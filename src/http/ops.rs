@@ -1,6 +1,6 @@
 //! Operations: liveness, readiness.
 
-use crate::app::AppState;
+use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -84,19 +84,6 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Readines
     )
 }
 
-/// Counters the request middleware keeps, by status class.
-#[derive(Default)]
-pub struct HttpCounters {
-    by_class: [std::sync::atomic::AtomicU64; 5],
-}
-
-impl HttpCounters {
-    pub fn record(&self, status: StatusCode) {
-        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
-        self.by_class[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Metrics
 ///
 /// Prometheus text format: requests answered by status class, jobs by state, unconfirmed and
@@ -120,12 +107,10 @@ pub async fn metrics(
         "# HELP falgate_http_responses_total HTTP responses by status class."
     );
     let _ = writeln!(out, "# TYPE falgate_http_responses_total counter");
-    for (i, counter) in state.http_counters.by_class.iter().enumerate() {
+    for (class, count) in state.http_counters.by_class() {
         let _ = writeln!(
             out,
-            "falgate_http_responses_total{{class=\"{}xx\"}} {}",
-            i + 1,
-            counter.load(std::sync::atomic::Ordering::Relaxed)
+            "falgate_http_responses_total{{class=\"{class}xx\"}} {count}"
         );
     }
     let _ = writeln!(out, "# HELP falgate_jobs Jobs by state.");

@@ -12,7 +12,9 @@ pub use records::*;
 
 use crate::domain::api_key::NewApiKey;
 use crate::domain::avatar::artifact_from_output;
-use crate::domain::job::{Decision, EventSource, JobEvent, JobKind, JobStatus};
+use crate::domain::job::{
+    Decision, EventSource, FalOutcome, JobErrorCode, JobEvent, JobKind, JobStatus,
+};
 use chrono::{DateTime, Utc};
 use std::time::Duration;
 use uuid::Uuid;
@@ -720,7 +722,7 @@ fn avatar_outcome(update: &JobUpdate) -> AvatarOutcome {
             match artifact {
                 Some(artifact) => AvatarOutcome::Ready(artifact),
                 None => AvatarOutcome::Failed {
-                    code: "fal_no_artifact".into(),
+                    code: JobErrorCode::FalNoArtifact,
                     message: "FAL reported success but its output holds no trained weights".into(),
                 },
             }
@@ -728,11 +730,11 @@ fn avatar_outcome(update: &JobUpdate) -> AvatarOutcome {
         JobStatus::Canceled => AvatarOutcome::Canceled,
         _ => match &update.error {
             ErrorChange::Set(error) => AvatarOutcome::Failed {
-                code: error.code.clone(),
+                code: error.code,
                 message: error.message.clone(),
             },
             _ => AvatarOutcome::Failed {
-                code: "training_failed".into(),
+                code: JobErrorCode::TrainingFailed,
                 message: "the training failed".into(),
             },
         },
@@ -776,6 +778,20 @@ impl Transition {
             queue_position: None,
             next_attempt_at: None,
             cancel_forwarded: false,
+        }
+    }
+
+    /// The news `outcome` brings: its event, with the output, error or queue position it
+    /// carries.
+    pub fn of_outcome(outcome: FalOutcome, source: EventSource, at: DateTime<Utc>) -> Self {
+        let news = Self::new(outcome.event(), source, at);
+        match outcome {
+            FalOutcome::Queued { position } => news.with_queue_position(position),
+            FalOutcome::Running | FalOutcome::Canceled => news,
+            FalOutcome::Succeeded(output) => {
+                news.with_result(output).with_error(ErrorChange::Clear)
+            }
+            FalOutcome::Failed(error) => news.with_error(ErrorChange::Set(error)),
         }
     }
 

@@ -415,11 +415,14 @@ impl TryFrom<JobRow> for Job {
         };
         let kind = row.kind.parse().map_err(|e| corrupt("kind", &e))?;
         let status = row.status.parse().map_err(|e| corrupt("status", &e))?;
-        let error = row.error_code.clone().map(|code| JobError {
-            code,
-            message: row.error_message.clone().unwrap_or_default(),
-            detail: row.error_detail.clone().map(|j| j.0),
-        });
+        let error = match row.error_code.as_deref() {
+            Some(code) => Some(JobError {
+                code: code.parse().map_err(|e| corrupt("error code", &e))?,
+                message: row.error_message.clone().unwrap_or_default(),
+                detail: row.error_detail.clone().map(|j| j.0),
+            }),
+            None => None,
+        };
         Ok(Job {
             id: row.id,
             tenant: row.tenant,
@@ -530,7 +533,10 @@ pub enum AvatarOutcome {
     /// Trained: the artifact FAL produced replaces the old one.
     Ready(TrainedArtifact),
     /// Failed: an avatar with an artifact from an earlier training keeps it and stays ready.
-    Failed { code: String, message: String },
+    Failed {
+        code: crate::domain::job::JobErrorCode,
+        message: String,
+    },
     /// Cancelled: back to where it was before the training.
     Canceled,
     /// A generation with the avatar's weights failed: FAL may no longer serve its LoRA file

@@ -904,7 +904,7 @@ macro_rules! shared_store_helpers {
                 )
                 .bind(avatar_id)
                 .bind(job_id)
-                .bind(code)
+                .bind(code.as_str())
                 .bind(message)
                 .bind(at),
                 AvatarOutcome::Canceled => sqlx::query(

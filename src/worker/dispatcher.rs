@@ -2,11 +2,12 @@
 //! of submits in flight; retries what FAL may accept later (429, 5xx, timeouts) with backoff
 //! until the submit deadline, and fails at once what FAL refuses, with FAL's detail.
 
-use super::{after, deadline, job_error, wait_for_work};
-use crate::app::AppState;
-use crate::domain::job::{EventSource, JobEvent, JobKind};
-use crate::fal::client::{CancelOutcome, FalError};
+use super::WorkerContext;
+use super::{after, deadline, wait_for_work};
+use crate::domain::job::{EventSource, JobErrorCode, JobEvent, JobKind};
+use crate::fal::outcome::refusal;
 use crate::fal::retry::next_delay;
+use crate::fal::{CancelOutcome, FalError};
 use crate::store::{ClaimKind, FalRequest, Job, JobError, Submission, Transition};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,8 +18,8 @@ use tokio::task::JoinSet;
 const RETRY_BASE: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
-pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(state.config.workers.dispatch_concurrency));
+pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(ctx.settings.dispatch_concurrency));
     let mut in_flight = JoinSet::new();
     while !*stopping.borrow() {
         while in_flight.try_join_next().is_some() {}
@@ -26,13 +27,13 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
         let mut claimed = 0;
         if free > 0 {
             let now = crate::domain::now();
-            match state
+            match ctx
                 .store
                 .claim_jobs(
                     ClaimKind::Submit,
-                    state.config.sandbox,
+                    ctx.sandbox,
                     now,
-                    state.config.workers.lease,
+                    ctx.settings.lease,
                     free as u32,
                 )
                 .await
@@ -43,9 +44,9 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
                             break;
                         };
-                        let state = state.clone();
+                        let ctx = ctx.clone();
                         in_flight.spawn(async move {
-                            submit(&state, job).await;
+                            submit(&ctx, job).await;
                             drop(slot);
                         });
                     }
@@ -64,14 +65,14 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
         if claimed > 0 {
             continue;
         }
-        let next_due = state
+        let next_due = ctx
             .store
-            .next_due(ClaimKind::Submit, state.config.sandbox)
+            .next_due(ClaimKind::Submit, ctx.sandbox)
             .await
             .ok()
             .flatten();
         tokio::select! {
-            () = wait_for_work(&state.wake.dispatcher, next_due, &mut stopping) => {}
+            () = wait_for_work(&ctx.wake.dispatcher, next_due, &mut stopping) => {}
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
         }
     }
@@ -80,14 +81,14 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
 }
 
 #[tracing::instrument(skip_all, fields(job = %job.id, attempt = job.attempts))]
-async fn submit(state: &AppState, job: Job) {
-    let Some(job) = settle_doubt(state, job).await else {
+async fn submit(ctx: &WorkerContext, job: Job) {
+    let Some(job) = settle_doubt(ctx, job).await else {
         return;
     };
     // Written before the request leaves: if its answer is never recorded, the mark tells the
     // next claim that FAL may hold a request for this job.
     let sent_at = crate::domain::now();
-    let job = match state.store.mark_submit_sent(&job, sent_at).await {
+    let job = match ctx.store.mark_submit_sent(&job, sent_at).await {
         Ok(Some(job)) => job,
         Ok(None) => return, // A callback or a cancel moved it meanwhile.
         Err(err) => {
@@ -95,28 +96,28 @@ async fn submit(state: &AppState, job: Job) {
             return;
         }
     };
-    let webhook = state.callback_url(job.id);
-    match state
+    let webhook = ctx.callbacks.as_ref().map(|urls| urls.url_for(job.id));
+    match ctx
         .fal
         .submit(&job.endpoint, &job.input, webhook.as_ref())
         .await
     {
         Ok(answer) => {
-            state.fal_health.record_unauthorized(false);
+            ctx.fal_health.record_unauthorized(false);
             let request = FalRequest {
                 request_id: answer.request_id,
                 status_url: answer.status_url,
                 response_url: answer.response_url,
                 cancel_url: answer.cancel_url,
             };
-            take_request(state, &job, request, webhook.is_some()).await;
+            take_request(ctx, &job, request, webhook.is_some()).await;
         }
         Err(err) if err.may_have_reached_fal && err.fal_request_id.is_some() => {
             // A gateway error naming a request: FAL's word that it queued one, or only the id of
             // the failed call. FAL itself tells which.
             let request_id = err.fal_request_id.clone().unwrap_or_default();
-            let urls = state.fal.request_urls(&job.endpoint, &request_id);
-            match state.fal.status(&urls.status, false).await {
+            let urls = ctx.fal.request_urls(&job.endpoint, &request_id);
+            match ctx.fal.status(&urls.status, false).await {
                 Ok(_) => {
                     tracing::warn!(fal_request_id = %request_id, status = ?err.status, "FAL queued the job but its answer failed; following that request");
                     let request = FalRequest {
@@ -125,45 +126,45 @@ async fn submit(state: &AppState, job: Job) {
                         response_url: Some(urls.response),
                         cancel_url: Some(urls.cancel),
                     };
-                    take_request(state, &job, request, webhook.is_some()).await;
+                    take_request(ctx, &job, request, webhook.is_some()).await;
                 }
                 // FAL holds no such request: the submit was refused before it was queued.
                 Err(status_err) if status_err.status == Some(404) => {
-                    retry_later(state, &job, &err, sent_at).await
+                    retry_later(ctx, &job, &err, sent_at).await
                 }
                 Err(_) => {
                     let why = format!("the submit's answer was lost: {}", err.message);
-                    unconfirmed(state, &job, sent_at, &why, Some(&err)).await;
+                    unconfirmed(ctx, &job, sent_at, &why, Some(&err)).await;
                 }
             }
         }
         Err(err) if err.may_have_reached_fal => {
             let why = format!("the submit's answer was lost: {}", err.message);
-            unconfirmed(state, &job, sent_at, &why, Some(&err)).await;
+            unconfirmed(ctx, &job, sent_at, &why, Some(&err)).await;
         }
-        Err(err) if err.retryable() => retry_later(state, &job, &err, sent_at).await,
+        Err(err) if err.retryable() => retry_later(ctx, &job, &err, sent_at).await,
         Err(err) => {
-            if matches!(err.status, Some(401 | 403)) {
-                state.fal_health.record_unauthorized(true);
+            if err.account_refused() {
+                ctx.fal_health.record_unauthorized(true);
             }
             tracing::warn!(status = ?err.status, error = %err.message, "FAL refused the job");
-            fail(state, &job, job_error(&err)).await;
+            fail(ctx, &job, refusal(&err)).await;
         }
     }
 }
 
 /// Records the request FAL holds for a job, withdrawing it when the job cannot take it.
-async fn take_request(state: &AppState, job: &Job, request: FalRequest, with_callback: bool) {
+async fn take_request(ctx: &WorkerContext, job: &Job, request: FalRequest, with_callback: bool) {
     let first_look = if with_callback {
-        state.config.workers.callback_grace
+        ctx.settings.callback_grace
     } else {
         Duration::from_millis(500)
     };
-    match record(state, job, &request, first_look).await {
+    match record(ctx, job, &request, first_look).await {
         Ok(Submission::Recorded { .. }) => {
             tracing::info!(fal_request_id = %request.request_id, "submitted to FAL");
             // The reconciler may be asleep until a later job's time: let it see this one.
-            state.wake.reconciler.notify_one();
+            ctx.wake.reconciler.notify_one();
         }
         Ok(Submission::Superseded { job }) => {
             tracing::warn!(
@@ -171,13 +172,13 @@ async fn take_request(state: &AppState, job: &Job, request: FalRequest, with_cal
                 kept = job.fal_request_id.as_deref().unwrap_or_default(),
                 "a second FAL request for one job; cancelling the surplus one"
             );
-            withdraw(state, &job.endpoint, &request).await;
+            withdraw(ctx, &job.endpoint, &request).await;
         }
         Ok(Submission::JobEnded { job }) => {
             tracing::info!(status = %job.status, "job ended while it was being submitted; withdrawing it from FAL");
-            withdraw(state, &job.endpoint, &request).await;
+            withdraw(ctx, &job.endpoint, &request).await;
         }
-        Ok(Submission::JobGone) => withdraw(state, &job.endpoint, &request).await,
+        Ok(Submission::JobGone) => withdraw(ctx, &job.endpoint, &request).await,
         Err(err) if with_callback => {
             // FAL has the request but we could not write that down. The mark stays: the
             // request's callback will name it, and the job adopts it then.
@@ -186,17 +187,17 @@ async fn take_request(state: &AppState, job: &Job, request: FalRequest, with_cal
         Err(err) => {
             // No callback can bring it: withdraw it, so that the resend is the only run.
             tracing::error!(error = %err, fal_request_id = %request.request_id, "could not record a submission; withdrawing it");
-            withdraw(state, &job.endpoint, &request).await;
+            withdraw(ctx, &job.endpoint, &request).await;
         }
     }
 }
 
 /// How long a job whose submit may have reached FAL waits for FAL's callback. A training's
 /// callback comes only when it has finished, so it waits longer.
-fn unconfirmed_wait(state: &AppState, kind: JobKind) -> Duration {
+fn unconfirmed_wait(ctx: &WorkerContext, kind: JobKind) -> Duration {
     match kind {
-        JobKind::Training => state.config.workers.unconfirmed_training_wait,
-        JobKind::Generation | JobKind::Raw => state.config.workers.unconfirmed_submit_wait,
+        JobKind::Training => ctx.settings.unconfirmed_training_wait,
+        JobKind::Generation | JobKind::Raw => ctx.settings.unconfirmed_submit_wait,
     }
 }
 
@@ -205,21 +206,21 @@ fn unconfirmed_wait(state: &AppState, kind: JobKind) -> Duration {
 /// for its kind has passed; only then is it sent again, with that decision in its history and
 /// in the metrics. A cancel taken meanwhile is confirmed once FAL surely holds nothing.
 /// Answers the job to send, or `None` when there is nothing to send now.
-async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
+async fn settle_doubt(ctx: &WorkerContext, job: Job) -> Option<Job> {
     let now = crate::domain::now();
     let Some(sent_at) = job.submit_sent_at else {
         if job.cancel_requested_at.is_some() {
             // The cancel came while a submit was in doubt; that submit surely never reached FAL.
-            cancel_unsent(state, &job, "FAL received no request for this job").await;
+            cancel_unsent(ctx, &job, "FAL received no request for this job").await;
             return None;
         }
         return Some(job);
     };
-    let until = after(sent_at, unconfirmed_wait(state, job.kind));
-    if now < until && state.signer.is_some() {
+    let until = after(sent_at, unconfirmed_wait(ctx, job.kind));
+    if now < until && ctx.callbacks.is_some() {
         // Found after a crash or a lease that ran out during the call.
         unconfirmed(
-            state,
+            ctx,
             &job,
             sent_at,
             "the process handling the last submit stopped before FAL's answer was recorded",
@@ -230,27 +231,27 @@ async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
     }
     if job.cancel_requested_at.is_some() {
         cancel_unsent(
-            state,
+            ctx,
             &job,
             "FAL sent no word of a request for this job within the wait",
         )
         .await;
         return None;
     }
-    if now > after(job.created_at, state.config.workers.submit_deadline) {
+    if now > after(job.created_at, ctx.settings.submit_deadline) {
         // Past the submit deadline nothing is sent again; a request FAL may hold can still
         // name the job until the job's own deadline.
-        let end = after(job.created_at, deadline(state, job.kind));
+        let end = after(job.created_at, deadline(ctx, job.kind));
         if now >= end {
             let error = JobError {
-                code: "deadline_exceeded".into(),
+                code: JobErrorCode::DeadlineExceeded,
                 message: format!(
                     "FAL never confirmed a submit of this job within {} s",
-                    deadline(state, job.kind).as_secs()
+                    deadline(ctx, job.kind).as_secs()
                 ),
                 detail: None,
             };
-            fail(state, &job, error).await;
+            fail(ctx, &job, error).await;
         } else {
             let detail = serde_json::json!({
                 "submit": "unconfirmed",
@@ -259,17 +260,14 @@ async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
                 "sent_at": sent_at,
                 "waiting_until": end,
             });
-            hold(state, &job, end, None, detail).await;
+            hold(ctx, &job, end, None, detail).await;
         }
         return None;
     }
-    state
-        .counters
-        .submits_resent
-        .fetch_add(1, Ordering::Relaxed);
+    ctx.counters.submits_resent.fetch_add(1, Ordering::Relaxed);
     let detail = serde_json::json!({
         "submit": "resent",
-        "reason": if state.signer.is_some() {
+        "reason": if ctx.callbacks.is_some() {
             "no callback from FAL named this job within the wait; sending it again"
         } else {
             "without a public URL no callback can name this job; sending it again"
@@ -277,7 +275,7 @@ async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
         "unconfirmed_since": sent_at,
     });
     tracing::warn!(%sent_at, "no word from FAL on an unconfirmed submit; sending the job again");
-    match state
+    match ctx
         .store
         .give_up_unconfirmed_submit(&job, detail, now)
         .await
@@ -294,19 +292,18 @@ async fn settle_doubt(state: &AppState, job: Job) -> Option<Job> {
 /// has passed since `sent_at`. Without a public URL no callback can come: it is sent again
 /// after the usual backoff, and the next claim records that as a resend.
 async fn unconfirmed(
-    state: &AppState,
+    ctx: &WorkerContext,
     job: &Job,
     sent_at: chrono::DateTime<chrono::Utc>,
     why: &str,
     err: Option<&FalError>,
 ) {
     let now = crate::domain::now();
-    state
-        .counters
+    ctx.counters
         .submits_unconfirmed
         .fetch_add(1, Ordering::Relaxed);
-    let until = if state.signer.is_some() {
-        after(sent_at, unconfirmed_wait(state, job.kind))
+    let until = if ctx.callbacks.is_some() {
+        after(sent_at, unconfirmed_wait(ctx, job.kind))
     } else {
         let attempt = u32::try_from(job.attempts.max(1) - 1).unwrap_or(0);
         after(now, next_delay(attempt, RETRY_BASE, RETRY_MAX, None))
@@ -319,27 +316,27 @@ async fn unconfirmed(
         "waiting_until": until,
     });
     let last_error = err.map(|err| JobError {
-        code: "fal_submit_unconfirmed".into(),
+        code: JobErrorCode::FalSubmitUnconfirmed,
         message: format!(
             "FAL may have received attempt {}; waiting for its callback before sending again",
             job.attempts
         ),
         detail: err.detail.clone(),
     });
-    hold(state, job, until, last_error, detail).await;
+    hold(ctx, job, until, last_error, detail).await;
 }
 
 /// Keeps a job whose submit is in doubt from being sent until `until`, with `detail` in its
 /// history.
 async fn hold(
-    state: &AppState,
+    ctx: &WorkerContext,
     job: &Job,
     until: chrono::DateTime<chrono::Utc>,
     last_error: Option<JobError>,
     detail: serde_json::Value,
 ) {
     let now = crate::domain::now();
-    if let Err(err) = state
+    if let Err(err) = ctx
         .store
         .hold_unconfirmed_submit(job, until, last_error, detail, now)
         .await
@@ -349,14 +346,14 @@ async fn hold(
 }
 
 /// Ends a job a client cancelled before FAL had it.
-async fn cancel_unsent(state: &AppState, job: &Job, why: &str) {
+async fn cancel_unsent(ctx: &WorkerContext, job: &Job, why: &str) {
     let news = Transition::new(
         JobEvent::CancelConfirmed,
         EventSource::Dispatcher,
         crate::domain::now(),
     )
     .with_detail(serde_json::json!({ "reason": why }));
-    if let Err(err) = state.store.apply(None, job.id, &news).await {
+    if let Err(err) = ctx.store.apply(None, job.id, &news).await {
         tracing::error!(error = %err, "could not confirm a cancel");
     }
 }
@@ -364,16 +361,16 @@ async fn cancel_unsent(state: &AppState, job: &Job, why: &str) {
 /// Records a submit answer, retrying a failing database while the lease lasts: the write is
 /// idempotent, and losing it would leave a FAL request nobody follows.
 async fn record(
-    state: &AppState,
+    ctx: &WorkerContext,
     job: &Job,
     request: &FalRequest,
     first_look: Duration,
 ) -> Result<Submission, crate::store::StoreError> {
     let mut wait = Duration::from_millis(100);
-    let give_up = tokio::time::Instant::now() + state.config.workers.lease / 2;
+    let give_up = tokio::time::Instant::now() + ctx.settings.lease / 2;
     loop {
         let now = crate::domain::now();
-        match state
+        match ctx
             .store
             .record_submission(job.id, request, after(now, first_look), now)
             .await
@@ -390,47 +387,43 @@ async fn record(
 }
 
 async fn retry_later(
-    state: &AppState,
+    ctx: &WorkerContext,
     job: &Job,
     err: &FalError,
     at: chrono::DateTime<chrono::Utc>,
 ) {
     let attempt = u32::try_from(job.attempts.max(1) - 1).unwrap_or(0);
     let delay = next_delay(attempt, RETRY_BASE, RETRY_MAX, err.retry_after);
-    let deadline = after(job.created_at, state.config.workers.submit_deadline);
+    let deadline = after(job.created_at, ctx.settings.submit_deadline);
     let next = after(at, delay);
     if next > deadline {
-        let mut error = job_error(err);
-        error.code = "fal_unavailable".into();
+        let mut error = refusal(err);
+        error.code = JobErrorCode::FalUnavailable;
         error.message = format!(
             "FAL did not accept the job within the submit deadline after {} attempts: {}",
             job.attempts, err.message
         );
-        fail(state, job, error).await;
+        fail(ctx, job, error).await;
         return;
     }
     tracing::info!(status = ?err.status, retry_in_ms = delay.as_millis() as u64, error = %err.message, "FAL is busy; will retry");
     let last_error = JobError {
-        code: "fal_retrying".into(),
+        code: JobErrorCode::FalRetrying,
         message: format!(
             "attempt {} did not reach FAL: {}",
             job.attempts, err.message
         ),
         detail: err.detail.clone(),
     };
-    if let Err(store_err) = state
-        .store
-        .reschedule(job, next, Some(last_error), at)
-        .await
-    {
+    if let Err(store_err) = ctx.store.reschedule(job, next, Some(last_error), at).await {
         tracing::error!(error = %store_err, "could not schedule a submit retry");
     }
 }
 
 /// Fails the job as claimed: only while it is still pending with no FAL request, so that a
 /// submit that succeeded elsewhere meanwhile is never overruled.
-async fn fail(state: &AppState, job: &Job, error: JobError) {
-    if let Err(err) = state
+async fn fail(ctx: &WorkerContext, job: &Job, error: JobError) {
+    if let Err(err) = ctx
         .store
         .fail_claimed(job, error, crate::domain::now())
         .await
@@ -440,12 +433,12 @@ async fn fail(state: &AppState, job: &Job, error: JobError) {
 }
 
 /// Cancels a FAL request that no job holds, so that nothing runs (and is billed) twice.
-async fn withdraw(state: &AppState, endpoint: &str, request: &FalRequest) {
+async fn withdraw(ctx: &WorkerContext, endpoint: &str, request: &FalRequest) {
     let cancel_url = match &request.cancel_url {
         Some(url) => url.clone(),
-        None => state.fal.request_urls(endpoint, &request.request_id).cancel,
+        None => ctx.fal.request_urls(endpoint, &request.request_id).cancel,
     };
-    match state.fal.cancel(&cancel_url).await {
+    match ctx.fal.cancel(&cancel_url).await {
         Ok(CancelOutcome::CancellationRequested | CancelOutcome::Ok) => {
             tracing::info!(fal_request_id = %request.request_id, "surplus FAL request cancelled")
         }

@@ -3,14 +3,16 @@
 //! picked up after each training.
 //!
 //! It also checks, every `FALGATE_LORA_CHECK_SECS` and at once after a generation on the avatar
-//! failed, that FAL still serves each kept LoRA file, because generations hand FAL that URL. A file FAL no longer serves is uploaded again from
+//! failed, that FAL still serves each kept LoRA file, because generations hand FAL that URL.
+//! A file FAL no longer serves is uploaded again from
 //! the copy, and the avatar points at the new upload.
 //!
 //! When the next copy or check of an avatar is due is kept in the database, so replicas share
 //! it; a failed one is put off, with backoff, so that a few dead files never hold up the others.
 
 use super::IDLE_WAIT;
-use crate::app::AppState;
+use super::WorkerContext;
+use crate::fal::FileProbe;
 use crate::store::{CopyRecorded, LoraCopy};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
@@ -31,18 +33,18 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Copies made, and checks done, per round.
 const PER_ROUND: u32 = 4;
 
-pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
+pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
     let mut failures = Failures::default();
     while !*stopping.borrow() {
         let now = crate::domain::now();
-        match state.store.avatars_missing_lora_copy(now, PER_ROUND).await {
+        match ctx.store.avatars_missing_lora_copy(now, PER_ROUND).await {
             Ok(avatars) => {
                 for avatar in avatars {
                     let Some(url) = avatar.lora_url else { continue };
-                    let outcome = keep(&state, avatar.id, &url).await;
+                    let outcome = keep(&ctx, avatar.id, &url).await;
                     failures
                         .settle(
-                            &state,
+                            &ctx,
                             avatar.id,
                             &url,
                             outcome,
@@ -53,16 +55,16 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
             }
             Err(err) => tracing::warn!(error = %err, "could not look for LoRA files to keep"),
         }
-        match state.store.avatars_due_lora_check(now, PER_ROUND).await {
+        match ctx.store.avatars_due_lora_check(now, PER_ROUND).await {
             Ok(avatars) => {
                 for avatar in avatars {
                     let (Some(url), Some(copy)) = (avatar.lora_url, avatar.lora_copy) else {
                         continue;
                     };
-                    let outcome = check(&state, avatar.id, &url, &copy.key).await;
+                    let outcome = check(&ctx, avatar.id, &url, &copy.key).await;
                     failures
                         .settle(
-                            &state,
+                            &ctx,
                             avatar.id,
                             &url,
                             outcome,
@@ -74,7 +76,7 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
             Err(err) => tracing::warn!(error = %err, "could not look for LoRA files to check"),
         }
         tokio::select! {
-            () = state.wake.keeper.notified() => {}
+            () = ctx.wake.keeper.notified() => {}
             () = tokio::time::sleep(IDLE_WAIT) => {}
             _ = stopping.changed() => {}
         }
@@ -82,9 +84,9 @@ pub async fn run(state: AppState, mut stopping: watch::Receiver<bool>) {
 }
 
 /// When FAL's file is next checked, after it was seen served now.
-fn next_check(state: &AppState) -> DateTime<Utc> {
+fn next_check(ctx: &WorkerContext) -> DateTime<Utc> {
     crate::domain::now()
-        + chrono::Duration::from_std(state.config.workers.lora_check_interval)
+        + chrono::Duration::from_std(ctx.settings.lora_check_interval)
             .unwrap_or(chrono::Duration::MAX)
 }
 
@@ -96,7 +98,7 @@ impl Failures {
     /// Forgets a success; puts a failure off in the database, longer each time.
     async fn settle(
         &mut self,
-        state: &AppState,
+        ctx: &WorkerContext,
         avatar_id: Uuid,
         url: &str,
         outcome: Result<(), String>,
@@ -111,32 +113,25 @@ impl Failures {
         *count += 1;
         tracing::warn!(avatar = %avatar_id, error = %err, retry_in_secs = wait.as_secs(), "{what}");
         let until = crate::domain::now() + chrono::Duration::from_std(wait).unwrap_or_default();
-        if let Err(err) = state.store.defer_lora_work(avatar_id, url, until).await {
+        if let Err(err) = ctx.store.defer_lora_work(avatar_id, url, until).await {
             tracing::warn!(avatar = %avatar_id, error = %err, "could not put off the LoRA file's next try");
         }
     }
 }
 
 #[tracing::instrument(skip_all, fields(avatar = %avatar_id))]
-async fn keep(state: &AppState, avatar_id: Uuid, url: &str) -> Result<(), String> {
-    // FAL's CDN files are public: no key is sent.
-    let response = state
-        .fal
-        .http()
-        .get(url)
-        .timeout(DOWNLOAD_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| e.without_url().to_string())?;
-    if !response.status().is_success() {
-        return Err(format!("FAL's file answered {}", response.status()));
-    }
+async fn keep(ctx: &WorkerContext, avatar_id: Uuid, url: &str) -> Result<(), String> {
+    let mut stream = std::pin::pin!(
+        ctx.fal
+            .download(url, DOWNLOAD_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?
+    );
     // Streamed to a file while hashed: a LoRA can be hundreds of MB, and is never held whole.
-    let mut file = state.blobs.writer().await.map_err(|e| e.to_string())?;
+    let mut file = ctx.blobs.writer().await.map_err(|e| e.to_string())?;
     let mut hasher = Sha256::new();
-    let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| e.without_url().to_string())?;
+        let chunk = chunk.map_err(|e| e.to_string())?;
         if file.written() + chunk.len() as u64 > MAX_LORA_BYTES {
             return Err("the LoRA file is larger than 2 GiB".into());
         }
@@ -150,22 +145,16 @@ async fn keep(state: &AppState, avatar_id: Uuid, url: &str) -> Result<(), String
         bytes: file.written() as i64,
     };
     file.finish(&copy.key).await.map_err(|e| e.to_string())?;
-    let recorded = state
+    let recorded = ctx
         .store
-        .record_lora_copy(
-            avatar_id,
-            url,
-            &copy,
-            crate::domain::now(),
-            next_check(state),
-        )
+        .record_lora_copy(avatar_id, url, &copy, crate::domain::now(), next_check(ctx))
         .await
         .map_err(|e| e.to_string())?;
     match recorded {
         CopyRecorded::Kept { replaced } => {
             tracing::info!(bytes = copy.bytes, "kept a copy of the LoRA file");
             if let Some(old) = replaced {
-                let _ = state.blobs.delete(&old).await;
+                let _ = ctx.blobs.delete(&old).await;
             }
         }
         // A newer training replaced the weights, the avatar was deleted, or another replica
@@ -173,7 +162,7 @@ async fn keep(state: &AppState, avatar_id: Uuid, url: &str) -> Result<(), String
         // avatar's copy now.
         CopyRecorded::Stale { current } => {
             if current.as_deref() != Some(copy.key.as_str()) {
-                let _ = state.blobs.delete(&copy.key).await;
+                let _ = ctx.blobs.delete(&copy.key).await;
             }
         }
     }
@@ -184,44 +173,38 @@ async fn keep(state: &AppState, avatar_id: Uuid, url: &str) -> Result<(), String
 /// which a CDN also answers for a file it no longer has): the copy is uploaded again and the
 /// avatar points at it. Anything else is an outage, tried again later.
 #[tracing::instrument(skip_all, fields(avatar = %avatar_id))]
-async fn check(state: &AppState, avatar_id: Uuid, url: &str, copy_key: &str) -> Result<(), String> {
-    // FAL's CDN files are public: no key is sent. A range keeps a large file from being sent.
-    let response = state
+async fn check(
+    ctx: &WorkerContext,
+    avatar_id: Uuid,
+    url: &str,
+    copy_key: &str,
+) -> Result<(), String> {
+    let status = match ctx
         .fal
-        .http()
-        .get(url)
-        .header(reqwest::header::RANGE, "bytes=0-0")
-        .timeout(CHECK_TIMEOUT)
-        .send()
+        .probe_file(url, CHECK_TIMEOUT)
         .await
-        .map_err(|e| e.without_url().to_string())?;
-    let status = response.status();
-    if status == reqwest::StatusCode::PARTIAL_CONTENT {
-        // One byte: read it, so that the connection goes back to the pool.
-        let _ = response.bytes().await;
-    }
-    // A 200 is the whole file (the range was ignored): dropped unread, its connection closes.
-    if status.is_success() {
-        return state
-            .store
-            .record_lora_check(avatar_id, url, crate::domain::now(), next_check(state))
-            .await
-            .map_err(|e| e.to_string());
-    }
-    if !matches!(status.as_u16(), 403 | 404 | 410) {
-        return Err(format!("FAL's file answered {status}"));
-    }
-    let length = state
+        .map_err(|e| e.to_string())?
+    {
+        FileProbe::Served => {
+            return ctx
+                .store
+                .record_lora_check(avatar_id, url, crate::domain::now(), next_check(ctx))
+                .await
+                .map_err(|e| e.to_string());
+        }
+        FileProbe::Gone(status) => status,
+    };
+    let length = ctx
         .blobs
         .size(copy_key)
         .await
         .map_err(|e| format!("the kept copy: {e}"))?;
-    let chunks = state
+    let chunks = ctx
         .blobs
         .chunks(copy_key)
         .await
         .ok_or("the kept copy is missing")?;
-    let new_url = state
+    let new_url = ctx
         .fal
         .upload_stream(
             chunks,
@@ -231,14 +214,14 @@ async fn check(state: &AppState, avatar_id: Uuid, url: &str, copy_key: &str) -> 
         )
         .await
         .map_err(|e| e.to_string())?;
-    let replaced = state
+    let replaced = ctx
         .store
         .replace_lora_url(
             avatar_id,
             url,
             &new_url,
             crate::domain::now(),
-            next_check(state),
+            next_check(ctx),
         )
         .await
         .map_err(|e| e.to_string())?;

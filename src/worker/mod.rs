@@ -8,21 +8,59 @@ pub mod dispatcher;
 pub mod keeper;
 pub mod reconciler;
 
-use crate::app::AppState;
+use crate::config::WorkerConfig;
 use crate::domain::job::JobKind;
-use crate::fal::client::FalError;
-use crate::store::JobError;
+use crate::fal::FalClient;
+use crate::fal::token::CallbackUrls;
+use crate::state::{AppState, FalHealth, PipelineCounters, Wake};
+use crate::store::Store;
+use crate::store::blobs::Blobs;
 use chrono::{DateTime, TimeDelta, Utc};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+/// What the workers use of the shared state, and nothing more: no HTTP counters, no upload
+/// permits, no JWKS, and of the configuration only the workers' part.
+#[derive(Clone)]
+pub struct WorkerContext {
+    pub store: Store,
+    pub fal: FalClient,
+    /// Absent without a public URL: jobs are then followed by polling alone.
+    pub callbacks: Option<Arc<CallbackUrls>>,
+    /// Where kept LoRA files go.
+    pub blobs: Blobs,
+    pub wake: Arc<Wake>,
+    pub fal_health: Arc<FalHealth>,
+    pub counters: Arc<PipelineCounters>,
+    pub settings: WorkerConfig,
+    /// Whether FAL is the built-in emulator: a sandbox process works only sandbox jobs.
+    pub sandbox: bool,
+}
+
+impl WorkerContext {
+    pub fn new(state: &AppState) -> Self {
+        Self {
+            store: state.store.clone(),
+            fal: state.fal.clone(),
+            callbacks: state.callbacks.clone(),
+            blobs: state.blobs.clone(),
+            wake: state.wake.clone(),
+            fal_health: state.fal_health.clone(),
+            counters: state.counters.clone(),
+            settings: state.config.workers.clone(),
+            sandbox: state.config.sandbox,
+        }
+    }
+}
+
 /// Starts every worker; each stops when `stopping` turns true.
-pub fn spawn(state: AppState, stopping: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+pub fn spawn(ctx: WorkerContext, stopping: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     vec![
-        tokio::spawn(dispatcher::run(state.clone(), stopping.clone())),
-        tokio::spawn(keeper::run(state.clone(), stopping.clone())),
-        tokio::spawn(reconciler::run(state, stopping)),
+        tokio::spawn(dispatcher::run(ctx.clone(), stopping.clone())),
+        tokio::spawn(keeper::run(ctx.clone(), stopping.clone())),
+        tokio::spawn(reconciler::run(ctx, stopping)),
     ]
 }
 
@@ -56,31 +94,9 @@ fn after(at: DateTime<Utc>, delay: Duration) -> DateTime<Utc> {
 }
 
 /// How long a job of this kind may take, from its creation, before it is failed.
-fn deadline(state: &AppState, kind: JobKind) -> Duration {
+fn deadline(ctx: &WorkerContext, kind: JobKind) -> Duration {
     match kind {
-        JobKind::Training => state.config.workers.training_deadline,
-        JobKind::Generation | JobKind::Raw => state.config.workers.generation_deadline,
-    }
-}
-
-/// The job error for a FAL call that failed for good, with FAL's own detail.
-fn job_error(err: &FalError) -> JobError {
-    let code = match err.status {
-        Some(401 | 403) => "fal_unauthorized",
-        Some(422) => "fal_validation",
-        Some(400) => "fal_bad_request",
-        Some(404) => "fal_not_found",
-        Some(504) if err.user_timeout => "fal_start_timeout",
-        Some(_) => "fal_error",
-        None => "fal_unreachable",
-    };
-    let message = match err.detail_summary() {
-        Some(summary) => format!("FAL refused the request: {summary}"),
-        None => format!("FAL refused the request: {}", err.message),
-    };
-    JobError {
-        code: code.to_owned(),
-        message,
-        detail: err.detail.clone(),
+        JobKind::Training => ctx.settings.training_deadline,
+        JobKind::Generation | JobKind::Raw => ctx.settings.generation_deadline,
     }
 }

@@ -1,0 +1,140 @@
+//! What the handlers and the workers share, below both: the store, the FAL client, the
+//! callback URLs, the wake-ups, FAL's health and the counters. `app` builds it; `http` and
+//! `worker` use it; nothing here knows about either.
+
+use crate::config::Config;
+use crate::fal::client::FalClient;
+use crate::fal::signature::JwksCache;
+use crate::fal::token::CallbackUrls;
+use crate::store::Store;
+use crate::store::blobs::Blobs;
+use axum::http::StatusCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use tokio::sync::{Notify, Semaphore};
+
+/// What every handler can reach. Workers get a narrower [`crate::worker::WorkerContext`].
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub config: Arc<Config>,
+    pub fal: FalClient,
+    pub jwks: JwksCache,
+    /// Builds and checks callback URLs; absent when there is no public URL (polling only).
+    pub callbacks: Option<Arc<CallbackUrls>>,
+    pub wake: Arc<Wake>,
+    pub fal_health: Arc<FalHealth>,
+    /// falgate's own files (training photos).
+    pub blobs: Blobs,
+    /// One permit per photo upload being received and checked.
+    pub photo_uploads: Arc<Semaphore>,
+    /// One permit per photo being decoded: decoding takes a core and the picture's size in
+    /// memory, so no more run at once than there are cores.
+    pub photo_decodes: Arc<Semaphore>,
+    pub http_counters: Arc<HttpCounters>,
+    pub counters: Arc<PipelineCounters>,
+}
+
+/// The parts of [`AppState`] that come from outside; the rest starts empty.
+pub struct Parts {
+    pub config: Config,
+    pub store: Store,
+    pub fal: FalClient,
+    pub jwks: JwksCache,
+    pub callbacks: Option<CallbackUrls>,
+    pub blobs: Blobs,
+}
+
+impl AppState {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            config,
+            store,
+            fal,
+            jwks,
+            callbacks,
+            blobs,
+        } = parts;
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let uploads = config.avatars.upload_concurrency;
+        Self {
+            store,
+            fal,
+            jwks,
+            callbacks: callbacks.map(Arc::new),
+            blobs,
+            photo_uploads: Arc::new(Semaphore::new(uploads)),
+            photo_decodes: Arc::new(Semaphore::new(cores.min(uploads))),
+            config: Arc::new(config),
+            wake: Arc::default(),
+            fal_health: Arc::default(),
+            http_counters: Arc::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// Whether FAL is the built-in emulator.
+    pub fn sandbox(&self) -> bool {
+        self.config.sandbox
+    }
+
+    /// The URL FAL calls back for `job_id`, with its token; `None` without a public URL.
+    pub fn callback_url(&self, job_id: uuid::Uuid) -> Option<reqwest::Url> {
+        Some(self.callbacks.as_ref()?.url_for(job_id))
+    }
+}
+
+/// Decisions of the pipeline worth watching, since this process started.
+#[derive(Default)]
+pub struct PipelineCounters {
+    /// Submits whose answer never came, so that FAL may hold a request for the job.
+    pub submits_unconfirmed: AtomicU64,
+    /// Jobs sent again after such a submit, no callback having named them within the wait.
+    pub submits_resent: AtomicU64,
+}
+
+/// Responses by status class (1xx … 5xx), since this process started.
+#[derive(Default)]
+pub struct HttpCounters {
+    by_class: [AtomicU64; 5],
+}
+
+impl HttpCounters {
+    pub fn record(&self, status: StatusCode) {
+        let class = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.by_class[class].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(class digit, count)` for 1xx to 5xx.
+    pub fn by_class(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.by_class
+            .iter()
+            .enumerate()
+            .map(|(i, counter)| (i + 1, counter.load(Ordering::Relaxed)))
+    }
+}
+
+/// Wakes the workers the moment there is work, so the happy path waits for no timer.
+#[derive(Default)]
+pub struct Wake {
+    pub dispatcher: Notify,
+    pub reconciler: Notify,
+    /// A training ended: there may be a LoRA file to keep.
+    pub keeper: Notify,
+}
+
+/// What the last calls to FAL said about our credentials, for `/readyz`.
+#[derive(Default)]
+pub struct FalHealth {
+    unauthorized: AtomicBool,
+}
+
+impl FalHealth {
+    pub fn record_unauthorized(&self, unauthorized: bool) {
+        self.unauthorized.store(unauthorized, Ordering::Relaxed);
+    }
+
+    pub fn key_refused(&self) -> bool {
+        self.unauthorized.load(Ordering::Relaxed)
+    }
+}
