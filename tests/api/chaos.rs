@@ -6,6 +6,7 @@
 //! The short version runs with the suite. `FALGATE_CHAOS_LONG=1` runs the long one (more jobs,
 //! more kills); `FALGATE_CHAOS_SEED=<n>` replays a seed (printed by every run).
 
+use crate::backend_tests;
 use crate::support::*;
 use falgate::emulator::{
     CallbackAttempt, CallbackFault, Durations, EmulatorConfig, EmulatorHandle, FaultRates,
@@ -933,12 +934,4 @@ async fn diagnose(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_on_sqlite() {
-    chaos(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_on_postgres() {
-    chaos(Backend::Postgres).await;
-}
+backend_tests!(chaos(Backend));

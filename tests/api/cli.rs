@@ -1,5 +1,6 @@
 //! The command line, run as a user would run it.
 
+use crate::backend_tests;
 use crate::support::*;
 use std::process::Command;
 
@@ -238,6 +239,10 @@ fn an_unreachable_postgres_server_is_named_at_once_without_the_password() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(falgate_postgres_tests),
+    ignore = "set FALGATE_TEST_POSTGRES_URL to run it"
+)]
 async fn a_missing_postgres_database_is_named() {
     // Only the server's address is taken from the test database; the name is one that does
     // not exist.
@@ -333,50 +338,48 @@ async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, Str
     (key, logged)
 }
 
-#[tokio::test]
-async fn the_sandbox_keeps_one_live_key_per_database() {
+backend_tests!(the_sandbox_keeps_one_live_key_per_database(Backend));
+async fn the_sandbox_keeps_one_live_key_per_database(backend: Backend) {
     falgate::install_crypto_provider();
-    for backend in [Backend::Sqlite, Backend::Postgres] {
-        let Some(database) = TestDatabase::create(backend).await else {
-            continue;
-        };
-        let url = database.url.clone();
-        let (first, logged) = sandbox_start(&url, ("FALGATE_SANDBOX", "on")).await;
-        assert!(logged.contains("SANDBOX MODE"), "{logged}");
-        assert!(
-            !logged.contains('\x1b'),
-            "logs into a pipe carry no colour codes: {logged:?}"
-        );
-        let (second, _) = sandbox_start(&url, ("--sandbox", "")).await;
-        assert_ne!(first, second);
+    let Some(database) = TestDatabase::create(backend).await else {
+        return;
+    };
+    let url = database.url.clone();
+    let (first, logged) = sandbox_start(&url, ("FALGATE_SANDBOX", "on")).await;
+    assert!(logged.contains("SANDBOX MODE"), "{logged}");
+    assert!(
+        !logged.contains('\x1b'),
+        "logs into a pipe carry no colour codes: {logged:?}"
+    );
+    let (second, _) = sandbox_start(&url, ("--sandbox", "")).await;
+    assert_ne!(first, second);
 
-        let store = bare_store(&database).await;
-        let live = |secret: &str| {
-            let hash = falgate::domain::api_key::hash_key(secret);
-            let store = store.clone();
-            async move { store.find_live_api_key(&hash.0).await.unwrap().is_some() }
-        };
-        assert!(!live(&first).await, "the first start's key is revoked");
-        assert!(live(&second).await);
-        let keys = store.list_api_keys().await.unwrap();
-        let live_sandbox: Vec<_> = keys
-            .iter()
-            .filter(|k| k.name == "sandbox" && k.revoked_at.is_none())
-            .collect();
-        assert_eq!(live_sandbox.len(), 1, "{keys:?}");
-        assert!(second.starts_with(&live_sandbox[0].prefix));
+    let store = bare_store(&database).await;
+    let live = |secret: &str| {
+        let hash = falgate::domain::api_key::hash_key(secret);
+        let store = store.clone();
+        async move { store.find_live_api_key(&hash.0).await.unwrap().is_some() }
+    };
+    assert!(!live(&first).await, "the first start's key is revoked");
+    assert!(live(&second).await);
+    let keys = store.list_api_keys().await.unwrap();
+    let live_sandbox: Vec<_> = keys
+        .iter()
+        .filter(|k| k.name == "sandbox" && k.revoked_at.is_none())
+        .collect();
+    assert_eq!(live_sandbox.len(), 1, "{keys:?}");
+    assert!(second.starts_with(&live_sandbox[0].prefix));
 
-        let listed = falgate(&["api-key", "list"], &url);
-        let listing = String::from_utf8(listed.stdout).unwrap();
-        let live_rows: Vec<&str> = listing
-            .lines()
-            .filter(|line| line.ends_with("  sandbox") && line.contains("  -  "))
-            .collect();
-        assert_eq!(live_rows.len(), 1, "{listing}");
-        assert!(live_rows[0].contains(&live_sandbox[0].prefix), "{listing}");
-        store.close().await;
-        database.drop_database().await;
-    }
+    let listed = falgate(&["api-key", "list"], &url);
+    let listing = String::from_utf8(listed.stdout).unwrap();
+    let live_rows: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.ends_with("  sandbox") && line.contains("  -  "))
+        .collect();
+    assert_eq!(live_rows.len(), 1, "{listing}");
+    assert!(live_rows[0].contains(&live_sandbox[0].prefix), "{listing}");
+    store.close().await;
+    database.drop_database().await;
 }
 
 #[tokio::test]

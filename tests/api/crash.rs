@@ -1,6 +1,7 @@
 //! The server killed with SIGKILL while jobs are in every state, then restarted: every job
 //! still reaches exactly one terminal state with exactly one result.
 
+use crate::backend_tests;
 use crate::support::*;
 use falgate::emulator::{Durations, EmulatorConfig, FaultRule, HttpFault};
 use falgate::store::Store;
@@ -238,15 +239,7 @@ async fn killed_and_restarted(backend: Backend) {
     database.drop_database().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_and_restarted_on_sqlite() {
-    killed_and_restarted(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_and_restarted_on_postgres() {
-    killed_and_restarted(Backend::Postgres).await;
-}
+backend_tests!(killed_and_restarted(Backend));
 
 /// Killed while a submit FAL took is still unanswered: after the restart the job waits for the
 /// request's callback instead of sending the job again, and takes that request's outcome.
@@ -326,12 +319,4 @@ async fn killed_during_a_submit(backend: Backend) {
     database.drop_database().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_during_a_submit_on_sqlite() {
-    killed_during_a_submit(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_during_a_submit_on_postgres() {
-    killed_during_a_submit(Backend::Postgres).await;
-}
+backend_tests!(killed_during_a_submit(Backend));

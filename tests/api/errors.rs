@@ -1,11 +1,12 @@
 //! Every malformed request gets a 4xx problem document, never a 5xx or plain text.
 
-use crate::backend_test;
+use crate::backend_tests;
 use crate::support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-backend_test!(body_validation_names_the_field, |app| {
+backend_tests!(body_validation_names_the_field);
+async fn body_validation_names_the_field(app: &TestApp) {
     let cases = [
         (
             json!({"endpoint": "fal-ai/not-allowed", "input": {}}),
@@ -76,9 +77,10 @@ backend_test!(body_validation_names_the_field, |app| {
     // Nothing was stored by any of them.
     let list: serde_json::Value = app.get_json("/v1/jobs").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
-});
+}
 
-backend_test!(malformed_bodies_are_client_errors, |app| {
+backend_tests!(malformed_bodies_are_client_errors);
+async fn malformed_bodies_are_client_errors(app: &TestApp) {
     let response = app
         .request(Method::POST, "/v1/jobs")
         .header("content-type", "application/json")
@@ -114,29 +116,27 @@ backend_test!(malformed_bodies_are_client_errors, |app| {
         "unsupported_media_type",
     )
     .await;
+}
+
+backend_tests!(bodies_over_the_limit_get_413, |config| {
+    config.body_limit = 2048;
 });
+async fn bodies_over_the_limit_get_413(app: &TestApp) {
+    let big = "x".repeat(4096);
+    let response = app
+        .request(Method::POST, "/v1/jobs")
+        .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": big}}))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(body["detail"].as_str().unwrap().contains("2048"), "{body}");
+    // Just under the limit is fine.
+    app.create_job(&app.key, &"y".repeat(1500)).await;
+}
 
-backend_test!(
-    bodies_over_the_limit_get_413,
-    |config| {
-        config.body_limit = 2048;
-    },
-    |app| {
-        let big = "x".repeat(4096);
-        let response = app
-            .request(Method::POST, "/v1/jobs")
-            .json(&json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": big}}))
-            .send()
-            .await
-            .unwrap();
-        let body = problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
-        assert!(body["detail"].as_str().unwrap().contains("2048"), "{body}");
-        // Just under the limit is fine.
-        app.create_job(&app.key, &"y".repeat(1500)).await;
-    }
-);
-
-backend_test!(bad_paths_and_queries_are_422s_naming_the_parameter, |app| {
+backend_tests!(bad_paths_and_queries_are_422s_naming_the_parameter);
+async fn bad_paths_and_queries_are_422s_naming_the_parameter(app: &TestApp) {
     let response = app
         .request(Method::GET, "/v1/jobs/not-a-uuid")
         .send()
@@ -198,9 +198,10 @@ backend_test!(bad_paths_and_queries_are_422s_naming_the_parameter, |app| {
         .await;
         assert_eq!(fields(&body), vec![field.to_owned()], "{query}: {body}");
     }
-});
+}
 
-backend_test!(unknown_routes_and_methods_answer_in_problem_json, |app| {
+backend_tests!(unknown_routes_and_methods_answer_in_problem_json);
+async fn unknown_routes_and_methods_answer_in_problem_json(app: &TestApp) {
     let response = app
         .request(Method::GET, "/v1/nothing-here")
         .send()
@@ -247,9 +248,10 @@ backend_test!(unknown_routes_and_methods_answer_in_problem_json, |app| {
         .unwrap();
     let body = problem(response, StatusCode::NOT_FOUND, "not_found").await;
     assert!(body["detail"].as_str().unwrap().contains(&id.to_string()));
-});
+}
 
-backend_test!(request_ids_are_echoed_or_made, |app| {
+backend_tests!(request_ids_are_echoed_or_made);
+async fn request_ids_are_echoed_or_made(app: &TestApp) {
     let response = app
         .request(Method::GET, "/v1/jobs/not-a-uuid")
         .header("x-request-id", "trace-abc-123")
@@ -268,7 +270,7 @@ backend_test!(request_ids_are_echoed_or_made, |app| {
     let response = app.request(Method::GET, "/v1/jobs").send().await.unwrap();
     let made = response.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(made).is_ok(), "{made}");
-});
+}
 
 /// The fields a validation problem names, in order, for comparing as a set.
 fn sorted_fields(problem: &serde_json::Value) -> Vec<String> {
@@ -286,7 +288,8 @@ fn message_for<'a>(problem: &'a serde_json::Value, field: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no error for `{field}`: {problem}"))
 }
 
-backend_test!(every_wrong_field_of_a_body_is_named, |app| {
+backend_tests!(every_wrong_field_of_a_body_is_named);
+async fn every_wrong_field_of_a_body_is_named(app: &TestApp) {
     let response = app
         .request(Method::POST, "/v1/avatars")
         .json(&json!({"name": "Ada", "kind": "character"}))
@@ -454,9 +457,10 @@ backend_test!(every_wrong_field_of_a_body_is_named, |app| {
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     let list = app.get_json("/v1/avatars").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
-});
+}
 
-backend_test!(every_wrong_query_parameter_is_named, |app| {
+backend_tests!(every_wrong_query_parameter_is_named);
+async fn every_wrong_query_parameter_is_named(app: &TestApp) {
     for (path, expected) in [
         (
             "/v1/jobs?limit=ten&status=done&kind=video&colour=red",
@@ -498,4 +502,4 @@ backend_test!(every_wrong_query_parameter_is_named, |app| {
     .await;
     assert_eq!(fields(&body), ["token"]);
     assert_eq!(message_for(&body, "token"), "is required");
-});
+}

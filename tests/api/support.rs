@@ -257,11 +257,11 @@ pub fn point_at_emulator(
 
 /// Runs `test` against a fresh app on `backend`, then shuts the app down and drops its
 /// database, whether the test passed or not.
-pub async fn with_app<F, Fut>(backend: Backend, configure: impl FnOnce(&mut Config), test: F)
-where
-    F: FnOnce(TestApp) -> Fut,
-    Fut: Future<Output = TestApp>,
-{
+pub async fn with_app(
+    backend: Backend,
+    configure: impl FnOnce(&mut Config),
+    test: impl AsyncFnOnce(&TestApp),
+) {
     falgate::install_crypto_provider();
     let Some(database) = TestDatabase::create(backend).await else {
         return;
@@ -301,9 +301,9 @@ where
         key,
         database_url: database.url.clone(),
     };
-    let outcome = AssertUnwindSafe(test(test_app)).catch_unwind().await;
+    let outcome = AssertUnwindSafe(test(&test_app)).catch_unwind().await;
     match outcome {
-        Ok(test_app) => {
+        Ok(()) => {
             test_app.app.shutdown().await;
             test_app.fal.shutdown().await;
             database.drop_database().await;
@@ -361,37 +361,45 @@ pub fn fields(problem: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Declares a test that runs once per backend: `name::sqlite` and `name::postgres`.
+/// Declares a scenario's two tests, `scenario::sqlite` and `scenario::postgres`; the second is
+/// reported as ignored unless the build was told of a PostgreSQL server (see `build.rs`).
+///
+/// - `backend_tests!(scenario)`: `async fn scenario(app: &TestApp)` on a fresh app;
+/// - `backend_tests!(scenario, configure)`: the same, `configure(&mut Config)` before it starts;
+/// - `backend_tests!(scenario(Backend))`: `async fn scenario(backend: Backend)` sets itself up.
+///
+/// Only the two wrappers are stamped out: each scenario is an ordinary function that rustfmt,
+/// clippy and go-to-definition see.
 #[macro_export]
-macro_rules! backend_test {
-    ($name:ident, |$app:ident| $body:block) => {
-        $crate::backend_test!($name, |_config| {}, |$app| $body);
+macro_rules! backend_tests {
+    ($scenario:ident) => {
+        $crate::backend_tests!($scenario, |_| {});
     };
-    ($name:ident, |$config:ident| $configure:block, |$app:ident| $body:block) => {
-        mod $name {
+    ($scenario:ident, $configure:expr) => {
+        $crate::backend_tests!(@wrappers $scenario, |backend| {
+            $crate::support::with_app(backend, $configure, super::$scenario)
+        });
+    };
+    ($scenario:ident(Backend)) => {
+        $crate::backend_tests!(@wrappers $scenario, super::$scenario);
+    };
+    (@wrappers $scenario:ident, $run:expr) => {
+        mod $scenario {
             #[allow(unused_imports)]
             use super::*;
 
-            async fn run(backend: $crate::support::Backend) {
-                $crate::support::with_app(
-                    backend,
-                    |#[allow(unused_variables)] $config| $configure,
-                    |$app| async move {
-                        $body;
-                        $app
-                    },
-                )
-                .await;
-            }
-
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                run($crate::support::Backend::Sqlite).await;
+                ($run)($crate::support::Backend::Sqlite).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[cfg_attr(
+                not(falgate_postgres_tests),
+                ignore = "set FALGATE_TEST_POSTGRES_URL to run it"
+            )]
             async fn postgres() {
-                run($crate::support::Backend::Postgres).await;
+                ($run)($crate::support::Backend::Postgres).await;
             }
         }
     };
@@ -435,4 +443,9 @@ pub fn spawned_server_env(
         // The tests' own output stays readable; a test that wants the server's warnings asks.
         ("RUST_LOG", "error".to_owned()),
     ]
+}
+
+/// For scenarios that move jobs themselves, through the store, with no worker racing them.
+pub fn without_workers(config: &mut Config) {
+    config.run_workers = false;
 }
