@@ -9,108 +9,24 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 
-/// A real PNG of `width`×`height`, different for every `n`.
-fn photo(n: u64, width: u32, height: u32) -> Vec<u8> {
-    falgate::emulator::png::render(width, height, n, "training photo")
-}
-
-/// A multipart body with one part per file.
-fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
-    let boundary = format!("falgate-{}", uuid::Uuid::new_v4().simple());
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> reqwest::Response {
-    let (content_type, body) = multipart(files);
-    app.request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn create_avatar(app: &TestApp, kind: &str) -> Value {
-    let response = app
-        .request(Method::POST, "/v1/avatars")
-        .json(&json!({"name": format!("{kind} avatar"), "kind": kind}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.unwrap()
-}
-
-/// An avatar with `count` accepted photos; answers the avatar and the photos' bytes.
-async fn avatar_with_photos(app: &TestApp, kind: &str, count: u64) -> (Value, Vec<Vec<u8>>) {
-    let avatar = create_avatar(app, kind).await;
-    let id = avatar["id"].as_str().unwrap();
-    let photos: Vec<Vec<u8>> = (0..count).map(|n| photo(n, 640, 512)).collect();
-    let files: Vec<(String, Vec<u8>)> = photos
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (format!("p{i}.png"), p.clone()))
-        .collect();
-    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    let response = upload(app, id, &named).await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["items"].as_array().unwrap().len(), count as usize);
-    (avatar, photos)
-}
-
-async fn train(app: &TestApp, avatar: &str, body: Value) -> reqwest::Response {
-    app.request(Method::POST, &format!("/v1/avatars/{avatar}/trainings"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn wait_for_avatar(app: &TestApp, id: &str, status: &str) -> Value {
-    app.poll_until(&format!("avatar {status}"), || async {
-        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-        (avatar["status"] == status).then_some(avatar)
-    })
-    .await
-}
-
-pub(crate) async fn wait_for_batch(app: &TestApp, id: &str) -> Value {
-    app.poll_until("the batch to finish", || async {
-        let batch = app.get_json(&format!("/v1/batches/{id}")).await;
-        (batch["status"] != "running").then_some(batch)
-    })
-    .await
-}
-
 /// Polls until the avatar holds falgate's copy of its LoRA file; answers the avatar.
 async fn wait_for_lora_copy(app: &TestApp, id: &str) -> Value {
-    app.poll_until("the LoRA copy", || async {
-        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-        (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
-    })
-    .await
+    eventually("the LoRA copy")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
+        })
+        .await
 }
 
 /// Polls until the avatar's LoRA URL is no longer `old`; answers the avatar.
 async fn wait_for_new_lora_url(app: &TestApp, id: &str, old: &str) -> Value {
-    app.poll_until("the LoRA uploaded again", || async {
-        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-        (avatar["artifact"]["lora_url"] != old).then_some(avatar)
-    })
-    .await
+    eventually("the LoRA uploaded again")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (avatar["artifact"]["lora_url"] != old).then_some(avatar)
+        })
+        .await
 }
 
 /// A character avatar trained on ten photos, once its LoRA copy is kept: its id and view.
@@ -128,15 +44,8 @@ pub(crate) async fn trained_with_lora_copy(app: &TestApp) -> (String, Value) {
 
 /// One generation on the avatar, waited for to its end; answers its batch.
 async fn generate_one(app: &TestApp, id: &str, prompt: &str) -> Value {
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": id, "prompt": prompt}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let batch: Value = response.json().await.unwrap();
-    wait_for_batch(app, batch["id"].as_str().unwrap()).await
+    let batch = generate(app, json!({"avatar_id": id, "prompt": prompt})).await;
+    wait_for_batch(app, &id_of(&batch)).await
 }
 
 backend_tests!(a_character_is_trained_on_its_photos_and_generates_a_batch);
@@ -631,12 +540,13 @@ async fn idempotency_keys_cover_every_creating_post(app: &TestApp) {
         .map(|n| (format!("p{n}.png"), photo(n, 600, 600)))
         .collect();
     let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    let (content_type, body) = multipart(&named);
+    let boundary = new_boundary();
+    let body = multipart(&boundary, &named);
     for round in 0..2 {
         let response = app
             .request(Method::POST, &format!("/v1/avatars/{id}/photos"))
             .header("idempotency-key", "photos-1")
-            .header("content-type", content_type.clone())
+            .header("content-type", multipart_content_type(&boundary))
             .body(body.clone())
             .send()
             .await
@@ -723,8 +633,8 @@ async fn a_new_training_replaces_the_artifact_only_when_it_succeeds(app: &TestAp
     let done = app
         .wait_for_status(third["id"].as_str().unwrap(), "succeeded")
         .await;
-    let replaced = app
-        .poll_until("the new weights", || async {
+    let replaced = eventually("the new weights")
+        .until(async || {
             let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
             (avatar["artifact"]["lora_url"] != old && avatar["status"] == "ready").then_some(avatar)
         })
@@ -781,8 +691,8 @@ async fn an_expired_lora_file_is_uploaded_again_from_the_kept_copy(app: &TestApp
 
     // A file FAL still serves is left alone.
     let checked = app.fal.uploads().len();
-    let later = app
-        .poll_until("another check", || async {
+    let later = eventually("another check")
+        .until(async || {
             let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
             (avatar["artifact"]["lora_checked_at"] != refreshed["artifact"]["lora_checked_at"])
                 .then_some(avatar)

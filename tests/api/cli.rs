@@ -158,23 +158,26 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
         .unwrap();
     assert_eq!(job["sandbox"], true);
     let id = job["id"].as_str().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let done = loop {
-        let job: serde_json::Value = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if job["status"] == "succeeded" {
-            break job;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{job}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let done = eventually("the sandbox job to succeed")
+        .every(std::time::Duration::from_millis(50))
+        .or_last(async || {
+            let job: serde_json::Value = client
+                .get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if job["status"] == "succeeded" {
+                Ok(job)
+            } else {
+                Err(job)
+            }
+        })
+        .await
+        .unwrap_or_else(|job| panic!("{job}"));
     let url = done["result"]["images"][0]["url"].as_str().unwrap();
     let png = client.get(url).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(&png[..4], b"\x89PNG");

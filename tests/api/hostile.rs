@@ -144,23 +144,16 @@ async fn get_at_cap(addr: SocketAddr, path: &str, key: Option<&str>) -> RawRespo
         .unwrap_or_default();
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: falgate\r\n{auth}Connection: close\r\n\r\n");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let answer = match stream.write_all(request.as_bytes()).await {
-            Ok(()) => timeout(Duration::from_secs(10), read_response(&mut stream))
+    eventually(format_args!("{path} to answer at the cap"))
+        .or_last(async || {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(request.as_bytes()).await?;
+            timeout(Duration::from_secs(10), read_response(&mut stream))
                 .await
-                .expect("an answer within 10 s"),
-            Err(err) => Err(err),
-        };
-        match answer {
-            Ok(response) => return response,
-            Err(err) => assert!(
-                Instant::now() < deadline,
-                "{path} never answered at the cap: {err}"
-            ),
-        }
-    }
+                .expect("an answer within 10 s")
+        })
+        .await
+        .unwrap_or_else(|err| panic!("{path} never answered at the cap: {err}"))
 }
 
 /// Waits until the server closes `stream` (EOF or reset), answering how long that took, or
@@ -251,23 +244,22 @@ impl Spawned {
         }
         let child = command.spawn().expect("start falgate");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(Ok(mut stream)) =
-                timeout(Duration::from_secs(1), TcpStream::connect(addr)).await
-            {
+        eventually("falgate to start")
+            .every(Duration::from_millis(25))
+            .until(async || {
+                let mut stream = timeout(Duration::from_secs(1), TcpStream::connect(addr))
+                    .await
+                    .ok()?
+                    .ok()?;
                 let probe = b"GET /healthz HTTP/1.1\r\nHost: falgate\r\nConnection: close\r\n\r\n";
-                if stream.write_all(probe).await.is_ok()
-                    && let Ok(Ok(response)) =
-                        timeout(Duration::from_secs(2), read_response(&mut stream)).await
-                    && response.status == 200
-                {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "falgate did not start");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+                stream.write_all(probe).await.ok()?;
+                let response = timeout(Duration::from_secs(2), read_response(&mut stream))
+                    .await
+                    .ok()?
+                    .ok()?;
+                (response.status == 200).then_some(())
+            })
+            .await;
         Self { child, addr }
     }
 
@@ -545,30 +537,30 @@ async fn at_the_connection_cap_with_every_connection_busy_healthz_still_answers(
     for _ in 0..3 {
         busy.push(stuck_request(addr, &app.key).await);
     }
-    let deadline = Instant::now() + PATIENCE;
-    let refused = loop {
-        let response = get(addr, "/v1/jobs", Some(&app.key)).await;
-        if response.status == 503 {
-            break response;
-        }
-        assert_eq!(response.status, 200, "{response:?}");
-        assert!(Instant::now() < deadline, "the cap never held");
-    };
+    let refused = eventually("the cap to hold")
+        .until(async || {
+            let response = get(addr, "/v1/jobs", Some(&app.key)).await;
+            if response.status != 503 {
+                assert_eq!(response.status, 200, "{response:?}");
+            }
+            (response.status == 503).then_some(response)
+        })
+        .await;
     refused.problem(503, "service_unavailable");
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(get(addr, "/healthz", None).await.status, 200);
     assert_eq!(get(addr, "/readyz", None).await.status, 200);
 
     drop(busy);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let response = get(addr, "/v1/jobs", Some(&app.key)).await;
-        if response.status == 200 {
-            break;
-        }
-        assert_eq!(response.status, 503, "{response:?}");
-        assert!(Instant::now() < deadline, "the API never answered again");
-    }
+    eventually("the API to answer again")
+        .until(async || {
+            let response = get(addr, "/v1/jobs", Some(&app.key)).await;
+            if response.status != 200 {
+                assert_eq!(response.status, 503, "{response:?}");
+            }
+            (response.status == 200).then_some(())
+        })
+        .await;
 }
 
 /// 300 connections that send nothing, to a process allowed 256 open files: the cap fitted
@@ -726,11 +718,11 @@ async fn concurrent_large_uploads_are_not_held_in_memory(backend: Backend) {
         // shared between them, so that the client holds little of it either.
         let size = (20 << 20) - 4096;
         let send = |n: u8| {
-            let boundary = crate::photos::new_boundary();
+            let boundary = new_boundary();
             let chunk = bytes::Bytes::from(vec![n; 64 << 10]);
             let mut pieces: Vec<bytes::Bytes> = Vec::new();
             for file in 0..2 {
-                let head = crate::photos::part_head(&boundary, &format!("big-{n}-{file}.bin"));
+                let head = part_head(&boundary, &format!("big-{n}-{file}.bin"));
                 pieces.push(head.into());
                 for _ in 0..size / chunk.len() {
                     pieces.push(chunk.clone());
@@ -742,7 +734,7 @@ async fn concurrent_large_uploads_are_not_held_in_memory(backend: Backend) {
             client
                 .post(&path)
                 .bearer_auth(&key)
-                .header("content-type", crate::photos::content_type(&boundary))
+                .header("content-type", multipart_content_type(&boundary))
                 .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
                     pieces.into_iter().map(Ok::<_, std::io::Error>),
                 )))

@@ -1,7 +1,7 @@
 //! The OpenAPI document: committed, served, and telling the truth about auth and errors.
 
 use crate::backend_tests;
-use crate::support::{TestApp, fields, problem};
+use crate::support::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -391,7 +391,7 @@ async fn real_responses_match_the_spec_strictly(app: &TestApp) {
         let created: Value = response.json().await.unwrap();
         assert_valid(&spec, "post", "/v1/generations", "202", &created);
         let id = created["id"].as_str().unwrap().to_owned();
-        let done = crate::avatars::wait_for_batch(&app, &id).await;
+        let done = wait_for_batch(&app, &id).await;
         assert_eq!(done["status"], "succeeded", "{done}");
         assert_valid(&spec, "get", "/v1/batches/{id}", "200", &done);
         batches.push((seed, done));

@@ -144,20 +144,22 @@ async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp)
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal.set_all_durations(Durations::new(600_000, 0));
     let id = submit(&app, "answer lost").await;
-    app.poll_until("the submit noted as unconfirmed", || async {
-        let job = app.job(&id).await;
-        (submit_notes(&job) == ["unconfirmed"]).then_some(())
-    })
-    .await;
+    eventually("the submit noted as unconfirmed")
+        .until(async || {
+            let job = app.job(&id).await;
+            (submit_notes(&job) == ["unconfirmed"]).then_some(())
+        })
+        .await;
     assert_eq!(metric(&app, "falgate_submits_unconfirmed_total").await, 1);
     // Well past the grace, and past several submit backoffs: still one request.
     let first = requests_for(&app, &id);
     assert_eq!(first.len(), 1);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    while tokio::time::Instant::now() < deadline {
-        assert_eq!(app.fal.submits().len(), 1, "sent again blind");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    throughout(
+        Duration::from_secs(2),
+        Duration::from_millis(50),
+        async || assert_eq!(app.fal.submits().len(), 1, "sent again blind"),
+    )
+    .await;
     assert_eq!(app.job(&id).await["status"], "pending");
     app.fal
         .set_request_durations(&first[0].id, Durations::new(0, 0));
@@ -219,10 +221,9 @@ async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) 
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal.set_all_durations(Durations::new(600_000, 0));
     let queued = submit(&app, "cancelled in doubt").await;
-    app.poll_until("the submit in doubt", || async {
-        (submit_notes(&app.job(&queued).await) == ["unconfirmed"]).then_some(())
-    })
-    .await;
+    eventually("the submit in doubt")
+        .until(async || (submit_notes(&app.job(&queued).await) == ["unconfirmed"]).then_some(()))
+        .await;
     let answer = app.cancel(&queued).await;
     assert_eq!(answer["status"], "pending", "{answer}");
     assert!(answer["cancel_requested_at"].is_string());
@@ -237,10 +238,9 @@ async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) 
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
     let absent = submit(&app, "never queued").await;
-    app.poll_until("the second submit in doubt", || async {
-        (submit_notes(&app.job(&absent).await) == ["unconfirmed"]).then_some(())
-    })
-    .await;
+    eventually("the second submit in doubt")
+        .until(async || (submit_notes(&app.job(&absent).await) == ["unconfirmed"]).then_some(()))
+        .await;
     assert_eq!(app.cancel(&absent).await["status"], "pending");
     let job = app.wait_for_status(&absent, "canceled").await;
     assert!(job["fal_request_id"].is_null());
@@ -269,10 +269,8 @@ async fn a_genuine_callback_replayed_to_another_pending_job_is_foreign(app: &Tes
     let done = submit(&app, "the original").await;
     app.wait_for_status(&done, "succeeded").await;
     // The emulator records a delivery once it has its answer, a moment after falgate acted.
-    let genuine = app
-        .poll_until("the delivery recorded", || async {
-            app.fal.callback_attempts().first().cloned()
-        })
+    let genuine = eventually("the delivery recorded")
+        .until(async || app.fal.callback_attempts().first().cloned())
         .await;
     // A second job that stays pending: FAL refuses its submits.
     app.fal
@@ -317,16 +315,17 @@ async fn a_duplicate_callback_leaves_a_finished_job_as_it_was(app: &TestApp) {
     app.fal.inject_callback_fault(CallbackFault::Duplicate, 1);
     let id = submit(&app, "told twice").await;
     let first = app.wait_for_status(&id, "succeeded").await;
-    app.poll_until("the duplicate delivered", || async {
-        let answered = app
-            .fal
-            .callback_attempts()
-            .iter()
-            .filter(|a| a.status == Some(200))
-            .count();
-        (answered == 2).then_some(())
-    })
-    .await;
+    eventually("the duplicate delivered")
+        .until(async || {
+            let answered = app
+                .fal
+                .callback_attempts()
+                .iter()
+                .filter(|a| a.status == Some(200))
+                .count();
+            (answered == 2).then_some(())
+        })
+        .await;
     let after = app.job(&id).await;
     assert_eq!(after["updated_at"], first["updated_at"]);
     assert_eq!(after["events"], first["events"]);

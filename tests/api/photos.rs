@@ -9,69 +9,12 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// A real PNG of `width`×`height`, different for every `n`.
-fn photo(n: u64, width: u32, height: u32) -> Vec<u8> {
-    falgate::emulator::png::render(width, height, n, "upload photo")
-}
-
-/// One part of a multipart body: its headers, for a file named `name`.
-pub(crate) fn part_head(boundary: &str, name: &str) -> Vec<u8> {
-    format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes()
-}
-
-pub(crate) fn new_boundary() -> String {
-    format!("falgate-{}", uuid::Uuid::new_v4().simple())
-}
-
-pub(crate) fn content_type(boundary: &str) -> String {
-    format!("multipart/form-data; boundary={boundary}")
-}
-
-/// A whole multipart body with one part per file.
-fn multipart(boundary: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        body.extend_from_slice(&part_head(boundary, name));
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
-}
-
-/// Uploads `files` in one request with a Content-Length.
-async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> reqwest::Response {
-    let boundary = new_boundary();
-    app.request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type(&boundary))
-        .body(multipart(&boundary, files))
-        .send()
-        .await
-        .unwrap()
-}
-
 /// A body sent chunk by chunk (chunked transfer encoding, no length announced), as a client
 /// streaming a large file sends it.
 fn streamed(chunks: Vec<Vec<u8>>) -> reqwest::Body {
     reqwest::Body::wrap_stream(futures_util::stream::iter(
         chunks.into_iter().map(Ok::<_, std::io::Error>),
     ))
-}
-
-async fn create_avatar(app: &TestApp) -> String {
-    let response = app
-        .request(Method::POST, "/v1/avatars")
-        .json(&json!({"name": "uploads", "kind": "character"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let avatar: Value = response.json().await.unwrap();
-    avatar["id"].as_str().unwrap().to_owned()
 }
 
 async fn kept_photos(app: &TestApp, avatar: &str) -> Vec<Value> {
@@ -107,10 +50,9 @@ fn partial_files(app: &TestApp) -> usize {
 
 /// Waits until no upload's temporary file is left.
 async fn wait_for_no_partial_files(app: &TestApp) {
-    app.poll_until("the temporary upload files to be removed", || async {
-        (partial_files(app) == 0).then_some(())
-    })
-    .await;
+    eventually("the temporary upload files to be removed")
+        .until(async || (partial_files(app) == 0).then_some(()))
+        .await;
 }
 
 /// A 1-bit greyscale PNG of `width`×`height`, all black: a decompression bomb, as its pixels
@@ -217,7 +159,7 @@ fn oriented_jpeg(width: u32, height: u32, orientation: u16) -> Vec<u8> {
 
 backend_tests!(pictures_cut_short_lying_or_inflating_are_refused_by_name);
 async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp) {
-    let avatar = create_avatar(&app).await;
+    let avatar = id_of(&create_avatar(&app, "character").await);
     let good = photo(1, 640, 512);
     let cut = good[..24].to_vec();
     let second = photo(2, 640, 512);
@@ -278,7 +220,7 @@ async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp
 
 backend_tests!(an_exif_rotated_jpeg_reports_its_displayed_size);
 async fn an_exif_rotated_jpeg_reports_its_displayed_size(app: &TestApp) {
-    let avatar = create_avatar(&app).await;
+    let avatar = id_of(&create_avatar(&app, "character").await);
     // Stored 600x800, shown turned a quarter (Exif orientation 6): 800x600.
     let response = upload(
         &app,
@@ -317,7 +259,7 @@ backend_tests!(
     }
 );
 async fn a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept(app: &TestApp) {
-    let avatar = create_avatar(&app).await;
+    let avatar = id_of(&create_avatar(&app, "character").await);
     let first = photo(1, 640, 512);
     let last = photo(2, 512, 640);
     assert!(first.len() < 100_000 && last.len() < 100_000);
@@ -333,7 +275,7 @@ async fn a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept(app: 
     chunks.push(multipart(&boundary, &[("last.png", last)]));
     let response = app
         .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type(&boundary))
+        .header("content-type", multipart_content_type(&boundary))
         .body(streamed(chunks))
         .send()
         .await
@@ -370,7 +312,7 @@ backend_tests!(
     }
 );
 async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) {
-    let avatar = create_avatar(&app).await;
+    let avatar = id_of(&create_avatar(&app, "character").await);
     let photos: Vec<(String, Vec<u8>)> = (0..8)
         .map(|n| (format!("p{n}.png"), photo(n, 640, 512)))
         .collect();
@@ -389,7 +331,7 @@ async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) 
     // Announced by its length: refused before a byte is read.
     let response = app
         .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type(&boundary))
+        .header("content-type", multipart_content_type(&boundary))
         .body(body.clone())
         .send()
         .await
@@ -404,7 +346,7 @@ async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) 
     let chunks: Vec<Vec<u8>> = body.chunks(4096).map(<[u8]>::to_vec).collect();
     let response = app
         .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type(&boundary))
+        .header("content-type", multipart_content_type(&boundary))
         .body(streamed(chunks))
         .send()
         .await
@@ -425,7 +367,7 @@ backend_tests!(
     }
 );
 async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &TestApp) {
-    let avatar = create_avatar(&app).await;
+    let avatar = id_of(&create_avatar(&app, "character").await);
     let path = format!("/v1/avatars/{avatar}/photos");
     let boundary = new_boundary();
     let good = photo(7, 640, 512);
@@ -441,21 +383,20 @@ async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &Te
         }));
     let slow = tokio::spawn(
         app.request(Method::POST, &path)
-            .header("content-type", content_type(&boundary))
+            .header("content-type", multipart_content_type(&boundary))
             .body(body)
             .send(),
     );
-    app.poll_until("the slow upload to be written to disk", || async {
-        (partial_files(&app) == 1).then_some(())
-    })
-    .await;
+    eventually("the slow upload to be written to disk")
+        .until(async || (partial_files(&app) == 1).then_some(()))
+        .await;
 
     // Another is refused at once, saying when to come back; an empty form would be a 422
     // had it been let in.
     let other = new_boundary();
     let response = app
         .request(Method::POST, &path)
-        .header("content-type", content_type(&other))
+        .header("content-type", multipart_content_type(&other))
         .body(multipart(&other, &[]))
         .send()
         .await
@@ -482,7 +423,7 @@ async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &Te
     assert_eq!(response.status(), StatusCode::CREATED);
     let response = app
         .request(Method::POST, &path)
-        .header("content-type", content_type(&other))
+        .header("content-type", multipart_content_type(&other))
         .body(multipart(&other, &[]))
         .send()
         .await
@@ -507,14 +448,13 @@ async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &Te
         }));
     let abandoned = tokio::spawn(
         app.request(Method::POST, &path)
-            .header("content-type", content_type(&boundary))
+            .header("content-type", multipart_content_type(&boundary))
             .body(body)
             .send(),
     );
-    app.poll_until("the abandoned upload to be written to disk", || async {
-        (partial_files(&app) == 1).then_some(())
-    })
-    .await;
+    eventually("the abandoned upload to be written to disk")
+        .until(async || (partial_files(&app) == 1).then_some(()))
+        .await;
     more.send(Err(std::io::Error::other("the client gave up")))
         .await
         .unwrap();
@@ -527,14 +467,14 @@ async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &Te
 
 backend_tests!(a_form_that_never_reaches_a_file_is_refused_not_buffered);
 async fn a_form_that_never_reaches_a_file_is_refused_not_buffered(app: &TestApp) {
-    let avatar = create_avatar(&app).await;
+    let avatar = id_of(&create_avatar(&app, "character").await);
     let boundary = new_boundary();
     // A preamble past the 1 MiB allowed that never names a part: the parser would have to
     // keep all of it.
     let body = vec![b'x'; 3 << 19];
     let response = app
         .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type(&boundary))
+        .header("content-type", multipart_content_type(&boundary))
         .body(body)
         .send()
         .await

@@ -119,10 +119,8 @@ async fn a_job_goes_to_fal_and_succeeds_through_its_callback(app: &TestApp) {
         ("valid", "applied")
     );
     // The emulator records a delivery once it has its answer, a moment after falgate acted.
-    let attempt = &app
-        .poll_until("the delivery recorded", || async {
-            app.fal.callback_attempts().first().cloned()
-        })
+    let attempt = &eventually("the delivery recorded")
+        .until(async || app.fal.callback_attempts().first().cloned())
         .await;
     assert_eq!(
         stored[0].body,
@@ -156,8 +154,8 @@ async fn duplicated_and_reordered_callbacks_change_nothing(app: &TestApp) {
     let id = submit_generation(&app, json!({"prompt": "twice"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let job_id = id.parse().unwrap();
-    let stored = app
-        .poll_until("both deliveries stored", || async {
+    let stored = eventually("both deliveries stored")
+        .until(async || {
             let stored = app.store().list_callbacks(job_id).await.unwrap();
             (stored.len() == 2).then_some(stored)
         })
@@ -171,14 +169,15 @@ async fn duplicated_and_reordered_callbacks_change_nothing(app: &TestApp) {
     // Reordered: the first job's callback is held back until the second's has been delivered.
     app.fal.inject_callback_fault(CallbackFault::Reorder, 1);
     let first = submit_generation(&app, json!({"prompt": "held back"})).await;
-    app.poll_until("the first callback is held", || async {
-        app.fal
-            .requests()
-            .iter()
-            .any(|r| r.input["prompt"] == "held back" && r.phase == Phase::Completed)
-            .then_some(())
-    })
-    .await;
+    eventually("the first callback is held")
+        .until(async || {
+            app.fal
+                .requests()
+                .iter()
+                .any(|r| r.input["prompt"] == "held back" && r.phase == Phase::Completed)
+                .then_some(())
+        })
+        .await;
     let second = submit_generation(&app, json!({"prompt": "overtakes"})).await;
     let a = app.wait_for_status(&first, "succeeded").await;
     let b = app.wait_for_status(&second, "succeeded").await;
@@ -193,10 +192,8 @@ backend_tests!(
 async fn forged_and_tampered_callbacks_are_refused_and_change_nothing(app: &TestApp) {
     let id = submit_generation(&app, json!({"prompt": "genuine", "seed": 1})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
-    let genuine = app
-        .poll_until("the delivery recorded", || async {
-            app.fal.callback_attempts().first().cloned()
-        })
+    let genuine = eventually("the delivery recorded")
+        .until(async || app.fal.callback_attempts().first().cloned())
         .await;
     let signer = CallbackSigner::new(vec![Secret::new(TEST_WEBHOOK_SECRET)]).unwrap();
     let url = |token: &str| app.url(&format!("/v1/fal/webhook/{id}?token={token}"));
@@ -431,25 +428,25 @@ async fn cancels_while_pending_queued_and_running(app: &TestApp) {
     app.fal
         .inject_fault(FaultRule::submit(FaultRule::status(503), 1000));
     let pending = submit_generation(&app, json!({"prompt": "never sent"})).await;
-    app.poll_until("a refused attempt", || async {
-        (!app.fal.submits().is_empty()).then_some(())
-    })
-    .await;
+    eventually("a refused attempt")
+        .until(async || (!app.fal.submits().is_empty()).then_some(()))
+        .await;
     let canceled = app.cancel(&pending).await;
     assert_eq!(canceled["status"], "canceled");
     // A submit claimed just before the cancel may still be on its way: every attempt must
     // have met the armed refusal before it is lifted.
     let attempts = canceled["attempts"].as_u64().unwrap() as usize;
-    app.poll_until("every attempt refused", || async {
-        let sent = app
-            .fal
-            .submits()
-            .iter()
-            .filter(|s| s.input["prompt"] == "never sent")
-            .count();
-        (sent == attempts).then_some(())
-    })
-    .await;
+    eventually("every attempt refused")
+        .until(async || {
+            let sent = app
+                .fal
+                .submits()
+                .iter()
+                .filter(|s| s.input["prompt"] == "never sent")
+                .count();
+            (sent == attempts).then_some(())
+        })
+        .await;
     app.fal.clear_faults();
 
     // Queued and running at FAL: the cancel is passed on and FAL's confirmation ends it.
@@ -546,10 +543,9 @@ async fn a_surplus_fal_request_is_cancelled_and_the_first_kept(app: &TestApp) {
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal.inject_fault(FaultRule::submit(HttpFault::Hold, 1));
     let id = submit_generation(&app, json!({"prompt": "one of two"})).await;
-    app.poll_until("the second submit held", || async {
-        (app.fal.held_calls() == 1).then_some(())
-    })
-    .await;
+    eventually("the second submit held")
+        .until(async || (app.fal.held_calls() == 1).then_some(()))
+        .await;
     let first = app.fal.requests();
     assert_eq!(first.len(), 1, "{first:?}");
     app.fal
@@ -559,8 +555,8 @@ async fn a_surplus_fal_request_is_cancelled_and_the_first_kept(app: &TestApp) {
     // Now FAL takes the second submit: a surplus request, withdrawn while it waits.
     app.fal.release_held_calls();
     let kept = job["fal_request_id"].as_str().unwrap().to_owned();
-    let cancels = app
-        .poll_until("the surplus request cancelled", || async {
+    let cancels = eventually("the surplus request cancelled")
+        .until(async || {
             let cancels = app.fal.cancels();
             (!cancels.is_empty()).then_some(cancels)
         })
@@ -620,14 +616,15 @@ async fn a_job_past_its_deadline_fails_and_is_withdrawn_from_fal(app: &TestApp) 
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "deadline_exceeded");
     assert!(job["result"].is_null());
-    app.poll_until("the overdue request withdrawn", || async {
-        app.fal
-            .cancels()
-            .iter()
-            .any(|c| Some(c.request_id.as_str()) == job["fal_request_id"].as_str())
-            .then_some(())
-    })
-    .await;
+    eventually("the overdue request withdrawn")
+        .until(async || {
+            app.fal
+                .cancels()
+                .iter()
+                .any(|c| Some(c.request_id.as_str()) == job["fal_request_id"].as_str())
+                .then_some(())
+        })
+        .await;
 }
 
 backend_tests!(a_callback_that_cannot_be_stored_gets_a_5xx_and_is_not_lost);
@@ -646,8 +643,8 @@ async fn a_callback_that_cannot_be_stored_gets_a_5xx_and_is_not_lost(app: &TestA
     let id = submit_generation(&app, json!({"prompt": "kept anyway"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     // Every callback FAL got an answer to was refused with a 5xx, never acknowledged.
-    let answered: Vec<u16> = app
-        .poll_until("a callback answered", || async {
+    let answered: Vec<u16> = eventually("a callback answered")
+        .until(async || {
             let answered: Vec<u16> = app
                 .fal
                 .callback_attempts()

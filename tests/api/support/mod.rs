@@ -9,10 +9,15 @@ use falgate::store::{Store, StoreOptions};
 use futures_util::FutureExt;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde_json::Value;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::time::Duration;
+
+mod resources;
+mod wait;
+
+pub use resources::*;
+pub use wait::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -138,25 +143,6 @@ impl TestApp {
         key.secret
     }
 
-    /// Polls `probe` until it answers `Some`, failing the test after [`PATIENCE`].
-    pub async fn poll_until<T, F, Fut>(&self, what: &str, mut probe: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Option<T>>,
-    {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(found) = probe().await {
-                return found;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     /// GET `path` with this test's key, answering the JSON body.
     pub async fn get_json(&self, path: &str) -> Value {
         self.request(Method::GET, path)
@@ -181,21 +167,18 @@ impl TestApp {
 
     /// Waits until the job is in `status`; fails at once if it ends in another state.
     pub async fn wait_for_status(&self, id: &str, status: &str) -> Value {
-        let mut last = Value::Null;
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        while tokio::time::Instant::now() < deadline {
-            last = self.job(id).await;
-            let now = last["status"].as_str().unwrap_or_default();
-            if now == status {
-                return last;
-            }
-            assert!(
-                !matches!(now, "succeeded" | "failed" | "canceled"),
-                "job ended {now}, not {status}: {last}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("job never reached {status}: {last}");
+        eventually(format_args!("job {id} {status}"))
+            .or_last(async || {
+                let job = self.job(id).await;
+                let now = job["status"].as_str().unwrap_or_default();
+                assert!(
+                    now == status || !matches!(now, "succeeded" | "failed" | "canceled"),
+                    "job ended {now}, not {status}: {job}"
+                );
+                if now == status { Ok(job) } else { Err(job) }
+            })
+            .await
+            .unwrap_or_else(|last| panic!("job never reached {status}: {last}"))
     }
 
     /// POST /v1/jobs/{id}/cancel, expecting 200.
@@ -228,9 +211,6 @@ impl TestApp {
 }
 
 pub const TEST_WEBHOOK_SECRET: &str = "test-webhook-secret-0123456789abcdef";
-
-/// How long a test waits for something the app does in the background.
-pub const PATIENCE: Duration = Duration::from_secs(20);
 
 pub fn config_for(database_url: &str) -> Config {
     Config::for_database(database_url)
@@ -448,4 +428,15 @@ pub fn spawned_server_env(
 /// For scenarios that move jobs themselves, through the store, with no worker racing them.
 pub fn without_workers(config: &mut Config) {
     config.run_workers = false;
+}
+
+/// Waits until a spawned falgate at `base` answers `/readyz` with a success.
+pub async fn wait_until_serving(client: &reqwest::Client, base: &str) {
+    eventually("falgate to start")
+        .every(Duration::from_millis(25))
+        .until(async || {
+            let response = client.get(format!("{base}/readyz")).send().await.ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
 }
