@@ -48,8 +48,8 @@ async fn generate_one(app: &TestApp, id: &str, prompt: &str) -> Value {
     wait_for_batch(app, &id_of(&batch)).await
 }
 
-backend_tests!(a_character_is_trained_on_its_photos_and_generates_a_batch);
-async fn a_character_is_trained_on_its_photos_and_generates_a_batch(app: &TestApp) {
+backend_tests!(a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset);
+async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(app: &TestApp) {
     let (avatar, photos) = avatar_with_photos(&app, "character", 10).await;
     let id = avatar["id"].as_str().unwrap();
     let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
@@ -128,22 +128,31 @@ async fn a_character_is_trained_on_its_photos_and_generates_a_batch(app: &TestAp
         .unwrap();
     assert_eq!(copy.status(), StatusCode::OK);
     assert_eq!(copy.bytes().await.unwrap(), weights);
+}
 
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({
+/// A character trained and holding its LoRA copy: its id, trigger phrase and FAL's LoRA URL.
+async fn ready_character(app: &TestApp) -> (String, String, String) {
+    let (id, avatar) = trained_with_lora_copy(app).await;
+    let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
+    let lora_url = avatar["artifact"]["lora_url"].as_str().unwrap().to_owned();
+    (id, trigger, lora_url)
+}
+
+backend_tests!(a_trained_character_generates_a_batch_with_the_portrait_preset);
+async fn a_trained_character_generates_a_batch_with_the_portrait_preset(app: &TestApp) {
+    let (id, trigger, lora_url) = ready_character(app).await;
+    let batch = generate(
+        app,
+        json!({
             "avatar_id": id,
             "prompts": ["at the beach", "in a library", "TOK_ mentioned differently"],
             "preset": "portrait",
             "aspect_ratio": "3:4",
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let batch: Value = response.json().await.unwrap();
+        }),
+    )
+    .await;
     assert_eq!(batch["total"], 3);
-    let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+    let done = wait_for_batch(app, &id_of(&batch)).await;
     assert_eq!(done["status"], "succeeded", "{done}");
     for job in done["jobs"].as_array().unwrap() {
         assert_eq!(job["endpoint"], "fal-ai/flux-lora");
@@ -174,16 +183,21 @@ async fn a_character_is_trained_on_its_photos_and_generates_a_batch(app: &TestAp
         assert_eq!(seed.parse::<u64>().ok(), job["result"]["seed"].as_u64());
         assert_eq!(job["output"]["has_nsfw_concepts"], json!([false]));
     }
+}
 
-    // Every image of a multi-image request comes back.
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": id, "prompt": "four of them", "num_images": 4, "seed": 7}))
-        .send()
+backend_tests!(every_image_of_a_multi_image_request_comes_back);
+async fn every_image_of_a_multi_image_request_comes_back(app: &TestApp) {
+    let (id, _, _) = ready_character(app).await;
+    let batch = app
+        .post_json(
+            "/v1/generations",
+            &json!({"avatar_id": id, "prompt": "four of them", "num_images": 4, "seed": 7}),
+        )
+        .await
+        .json::<Value>()
         .await
         .unwrap();
-    let batch: Value = response.json().await.unwrap();
-    let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+    let done = wait_for_batch(app, &id_of(&batch)).await;
     assert_eq!(
         done["jobs"][0]["output"]["images"]
             .as_array()
@@ -191,41 +205,38 @@ async fn a_character_is_trained_on_its_photos_and_generates_a_batch(app: &TestAp
             .len(),
         4
     );
+}
 
-    // Refusals on a ready avatar: fields the endpoint does not take, and bad values.
-    for (body, field) in [
-        (
-            json!({"avatar_id": id, "prompt": "x", "negative_prompt": "blurry"}),
-            "negative_prompt",
-        ),
-        (
-            json!({"avatar_id": id, "prompt": "x", "num_images": 5}),
-            "num_images",
-        ),
-        (
-            json!({"avatar_id": id, "prompt": "x", "preset": "cinematic"}),
-            "preset",
-        ),
-        (json!({"avatar_id": id, "prompt": "x", "raw": true}), "raw"),
-        (
-            json!({"avatar_id": id, "prompt": "x", "aspect_ratio": "5:4"}),
-            "aspect_ratio",
-        ),
-    ] {
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let problem = problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        assert_eq!(fields(&problem), vec![field.to_owned()], "{body}");
-    }
+backend_tests!(a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values);
+async fn a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values(app: &TestApp) {
+    let (id, _, _) = ready_character(app).await;
+    assert_bodies_refused(
+        app,
+        "/v1/generations",
+        &[
+            (
+                json!({"avatar_id": id, "prompt": "x", "negative_prompt": "blurry"}),
+                &["negative_prompt"],
+            ),
+            (
+                json!({"avatar_id": id, "prompt": "x", "num_images": 5}),
+                &["num_images"],
+            ),
+            (
+                json!({"avatar_id": id, "prompt": "x", "preset": "cinematic"}),
+                &["preset"],
+            ),
+            (
+                json!({"avatar_id": id, "prompt": "x", "raw": true}),
+                &["raw"],
+            ),
+            (
+                json!({"avatar_id": id, "prompt": "x", "aspect_ratio": "5:4"}),
+                &["aspect_ratio"],
+            ),
+        ],
+    )
+    .await;
 }
 
 backend_tests!(a_style_is_finetuned_and_generates_on_the_finetune_endpoint);
@@ -807,49 +818,31 @@ backend_tests!(a_request_is_checked_before_the_avatar_it_names);
 async fn a_request_is_checked_before_the_avatar_it_names(app: &TestApp) {
     // Wrong fields on an avatar that is not trained yet: the fields are named, not the
     // avatar's state.
-    let draft = create_avatar(&app, "character").await;
-    let draft = draft["id"].as_str().unwrap();
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({
-            "avatar_id": draft, "prompt": "x", "num_images": 9, "aspect_ratio": "5:4",
-            "negative_prompt": "blurry", "image_size": "huge", "safety_tolerance": "9"
-        }))
-        .send()
-        .await
-        .unwrap();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
-    let mut named = fields(&body);
-    named.sort();
-    assert_eq!(
-        named,
-        [
-            "aspect_ratio",
-            "image_size",
-            "negative_prompt",
-            "num_images",
-            "safety_tolerance"
+    let draft = id_of(&create_avatar(app, "character").await);
+    assert_bodies_refused(
+        app,
+        "/v1/generations",
+        &[
+            (
+                json!({
+                    "avatar_id": draft, "prompt": "x", "num_images": 9, "aspect_ratio": "5:4",
+                    "negative_prompt": "blurry", "image_size": "huge", "safety_tolerance": "9"
+                }),
+                &[
+                    "aspect_ratio",
+                    "image_size",
+                    "negative_prompt",
+                    "num_images",
+                    "safety_tolerance",
+                ],
+            ),
+            (
+                json!({"avatar_id": draft, "prompts": ["fine", ""]}),
+                &["prompts[1]"],
+            ),
         ],
-        "{body}"
-    );
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": draft, "prompts": ["fine", ""]}))
-        .send()
-        .await
-        .unwrap();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
     )
     .await;
-    assert_eq!(fields(&body), ["prompts[1]"]);
     // A right request on it is still told the avatar is not ready.
     let response = app
         .request(Method::POST, "/v1/generations")
@@ -871,13 +864,7 @@ async fn a_request_is_checked_before_the_avatar_it_names(app: &TestApp) {
         json!({"preset": "quality", "overrides": {"no_such_field": 1}}),
     )
     .await;
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
-    assert_eq!(fields(&body), ["overrides.no_such_field"]);
+    assert_refused_naming(response, &["overrides.no_such_field"], "a wrong override").await;
     let again = train(&app, training, json!({})).await;
     problem(again, StatusCode::CONFLICT, "avatar_training").await;
 }

@@ -506,19 +506,8 @@ async fn seeds_are_taken_as_integers_or_digits_and_nothing_else(app: &TestApp) {
             !request.is_valid(&body) || seed == "18446744073709551616",
             "the spec takes seed {seed}"
         );
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let problem = problem(
-            response,
-            reqwest::StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        assert_eq!(fields(&problem), ["seed"], "seed {seed}: {problem}");
+        let response = app.post_json("/v1/generations", &body).await;
+        assert_refused_naming(response, &["seed"], format_args!("seed {seed}")).await;
     }
     // What the spec takes gets past the body's checks (to the unknown avatar).
     for seed in [
@@ -530,12 +519,7 @@ async fn seeds_are_taken_as_integers_or_digits_and_nothing_else(app: &TestApp) {
     ] {
         let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
         assert!(request.is_valid(&body), "the spec refuses seed {seed}");
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = app.post_json("/v1/generations", &body).await;
         problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
     }
     // Exactly one of `prompt` and `prompts`, in the spec as on the server; a `null` is
@@ -545,12 +529,7 @@ async fn seeds_are_taken_as_integers_or_digits_and_nothing_else(app: &TestApp) {
         json!({"avatar_id": avatar, "prompt": "x", "prompts": null}),
     ] {
         assert!(request.is_valid(&body), "the spec refuses {body}");
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = app.post_json("/v1/generations", &body).await;
         problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
     }
     for body in [
@@ -558,12 +537,7 @@ async fn seeds_are_taken_as_integers_or_digits_and_nothing_else(app: &TestApp) {
         json!({"avatar_id": avatar, "prompt": "x", "prompts": ["y"]}),
     ] {
         assert!(!request.is_valid(&body), "the spec takes {body}");
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let response = app.post_json("/v1/generations", &body).await;
         assert_eq!(
             response.status(),
             reqwest::StatusCode::UNPROCESSABLE_ENTITY,
