@@ -29,8 +29,8 @@ async fn every_v1_route_needs_a_key(app: &TestApp) {
     }
 }
 
-backend_tests!(wrong_malformed_and_revoked_keys_are_refused);
-async fn wrong_malformed_and_revoked_keys_are_refused(app: &TestApp) {
+backend_tests!(wrong_and_malformed_keys_are_refused);
+async fn wrong_and_malformed_keys_are_refused(app: &TestApp) {
     let forged = format!("fgk_{}", "A".repeat(43));
     for header in [
         format!("Bearer {forged}"),
@@ -48,16 +48,12 @@ async fn wrong_malformed_and_revoked_keys_are_refused(app: &TestApp) {
             .unwrap();
         problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
+}
 
+backend_tests!(a_revoked_key_is_refused_and_the_others_are_unaffected);
+async fn a_revoked_key_is_refused_and_the_others_are_unaffected(app: &TestApp) {
     let key = app.new_key("to revoke").await;
-    let ok = app
-        .client
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(app.get_as(&key, "/v1/jobs").await.status(), StatusCode::OK);
     let prefix = &key[..12];
     assert!(
         app.store()
@@ -65,20 +61,9 @@ async fn wrong_malformed_and_revoked_keys_are_refused(app: &TestApp) {
             .await
             .unwrap()
     );
-    let refused = app
-        .client
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let refused = app.get_as(&key, "/v1/jobs").await;
     problem(refused, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    // The other key is unaffected.
-    let still = app
-        .request(reqwest::Method::GET, "/v1/jobs")
-        .send()
-        .await
-        .unwrap();
+    let still = app.get_as(&app.key, "/v1/jobs").await;
     assert_eq!(still.status(), StatusCode::OK);
 }
 
@@ -88,13 +73,7 @@ async fn a_key_never_sees_another_keys_jobs(app: &TestApp) {
     let id = job["id"].as_str().unwrap();
     let other = app.new_key("other tenant").await;
 
-    let get = app
-        .client
-        .get(app.url(&format!("/v1/jobs/{id}")))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
+    let get = app.get_as(&other, &format!("/v1/jobs/{id}")).await;
     problem(get, StatusCode::NOT_FOUND, "not_found").await;
     let cancel = app
         .client
@@ -104,26 +83,9 @@ async fn a_key_never_sees_another_keys_jobs(app: &TestApp) {
         .await
         .unwrap();
     problem(cancel, StatusCode::NOT_FOUND, "not_found").await;
-    let list: serde_json::Value = app
-        .client
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    let list: serde_json::Value = app.get_as(&other, "/v1/jobs").await.json().await.unwrap();
+    assert_eq!(items(&list).len(), 0);
 
     // The owner still sees it, untouched by the other key's cancel.
-    let mine: serde_json::Value = app
-        .request(reqwest::Method::GET, &format!("/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(mine["status"], "pending");
+    assert_eq!(app.job(id).await["status"], "pending");
 }

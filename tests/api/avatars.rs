@@ -121,11 +121,7 @@ async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(
         .file_bytes(lora_url)
         .expect("the emulator served the weights");
     assert_eq!(kept["artifact"]["lora_copy"]["bytes"], weights.len());
-    let copy = app
-        .request(Method::GET, &format!("/v1/avatars/{id}/lora"))
-        .send()
-        .await
-        .unwrap();
+    let copy = app.get(&format!("/v1/avatars/{id}/lora")).await;
     assert_eq!(copy.status(), StatusCode::OK);
     assert_eq!(copy.bytes().await.unwrap(), weights);
 }
@@ -326,38 +322,22 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
         "validation_failed",
     )
     .await;
-    let errors: Vec<(String, String)> = body["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["field"].as_str().unwrap().to_owned(),
-                e["message"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    assert_eq!(errors.len(), 5, "{errors:?}");
-    assert!(
-        errors[0].0.contains("holiday.jpg") && errors[0].1.contains("BMP"),
-        "{errors:?}"
-    );
-    assert!(
-        errors[1].0.contains("tiny.png") && errors[1].1.contains("300x300"),
-        "{errors:?}"
-    );
-    assert!(
-        errors[2].0.contains("again.png") && errors[2].1.contains("same bytes"),
-        "{errors:?}"
-    );
-    assert!(
-        errors[3].0.contains("huge.png") && errors[3].1.contains("limit"),
-        "{errors:?}"
-    );
-    assert!(
-        errors[4].0.contains("empty.jpg") && errors[4].1.contains("empty"),
-        "{errors:?}"
-    );
+    // Each refused file is named, in the order sent, with its reason.
+    let errors = refusals(&body);
+    let expected = [
+        ("holiday.jpg", "BMP"),
+        ("tiny.png", "300x300"),
+        ("again.png", "same bytes"),
+        ("huge.png", "limit"),
+        ("empty.jpg", "empty"),
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:?}");
+    for ((field, message), (file, reason)) in errors.iter().zip(expected) {
+        assert!(
+            field.contains(file) && message.contains(reason),
+            "{errors:?}"
+        );
+    }
     let kept = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
     assert_eq!(kept["items"].as_array().unwrap().len(), 1);
     assert_eq!(kept["items"][0]["content_type"], "image/png");
@@ -427,19 +407,12 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
         .await;
     assert_eq!(one["width"], 640);
     let deleted = app
-        .request(
-            Method::DELETE,
-            &format!("/v1/avatars/{id}/photos/{photo_id}"),
-        )
-        .send()
-        .await
-        .unwrap();
+        .delete(&format!("/v1/avatars/{id}/photos/{photo_id}"))
+        .await;
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     let gone = app
-        .request(Method::GET, &format!("/v1/avatars/{id}/photos/{photo_id}"))
-        .send()
-        .await
-        .unwrap();
+        .get(&format!("/v1/avatars/{id}/photos/{photo_id}"))
+        .await;
     problem(gone, StatusCode::NOT_FOUND, "not_found").await;
 }
 
@@ -480,33 +453,19 @@ async fn avatars_are_listed_scoped_and_deleted_with_their_training_cancelled(app
     problem(again, StatusCode::CONFLICT, "avatar_training").await;
 
     let other = app.new_key("someone else").await;
-    let hidden = app
-        .client
-        .get(app.url(&format!("/v1/avatars/{id}")))
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
+    let hidden = app.get_as(&other, &format!("/v1/avatars/{id}")).await;
     problem(hidden, StatusCode::NOT_FOUND, "not_found").await;
     let list = app.get_json("/v1/avatars").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
 
-    let deleted = app
-        .request(Method::DELETE, &format!("/v1/avatars/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let deleted = app.delete(&format!("/v1/avatars/{id}")).await;
     assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
     let job = app.job(job["id"].as_str().unwrap()).await;
     assert!(
         job["status"] == "canceled" || job["cancel_requested_at"].is_string(),
         "{job}"
     );
-    let gone = app
-        .request(Method::GET, &format!("/v1/avatars/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let gone = app.get(&format!("/v1/avatars/{id}")).await;
     problem(gone, StatusCode::NOT_FOUND, "not_found").await;
 }
 
@@ -873,16 +832,12 @@ backend_tests!(photos_sent_as_anything_but_a_form_are_told_what_to_send);
 async fn photos_sent_as_anything_but_a_form_are_told_what_to_send(app: &TestApp) {
     let avatar = create_avatar(&app, "style").await;
     let path = format!("/v1/avatars/{}/photos", avatar["id"].as_str().unwrap());
-    let json = app
-        .request(Method::POST, &path)
-        .json(&json!({"files": ["a.png"]}));
-    let text = app
-        .request(Method::POST, &path)
-        .header("content-type", "text/plain")
-        .body("a.png");
-    let bare = app.request(Method::POST, &path).body("a.png");
-    for request in [json, text, bare] {
-        let response = request.send().await.unwrap();
+    for (content_type, body) in [
+        (Some("application/json"), r#"{"files":["a.png"]}"#),
+        (Some("text/plain"), "a.png"),
+        (None, "a.png"),
+    ] {
+        let response = app.post_raw(&path, content_type, body).await;
         let body = problem(
             response,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -896,12 +851,8 @@ async fn photos_sent_as_anything_but_a_form_are_told_what_to_send(app: &TestApp)
     }
     // A form without its boundary is told what is missing, in the words of HTTP, not a parser.
     let response = app
-        .request(Method::POST, &path)
-        .header("content-type", "multipart/form-data")
-        .body("a.png")
-        .send()
-        .await
-        .unwrap();
+        .post_raw(&path, Some("multipart/form-data"), "a.png")
+        .await;
     let body = problem(
         response,
         StatusCode::UNSUPPORTED_MEDIA_TYPE,

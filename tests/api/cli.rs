@@ -103,9 +103,24 @@ async fn serve_refuses_to_start_without_a_fal_key_or_sandbox() {
 
 /// The README's first command: a sandbox that prints a key, runs a job through the built-in
 /// emulator, and says it is a sandbox.
+/// Reads a sandbox's output until it prints its development key.
+async fn printed_key(stdout: tokio::process::ChildStdout) -> String {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
+                return key.to_owned();
+            }
+        }
+        panic!("no key printed");
+    })
+    .await
+    .expect("the sandbox prints a key")
+}
+
 #[tokio::test]
 async fn serve_sandbox_runs_a_job_end_to_end() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     falgate::install_crypto_provider();
     let database = TestDatabase::create(Backend::Sqlite).await.unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -123,17 +138,7 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let key = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
-                return key.to_owned();
-            }
-        }
-        panic!("no key printed");
-    })
-    .await
-    .expect("the sandbox prints a key");
+    let key = printed_key(child.stdout.take().unwrap()).await;
 
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
@@ -298,7 +303,7 @@ fn bad_switches_in_the_environment_name_their_variable() {
 /// Starts `falgate serve` in sandbox mode on `database_url` and returns the key it prints and
 /// everything it logged until then (stderr is a pipe here, as when logs go to a file).
 async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, String) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::io::AsyncReadExt;
     let port = free_port();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_falgate"));
     command
@@ -318,17 +323,7 @@ async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, Str
         command.env(switch.0, switch.1);
     }
     let mut child = command.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let key = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
-                return key.to_owned();
-            }
-        }
-        panic!("no key printed");
-    })
-    .await
-    .expect("the sandbox prints a key");
+    let key = printed_key(child.stdout.take().unwrap()).await;
     child.kill().await.unwrap();
     let mut logged = String::new();
     child

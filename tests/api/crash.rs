@@ -34,17 +34,26 @@ fn start_server_with(
         .expect("start falgate")
 }
 
-async fn statuses(client: &reqwest::Client, base: &str, key: &str) -> Vec<Value> {
-    let page: Value = client
-        .get(format!("{base}/v1/jobs?limit=100"))
+/// GET `path` on the spawned server with `key`, answering the JSON body.
+async fn get_json(client: &reqwest::Client, base: &str, key: &str, path: &str) -> Value {
+    client
+        .get(format!("{base}{path}"))
         .bearer_auth(key)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    page["items"].as_array().unwrap().clone()
+        .unwrap()
+}
+
+async fn statuses(client: &reqwest::Client, base: &str, key: &str) -> Vec<Value> {
+    let page = get_json(client, base, key, "/v1/jobs?limit=100").await;
+    items(&page).clone()
+}
+
+async fn job_detail(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
+    get_json(client, base, key, &format!("/v1/jobs/{id}")).await
 }
 
 /// Polls the job list until `spread` holds for the counts of jobs by status.
@@ -95,18 +104,6 @@ fn address_and_client() -> (u16, String, reqwest::Client) {
         .build()
         .unwrap();
     (port, format!("http://127.0.0.1:{port}"), client)
-}
-
-async fn job_detail(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
-    client
-        .get(format!("{base}/v1/jobs/{id}"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 async fn killed_and_restarted(backend: Backend) {

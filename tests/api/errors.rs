@@ -73,41 +73,30 @@ async fn assert_nothing_stored(app: &TestApp, avatars: usize) {
 
 backend_tests!(malformed_bodies_are_client_errors);
 async fn malformed_bodies_are_client_errors(app: &TestApp) {
-    let response = app
-        .request(Method::POST, "/v1/jobs")
-        .header("content-type", "application/json")
-        .body("{\"endpoint\": ")
-        .send()
-        .await
-        .unwrap();
-    problem(response, StatusCode::BAD_REQUEST, "bad_request").await;
-
-    let response = app
-        .request(Method::POST, "/v1/jobs")
-        .body(r#"{"endpoint":"fal-ai/flux-lora","input":{}}"#)
-        .send()
-        .await
-        .unwrap();
-    problem(
-        response,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-    )
-    .await;
-
-    let response = app
-        .request(Method::POST, "/v1/jobs")
-        .header("content-type", "text/plain")
-        .body(r#"{"endpoint":"fal-ai/flux-lora","input":{}}"#)
-        .send()
-        .await
-        .unwrap();
-    problem(
-        response,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-    )
-    .await;
+    let job = r#"{"endpoint":"fal-ai/flux-lora","input":{}}"#;
+    for (content_type, body, status, code) in [
+        (
+            Some("application/json"),
+            "{\"endpoint\": ",
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+        ),
+        (
+            None,
+            job,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            Some("text/plain"),
+            job,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ] {
+        let response = app.post_raw("/v1/jobs", content_type, body).await;
+        problem(response, status, code).await;
+    }
 }
 
 backend_tests!(bodies_over_the_limit_get_413, |config| {
@@ -139,11 +128,7 @@ async fn a_malformed_job_id_is_a_422_naming_the_id(app: &TestApp) {
         ],
     )
     .await;
-    let response = app
-        .request(Method::POST, "/v1/jobs/123/cancel")
-        .send()
-        .await
-        .unwrap();
+    let response = app.post("/v1/jobs/123/cancel").await;
     problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -173,17 +158,9 @@ async fn a_bad_list_query_is_a_422_naming_the_parameter(app: &TestApp) {
 
 backend_tests!(unknown_routes_and_methods_answer_in_problem_json);
 async fn unknown_routes_and_methods_answer_in_problem_json(app: &TestApp) {
-    let response = app
-        .request(Method::GET, "/v1/nothing-here")
-        .send()
-        .await
-        .unwrap();
+    let response = app.get("/v1/nothing-here").await;
     problem(response, StatusCode::NOT_FOUND, "not_found").await;
-    let response = app
-        .request(Method::DELETE, "/v1/jobs")
-        .send()
-        .await
-        .unwrap();
+    let response = app.delete("/v1/jobs").await;
     let allow = response.headers()["allow"].to_str().unwrap().to_owned();
     let body = problem(
         response,
@@ -212,11 +189,7 @@ async fn unknown_routes_and_methods_answer_in_problem_json(app: &TestApp) {
     )
     .await;
     let id = uuid::Uuid::now_v7();
-    let response = app
-        .request(Method::GET, &format!("/v1/jobs/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.get(&format!("/v1/jobs/{id}")).await;
     let body = problem(response, StatusCode::NOT_FOUND, "not_found").await;
     assert!(body["detail"].as_str().unwrap().contains(&id.to_string()));
 }
@@ -238,7 +211,7 @@ async fn request_ids_are_echoed_or_made(app: &TestApp) {
     .await;
     assert_eq!(body["request_id"], "trace-abc-123");
 
-    let response = app.request(Method::GET, "/v1/jobs").send().await.unwrap();
+    let response = app.get("/v1/jobs").await;
     let made = response.headers()["x-request-id"].to_str().unwrap();
     assert!(uuid::Uuid::parse_str(made).is_ok(), "{made}");
 }

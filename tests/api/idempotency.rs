@@ -20,12 +20,8 @@ async fn post_with_key(app: &TestApp, api_key: &str, key: &str, body: &Value) ->
 
 async fn job_count(app: &TestApp, api_key: &str) -> usize {
     let page: Value = app
-        .client
-        .get(app.url("/v1/jobs?limit=100"))
-        .bearer_auth(api_key)
-        .send()
+        .get_as(api_key, "/v1/jobs?limit=100")
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();

@@ -8,6 +8,14 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::HashSet;
 
+/// Brings `event` to the job through the one transition function, as a worker would; answers
+/// whether the job moved.
+async fn apply(app: &TestApp, id: uuid::Uuid, event: JobEvent, source: EventSource) -> bool {
+    let transition = Transition::new(event, source, falgate::domain::now());
+    let applied = app.store().apply(None, id, &transition).await.unwrap();
+    applied.is_some_and(|applied| applied.moved_to().is_some())
+}
+
 backend_tests!(a_created_job_is_pending_with_its_history, without_workers);
 async fn a_created_job_is_pending_with_its_history(app: &TestApp) {
     let response = app
@@ -88,12 +96,7 @@ async fn filters_select_by_status_and_kind(app: &TestApp) {
         let job = app.create_job(&app.key, &format!("p{i}")).await;
         if i % 2 == 0 {
             let id = job["id"].as_str().unwrap();
-            let response = app
-                .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::OK);
+            app.cancel(id).await;
             canceled.insert(id.to_owned());
         }
     }
@@ -118,13 +121,10 @@ async fn filters_select_by_status_and_kind(app: &TestApp) {
     );
     let cursor = pending["next_cursor"].as_str().unwrap();
     let rest: Value = app
-        .request(
-            Method::GET,
-            &format!("/v1/jobs?status=pending&kind=raw&limit=2&cursor={cursor}"),
-        )
-        .send()
+        .get(&format!(
+            "/v1/jobs?status=pending&kind=raw&limit=2&cursor={cursor}"
+        ))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -134,13 +134,8 @@ async fn filters_select_by_status_and_kind(app: &TestApp) {
         assert_eq!(none["items"].as_array().unwrap().len(), 0);
     }
     let by_avatar: Value = app
-        .request(
-            Method::GET,
-            &format!("/v1/jobs?avatar_id={}", uuid::Uuid::now_v7()),
-        )
-        .send()
+        .get(&format!("/v1/jobs?avatar_id={}", uuid::Uuid::now_v7()))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -151,23 +146,11 @@ backend_tests!(cancel_pending_then_again_is_harmless, without_workers);
 async fn cancel_pending_then_again_is_harmless(app: &TestApp) {
     let job = app.create_job(&app.key, "to cancel").await;
     let id = job["id"].as_str().unwrap();
-    let first = app
-        .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(first.status(), StatusCode::OK);
-    let first: Value = first.json().await.unwrap();
+    let first = app.cancel(id).await;
     assert_eq!(first["status"], "canceled");
     assert!(first["finished_at"].is_string());
 
-    let again = app
-        .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), StatusCode::OK);
-    let again: Value = again.json().await.unwrap();
+    let again = app.cancel(id).await;
     assert_eq!(again["status"], "canceled");
     assert_eq!(again["finished_at"], first["finished_at"]);
 
@@ -189,23 +172,10 @@ async fn cancelling_a_finished_job_is_409(app: &TestApp) {
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
     // Move it to the end the way the workers will: news through the one transition function.
     for event in [JobEvent::SubmitAccepted, JobEvent::Succeeded] {
-        let applied = app
-            .store()
-            .apply(
-                None,
-                id,
-                &Transition::new(event, EventSource::Reconciler, falgate::domain::now()),
-            )
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(applied.moved_to().is_some());
+        let moved = apply(app, id, event, EventSource::Reconciler).await;
+        assert!(moved, "{event:?} moved the job");
     }
-    let response = app
-        .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.post(&format!("/v1/jobs/{id}/cancel")).await;
     let body = problem(response, StatusCode::CONFLICT, "job_finished").await;
     assert!(body["detail"].as_str().unwrap().contains("succeeded"));
     let detail: Value = app.get_json(&format!("/v1/jobs/{id}")).await;
@@ -220,38 +190,14 @@ backend_tests!(
 async fn cancelling_a_job_with_fal_records_the_request(app: &TestApp) {
     let job = app.create_job(&app.key, "in flight").await;
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
-    app.store()
-        .apply(
-            None,
-            id,
-            &Transition::new(
-                JobEvent::SubmitAccepted,
-                EventSource::Dispatcher,
-                falgate::domain::now(),
-            ),
-        )
-        .await
-        .unwrap();
-    let response = app
-        .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
+    apply(app, id, JobEvent::SubmitAccepted, EventSource::Dispatcher).await;
+    let body = app.cancel(&id.to_string()).await;
     assert_eq!(
         body["status"], "submitted",
         "only FAL's confirmation ends it"
     );
     assert!(body["cancel_requested_at"].is_string());
-    let again: Value = app
-        .request(Method::POST, &format!("/v1/jobs/{id}/cancel"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again = app.cancel(&id.to_string()).await;
     assert_eq!(again["cancel_requested_at"], body["cancel_requested_at"]);
 }
 

@@ -65,11 +65,7 @@ async fn the_spec_and_swagger_ui_are_served(app: &TestApp) {
     let html = docs.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "{html}");
     // The UI's assets are vendored: served from the binary, no network at build or run time.
-    let config = app
-        .request(Method::GET, "/docs/swagger-initializer.js")
-        .send()
-        .await
-        .unwrap();
+    let config = app.get("/docs/swagger-initializer.js").await;
     assert_eq!(config.status(), reqwest::StatusCode::OK);
     let config = config.text().await.unwrap();
     assert!(config.contains("/openapi.json"));
@@ -449,24 +445,15 @@ async fn real_responses_match_the_spec_strictly(app: &TestApp) {
     let raw = app.create_job(&app.key, "a raw job").await;
     assert_valid(&spec, "post", "/v1/jobs", "202", &raw);
     let cancel = app
-        .request(
-            Method::POST,
-            &format!("/v1/jobs/{}/cancel", raw["id"].as_str().unwrap()),
-        )
-        .send()
-        .await
-        .unwrap();
+        .post(&format!("/v1/jobs/{}/cancel", raw["id"].as_str().unwrap()))
+        .await;
     // The emulator may have finished the job already: either answer is in the spec.
     let status = cancel.status().as_u16().to_string();
     let cancel: Value = cancel.json().await.unwrap();
     assert_valid(&spec, "post", "/v1/jobs/{id}/cancel", &status, &cancel);
 
     // Errors too: a problem document with its field list, and one without.
-    let refused = app
-        .request(Method::GET, "/v1/jobs?limit=0")
-        .send()
-        .await
-        .unwrap();
+    let refused = app.get("/v1/jobs?limit=0").await;
     assert_eq!(refused.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
     let refused: Value = refused.json().await.unwrap();
     assert_valid(&spec, "get", "/v1/jobs", "422", &refused);

@@ -13,11 +13,6 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
 
-async fn submit(app: &TestApp, prompt: &str) -> String {
-    let job = app.create_job(&app.key, prompt).await;
-    job["id"].as_str().unwrap().to_owned()
-}
-
 fn fault(target: FaultTarget, fault: HttpFault, count: u32) -> FaultRule {
     FaultRule {
         target,
@@ -63,9 +58,7 @@ async fn metric(app: &TestApp, name: &str) -> u64 {
 
 backend_tests!(
     a_lost_callback_and_failing_status_and_result_calls_still_end_in_fals_result,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_lost_callback_and_failing_status_and_result_calls_still_end_in_fals_result(
     app: &TestApp,
@@ -85,7 +78,7 @@ async fn a_lost_callback_and_failing_status_and_result_calls_still_end_in_fals_r
         .inject_fault(fault(FaultTarget::Result, FaultRule::status(500), 1));
     app.fal
         .inject_fault(fault(FaultTarget::Result, FaultRule::status(503), 1));
-    let id = submit(&app, "survives outages").await;
+    let id = submit_raw(app, json!({"prompt": "survives outages"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let requests = requests_for(&app, &id);
     assert_eq!(requests.len(), 1);
@@ -96,24 +89,20 @@ async fn a_lost_callback_and_failing_status_and_result_calls_still_end_in_fals_r
 
 backend_tests!(
     a_model_that_fails_with_a_5xx_fails_the_job_with_fals_verdict,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_model_that_fails_with_a_5xx_fails_the_job_with_fals_verdict(app: &TestApp) {
     // FAL's own verdict, learnt by polling: COMPLETED with an error, the result a 500.
     app.fal.inject_callback_fault(CallbackFault::Drop, 1);
     app.fal.fail_next_models(ModelFailure::new(500), 1);
-    let id = submit(&app, "the runner breaks").await;
+    let id = submit_raw(app, json!({"prompt": "the runner breaks"})).await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "fal_model_error", "{job}");
 }
 
 backend_tests!(
     a_stale_callback_after_a_lost_submit_answer_ends_the_job_at_once,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_stale_callback_after_a_lost_submit_answer_ends_the_job_at_once(app: &TestApp) {
     // The submit's answer is lost, and the only callback is too old to be trusted: the job
@@ -122,7 +111,7 @@ async fn a_stale_callback_after_a_lost_submit_answer_ends_the_job_at_once(app: &
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal
         .inject_callback_fault(CallbackFault::StaleTimestamp, 1);
-    let id = submit(&app, "followed by its id alone").await;
+    let id = submit_raw(app, json!({"prompt": "followed by its id alone"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let requests = requests_for(&app, &id);
     assert_eq!(requests.len(), 1, "sent once");
@@ -133,9 +122,7 @@ async fn a_stale_callback_after_a_lost_submit_answer_ends_the_job_at_once(app: &
 
 backend_tests!(
     a_lost_submit_answer_waits_for_the_callback_however_late,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp) {
     // The answer is lost and the callback comes long after the callback grace: the job is
@@ -143,7 +130,7 @@ async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp)
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal.set_all_durations(Durations::new(600_000, 0));
-    let id = submit(&app, "answer lost").await;
+    let id = submit_raw(app, json!({"prompt": "answer lost"})).await;
     eventually("the submit noted as unconfirmed")
         .until(async || {
             let job = app.job(&id).await;
@@ -183,7 +170,7 @@ async fn a_submit_answered_later_than_its_timeout_is_not_sent_twice(app: &TestAp
     // once: adopted from its callback, or sent again after the wait.
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 1_500 }, 1));
-    let id = submit(&app, "slow door").await;
+    let id = submit_raw(app, json!({"prompt": "slow door"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(requests_for(&app, &id).len(), 1);
     assert_eq!(submit_notes(&job)[0], "unconfirmed");
@@ -200,19 +187,22 @@ async fn with_no_word_from_fal_within_the_wait_the_job_is_sent_again_and_says_so
     // FAL's ingress answers 502 without queueing anything: no callback can come.
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
-    let id = submit(&app, "nothing there").await;
+    let id = submit_raw(app, json!({"prompt": "nothing there"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(submit_notes(&job), ["unconfirmed", "resent"]);
     assert_eq!(requests_for(&app, &id).len(), 1);
     assert_eq!(metric(&app, "falgate_submits_resent_total").await, 1);
 }
 
+/// A submit in doubt for a short while: the callback grace and the wait for evidence.
+fn in_doubt_for_a_while(config: &mut falgate::config::Config) {
+    config.workers.callback_grace = Duration::from_millis(100);
+    config.workers.unconfirmed_submit_wait = Duration::from_millis(1_500);
+}
+
 backend_tests!(
     a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-        config.workers.unconfirmed_submit_wait = Duration::from_millis(1_500);
-    }
+    in_doubt_for_a_while
 );
 async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) {
     // In doubt, and FAL did queue it: the cancel is kept, and when FAL's callback names
@@ -220,7 +210,7 @@ async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) 
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal.set_all_durations(Durations::new(600_000, 0));
-    let queued = submit(&app, "cancelled in doubt").await;
+    let queued = submit_raw(app, json!({"prompt": "cancelled in doubt"})).await;
     eventually("the submit in doubt")
         .until(async || (submit_notes(&app.job(&queued).await) == ["unconfirmed"]).then_some(()))
         .await;
@@ -232,13 +222,20 @@ async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) 
         .set_request_durations(&request.id, Durations::new(0, 0));
     let job = app.wait_for_status(&queued, "succeeded").await;
     assert_eq!(job["fal_request_id"], request.id.as_str());
+}
 
+backend_tests!(
+    a_cancel_while_a_submit_is_in_doubt_is_confirmed_once_fal_has_nothing,
+    in_doubt_for_a_while
+);
+async fn a_cancel_while_a_submit_is_in_doubt_is_confirmed_once_fal_has_nothing(app: &TestApp) {
     // In doubt, and FAL has nothing: once the wait is over the cancel is confirmed, and
-    // nothing is sent.
+    // nothing is sent (had it been, FAL would hold it queued).
+    app.fal.set_all_durations(Durations::new(600_000, 0));
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
-    let absent = submit(&app, "never queued").await;
-    eventually("the second submit in doubt")
+    let absent = submit_raw(app, json!({"prompt": "never queued"})).await;
+    eventually("the submit in doubt")
         .until(async || (submit_notes(&app.job(&absent).await) == ["unconfirmed"]).then_some(()))
         .await;
     assert_eq!(app.cancel(&absent).await["status"], "pending");
@@ -261,12 +258,10 @@ async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) 
 
 backend_tests!(
     a_genuine_callback_replayed_to_another_pending_job_is_foreign,
-    |config| {
-        config.workers.callback_grace = Duration::from_secs(15);
-    }
+    with_callback_grace(Duration::from_secs(15))
 );
 async fn a_genuine_callback_replayed_to_another_pending_job_is_foreign(app: &TestApp) {
-    let done = submit(&app, "the original").await;
+    let done = submit_raw(app, json!({"prompt": "the original"})).await;
     app.wait_for_status(&done, "succeeded").await;
     // The emulator records a delivery once it has its answer, a moment after falgate acted.
     let genuine = eventually("the delivery recorded")
@@ -275,7 +270,7 @@ async fn a_genuine_callback_replayed_to_another_pending_job_is_foreign(app: &Tes
     // A second job that stays pending: FAL refuses its submits.
     app.fal
         .inject_fault(FaultRule::submit(FaultRule::status(503), 1_000));
-    let pending = submit(&app, "stays pending").await;
+    let pending = submit_raw(app, json!({"prompt": "stays pending"})).await;
     let signer = CallbackSigner::new(vec![Secret::new(TEST_WEBHOOK_SECRET)]).unwrap();
     let replay = app
         .client
@@ -307,13 +302,11 @@ async fn a_genuine_callback_replayed_to_another_pending_job_is_foreign(app: &Tes
 
 backend_tests!(
     a_duplicate_callback_leaves_a_finished_job_as_it_was,
-    |config| {
-        config.workers.callback_grace = Duration::from_secs(15);
-    }
+    with_callback_grace(Duration::from_secs(15))
 );
 async fn a_duplicate_callback_leaves_a_finished_job_as_it_was(app: &TestApp) {
     app.fal.inject_callback_fault(CallbackFault::Duplicate, 1);
-    let id = submit(&app, "told twice").await;
+    let id = submit_raw(app, json!({"prompt": "told twice"})).await;
     let first = app.wait_for_status(&id, "succeeded").await;
     eventually("the duplicate delivered")
         .until(async || {
@@ -389,15 +382,13 @@ async fn a_post_whose_process_died_mid_request_is_answered_within_seconds(app: &
 
 backend_tests!(
     a_cancelled_request_whose_result_call_fails_once_still_ends_canceled,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_cancelled_request_whose_result_call_fails_once_still_ends_canceled(app: &TestApp) {
     // Running at FAL when the client cancels; FAL's cancellation callback is lost, and
     // the first look at the result meets an outage with an error type of its own.
     app.fal.set_all_durations(Durations::new(0, 30_000));
-    let id = submit(&app, "cancelled while drawing").await;
+    let id = submit_raw(app, json!({"prompt": "cancelled while drawing"})).await;
     app.wait_for_status(&id, "running").await;
     app.fal.inject_callback_fault(CallbackFault::Drop, 1);
     app.fal
@@ -421,7 +412,7 @@ async fn submits_in_doubt_stop_at_the_submit_deadline_and_the_job_ends_at_its_ow
     // Every submit meets a gateway error: each may have reached FAL, none is confirmed.
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1_000));
-    let id = submit(&app, "never confirmed").await;
+    let id = submit_raw(app, json!({"prompt": "never confirmed"})).await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "deadline_exceeded", "{job}");
     let created =
@@ -446,16 +437,14 @@ async fn submits_in_doubt_stop_at_the_submit_deadline_and_the_job_ends_at_its_ow
 
 backend_tests!(
     a_gateway_error_naming_a_request_is_checked_with_fal,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_gateway_error_naming_a_request_is_checked_with_fal(app: &TestApp) {
     // A 500 naming a request FAL does not hold: the submit was refused, and is retried at
     // once rather than waited on.
     app.fal
         .inject_fault(FaultRule::submit(FaultRule::status(500), 1));
-    let refused = submit(&app, "named but not queued").await;
+    let refused = submit_raw(app, json!({"prompt": "named but not queued"})).await;
     let job = app.wait_for_status(&refused, "succeeded").await;
     assert!(submit_notes(&job).is_empty(), "{job}");
     assert_eq!(requests_for(&app, &refused).len(), 1);
@@ -464,9 +453,7 @@ async fn a_gateway_error_naming_a_request_is_checked_with_fal(app: &TestApp) {
 
 backend_tests!(
     a_sandbox_job_in_a_shared_database_never_reaches_the_real_fal,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-    }
+    with_callback_grace(Duration::from_millis(100))
 );
 async fn a_sandbox_job_in_a_shared_database_never_reaches_the_real_fal(app: &TestApp) {
     // A job the sandbox left pending in this database, served now against "the real FAL".
@@ -495,7 +482,7 @@ async fn a_sandbox_job_in_a_shared_database_never_reaches_the_real_fal(app: &Tes
         .await
         .unwrap()
         .remove(0);
-    let real = submit(&app, "made for real").await;
+    let real = submit_raw(app, json!({"prompt": "made for real"})).await;
     app.wait_for_status(&real, "succeeded").await;
     assert_eq!(app.job(&left.id.to_string()).await["status"], "pending");
     assert!(

@@ -24,21 +24,6 @@ async fn kept_photos(app: &TestApp, avatar: &str) -> Vec<Value> {
         .clone()
 }
 
-/// The `(field, message)` of each refused file.
-fn refusals(problem: &Value) -> Vec<(String, String)> {
-    problem["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["field"].as_str().unwrap().to_owned(),
-                e["message"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// Where uploads are written while they arrive.
 fn partial_dir(app: &TestApp) -> PathBuf {
     app.app.state().config.avatars.storage_dir.join(".partial")

@@ -5,20 +5,9 @@ use crate::support::*;
 use falgate::config::Secret;
 use falgate::emulator::{CallbackFault, Durations, FaultRule, HttpFault, Phase};
 use falgate::fal::token::CallbackSigner;
-use reqwest::{Method, StatusCode};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-async fn submit_generation(app: &TestApp, input: Value) -> String {
-    let response = app
-        .request(Method::POST, "/v1/jobs")
-        .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let job: Value = response.json().await.unwrap();
-    job["id"].as_str().unwrap().to_owned()
-}
+use std::time::Duration;
 
 fn events(job: &Value) -> Vec<(String, String)> {
     job["events"]
@@ -49,7 +38,7 @@ fn terminal_events(job: &Value) -> usize {
 /// For tests that assert what the callback did: the reconciler stays out of the way unless a
 /// callback is very late, however loaded the machine.
 fn callbacks_first(config: &mut falgate::config::Config) {
-    config.workers.callback_grace = std::time::Duration::from_secs(15);
+    config.workers.callback_grace = Duration::from_secs(15);
 }
 
 backend_tests!(
@@ -57,7 +46,7 @@ backend_tests!(
     callbacks_first
 );
 async fn a_job_goes_to_fal_and_succeeds_through_its_callback(app: &TestApp) {
-    let id = submit_generation(&app, json!({"prompt": "a red apple", "seed": 42})).await;
+    let id = submit_raw(app, json!({"prompt": "a red apple", "seed": 42})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
 
     // What FAL received: the exact input, the webhook in the query only.
@@ -132,7 +121,7 @@ async fn a_job_goes_to_fal_and_succeeds_through_its_callback(app: &TestApp) {
 backend_tests!(a_dropped_callback_is_made_good_by_the_reconciler);
 async fn a_dropped_callback_is_made_good_by_the_reconciler(app: &TestApp) {
     app.fal.inject_callback_fault(CallbackFault::Drop, 1);
-    let id = submit_generation(&app, json!({"prompt": "no callback"})).await;
+    let id = submit_raw(app, json!({"prompt": "no callback"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(events(&job).last().unwrap().1, "reconciler");
     assert!(job["result"]["images"][0]["url"].is_string());
@@ -151,7 +140,7 @@ backend_tests!(
 );
 async fn duplicated_and_reordered_callbacks_change_nothing(app: &TestApp) {
     app.fal.inject_callback_fault(CallbackFault::Duplicate, 1);
-    let id = submit_generation(&app, json!({"prompt": "twice"})).await;
+    let id = submit_raw(app, json!({"prompt": "twice"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let job_id = id.parse().unwrap();
     let stored = eventually("both deliveries stored")
@@ -168,7 +157,7 @@ async fn duplicated_and_reordered_callbacks_change_nothing(app: &TestApp) {
 
     // Reordered: the first job's callback is held back until the second's has been delivered.
     app.fal.inject_callback_fault(CallbackFault::Reorder, 1);
-    let first = submit_generation(&app, json!({"prompt": "held back"})).await;
+    let first = submit_raw(app, json!({"prompt": "held back"})).await;
     eventually("the first callback is held")
         .until(async || {
             app.fal
@@ -178,7 +167,7 @@ async fn duplicated_and_reordered_callbacks_change_nothing(app: &TestApp) {
                 .then_some(())
         })
         .await;
-    let second = submit_generation(&app, json!({"prompt": "overtakes"})).await;
+    let second = submit_raw(app, json!({"prompt": "overtakes"})).await;
     let a = app.wait_for_status(&first, "succeeded").await;
     let b = app.wait_for_status(&second, "succeeded").await;
     assert_eq!(a["result"]["prompt"], "held back");
@@ -190,7 +179,7 @@ backend_tests!(
     callbacks_first
 );
 async fn forged_and_tampered_callbacks_are_refused_and_change_nothing(app: &TestApp) {
-    let id = submit_generation(&app, json!({"prompt": "genuine", "seed": 1})).await;
+    let id = submit_raw(app, json!({"prompt": "genuine", "seed": 1})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let genuine = eventually("the delivery recorded")
         .until(async || app.fal.callback_attempts().first().cloned())
@@ -307,7 +296,7 @@ backend_tests!(a_stale_signature_is_kept_and_fal_is_asked_instead);
 async fn a_stale_signature_is_kept_and_fal_is_asked_instead(app: &TestApp) {
     app.fal
         .inject_callback_fault(CallbackFault::StaleTimestamp, 1);
-    let id = submit_generation(&app, json!({"prompt": "old news"})).await;
+    let id = submit_raw(app, json!({"prompt": "old news"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(events(&job).last().unwrap().1, "reconciler");
     let stored = app
@@ -325,7 +314,7 @@ backend_tests!(a_bad_signature_is_refused_and_the_retry_applies);
 async fn a_bad_signature_is_refused_and_the_retry_applies(app: &TestApp) {
     app.fal
         .inject_callback_fault(CallbackFault::BadSignature, 1);
-    let id = submit_generation(&app, json!({"prompt": "second try"})).await;
+    let id = submit_raw(app, json!({"prompt": "second try"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert!(job["result"]["images"].is_array());
     let stored = app
@@ -344,10 +333,10 @@ backend_tests!(
     callbacks_first
 );
 async fn a_rotated_signing_key_is_fetched_once_and_trusted(app: &TestApp) {
-    let first = submit_generation(&app, json!({"prompt": "old key"})).await;
+    let first = submit_raw(app, json!({"prompt": "old key"})).await;
     app.wait_for_status(&first, "succeeded").await;
     app.fal.rotate_key(false);
-    let second = submit_generation(&app, json!({"prompt": "new key"})).await;
+    let second = submit_raw(app, json!({"prompt": "new key"})).await;
     let job = app.wait_for_status(&second, "succeeded").await;
     assert_eq!(
         events(&job).last().unwrap().1,
@@ -362,7 +351,7 @@ async fn fal_busy_then_available_is_retried(app: &TestApp) {
         .inject_fault(FaultRule::submit(FaultRule::status(429), 1));
     app.fal
         .inject_fault(FaultRule::submit(FaultRule::status(503), 1));
-    let id = submit_generation(&app, json!({"prompt": "patience"})).await;
+    let id = submit_raw(app, json!({"prompt": "patience"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(job["attempts"], 3);
     assert!(
@@ -388,14 +377,14 @@ async fn fal_refusing_the_input_fails_the_job_with_its_detail(app: &TestApp) {
         },
         1,
     ));
-    let id = submit_generation(&app, json!({"prompt": "refused"})).await;
+    let id = submit_raw(app, json!({"prompt": "refused"})).await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "fal_validation");
     assert_eq!(job["error"]["detail"], detail["detail"]);
     assert_eq!(job["attempts"], 1, "never retried");
 
     // Accepted, then failed by the model: the callback carries FAL's 422.
-    let id = submit_generation(&app, json!({"prompt": "too many", "num_images": 5})).await;
+    let id = submit_raw(app, json!({"prompt": "too many", "num_images": 5})).await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "fal_validation");
     let loc = &job["error"]["detail"]["detail"][0]["loc"];
@@ -410,7 +399,7 @@ backend_tests!(
 async fn an_accepted_submit_whose_answer_is_lost_runs_once(app: &TestApp) {
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
-    let id = submit_generation(&app, json!({"prompt": "exactly once"})).await;
+    let id = submit_raw(app, json!({"prompt": "exactly once"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let requests = app.fal.requests();
     assert_eq!(requests.len(), 1, "no second FAL request: {requests:?}");
@@ -420,14 +409,20 @@ async fn an_accepted_submit_whose_answer_is_lost_runs_once(app: &TestApp) {
     );
 }
 
-backend_tests!(cancels_while_pending_queued_and_running, |config| {
-    config.workers.callback_grace = std::time::Duration::from_millis(200);
-});
-async fn cancels_while_pending_queued_and_running(app: &TestApp) {
-    // Pending: FAL keeps refusing, so the job never leaves; the cancel ends it here.
+/// For the cancels: the reconciler asks FAL soon after a missed callback.
+fn short_callback_grace(config: &mut falgate::config::Config) {
+    config.workers.callback_grace = Duration::from_millis(200);
+}
+
+backend_tests!(
+    a_pending_job_is_cancelled_here_and_never_reaches_fal,
+    short_callback_grace
+);
+async fn a_pending_job_is_cancelled_here_and_never_reaches_fal(app: &TestApp) {
+    // FAL keeps refusing, so the job never leaves; the cancel ends it here.
     app.fal
         .inject_fault(FaultRule::submit(FaultRule::status(503), 1000));
-    let pending = submit_generation(&app, json!({"prompt": "never sent"})).await;
+    let pending = submit_raw(app, json!({"prompt": "never sent"})).await;
     eventually("a refused attempt")
         .until(async || (!app.fal.submits().is_empty()).then_some(()))
         .await;
@@ -449,24 +444,7 @@ async fn cancels_while_pending_queued_and_running(app: &TestApp) {
         .await;
     app.fal.clear_faults();
 
-    // Queued and running at FAL: the cancel is passed on and FAL's confirmation ends it.
-    app.fal.set_all_durations(Durations::new(30_000, 30_000));
-    let queued = submit_generation(&app, json!({"prompt": "waits in line"})).await;
-    app.wait_for_status(&queued, "submitted").await;
-    let answer = app.cancel(&queued).await;
-    assert_eq!(answer["status"], "submitted");
-    assert!(answer["cancel_requested_at"].is_string());
-    app.wait_for_status(&queued, "canceled").await;
-
-    app.fal.set_all_durations(Durations::new(0, 30_000));
-    let running = submit_generation(&app, json!({"prompt": "already drawing"})).await;
-    app.wait_for_status(&running, "running").await;
-    app.cancel(&running).await;
-    let job = app.wait_for_status(&running, "canceled").await;
-    assert!(job["result"].is_null());
-    assert_eq!(app.fal.cancels().len(), 2);
-
-    // Nothing of the first job ever reached FAL's queue.
+    // Nothing of the job ever reached FAL's queue.
     assert!(
         app.fal
             .submits()
@@ -474,16 +452,46 @@ async fn cancels_while_pending_queued_and_running(app: &TestApp) {
             .filter(|s| s.input["prompt"] == "never sent")
             .all(|s| s.request_id.is_none())
     );
+}
 
-    // After completion: 409, and the result stays.
+backend_tests!(
+    a_job_queued_at_fal_ends_on_fals_confirmation_of_the_cancel,
+    short_callback_grace
+);
+async fn a_job_queued_at_fal_ends_on_fals_confirmation_of_the_cancel(app: &TestApp) {
+    app.fal.set_all_durations(Durations::new(30_000, 30_000));
+    let queued = submit_raw(app, json!({"prompt": "waits in line"})).await;
+    app.wait_for_status(&queued, "submitted").await;
+    let answer = app.cancel(&queued).await;
+    assert_eq!(answer["status"], "submitted");
+    assert!(answer["cancel_requested_at"].is_string());
+    app.wait_for_status(&queued, "canceled").await;
+    assert_eq!(app.fal.cancels().len(), 1);
+}
+
+backend_tests!(
+    a_job_running_at_fal_ends_canceled_without_a_result,
+    short_callback_grace
+);
+async fn a_job_running_at_fal_ends_canceled_without_a_result(app: &TestApp) {
+    app.fal.set_all_durations(Durations::new(0, 30_000));
+    let running = submit_raw(app, json!({"prompt": "already drawing"})).await;
+    app.wait_for_status(&running, "running").await;
+    app.cancel(&running).await;
+    let job = app.wait_for_status(&running, "canceled").await;
+    assert!(job["result"].is_null());
+    assert_eq!(app.fal.cancels().len(), 1);
+}
+
+backend_tests!(
+    a_cancel_after_fal_finished_is_409_and_the_result_stays,
+    short_callback_grace
+);
+async fn a_cancel_after_fal_finished_is_409_and_the_result_stays(app: &TestApp) {
     app.fal.set_all_durations(Durations::new(0, 0));
-    let done = submit_generation(&app, json!({"prompt": "finished"})).await;
+    let done = submit_raw(app, json!({"prompt": "finished"})).await;
     app.wait_for_status(&done, "succeeded").await;
-    let response = app
-        .request(Method::POST, &format!("/v1/jobs/{done}/cancel"))
-        .send()
-        .await
-        .unwrap();
+    let response = app.post(&format!("/v1/jobs/{done}/cancel")).await;
     problem(response, StatusCode::CONFLICT, "job_finished").await;
 }
 
@@ -494,7 +502,7 @@ backend_tests!(
     }
 );
 async fn without_a_public_url_jobs_are_followed_by_polling(app: &TestApp) {
-    let id = submit_generation(&app, json!({"prompt": "polled"})).await;
+    let id = submit_raw(app, json!({"prompt": "polled"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert!(app.fal.submits()[0].webhook.is_none());
     assert_eq!(events(&job).last().unwrap().1, "reconciler");
@@ -504,7 +512,7 @@ backend_tests!(a_refused_fal_key_fails_jobs_and_shows_in_readiness);
 async fn a_refused_fal_key_fails_jobs_and_shows_in_readiness(app: &TestApp) {
     app.fal
         .inject_fault(FaultRule::submit(FaultRule::status(401), 1));
-    let id = submit_generation(&app, json!({"prompt": "no key"})).await;
+    let id = submit_raw(app, json!({"prompt": "no key"})).await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "fal_unauthorized");
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -512,7 +520,7 @@ async fn a_refused_fal_key_fails_jobs_and_shows_in_readiness(app: &TestApp) {
     let body: Value = ready.json().await.unwrap();
     assert_eq!(body["fal"], "key_refused");
     // The next accepted submit clears it.
-    let ok = submit_generation(&app, json!({"prompt": "key fixed"})).await;
+    let ok = submit_raw(app, json!({"prompt": "key fixed"})).await;
     app.wait_for_status(&ok, "succeeded").await;
     assert_eq!(
         app.client
@@ -530,8 +538,8 @@ backend_tests!(
     |config| {
         // Resend at once after the lost answer, so the second submit races the first's
         // callback: a resend decided with eyes open, whose surplus request is withdrawn.
-        config.workers.callback_grace = std::time::Duration::ZERO;
-        config.workers.unconfirmed_submit_wait = std::time::Duration::ZERO;
+        config.workers.callback_grace = Duration::ZERO;
+        config.workers.unconfirmed_submit_wait = Duration::ZERO;
     }
 );
 async fn a_surplus_fal_request_is_cancelled_and_the_first_kept(app: &TestApp) {
@@ -542,7 +550,7 @@ async fn a_surplus_fal_request_is_cancelled_and_the_first_kept(app: &TestApp) {
     app.fal
         .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
     app.fal.inject_fault(FaultRule::submit(HttpFault::Hold, 1));
-    let id = submit_generation(&app, json!({"prompt": "one of two"})).await;
+    let id = submit_raw(app, json!({"prompt": "one of two"})).await;
     eventually("the second submit held")
         .until(async || (app.fal.held_calls() == 1).then_some(()))
         .await;
@@ -578,9 +586,10 @@ async fn a_surplus_fal_request_is_cancelled_and_the_first_kept(app: &TestApp) {
     assert_eq!(terminal_events(&app.job(&id).await), 1);
 }
 
-backend_tests!(a_cancel_that_comes_too_late_keeps_the_result, |config| {
-    config.workers.callback_grace = std::time::Duration::from_millis(100);
-});
+backend_tests!(
+    a_cancel_that_comes_too_late_keeps_the_result,
+    with_callback_grace(Duration::from_millis(100))
+);
 async fn a_cancel_that_comes_too_late_keeps_the_result(app: &TestApp) {
     // Held running until the cancel is in; FAL then refuses it as already completed.
     app.fal.set_all_durations(Durations::new(0, 600_000));
@@ -594,7 +603,7 @@ async fn a_cancel_that_comes_too_late_keeps_the_result(app: &TestApp) {
         },
         count: 1,
     });
-    let id = submit_generation(&app, json!({"prompt": "too late to stop"})).await;
+    let id = submit_raw(app, json!({"prompt": "too late to stop"})).await;
     app.wait_for_status(&id, "running").await;
     app.cancel(&id).await;
     app.fal.set_all_durations(Durations::new(0, 0));
@@ -606,13 +615,13 @@ async fn a_cancel_that_comes_too_late_keeps_the_result(app: &TestApp) {
 backend_tests!(
     a_job_past_its_deadline_fails_and_is_withdrawn_from_fal,
     |config| {
-        config.workers.generation_deadline = std::time::Duration::from_secs(1);
-        config.workers.callback_grace = std::time::Duration::from_millis(100);
+        config.workers.generation_deadline = Duration::from_secs(1);
+        config.workers.callback_grace = Duration::from_millis(100);
     }
 );
 async fn a_job_past_its_deadline_fails_and_is_withdrawn_from_fal(app: &TestApp) {
     app.fal.set_all_durations(Durations::new(0, 60_000));
-    let id = submit_generation(&app, json!({"prompt": "forever"})).await;
+    let id = submit_raw(app, json!({"prompt": "forever"})).await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "deadline_exceeded");
     assert!(job["result"].is_null());
@@ -640,7 +649,7 @@ async fn a_callback_that_cannot_be_stored_gets_a_5xx_and_is_not_lost(app: &TestA
         sqlx::query(rename).execute(&pool).await.unwrap();
         pool.close().await;
     }
-    let id = submit_generation(&app, json!({"prompt": "kept anyway"})).await;
+    let id = submit_raw(app, json!({"prompt": "kept anyway"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     // Every callback FAL got an answer to was refused with a 5xx, never acknowledged.
     let answered: Vec<u16> = eventually("a callback answered")

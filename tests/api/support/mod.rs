@@ -440,3 +440,8 @@ pub async fn wait_until_serving(client: &reqwest::Client, base: &str) {
         })
         .await;
 }
+
+/// How long the reconciler leaves a job to its callback before it asks FAL itself.
+pub fn with_callback_grace(grace: Duration) -> impl FnOnce(&mut Config) {
+    move |config| config.workers.callback_grace = grace
+}

@@ -6,6 +6,25 @@ use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 
 impl TestApp {
+    /// GET `path` with this test's key.
+    pub async fn get(&self, path: &str) -> Response {
+        self.send(Method::GET, path).await
+    }
+
+    /// DELETE `path` with this test's key.
+    pub async fn delete(&self, path: &str) -> Response {
+        self.send(Method::DELETE, path).await
+    }
+
+    /// POST to `path`, without a body, with this test's key.
+    pub async fn post(&self, path: &str) -> Response {
+        self.send(Method::POST, path).await
+    }
+
+    async fn send(&self, method: Method, path: &str) -> Response {
+        self.request(method, path).send().await.expect("send")
+    }
+
     /// POST `path` with `body` as JSON and this test's key.
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {
         self.request(Method::POST, path)
@@ -13,6 +32,21 @@ impl TestApp {
             .send()
             .await
             .expect("send")
+    }
+
+    /// POST `path` with `body` as it is, labelled `content_type` if one is given.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: impl Into<reqwest::Body>,
+    ) -> Response {
+        let request = self.request(Method::POST, path);
+        let request = match content_type {
+            Some(content_type) => request.header("content-type", content_type),
+            None => request,
+        };
+        request.body(body).send().await.expect("send")
     }
 
     /// GET `path` with `key` instead of this test's own.
@@ -112,6 +146,21 @@ pub async fn avatar_with_photos(app: &TestApp, kind: &str, count: u64) -> (Value
     (avatar, photos)
 }
 
+/// The `(field, message)` of each refused file.
+pub fn refusals(problem: &Value) -> Vec<(String, String)> {
+    problem["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["field"].as_str().unwrap().to_owned(),
+                e["message"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// POST /v1/avatars/{avatar}/trainings with `body`.
 pub async fn train(app: &TestApp, avatar: &str, body: Value) -> Response {
     app.post_json(&format!("/v1/avatars/{avatar}/trainings"), &body)
@@ -145,10 +194,13 @@ pub async fn wait_for_batch(app: &TestApp, id: &str) -> Value {
         .await
 }
 
-/// POST /v1/jobs for `endpoint` with `input`, expecting 202; answers the job's id.
-pub async fn submit_job(app: &TestApp, endpoint: &str, input: Value) -> String {
+/// POST /v1/jobs for a raw `fal-ai/flux-lora` job with `input`, expecting 202; answers its id.
+pub async fn submit_raw(app: &TestApp, input: Value) -> String {
     let response = app
-        .post_json("/v1/jobs", &json!({"endpoint": endpoint, "input": input}))
+        .post_json(
+            "/v1/jobs",
+            &json!({"endpoint": "fal-ai/flux-lora", "input": input}),
+        )
         .await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     id_of(&response.json().await.expect("json"))
