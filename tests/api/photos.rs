@@ -345,47 +345,69 @@ async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) 
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 
-backend_tests!(
-    uploads_at_once_are_bounded_and_their_files_never_outlive_them,
-    |config| {
-        config.avatars.upload_concurrency = 1;
-    }
-);
-async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &TestApp) {
-    let avatar = id_of(&create_avatar(&app, "character").await);
-    let path = format!("/v1/avatars/{avatar}/photos");
-    let boundary = new_boundary();
-    let good = photo(7, 640, 512);
+/// One upload at a time, so that a second is refused while the first is under way.
+fn one_upload_at_a_time(config: &mut falgate::config::Config) {
+    config.avatars.upload_concurrency = 1;
+}
 
-    // One upload under way: its first file is half sent, and the rest waits.
+/// An upload under way: its first file is half sent, and the rest waits on `more`.
+struct HalfSent {
+    boundary: String,
+    more: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    response: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+}
+
+/// Starts uploading `photo` as `name` to `path` and waits until its file is on disk.
+async fn half_sent_upload(app: &TestApp, path: &str, name: &str, photo: &[u8]) -> HalfSent {
+    let boundary = new_boundary();
     let (more, rest) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let mut first = part_head(&boundary, "slow.png");
-    first.extend_from_slice(&good[..good.len() / 2]);
+    let mut first = part_head(&boundary, name);
+    first.extend_from_slice(&photo[..photo.len() / 2]);
     more.send(Ok(first)).await.unwrap();
     let body =
         reqwest::Body::wrap_stream(futures_util::stream::unfold(rest, |mut rest| async move {
             rest.recv().await.map(|chunk| (chunk, rest))
         }));
-    let slow = tokio::spawn(
-        app.request(Method::POST, &path)
+    let response = tokio::spawn(
+        app.request(Method::POST, path)
             .header("content-type", multipart_content_type(&boundary))
             .body(body)
             .send(),
     );
-    eventually("the slow upload to be written to disk")
-        .until(async || (partial_files(&app) == 1).then_some(()))
+    eventually(format_args!("the upload of {name} to be written to disk"))
+        .until(async || (partial_files(app) == 1).then_some(()))
         .await;
+    HalfSent {
+        boundary,
+        more,
+        response,
+    }
+}
+
+/// POSTs a form with no file to `path`.
+async fn upload_nothing(app: &TestApp, path: &str) -> reqwest::Response {
+    let boundary = new_boundary();
+    app.post_raw(
+        path,
+        Some(&multipart_content_type(&boundary)),
+        multipart(&boundary, &[]),
+    )
+    .await
+}
+
+backend_tests!(
+    a_second_upload_at_once_is_refused_until_the_first_is_done,
+    one_upload_at_a_time
+);
+async fn a_second_upload_at_once_is_refused_until_the_first_is_done(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let path = format!("/v1/avatars/{avatar}/photos");
+    let good = photo(7, 640, 512);
+    let slow = half_sent_upload(app, &path, "slow.png", &good).await;
 
     // Another is refused at once, saying when to come back; an empty form would be a 422
     // had it been let in.
-    let other = new_boundary();
-    let response = app
-        .request(Method::POST, &path)
-        .header("content-type", multipart_content_type(&other))
-        .body(multipart(&other, &[]))
-        .send()
-        .await
-        .unwrap();
+    let response = upload_nothing(app, &path).await;
     assert_eq!(
         response
             .headers()
@@ -401,53 +423,40 @@ async fn uploads_at_once_are_bounded_and_their_files_never_outlive_them(app: &Te
 
     // The first one finishes and is kept; its slot is free again.
     let mut tail = good[good.len() / 2..].to_vec();
-    tail.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    more.send(Ok(tail)).await.unwrap();
-    drop(more);
-    let response = slow.await.unwrap().unwrap();
+    tail.extend_from_slice(format!("\r\n--{}--\r\n", slow.boundary).as_bytes());
+    slow.more.send(Ok(tail)).await.unwrap();
+    drop(slow.more);
+    let response = slow.response.await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    let response = app
-        .request(Method::POST, &path)
-        .header("content-type", multipart_content_type(&other))
-        .body(multipart(&other, &[]))
-        .send()
-        .await
-        .unwrap();
+    let response = upload_nothing(app, &path).await;
     problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,
         "validation_failed",
     )
     .await;
-    wait_for_no_partial_files(&app).await;
+    wait_for_no_partial_files(app).await;
+    assert_eq!(kept_photos(app, &avatar).await.len(), 1);
+}
 
-    // A client that goes away mid-file leaves no file behind, and frees its slot.
-    let boundary = new_boundary();
-    let (more, rest) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-    let mut first = part_head(&boundary, "abandoned.png");
-    first.extend_from_slice(&good[..good.len() / 2]);
-    more.send(Ok(first)).await.unwrap();
-    let body =
-        reqwest::Body::wrap_stream(futures_util::stream::unfold(rest, |mut rest| async move {
-            rest.recv().await.map(|chunk| (chunk, rest))
-        }));
-    let abandoned = tokio::spawn(
-        app.request(Method::POST, &path)
-            .header("content-type", multipart_content_type(&boundary))
-            .body(body)
-            .send(),
-    );
-    eventually("the abandoned upload to be written to disk")
-        .until(async || (partial_files(&app) == 1).then_some(()))
-        .await;
-    more.send(Err(std::io::Error::other("the client gave up")))
+backend_tests!(
+    an_abandoned_upload_leaves_no_file_behind_and_frees_its_slot,
+    one_upload_at_a_time
+);
+async fn an_abandoned_upload_leaves_no_file_behind_and_frees_its_slot(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let path = format!("/v1/avatars/{avatar}/photos");
+    let abandoned = half_sent_upload(app, &path, "abandoned.png", &photo(7, 640, 512)).await;
+    abandoned
+        .more
+        .send(Err(std::io::Error::other("the client gave up")))
         .await
         .unwrap();
-    assert!(abandoned.await.unwrap().is_err());
-    wait_for_no_partial_files(&app).await;
-    let response = upload(&app, &avatar, &[("after.png", photo(8, 640, 512))]).await;
+    assert!(abandoned.response.await.unwrap().is_err());
+    wait_for_no_partial_files(app).await;
+    let response = upload(app, &avatar, &[("after.png", photo(8, 640, 512))]).await;
     assert_eq!(response.status(), StatusCode::CREATED);
-    assert_eq!(kept_photos(&app, &avatar).await.len(), 2);
+    assert_eq!(kept_photos(app, &avatar).await.len(), 1);
 }
 
 backend_tests!(a_form_that_never_reaches_a_file_is_refused_not_buffered);
