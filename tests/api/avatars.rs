@@ -50,7 +50,7 @@ async fn generate_one(app: &TestApp, id: &str, prompt: &str) -> Value {
 
 backend_tests!(a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset);
 async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(app: &TestApp) {
-    let (avatar, photos) = avatar_with_photos(&app, "character", 10).await;
+    let (avatar, photos) = avatar_with_photos(app, "character", 10).await;
     let id = avatar["id"].as_str().unwrap();
     let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
     assert_eq!(trigger, format!("TOK_{}", &id.replace('-', "")[..8]));
@@ -60,7 +60,7 @@ async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(
     let trainer = "fal-ai/flux-lora-portrait-trainer";
     app.fal
         .set_durations(Some(trainer), true, Durations::new(0, 600_000));
-    let response = train(&app, id, json!({})).await;
+    let response = train(app, id, json!({})).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
     let job: Value = response.json().await.unwrap();
     assert_eq!(job["kind"], "training");
@@ -103,7 +103,7 @@ async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(
     let sent: BTreeSet<Vec<u8>> = photos.into_iter().collect();
     assert_eq!(got, sent);
 
-    let ready = wait_for_avatar(&app, id, "ready").await;
+    let ready = wait_for_avatar(app, id, "ready").await;
     let lora_url = trained["result"]["diffusers_lora_file"]["url"]
         .as_str()
         .unwrap();
@@ -115,7 +115,7 @@ async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(
     assert!(ready["artifact"]["finetune_id"].is_null());
 
     // falgate keeps its own copy of the weights, byte for byte: FAL's URLs expire.
-    let kept = wait_for_lora_copy(&app, id).await;
+    let kept = wait_for_lora_copy(app, id).await;
     let weights = app
         .fal
         .file_bytes(lora_url)
@@ -237,9 +237,9 @@ async fn a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values(a
 
 backend_tests!(a_style_is_finetuned_and_generates_on_the_finetune_endpoint);
 async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(&app, "style", 10).await;
+    let (avatar, _) = avatar_with_photos(app, "style", 10).await;
     let id = avatar["id"].as_str().unwrap();
-    let job: Value = train(&app, id, json!({"preset": "fast"}))
+    let job: Value = train(app, id, json!({"preset": "fast"}))
         .await
         .json()
         .await
@@ -256,7 +256,7 @@ async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestA
     let trained = app
         .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
         .await;
-    let ready = wait_for_avatar(&app, id, "ready").await;
+    let ready = wait_for_avatar(app, id, "ready").await;
     assert_eq!(
         ready["artifact"]["finetune_id"],
         trained["result"]["finetune_id"]
@@ -272,7 +272,7 @@ async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestA
     .json()
     .await
     .unwrap();
-    let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
+    let done = wait_for_batch(app, batch["id"].as_str().unwrap()).await;
     let job = &done["jobs"][0];
     assert_eq!(job["endpoint"], "fal-ai/flux-pro/v1.1-ultra-finetuned");
     assert_eq!(
@@ -291,7 +291,7 @@ backend_tests!(
     }
 );
 async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp) {
-    let avatar = create_avatar(&app, "character").await;
+    let avatar = create_avatar(app, "character").await;
     let id = avatar["id"].as_str().unwrap();
     let good = photo(1, 640, 512);
     let mut bmp = b"BM".to_vec();
@@ -304,7 +304,7 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
         big.len()
     );
     let response = upload(
-        &app,
+        app,
         id,
         &[
             ("good.png", good.clone()),
@@ -349,7 +349,7 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
         "{body}"
     );
     // Nothing kept is said as plainly.
-    let response = upload(&app, id, &[("only.png", photo(4, 200, 200))]).await;
+    let response = upload(app, id, &[("only.png", photo(4, 200, 200))]).await;
     let body = problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -363,8 +363,8 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
         .map(|n| (format!("p{n}.png"), photo(n, 512, 700)))
         .collect();
     let named: Vec<(&str, Vec<u8>)> = more.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    assert_eq!(upload(&app, id, &named).await.status(), StatusCode::CREATED);
-    let response = train(&app, id, json!({})).await;
+    assert_eq!(upload(app, id, &named).await.status(), StatusCode::CREATED);
+    let response = train(app, id, json!({})).await;
     let body = problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -418,10 +418,10 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
 
 backend_tests!(a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact);
 async fn a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
+    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
     let id = avatar["id"].as_str().unwrap();
     app.fal.fail_next_models(ModelFailure::new(422), 1);
-    let job: Value = train(&app, id, json!({"model": "fast_lora"}))
+    let job: Value = train(app, id, json!({"model": "fast_lora"}))
         .await
         .json()
         .await
@@ -430,7 +430,7 @@ async fn a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact(app: 
     let failed = app
         .wait_for_status(job["id"].as_str().unwrap(), "failed")
         .await;
-    let avatar = wait_for_avatar(&app, id, "failed").await;
+    let avatar = wait_for_avatar(app, id, "failed").await;
     assert!(avatar["artifact"].is_null(), "{avatar}");
     assert_eq!(avatar["error"]["code"], failed["error"]["code"]);
     assert!(!avatar["error"]["message"].as_str().unwrap().is_empty());
@@ -445,11 +445,11 @@ async fn a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact(app: 
 
 backend_tests!(avatars_are_listed_scoped_and_deleted_with_their_training_cancelled);
 async fn avatars_are_listed_scoped_and_deleted_with_their_training_cancelled(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(&app, "product", 10).await;
+    let (avatar, _) = avatar_with_photos(app, "product", 10).await;
     let id = avatar["id"].as_str().unwrap();
     app.fal.set_all_durations(Durations::new(30_000, 30_000));
-    let job: Value = train(&app, id, json!({})).await.json().await.unwrap();
-    let again = train(&app, id, json!({})).await;
+    let job: Value = train(app, id, json!({})).await.json().await.unwrap();
+    let again = train(app, id, json!({})).await;
     problem(again, StatusCode::CONFLICT, "avatar_training").await;
 
     let other = app.new_key("someone else").await;

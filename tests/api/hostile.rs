@@ -145,6 +145,8 @@ async fn get_at_cap(addr: SocketAddr, path: &str, key: Option<&str>) -> RawRespo
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: falgate\r\n{auth}Connection: close\r\n\r\n");
     eventually(format_args!("{path} to answer at the cap"))
+        // No pause between tries: each exchange paces the next.
+        .every(Duration::ZERO)
         .or_last(async || {
             let mut stream = TcpStream::connect(addr).await.expect("connect");
             stream.write_all(request.as_bytes()).await?;
@@ -538,6 +540,8 @@ async fn at_the_connection_cap_with_every_connection_busy_healthz_still_answers(
         busy.push(stuck_request(addr, &app.key).await);
     }
     let refused = eventually("the cap to hold")
+        // No pause between tries: each exchange paces the next.
+        .every(Duration::ZERO)
         .until(async || {
             let response = get(addr, "/v1/jobs", Some(&app.key)).await;
             if response.status != 503 {
@@ -553,6 +557,8 @@ async fn at_the_connection_cap_with_every_connection_busy_healthz_still_answers(
 
     drop(busy);
     eventually("the API to answer again")
+        // No pause between tries: each exchange paces the next.
+        .every(Duration::ZERO)
         .until(async || {
             let response = get(addr, "/v1/jobs", Some(&app.key)).await;
             if response.status != 200 {
