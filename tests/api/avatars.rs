@@ -550,7 +550,7 @@ async fn idempotency_keys_cover_every_creating_post(app: &TestApp) {
     assert_eq!(app.fal.uploads().len(), 1);
     app.wait_for_status(a["id"].as_str().unwrap(), "succeeded")
         .await;
-    wait_for_avatar(&app, id, "ready").await;
+    wait_for_avatar(app, id, "ready").await;
 
     // Generations: one batch.
     let body = json!({"avatar_id": id, "prompts": ["one", "two"]});
@@ -573,33 +573,33 @@ async fn idempotency_keys_cover_every_creating_post(app: &TestApp) {
 
 backend_tests!(a_new_training_replaces_the_artifact_only_when_it_succeeds);
 async fn a_new_training_replaces_the_artifact_only_when_it_succeeds(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
+    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
     let id = avatar["id"].as_str().unwrap();
-    let first: Value = train(&app, id, json!({"preset": "fast"}))
+    let first: Value = train(app, id, json!({"preset": "fast"}))
         .await
         .json()
         .await
         .unwrap();
     app.wait_for_status(first["id"].as_str().unwrap(), "succeeded")
         .await;
-    let ready = wait_for_avatar(&app, id, "ready").await;
+    let ready = wait_for_avatar(app, id, "ready").await;
     let old = ready["artifact"]["lora_url"].clone();
 
     // A failed retraining keeps the old weights usable and says why it failed.
     app.fal.fail_next_models(ModelFailure::new(422), 1);
-    let second: Value = train(&app, id, json!({"preset": "quality"}))
+    let second: Value = train(app, id, json!({"preset": "quality"}))
         .await
         .json()
         .await
         .unwrap();
     app.wait_for_status(second["id"].as_str().unwrap(), "failed")
         .await;
-    let kept = wait_for_avatar(&app, id, "ready").await;
+    let kept = wait_for_avatar(app, id, "ready").await;
     assert_eq!(kept["artifact"]["lora_url"], old);
     assert!(kept["error"]["code"].is_string(), "{kept}");
 
     // A successful one replaces them.
-    let third: Value = train(&app, id, json!({})).await.json().await.unwrap();
+    let third: Value = train(app, id, json!({})).await.json().await.unwrap();
     let done = app
         .wait_for_status(third["id"].as_str().unwrap(), "succeeded")
         .await;
@@ -623,7 +623,7 @@ backend_tests!(
     }
 );
 async fn an_expired_lora_file_is_uploaded_again_from_the_kept_copy(app: &TestApp) {
-    let (id, kept) = trained_with_lora_copy(&app).await;
+    let (id, kept) = trained_with_lora_copy(app).await;
     let id = id.as_str();
     let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
     let weights = app.fal.file_bytes(&expired).unwrap();
@@ -634,7 +634,7 @@ async fn an_expired_lora_file_is_uploaded_again_from_the_kept_copy(app: &TestApp
     assert_eq!(gone.status(), StatusCode::NOT_FOUND);
 
     // falgate notices, uploads its copy again, and the avatar points at the new file.
-    let refreshed = wait_for_new_lora_url(&app, id, &expired).await;
+    let refreshed = wait_for_new_lora_url(app, id, &expired).await;
     let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
     assert_eq!(
         app.fal.file_bytes(fresh).unwrap(),
@@ -655,7 +655,7 @@ async fn an_expired_lora_file_is_uploaded_again_from_the_kept_copy(app: &TestApp
     assert_eq!(refreshed["status"], "ready");
 
     // A generation now hands FAL the file it serves.
-    let done = generate_one(&app, id, "after a long pause").await;
+    let done = generate_one(app, id, "after a long pause").await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
 
@@ -683,7 +683,7 @@ async fn lora_files_that_fail_are_put_off_without_holding_up_the_others(app: &Te
     let now = chrono::Utc::now();
     let mut avatars = Vec::new();
     for i in 0..6 {
-        let id: uuid::Uuid = create_avatar(&app, "character").await["id"]
+        let id: uuid::Uuid = create_avatar(app, "character").await["id"]
             .as_str()
             .unwrap()
             .parse()
@@ -750,13 +750,13 @@ async fn a_generation_failing_on_an_expired_lora_has_it_uploaded_again_at_once(a
     // The periodic check is an hour away: only the failure can bring the check forward.
     let interval = app.app.state().config.workers.lora_check_interval;
     assert!(interval >= std::time::Duration::from_secs(3600));
-    let (id, kept) = trained_with_lora_copy(&app).await;
+    let (id, kept) = trained_with_lora_copy(app).await;
     let id = id.as_str();
     let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
     assert!(app.fal.expire_file(&expired));
 
     // FAL cannot load the LoRA: the generation fails with FAL's reason.
-    let failed = generate_one(&app, id, "by the sea").await;
+    let failed = generate_one(app, id, "by the sea").await;
     assert_eq!(failed["status"], "failed", "{failed}");
     let job = app.job(failed["jobs"][0]["id"].as_str().unwrap()).await;
     assert_eq!(job["error"]["code"], "fal_validation", "{job}");
@@ -766,9 +766,9 @@ async fn a_generation_failing_on_an_expired_lora_has_it_uploaded_again_at_once(a
     );
 
     // falgate checks the file at once, finds it gone, and uploads its copy again.
-    let refreshed = wait_for_new_lora_url(&app, id, &expired).await;
+    let refreshed = wait_for_new_lora_url(app, id, &expired).await;
     let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
-    let done = generate_one(&app, id, "by the sea").await;
+    let done = generate_one(app, id, "by the sea").await;
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
 }
@@ -812,25 +812,25 @@ async fn a_request_is_checked_before_the_avatar_it_names(app: &TestApp) {
     problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
 
     // Likewise a training: a wrong override on an avatar already training is a 422.
-    let (training, _) = avatar_with_photos(&app, "product", 10).await;
+    let (training, _) = avatar_with_photos(app, "product", 10).await;
     let training = training["id"].as_str().unwrap();
     app.fal.set_all_durations(Durations::new(30_000, 30_000));
-    let started = train(&app, training, json!({})).await;
+    let started = train(app, training, json!({})).await;
     assert_eq!(started.status(), StatusCode::ACCEPTED);
     let response = train(
-        &app,
+        app,
         training,
         json!({"preset": "quality", "overrides": {"no_such_field": 1}}),
     )
     .await;
     assert_refused_naming(response, &["overrides.no_such_field"], "a wrong override").await;
-    let again = train(&app, training, json!({})).await;
+    let again = train(app, training, json!({})).await;
     problem(again, StatusCode::CONFLICT, "avatar_training").await;
 }
 
 backend_tests!(photos_sent_as_anything_but_a_form_are_told_what_to_send);
 async fn photos_sent_as_anything_but_a_form_are_told_what_to_send(app: &TestApp) {
-    let avatar = create_avatar(&app, "style").await;
+    let avatar = create_avatar(app, "style").await;
     let path = format!("/v1/avatars/{}/photos", avatar["id"].as_str().unwrap());
     for (content_type, body) in [
         (Some("application/json"), r#"{"files":["a.png"]}"#),

@@ -31,49 +31,49 @@ async fn job_count(app: &TestApp, api_key: &str) -> usize {
 backend_tests!(the_same_key_and_body_replays_the_first_response);
 async fn the_same_key_and_body_replays_the_first_response(app: &TestApp) {
     let body = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "once", "seed": 1}});
-    let first = post_with_key(&app, &app.key, "order-1", &body).await;
+    let first = post_with_key(app, &app.key, "order-1", &body).await;
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     assert!(first.headers().get("idempotent-replayed").is_none());
     let first: Value = first.json().await.unwrap();
 
     // Same meaning, different key order and spacing: still the same request.
     let reordered = json!({"input": {"seed": 1, "prompt": "once"}, "endpoint": "fal-ai/flux-lora"});
-    let second = post_with_key(&app, &app.key, "order-1", &reordered).await;
+    let second = post_with_key(app, &app.key, "order-1", &reordered).await;
     assert_eq!(second.status(), StatusCode::ACCEPTED);
     assert_eq!(second.headers()["idempotent-replayed"], "true");
     let second: Value = second.json().await.unwrap();
     assert_eq!(second, first);
-    assert_eq!(job_count(&app, &app.key).await, 1);
+    assert_eq!(job_count(app, &app.key).await, 1);
 }
 
 backend_tests!(the_same_key_with_another_body_is_refused);
 async fn the_same_key_with_another_body_is_refused(app: &TestApp) {
     let body = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "first"}});
     assert_eq!(
-        post_with_key(&app, &app.key, "k", &body).await.status(),
+        post_with_key(app, &app.key, "k", &body).await.status(),
         StatusCode::ACCEPTED
     );
     let other = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "second"}});
-    let response = post_with_key(&app, &app.key, "k", &other).await;
+    let response = post_with_key(app, &app.key, "k", &other).await;
     problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,
         "idempotency_key_reused",
     )
     .await;
-    assert_eq!(job_count(&app, &app.key).await, 1);
+    assert_eq!(job_count(app, &app.key).await, 1);
 }
 
 backend_tests!(keys_are_scoped_to_the_api_key);
 async fn keys_are_scoped_to_the_api_key(app: &TestApp) {
     let body = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "shared key"}});
     let other = app.new_key("second tenant").await;
-    let a: Value = post_with_key(&app, &app.key, "same", &body)
+    let a: Value = post_with_key(app, &app.key, "same", &body)
         .await
         .json()
         .await
         .unwrap();
-    let b = post_with_key(&app, &other, "same", &body).await;
+    let b = post_with_key(app, &other, "same", &body).await;
     assert_eq!(b.status(), StatusCode::ACCEPTED);
     assert!(b.headers().get("idempotent-replayed").is_none());
     let b: Value = b.json().await.unwrap();
@@ -83,7 +83,7 @@ async fn keys_are_scoped_to_the_api_key(app: &TestApp) {
 backend_tests!(a_failed_request_does_not_use_up_its_key);
 async fn a_failed_request_does_not_use_up_its_key(app: &TestApp) {
     let bad = json!({"endpoint": "fal-ai/unknown", "input": {}});
-    let response = post_with_key(&app, &app.key, "retry-me", &bad).await;
+    let response = post_with_key(app, &app.key, "retry-me", &bad).await;
     problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -91,7 +91,7 @@ async fn a_failed_request_does_not_use_up_its_key(app: &TestApp) {
     )
     .await;
     let good = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "fixed"}});
-    let response = post_with_key(&app, &app.key, "retry-me", &good).await;
+    let response = post_with_key(app, &app.key, "retry-me", &good).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
 }
 
@@ -116,9 +116,9 @@ async fn a_key_in_flight_is_409(app: &TestApp) {
         .await
         .unwrap();
     assert_eq!(claimed, IdempotencyState::Claimed);
-    let response = post_with_key(&app, &app.key, "busy", &body).await;
+    let response = post_with_key(app, &app.key, "busy", &body).await;
     problem(response, StatusCode::CONFLICT, "idempotency_key_in_use").await;
-    assert_eq!(job_count(&app, &app.key).await, 0);
+    assert_eq!(job_count(app, &app.key).await, 0);
 }
 
 backend_tests!(concurrent_requests_with_one_key_make_one_job);
@@ -162,13 +162,13 @@ async fn concurrent_requests_with_one_key_make_one_job(app: &TestApp) {
     }
     assert_eq!(fresh.len(), 1, "exactly one request did the work");
     assert_eq!(ids.len(), 1, "every 202 names the same job");
-    assert_eq!(job_count(&app, &app.key).await, 1);
+    assert_eq!(job_count(app, &app.key).await, 1);
 }
 
 backend_tests!(malformed_idempotency_keys_are_422);
 async fn malformed_idempotency_keys_are_422(app: &TestApp) {
     let body = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "x"}});
-    let response = post_with_key(&app, &app.key, &"k".repeat(300), &body).await;
+    let response = post_with_key(app, &app.key, &"k".repeat(300), &body).await;
     let problem = problem(
         response,
         StatusCode::UNPROCESSABLE_ENTITY,

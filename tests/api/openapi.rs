@@ -372,7 +372,7 @@ const MAX_SEED: u64 = u64::MAX;
 backend_tests!(real_responses_match_the_spec_strictly);
 async fn real_responses_match_the_spec_strictly(app: &TestApp) {
     let spec: Value = serde_json::from_str(COMMITTED).unwrap();
-    let (avatar, _) = crate::avatars::trained_with_lora_copy(&app).await;
+    let (avatar, _) = crate::avatars::trained_with_lora_copy(app).await;
 
     // One seed as a string of digits, one as a JSON integer: both are taken exactly.
     let mut batches = Vec::new();
@@ -387,7 +387,7 @@ async fn real_responses_match_the_spec_strictly(app: &TestApp) {
         let created: Value = response.json().await.unwrap();
         assert_valid(&spec, "post", "/v1/generations", "202", &created);
         let id = created["id"].as_str().unwrap().to_owned();
-        let done = wait_for_batch(&app, &id).await;
+        let done = wait_for_batch(app, &id).await;
         assert_eq!(done["status"], "succeeded", "{done}");
         assert_valid(&spec, "get", "/v1/batches/{id}", "200", &done);
         batches.push((seed, done));

@@ -80,7 +80,7 @@ async fn a_lost_callback_and_failing_status_and_result_calls_still_end_in_fals_r
         .inject_fault(fault(FaultTarget::Result, FaultRule::status(503), 1));
     let id = submit_raw(app, json!({"prompt": "survives outages"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
-    let requests = requests_for(&app, &id);
+    let requests = requests_for(app, &id);
     assert_eq!(requests.len(), 1);
     assert_eq!(job["fal_request_id"], requests[0].id.as_str());
     assert_eq!(&job["result"], &requests[0].outcome.as_ref().unwrap().body);
@@ -113,7 +113,7 @@ async fn a_stale_callback_after_a_lost_submit_answer_ends_the_job_at_once(app: &
         .inject_callback_fault(CallbackFault::StaleTimestamp, 1);
     let id = submit_raw(app, json!({"prompt": "followed by its id alone"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
-    let requests = requests_for(&app, &id);
+    let requests = requests_for(app, &id);
     assert_eq!(requests.len(), 1, "sent once");
     assert_eq!(job["fal_request_id"], requests[0].id.as_str());
     assert_eq!(&job["result"], &requests[0].outcome.as_ref().unwrap().body);
@@ -137,9 +137,9 @@ async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp)
             (submit_notes(&job) == ["unconfirmed"]).then_some(())
         })
         .await;
-    assert_eq!(metric(&app, "falgate_submits_unconfirmed_total").await, 1);
+    assert_eq!(metric(app, "falgate_submits_unconfirmed_total").await, 1);
     // Well past the grace, and past several submit backoffs: still one request.
-    let first = requests_for(&app, &id);
+    let first = requests_for(app, &id);
     assert_eq!(first.len(), 1);
     throughout(
         Duration::from_secs(2),
@@ -153,7 +153,7 @@ async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp)
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(job["fal_request_id"], first[0].id.as_str());
     assert_eq!(app.fal.submits().len(), 1);
-    assert_eq!(metric(&app, "falgate_submits_resent_total").await, 0);
+    assert_eq!(metric(app, "falgate_submits_resent_total").await, 0);
 }
 
 backend_tests!(
@@ -172,7 +172,7 @@ async fn a_submit_answered_later_than_its_timeout_is_not_sent_twice(app: &TestAp
         .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 1_500 }, 1));
     let id = submit_raw(app, json!({"prompt": "slow door"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
-    assert_eq!(requests_for(&app, &id).len(), 1);
+    assert_eq!(requests_for(app, &id).len(), 1);
     assert_eq!(submit_notes(&job)[0], "unconfirmed");
 }
 
@@ -190,8 +190,8 @@ async fn with_no_word_from_fal_within_the_wait_the_job_is_sent_again_and_says_so
     let id = submit_raw(app, json!({"prompt": "nothing there"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(submit_notes(&job), ["unconfirmed", "resent"]);
-    assert_eq!(requests_for(&app, &id).len(), 1);
-    assert_eq!(metric(&app, "falgate_submits_resent_total").await, 1);
+    assert_eq!(requests_for(app, &id).len(), 1);
+    assert_eq!(metric(app, "falgate_submits_resent_total").await, 1);
 }
 
 /// A submit in doubt for a short while: the callback grace and the wait for evidence.
@@ -217,7 +217,7 @@ async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) 
     let answer = app.cancel(&queued).await;
     assert_eq!(answer["status"], "pending", "{answer}");
     assert!(answer["cancel_requested_at"].is_string());
-    let request = requests_for(&app, &queued).remove(0);
+    let request = requests_for(app, &queued).remove(0);
     app.fal
         .set_request_durations(&request.id, Durations::new(0, 0));
     let job = app.wait_for_status(&queued, "succeeded").await;
@@ -245,7 +245,7 @@ async fn a_cancel_while_a_submit_is_in_doubt_is_confirmed_once_fal_has_nothing(a
         job["error"].is_null(),
         "a cancelled job did not fail: {job}"
     );
-    assert!(requests_for(&app, &absent).is_empty());
+    assert!(requests_for(app, &absent).is_empty());
     assert_eq!(
         app.fal
             .submits()
@@ -447,7 +447,7 @@ async fn a_gateway_error_naming_a_request_is_checked_with_fal(app: &TestApp) {
     let refused = submit_raw(app, json!({"prompt": "named but not queued"})).await;
     let job = app.wait_for_status(&refused, "succeeded").await;
     assert!(submit_notes(&job).is_empty(), "{job}");
-    assert_eq!(requests_for(&app, &refused).len(), 1);
+    assert_eq!(requests_for(app, &refused).len(), 1);
     assert_eq!(app.fal.submits().len(), 2);
 }
 

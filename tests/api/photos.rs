@@ -144,7 +144,7 @@ fn oriented_jpeg(width: u32, height: u32, orientation: u16) -> Vec<u8> {
 
 backend_tests!(pictures_cut_short_lying_or_inflating_are_refused_by_name);
 async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp) {
-    let avatar = id_of(&create_avatar(&app, "character").await);
+    let avatar = id_of(&create_avatar(app, "character").await);
     let good = photo(1, 640, 512);
     let cut = good[..24].to_vec();
     let second = photo(2, 640, 512);
@@ -162,7 +162,7 @@ async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp
 
     let started = Instant::now();
     let response = upload(
-        &app,
+        app,
         &avatar,
         &[
             ("good.png", good),
@@ -196,19 +196,19 @@ async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp
     }
     // The bomb was refused from its header (its message names the side limit), quickly.
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
-    let kept = kept_photos(&app, &avatar).await;
+    let kept = kept_photos(app, &avatar).await;
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0]["file_name"], "good.png");
     assert_eq!(body["accepted"], json!([kept[0]["id"]]));
-    wait_for_no_partial_files(&app).await;
+    wait_for_no_partial_files(app).await;
 }
 
 backend_tests!(an_exif_rotated_jpeg_reports_its_displayed_size);
 async fn an_exif_rotated_jpeg_reports_its_displayed_size(app: &TestApp) {
-    let avatar = id_of(&create_avatar(&app, "character").await);
+    let avatar = id_of(&create_avatar(app, "character").await);
     // Stored 600x800, shown turned a quarter (Exif orientation 6): 800x600.
     let response = upload(
-        &app,
+        app,
         &avatar,
         &[
             ("turned.jpg", oriented_jpeg(600, 800, 6)),
@@ -244,7 +244,7 @@ backend_tests!(
     }
 );
 async fn a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept(app: &TestApp) {
-    let avatar = id_of(&create_avatar(&app, "character").await);
+    let avatar = id_of(&create_avatar(app, "character").await);
     let first = photo(1, 640, 512);
     let last = photo(2, 512, 640);
     assert!(first.len() < 100_000 && last.len() < 100_000);
@@ -279,14 +279,14 @@ async fn a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept(app: 
             && errors[0].1.contains("limit is 100000"),
         "{errors:?}"
     );
-    let kept = kept_photos(&app, &avatar).await;
+    let kept = kept_photos(app, &avatar).await;
     let names: Vec<&str> = kept
         .iter()
         .map(|p| p["file_name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["first.png", "last.png"]);
     assert_eq!(body["accepted"].as_array().unwrap().len(), 2);
-    wait_for_no_partial_files(&app).await;
+    wait_for_no_partial_files(app).await;
 }
 
 backend_tests!(
@@ -297,7 +297,7 @@ backend_tests!(
     }
 );
 async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) {
-    let avatar = id_of(&create_avatar(&app, "character").await);
+    let avatar = id_of(&create_avatar(app, "character").await);
     let photos: Vec<(String, Vec<u8>)> = (0..8)
         .map(|n| (format!("p{n}.png"), photo(n, 640, 512)))
         .collect();
@@ -337,11 +337,11 @@ async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) 
         .await
         .unwrap();
     problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
-    assert!(kept_photos(&app, &avatar).await.is_empty());
-    wait_for_no_partial_files(&app).await;
+    assert!(kept_photos(app, &avatar).await.is_empty());
+    wait_for_no_partial_files(app).await;
 
     // Within the limit, the same photos go through.
-    let response = upload(&app, &avatar, &files[..2]).await;
+    let response = upload(app, &avatar, &files[..2]).await;
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 
@@ -461,7 +461,7 @@ async fn an_abandoned_upload_leaves_no_file_behind_and_frees_its_slot(app: &Test
 
 backend_tests!(a_form_that_never_reaches_a_file_is_refused_not_buffered);
 async fn a_form_that_never_reaches_a_file_is_refused_not_buffered(app: &TestApp) {
-    let avatar = id_of(&create_avatar(&app, "character").await);
+    let avatar = id_of(&create_avatar(app, "character").await);
     let boundary = new_boundary();
     // A preamble past the 1 MiB allowed that never names a part: the parser would have to
     // keep all of it.
@@ -481,5 +481,5 @@ async fn a_form_that_never_reaches_a_file_is_refused_not_buffered(app: &TestApp)
             .contains("neither files nor part headers"),
         "{problem}"
     );
-    assert!(kept_photos(&app, &avatar).await.is_empty());
+    assert!(kept_photos(app, &avatar).await.is_empty());
 }
