@@ -103,8 +103,9 @@ async fn serve_refuses_to_start_without_a_fal_key_or_sandbox() {
 
 /// The README's first command: a sandbox that prints a key, runs a job through the built-in
 /// emulator, and says it is a sandbox.
-/// Reads a sandbox's output until it prints its development key.
-async fn printed_key(stdout: tokio::process::ChildStdout) -> String {
+/// Reads a sandbox's output until it prints its development key. The output stays the
+/// child's: a server whose stdout is closed dies at its next line.
+async fn printed_key(stdout: &mut tokio::process::ChildStdout) -> String {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut lines = BufReader::new(stdout).lines();
     tokio::time::timeout(PATIENCE, async {
@@ -138,7 +139,7 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let key = printed_key(child.stdout.take().unwrap()).await;
+    let key = printed_key(child.stdout.as_mut().unwrap()).await;
 
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
@@ -323,7 +324,7 @@ async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, Str
         command.env(switch.0, switch.1);
     }
     let mut child = command.spawn().unwrap();
-    let key = printed_key(child.stdout.take().unwrap()).await;
+    let key = printed_key(child.stdout.as_mut().unwrap()).await;
     child.kill().await.unwrap();
     let mut logged = String::new();
     child
