@@ -1,10 +1,11 @@
 //! API keys and tenants.
 
-use crate::backend_test;
+use crate::backend_tests;
 use crate::support::*;
 use reqwest::StatusCode;
 
-backend_test!(every_v1_route_needs_a_key, |app| {
+backend_tests!(every_v1_route_needs_a_key);
+async fn every_v1_route_needs_a_key(app: &TestApp) {
     let job = app.create_job(&app.key, "a cat").await;
     let id = job["id"].as_str().unwrap();
     for (method, path) in [
@@ -26,9 +27,10 @@ backend_test!(every_v1_route_needs_a_key, |app| {
         );
         problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
-});
+}
 
-backend_test!(wrong_malformed_and_revoked_keys_are_refused, |app| {
+backend_tests!(wrong_and_malformed_keys_are_refused);
+async fn wrong_and_malformed_keys_are_refused(app: &TestApp) {
     let forged = format!("fgk_{}", "A".repeat(43));
     for header in [
         format!("Bearer {forged}"),
@@ -46,16 +48,12 @@ backend_test!(wrong_malformed_and_revoked_keys_are_refused, |app| {
             .unwrap();
         problem(response, StatusCode::UNAUTHORIZED, "unauthorized").await;
     }
+}
 
+backend_tests!(a_revoked_key_is_refused_and_the_others_are_unaffected);
+async fn a_revoked_key_is_refused_and_the_others_are_unaffected(app: &TestApp) {
     let key = app.new_key("to revoke").await;
-    let ok = app
-        .client
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(app.get_as(&key, "/v1/jobs").await.status(), StatusCode::OK);
     let prefix = &key[..12];
     assert!(
         app.store()
@@ -63,70 +61,31 @@ backend_test!(wrong_malformed_and_revoked_keys_are_refused, |app| {
             .await
             .unwrap()
     );
-    let refused = app
-        .client
-        .get(app.url("/v1/jobs"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let refused = app.get_as(&key, "/v1/jobs").await;
     problem(refused, StatusCode::UNAUTHORIZED, "unauthorized").await;
-    // The other key is unaffected.
-    let still = app
-        .request(reqwest::Method::GET, "/v1/jobs")
+    let still = app.get_as(&app.key, "/v1/jobs").await;
+    assert_eq!(still.status(), StatusCode::OK);
+}
+
+backend_tests!(a_key_never_sees_another_keys_jobs, without_workers);
+async fn a_key_never_sees_another_keys_jobs(app: &TestApp) {
+    let job = app.create_job(&app.key, "mine").await;
+    let id = job["id"].as_str().unwrap();
+    let other = app.new_key("other tenant").await;
+
+    let get = app.get_as(&other, &format!("/v1/jobs/{id}")).await;
+    problem(get, StatusCode::NOT_FOUND, "not_found").await;
+    let cancel = app
+        .client
+        .post(app.url(&format!("/v1/jobs/{id}/cancel")))
+        .bearer_auth(&other)
         .send()
         .await
         .unwrap();
-    assert_eq!(still.status(), StatusCode::OK);
-});
+    problem(cancel, StatusCode::NOT_FOUND, "not_found").await;
+    let list: serde_json::Value = app.get_as(&other, "/v1/jobs").await.json().await.unwrap();
+    assert_eq!(items(&list).len(), 0);
 
-backend_test!(
-    a_key_never_sees_another_keys_jobs,
-    |config| {
-        config.run_workers = false;
-    },
-    |app| {
-        let job = app.create_job(&app.key, "mine").await;
-        let id = job["id"].as_str().unwrap();
-        let other = app.new_key("other tenant").await;
-
-        let get = app
-            .client
-            .get(app.url(&format!("/v1/jobs/{id}")))
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap();
-        problem(get, StatusCode::NOT_FOUND, "not_found").await;
-        let cancel = app
-            .client
-            .post(app.url(&format!("/v1/jobs/{id}/cancel")))
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap();
-        problem(cancel, StatusCode::NOT_FOUND, "not_found").await;
-        let list: serde_json::Value = app
-            .client
-            .get(app.url("/v1/jobs"))
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(list["items"].as_array().unwrap().len(), 0);
-
-        // The owner still sees it, untouched by the other key's cancel.
-        let mine: serde_json::Value = app
-            .request(reqwest::Method::GET, &format!("/v1/jobs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(mine["status"], "pending");
-    }
-);
+    // The owner still sees it, untouched by the other key's cancel.
+    assert_eq!(app.job(id).await["status"], "pending");
+}

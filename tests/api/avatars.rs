@@ -1,7 +1,7 @@
 //! Avatars end to end: photos, training with model choice and presets, generation with presets
 //! and batches, against the emulator.
 
-use crate::backend_test;
+use crate::backend_tests;
 use crate::support::*;
 use falgate::domain::archive::unzip_stored;
 use falgate::emulator::{Durations, EmulatorConfig, ModelFailure};
@@ -9,108 +9,24 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 
-/// A real PNG of `width`×`height`, different for every `n`.
-fn photo(n: u64, width: u32, height: u32) -> Vec<u8> {
-    falgate::emulator::png::render(width, height, n, "training photo")
-}
-
-/// A multipart body with one part per file.
-fn multipart(files: &[(&str, Vec<u8>)]) -> (String, Vec<u8>) {
-    let boundary = format!("falgate-{}", uuid::Uuid::new_v4().simple());
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\nContent-Type: image/jpeg\r\n\r\n"
-            )
-            .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> reqwest::Response {
-    let (content_type, body) = multipart(files);
-    app.request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn create_avatar(app: &TestApp, kind: &str) -> Value {
-    let response = app
-        .request(Method::POST, "/v1/avatars")
-        .json(&json!({"name": format!("{kind} avatar"), "kind": kind}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    response.json().await.unwrap()
-}
-
-/// An avatar with `count` accepted photos; answers the avatar and the photos' bytes.
-async fn avatar_with_photos(app: &TestApp, kind: &str, count: u64) -> (Value, Vec<Vec<u8>>) {
-    let avatar = create_avatar(app, kind).await;
-    let id = avatar["id"].as_str().unwrap();
-    let photos: Vec<Vec<u8>> = (0..count).map(|n| photo(n, 640, 512)).collect();
-    let files: Vec<(String, Vec<u8>)> = photos
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (format!("p{i}.png"), p.clone()))
-        .collect();
-    let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    let response = upload(app, id, &named).await;
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["items"].as_array().unwrap().len(), count as usize);
-    (avatar, photos)
-}
-
-async fn train(app: &TestApp, avatar: &str, body: Value) -> reqwest::Response {
-    app.request(Method::POST, &format!("/v1/avatars/{avatar}/trainings"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-}
-
-async fn wait_for_avatar(app: &TestApp, id: &str, status: &str) -> Value {
-    app.poll_until(&format!("avatar {status}"), || async {
-        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-        (avatar["status"] == status).then_some(avatar)
-    })
-    .await
-}
-
-pub(crate) async fn wait_for_batch(app: &TestApp, id: &str) -> Value {
-    app.poll_until("the batch to finish", || async {
-        let batch = app.get_json(&format!("/v1/batches/{id}")).await;
-        (batch["status"] != "running").then_some(batch)
-    })
-    .await
-}
-
 /// Polls until the avatar holds falgate's copy of its LoRA file; answers the avatar.
 async fn wait_for_lora_copy(app: &TestApp, id: &str) -> Value {
-    app.poll_until("the LoRA copy", || async {
-        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-        (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
-    })
-    .await
+    eventually("the LoRA copy")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (!avatar["artifact"]["lora_copy"].is_null()).then_some(avatar)
+        })
+        .await
 }
 
 /// Polls until the avatar's LoRA URL is no longer `old`; answers the avatar.
 async fn wait_for_new_lora_url(app: &TestApp, id: &str, old: &str) -> Value {
-    app.poll_until("the LoRA uploaded again", || async {
-        let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-        (avatar["artifact"]["lora_url"] != old).then_some(avatar)
-    })
-    .await
+    eventually("the LoRA uploaded again")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (avatar["artifact"]["lora_url"] != old).then_some(avatar)
+        })
+        .await
 }
 
 /// A character avatar trained on ten photos, once its LoRA copy is kept: its id and view.
@@ -128,478 +44,433 @@ pub(crate) async fn trained_with_lora_copy(app: &TestApp) -> (String, Value) {
 
 /// One generation on the avatar, waited for to its end; answers its batch.
 async fn generate_one(app: &TestApp, id: &str, prompt: &str) -> Value {
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": id, "prompt": prompt}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::ACCEPTED);
-    let batch: Value = response.json().await.unwrap();
-    wait_for_batch(app, batch["id"].as_str().unwrap()).await
+    let batch = generate(app, json!({"avatar_id": id, "prompt": prompt})).await;
+    wait_for_batch(app, &id_of(&batch)).await
 }
 
-backend_test!(
-    a_character_is_trained_on_its_photos_and_generates_a_batch,
-    |app| {
-        let (avatar, photos) = avatar_with_photos(&app, "character", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
-        assert_eq!(trigger, format!("TOK_{}", &id.replace('-', "")[..8]));
-        assert_eq!(avatar["status"], "draft");
+backend_tests!(a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset);
+async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(app: &TestApp) {
+    let (avatar, photos) = avatar_with_photos(app, "character", 10).await;
+    let id = avatar["id"].as_str().unwrap();
+    let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
+    assert_eq!(trigger, format!("TOK_{}", &id.replace('-', "")[..8]));
+    assert_eq!(avatar["status"], "draft");
 
-        // FAL holds the training until the avatar has been seen training.
-        let trainer = "fal-ai/flux-lora-portrait-trainer";
-        app.fal
-            .set_durations(Some(trainer), true, Durations::new(0, 600_000));
-        let response = train(&app, id, json!({})).await;
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let job: Value = response.json().await.unwrap();
-        assert_eq!(job["kind"], "training");
-        assert_eq!(job["endpoint"], "fal-ai/flux-lora-portrait-trainer");
-        let zip_url = job["input"]["images_data_url"].as_str().unwrap().to_owned();
-        assert_eq!(
-            job["input"],
-            json!({
-                "steps": 1500, "learning_rate": 0.00015, "subject_crop": true, "create_masks": true,
-                "trigger_phrase": trigger, "images_data_url": zip_url,
-            }),
-            "the balanced portrait preset, exactly"
-        );
-        assert_eq!(
-            app.get_json(&format!("/v1/avatars/{id}")).await["status"],
-            "training"
-        );
-        app.fal
-            .set_durations(Some(trainer), true, EmulatorConfig::fast().training);
+    // FAL holds the training until the avatar has been seen training.
+    let trainer = "fal-ai/flux-lora-portrait-trainer";
+    app.fal
+        .set_durations(Some(trainer), true, Durations::new(0, 600_000));
+    let response = train(app, id, json!({})).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    assert_eq!(job["kind"], "training");
+    assert_eq!(job["endpoint"], "fal-ai/flux-lora-portrait-trainer");
+    let zip_url = job["input"]["images_data_url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        job["input"],
+        json!({
+            "steps": 1500, "learning_rate": 0.00015, "subject_crop": true, "create_masks": true,
+            "trigger_phrase": trigger, "images_data_url": zip_url,
+        }),
+        "the balanced portrait preset, exactly"
+    );
+    assert_eq!(
+        app.get_json(&format!("/v1/avatars/{id}")).await["status"],
+        "training"
+    );
+    app.fal
+        .set_durations(Some(trainer), true, EmulatorConfig::fast().training);
 
-        let trained = app
-            .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
-            .await;
-        // FAL received exactly that input, and the ZIP it downloaded holds the ten photos.
-        let submit = app
-            .fal
-            .submits()
-            .into_iter()
-            .find(|s| s.endpoint == "fal-ai/flux-lora-portrait-trainer")
-            .unwrap();
-        assert_eq!(submit.input, job["input"]);
-        let download = app
-            .fal
-            .downloads()
-            .into_iter()
-            .find(|d| d.url == zip_url)
-            .expect("the trainer fetched the ZIP");
-        let files = unzip_stored(&download.bytes.unwrap()).expect("a valid ZIP");
-        let got: BTreeSet<Vec<u8>> = files.into_iter().map(|(_, bytes)| bytes).collect();
-        let sent: BTreeSet<Vec<u8>> = photos.into_iter().collect();
-        assert_eq!(got, sent);
+    let trained = app
+        .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+        .await;
+    // FAL received exactly that input, and the ZIP it downloaded holds the ten photos.
+    let submit = app
+        .fal
+        .submits()
+        .into_iter()
+        .find(|s| s.endpoint == "fal-ai/flux-lora-portrait-trainer")
+        .unwrap();
+    assert_eq!(submit.input, job["input"]);
+    let download = app
+        .fal
+        .downloads()
+        .into_iter()
+        .find(|d| d.url == zip_url)
+        .expect("the trainer fetched the ZIP");
+    let files = unzip_stored(&download.bytes.unwrap()).expect("a valid ZIP");
+    let got: BTreeSet<Vec<u8>> = files.into_iter().map(|(_, bytes)| bytes).collect();
+    let sent: BTreeSet<Vec<u8>> = photos.into_iter().collect();
+    assert_eq!(got, sent);
 
-        let ready = wait_for_avatar(&app, id, "ready").await;
-        let lora_url = trained["result"]["diffusers_lora_file"]["url"]
-            .as_str()
-            .unwrap();
-        assert_eq!(ready["artifact"]["lora_url"], lora_url);
-        assert_eq!(
-            ready["artifact"]["lora_config_url"],
-            trained["result"]["config_file"]["url"]
-        );
-        assert!(ready["artifact"]["finetune_id"].is_null());
+    let ready = wait_for_avatar(app, id, "ready").await;
+    let lora_url = trained["result"]["diffusers_lora_file"]["url"]
+        .as_str()
+        .unwrap();
+    assert_eq!(ready["artifact"]["lora_url"], lora_url);
+    assert_eq!(
+        ready["artifact"]["lora_config_url"],
+        trained["result"]["config_file"]["url"]
+    );
+    assert!(ready["artifact"]["finetune_id"].is_null());
 
-        // falgate keeps its own copy of the weights, byte for byte: FAL's URLs expire.
-        let kept = wait_for_lora_copy(&app, id).await;
-        let weights = app
-            .fal
-            .file_bytes(lora_url)
-            .expect("the emulator served the weights");
-        assert_eq!(kept["artifact"]["lora_copy"]["bytes"], weights.len());
-        let copy = app
-            .request(Method::GET, &format!("/v1/avatars/{id}/lora"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(copy.status(), StatusCode::OK);
-        assert_eq!(copy.bytes().await.unwrap(), weights);
+    // falgate keeps its own copy of the weights, byte for byte: FAL's URLs expire.
+    let kept = wait_for_lora_copy(app, id).await;
+    let weights = app
+        .fal
+        .file_bytes(lora_url)
+        .expect("the emulator served the weights");
+    assert_eq!(kept["artifact"]["lora_copy"]["bytes"], weights.len());
+    let copy = app.get(&format!("/v1/avatars/{id}/lora")).await;
+    assert_eq!(copy.status(), StatusCode::OK);
+    assert_eq!(copy.bytes().await.unwrap(), weights);
+}
 
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&json!({
-                "avatar_id": id,
-                "prompts": ["at the beach", "in a library", "TOK_ mentioned differently"],
-                "preset": "portrait",
-                "aspect_ratio": "3:4",
-            }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::ACCEPTED);
-        let batch: Value = response.json().await.unwrap();
-        assert_eq!(batch["total"], 3);
-        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
-        assert_eq!(done["status"], "succeeded", "{done}");
-        for job in done["jobs"].as_array().unwrap() {
-            assert_eq!(job["endpoint"], "fal-ai/flux-lora");
-            let input = &job["input"];
-            assert!(
-                input["prompt"]
-                    .as_str()
-                    .unwrap()
-                    .starts_with(&format!("{trigger} "))
-            );
-            assert_eq!(input["loras"], json!([{"path": lora_url, "scale": 1.1}]));
-            assert_eq!(
-                (
-                    input["num_inference_steps"].clone(),
-                    input["guidance_scale"].clone()
-                ),
-                (json!(35), json!(3.5))
-            );
-            assert_eq!(input["image_size"], "portrait_4_3", "3:4 is never a square");
-            let images = job["output"]["images"].as_array().unwrap();
-            assert_eq!(images.len(), 1);
-            assert_eq!(
-                (images[0]["width"].clone(), images[0]["height"].clone()),
-                (json!(768), json!(1024))
-            );
-            // Seeds are answered as digits: FAL's go past what an int64 holds.
-            let seed = job["output"]["seed"].as_str().unwrap();
-            assert_eq!(seed.parse::<u64>().ok(), job["result"]["seed"].as_u64());
-            assert_eq!(job["output"]["has_nsfw_concepts"], json!([false]));
-        }
+/// A character trained and holding its LoRA copy: its id, trigger phrase and FAL's LoRA URL.
+async fn ready_character(app: &TestApp) -> (String, String, String) {
+    let (id, avatar) = trained_with_lora_copy(app).await;
+    let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
+    let lora_url = avatar["artifact"]["lora_url"].as_str().unwrap().to_owned();
+    (id, trigger, lora_url)
+}
 
-        // Every image of a multi-image request comes back.
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&json!({"avatar_id": id, "prompt": "four of them", "num_images": 4, "seed": 7}))
-            .send()
-            .await
-            .unwrap();
-        let batch: Value = response.json().await.unwrap();
-        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
-        assert_eq!(
-            done["jobs"][0]["output"]["images"]
-                .as_array()
+backend_tests!(a_trained_character_generates_a_batch_with_the_portrait_preset);
+async fn a_trained_character_generates_a_batch_with_the_portrait_preset(app: &TestApp) {
+    let (id, trigger, lora_url) = ready_character(app).await;
+    let batch = generate(
+        app,
+        json!({
+            "avatar_id": id,
+            "prompts": ["at the beach", "in a library", "TOK_ mentioned differently"],
+            "preset": "portrait",
+            "aspect_ratio": "3:4",
+        }),
+    )
+    .await;
+    assert_eq!(batch["total"], 3);
+    let done = wait_for_batch(app, &id_of(&batch)).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    for job in done["jobs"].as_array().unwrap() {
+        assert_eq!(job["endpoint"], "fal-ai/flux-lora");
+        let input = &job["input"];
+        assert!(
+            input["prompt"]
+                .as_str()
                 .unwrap()
-                .len(),
-            4
+                .starts_with(&format!("{trigger} "))
         );
+        assert_eq!(input["loras"], json!([{"path": lora_url, "scale": 1.1}]));
+        assert_eq!(
+            (
+                input["num_inference_steps"].clone(),
+                input["guidance_scale"].clone()
+            ),
+            (json!(35), json!(3.5))
+        );
+        assert_eq!(input["image_size"], "portrait_4_3", "3:4 is never a square");
+        let images = job["output"]["images"].as_array().unwrap();
+        assert_eq!(images.len(), 1);
+        assert_eq!(
+            (images[0]["width"].clone(), images[0]["height"].clone()),
+            (json!(768), json!(1024))
+        );
+        // Seeds are answered as digits: FAL's go past what an int64 holds.
+        let seed = job["output"]["seed"].as_str().unwrap();
+        assert_eq!(seed.parse::<u64>().ok(), job["result"]["seed"].as_u64());
+        assert_eq!(job["output"]["has_nsfw_concepts"], json!([false]));
+    }
+}
 
-        // Refusals on a ready avatar: fields the endpoint does not take, and bad values.
-        for (body, field) in [
+backend_tests!(every_image_of_a_multi_image_request_comes_back);
+async fn every_image_of_a_multi_image_request_comes_back(app: &TestApp) {
+    let (id, _, _) = ready_character(app).await;
+    let batch = app
+        .post_json(
+            "/v1/generations",
+            &json!({"avatar_id": id, "prompt": "four of them", "num_images": 4, "seed": 7}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    let done = wait_for_batch(app, &id_of(&batch)).await;
+    assert_eq!(
+        done["jobs"][0]["output"]["images"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+}
+
+backend_tests!(a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values);
+async fn a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values(app: &TestApp) {
+    let (id, _, _) = ready_character(app).await;
+    assert_bodies_refused(
+        app,
+        "/v1/generations",
+        &[
             (
                 json!({"avatar_id": id, "prompt": "x", "negative_prompt": "blurry"}),
-                "negative_prompt",
+                &["negative_prompt"],
             ),
             (
                 json!({"avatar_id": id, "prompt": "x", "num_images": 5}),
-                "num_images",
+                &["num_images"],
             ),
             (
                 json!({"avatar_id": id, "prompt": "x", "preset": "cinematic"}),
-                "preset",
+                &["preset"],
             ),
-            (json!({"avatar_id": id, "prompt": "x", "raw": true}), "raw"),
+            (
+                json!({"avatar_id": id, "prompt": "x", "raw": true}),
+                &["raw"],
+            ),
             (
                 json!({"avatar_id": id, "prompt": "x", "aspect_ratio": "5:4"}),
-                "aspect_ratio",
+                &["aspect_ratio"],
             ),
-        ] {
-            let response = app
-                .request(Method::POST, "/v1/generations")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let problem = problem(
-                response,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
-            )
-            .await;
-            assert_eq!(fields(&problem), vec![field.to_owned()], "{body}");
-        }
-    }
-);
+        ],
+    )
+    .await;
+}
 
-backend_test!(
-    a_style_is_finetuned_and_generates_on_the_finetune_endpoint,
-    |app| {
-        let (avatar, _) = avatar_with_photos(&app, "style", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        let job: Value = train(&app, id, json!({"preset": "fast"}))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(job["endpoint"], "fal-ai/flux-pro-trainer");
-        let input = &job["input"];
-        assert_eq!(input["mode"], "style");
-        assert_eq!(input["finetune_type"], "lora");
-        assert_eq!(
-            (input["iterations"].clone(), input["priority"].clone()),
-            (json!(200), json!("speed"))
-        );
-        assert!(input["data_url"].is_string());
-        let trained = app
-            .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
-            .await;
-        let ready = wait_for_avatar(&app, id, "ready").await;
-        assert_eq!(
-            ready["artifact"]["finetune_id"],
-            trained["result"]["finetune_id"]
-        );
-        assert!(ready["artifact"]["lora_url"].is_null());
-
-        let batch: Value = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": id, "prompt": "a teapot", "preset": "quality", "safety_tolerance": "2"}))
-        .send()
+backend_tests!(a_style_is_finetuned_and_generates_on_the_finetune_endpoint);
+async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestApp) {
+    let (avatar, _) = avatar_with_photos(app, "style", 10).await;
+    let id = avatar["id"].as_str().unwrap();
+    let job: Value = train(app, id, json!({"preset": "fast"}))
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
-        let done = wait_for_batch(&app, batch["id"].as_str().unwrap()).await;
-        let job = &done["jobs"][0];
-        assert_eq!(job["endpoint"], "fal-ai/flux-pro/v1.1-ultra-finetuned");
-        assert_eq!(
-            job["input"]["finetune_id"],
-            ready["artifact"]["finetune_id"]
-        );
-        assert_eq!(job["input"]["finetune_strength"], 1.2);
-        assert_eq!(job["input"]["aspect_ratio"], "1:1");
-        assert_eq!(job["status"], "succeeded");
-    }
-);
+    assert_eq!(job["endpoint"], "fal-ai/flux-pro-trainer");
+    let input = &job["input"];
+    assert_eq!(input["mode"], "style");
+    assert_eq!(input["finetune_type"], "lora");
+    assert_eq!(
+        (input["iterations"].clone(), input["priority"].clone()),
+        (json!(200), json!("speed"))
+    );
+    assert!(input["data_url"].is_string());
+    let trained = app
+        .wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let ready = wait_for_avatar(app, id, "ready").await;
+    assert_eq!(
+        ready["artifact"]["finetune_id"],
+        trained["result"]["finetune_id"]
+    );
+    assert!(ready["artifact"]["lora_url"].is_null());
 
-backend_test!(
+    let batch: Value = app
+    .request(Method::POST, "/v1/generations")
+    .json(&json!({"avatar_id": id, "prompt": "a teapot", "preset": "quality", "safety_tolerance": "2"}))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let done = wait_for_batch(app, batch["id"].as_str().unwrap()).await;
+    let job = &done["jobs"][0];
+    assert_eq!(job["endpoint"], "fal-ai/flux-pro/v1.1-ultra-finetuned");
+    assert_eq!(
+        job["input"]["finetune_id"],
+        ready["artifact"]["finetune_id"]
+    );
+    assert_eq!(job["input"]["finetune_strength"], 1.2);
+    assert_eq!(job["input"]["aspect_ratio"], "1:1");
+    assert_eq!(job["status"], "succeeded");
+}
+
+backend_tests!(
     bad_photos_are_refused_one_by_one_and_the_good_ones_kept,
     |config| {
         config.avatars.max_photo_bytes = 40_000;
-    },
-    |app| {
-        let avatar = create_avatar(&app, "character").await;
-        let id = avatar["id"].as_str().unwrap();
-        let good = photo(1, 640, 512);
-        let mut bmp = b"BM".to_vec();
-        bmp.extend_from_slice(&[0u8; 64]);
-        let small = photo(2, 300, 300);
-        let big = photo(3, 1600, 1600);
-        assert!(
-            big.len() > 40_000,
-            "the big photo must be over the limit: {}",
-            big.len()
-        );
-        let response = upload(
-            &app,
-            id,
-            &[
-                ("good.png", good.clone()),
-                ("holiday.jpg", bmp),
-                ("tiny.png", small),
-                ("again.png", good.clone()),
-                ("huge.png", big),
-                ("empty.jpg", Vec::new()),
-            ],
-        )
-        .await;
-        let body = problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        let errors: Vec<(String, String)> = body["errors"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| {
-                (
-                    e["field"].as_str().unwrap().to_owned(),
-                    e["message"].as_str().unwrap().to_owned(),
-                )
-            })
-            .collect();
-        assert_eq!(errors.len(), 5, "{errors:?}");
-        assert!(
-            errors[0].0.contains("holiday.jpg") && errors[0].1.contains("BMP"),
-            "{errors:?}"
-        );
-        assert!(
-            errors[1].0.contains("tiny.png") && errors[1].1.contains("300x300"),
-            "{errors:?}"
-        );
-        assert!(
-            errors[2].0.contains("again.png") && errors[2].1.contains("same bytes"),
-            "{errors:?}"
-        );
-        assert!(
-            errors[3].0.contains("huge.png") && errors[3].1.contains("limit"),
-            "{errors:?}"
-        );
-        assert!(
-            errors[4].0.contains("empty.jpg") && errors[4].1.contains("empty"),
-            "{errors:?}"
-        );
-        let kept = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
-        assert_eq!(kept["items"].as_array().unwrap().len(), 1);
-        assert_eq!(kept["items"][0]["content_type"], "image/png");
-        assert_eq!(kept["items"][0]["file_name"], "good.png");
-        // The 422 says which file was kept, so that the client need not guess.
-        assert_eq!(body["accepted"], json!([kept["items"][0]["id"]]));
-        assert!(
-            body["detail"].as_str().unwrap().contains("1 kept"),
-            "{body}"
-        );
-        // Nothing kept is said as plainly.
-        let response = upload(&app, id, &[("only.png", photo(4, 200, 200))]).await;
-        let body = problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        assert_eq!(body["accepted"], json!([]));
-
-        // Nine photos are not enough to train, and nothing is sent to FAL.
-        let more: Vec<(String, Vec<u8>)> = (10..18)
-            .map(|n| (format!("p{n}.png"), photo(n, 512, 700)))
-            .collect();
-        let named: Vec<(&str, Vec<u8>)> =
-            more.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-        assert_eq!(upload(&app, id, &named).await.status(), StatusCode::CREATED);
-        let response = train(&app, id, json!({})).await;
-        let body = problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "insufficient_photos",
-        )
-        .await;
-        assert!(
-            body["detail"].as_str().unwrap().contains("has 9 photo"),
-            "{body}"
-        );
-        assert!(app.fal.submits().is_empty() && app.fal.uploads().is_empty());
-
-        // Generating on an untrained avatar.
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&json!({"avatar_id": id, "prompt": "too soon"}))
-            .send()
-            .await
-            .unwrap();
-        problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
-
-        // Not a multipart form: a problem document, not a plain-text rejection.
-        let response = app
-            .request(Method::POST, &format!("/v1/avatars/{id}/photos"))
-            .json(&json!({"files": []}))
-            .send()
-            .await
-            .unwrap();
-        problem(
-            response,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-        )
-        .await;
-
-        // A photo can be read and deleted on its own.
-        let photo_id = kept["items"][0]["id"].as_str().unwrap();
-        let one = app
-            .get_json(&format!("/v1/avatars/{id}/photos/{photo_id}"))
-            .await;
-        assert_eq!(one["width"], 640);
-        let deleted = app
-            .request(
-                Method::DELETE,
-                &format!("/v1/avatars/{id}/photos/{photo_id}"),
-            )
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-        let gone = app
-            .request(Method::GET, &format!("/v1/avatars/{id}/photos/{photo_id}"))
-            .send()
-            .await
-            .unwrap();
-        problem(gone, StatusCode::NOT_FOUND, "not_found").await;
     }
 );
-
-backend_test!(
-    a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact,
-    |app| {
-        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        app.fal.fail_next_models(ModelFailure::new(422), 1);
-        let job: Value = train(&app, id, json!({"model": "fast_lora"}))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(job["endpoint"], "fal-ai/flux-lora-fast-training");
-        let failed = app
-            .wait_for_status(job["id"].as_str().unwrap(), "failed")
-            .await;
-        let avatar = wait_for_avatar(&app, id, "failed").await;
-        assert!(avatar["artifact"].is_null(), "{avatar}");
-        assert_eq!(avatar["error"]["code"], failed["error"]["code"]);
-        assert!(!avatar["error"]["message"].as_str().unwrap().is_empty());
-        let response = app
-            .request(Method::POST, "/v1/generations")
-            .json(&json!({"avatar_id": id, "prompt": "no weights"}))
-            .send()
-            .await
-            .unwrap();
-        problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
-    }
-);
-
-backend_test!(
-    avatars_are_listed_scoped_and_deleted_with_their_training_cancelled,
-    |app| {
-        let (avatar, _) = avatar_with_photos(&app, "product", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        app.fal.set_all_durations(Durations::new(30_000, 30_000));
-        let job: Value = train(&app, id, json!({})).await.json().await.unwrap();
-        let again = train(&app, id, json!({})).await;
-        problem(again, StatusCode::CONFLICT, "avatar_training").await;
-
-        let other = app.new_key("someone else").await;
-        let hidden = app
-            .client
-            .get(app.url(&format!("/v1/avatars/{id}")))
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap();
-        problem(hidden, StatusCode::NOT_FOUND, "not_found").await;
-        let list = app.get_json("/v1/avatars").await;
-        assert_eq!(list["items"].as_array().unwrap().len(), 1);
-
-        let deleted = app
-            .request(Method::DELETE, &format!("/v1/avatars/{id}"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
-        let job = app.job(job["id"].as_str().unwrap()).await;
+async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp) {
+    let avatar = create_avatar(app, "character").await;
+    let id = avatar["id"].as_str().unwrap();
+    let good = photo(1, 640, 512);
+    let mut bmp = b"BM".to_vec();
+    bmp.extend_from_slice(&[0u8; 64]);
+    let small = photo(2, 300, 300);
+    let big = photo(3, 1600, 1600);
+    assert!(
+        big.len() > 40_000,
+        "the big photo must be over the limit: {}",
+        big.len()
+    );
+    let response = upload(
+        app,
+        id,
+        &[
+            ("good.png", good.clone()),
+            ("holiday.jpg", bmp),
+            ("tiny.png", small),
+            ("again.png", good.clone()),
+            ("huge.png", big),
+            ("empty.jpg", Vec::new()),
+        ],
+    )
+    .await;
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    // Each refused file is named, in the order sent, with its reason.
+    let errors = refusals(&body);
+    let expected = [
+        ("holiday.jpg", "BMP"),
+        ("tiny.png", "300x300"),
+        ("again.png", "same bytes"),
+        ("huge.png", "limit"),
+        ("empty.jpg", "empty"),
+    ];
+    assert_eq!(errors.len(), expected.len(), "{errors:?}");
+    for ((field, message), (file, reason)) in errors.iter().zip(expected) {
         assert!(
-            job["status"] == "canceled" || job["cancel_requested_at"].is_string(),
-            "{job}"
+            field.contains(file) && message.contains(reason),
+            "{errors:?}"
         );
-        let gone = app
-            .request(Method::GET, &format!("/v1/avatars/{id}"))
-            .send()
-            .await
-            .unwrap();
-        problem(gone, StatusCode::NOT_FOUND, "not_found").await;
     }
-);
+    let kept = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
+    assert_eq!(kept["items"].as_array().unwrap().len(), 1);
+    assert_eq!(kept["items"][0]["content_type"], "image/png");
+    assert_eq!(kept["items"][0]["file_name"], "good.png");
+    // The 422 says which file was kept, so that the client need not guess.
+    assert_eq!(body["accepted"], json!([kept["items"][0]["id"]]));
+    assert!(
+        body["detail"].as_str().unwrap().contains("1 kept"),
+        "{body}"
+    );
+    // Nothing kept is said as plainly.
+    let response = upload(app, id, &[("only.png", photo(4, 200, 200))]).await;
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    assert_eq!(body["accepted"], json!([]));
 
-backend_test!(idempotency_keys_cover_every_creating_post, |app| {
+    // Nine photos are not enough to train, and nothing is sent to FAL.
+    let more: Vec<(String, Vec<u8>)> = (10..18)
+        .map(|n| (format!("p{n}.png"), photo(n, 512, 700)))
+        .collect();
+    let named: Vec<(&str, Vec<u8>)> = more.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
+    assert_eq!(upload(app, id, &named).await.status(), StatusCode::CREATED);
+    let response = train(app, id, json!({})).await;
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "insufficient_photos",
+    )
+    .await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("has 9 photo"),
+        "{body}"
+    );
+    assert!(app.fal.submits().is_empty() && app.fal.uploads().is_empty());
+
+    // Generating on an untrained avatar.
+    let response = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({"avatar_id": id, "prompt": "too soon"}))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+
+    // Not a multipart form: a problem document, not a plain-text rejection.
+    let response = app
+        .request(Method::POST, &format!("/v1/avatars/{id}/photos"))
+        .json(&json!({"files": []}))
+        .send()
+        .await
+        .unwrap();
+    problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+
+    // A photo can be read and deleted on its own.
+    let photo_id = kept["items"][0]["id"].as_str().unwrap();
+    let one = app
+        .get_json(&format!("/v1/avatars/{id}/photos/{photo_id}"))
+        .await;
+    assert_eq!(one["width"], 640);
+    let deleted = app
+        .delete(&format!("/v1/avatars/{id}/photos/{photo_id}"))
+        .await;
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let gone = app
+        .get(&format!("/v1/avatars/{id}/photos/{photo_id}"))
+        .await;
+    problem(gone, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+backend_tests!(a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact);
+async fn a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact(app: &TestApp) {
+    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
+    let id = avatar["id"].as_str().unwrap();
+    app.fal.fail_next_models(ModelFailure::new(422), 1);
+    let job: Value = train(app, id, json!({"model": "fast_lora"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(job["endpoint"], "fal-ai/flux-lora-fast-training");
+    let failed = app
+        .wait_for_status(job["id"].as_str().unwrap(), "failed")
+        .await;
+    let avatar = wait_for_avatar(app, id, "failed").await;
+    assert!(avatar["artifact"].is_null(), "{avatar}");
+    assert_eq!(avatar["error"]["code"], failed["error"]["code"]);
+    assert!(!avatar["error"]["message"].as_str().unwrap().is_empty());
+    let response = app
+        .request(Method::POST, "/v1/generations")
+        .json(&json!({"avatar_id": id, "prompt": "no weights"}))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+}
+
+backend_tests!(avatars_are_listed_scoped_and_deleted_with_their_training_cancelled);
+async fn avatars_are_listed_scoped_and_deleted_with_their_training_cancelled(app: &TestApp) {
+    let (avatar, _) = avatar_with_photos(app, "product", 10).await;
+    let id = avatar["id"].as_str().unwrap();
+    app.fal.set_all_durations(Durations::new(30_000, 30_000));
+    let job: Value = train(app, id, json!({})).await.json().await.unwrap();
+    let again = train(app, id, json!({})).await;
+    problem(again, StatusCode::CONFLICT, "avatar_training").await;
+
+    let other = app.new_key("someone else").await;
+    let hidden = app.get_as(&other, &format!("/v1/avatars/{id}")).await;
+    problem(hidden, StatusCode::NOT_FOUND, "not_found").await;
+    let list = app.get_json("/v1/avatars").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
+    let deleted = app.delete(&format!("/v1/avatars/{id}")).await;
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let job = app.job(job["id"].as_str().unwrap()).await;
+    assert!(
+        job["status"] == "canceled" || job["cancel_requested_at"].is_string(),
+        "{job}"
+    );
+    let gone = app.get(&format!("/v1/avatars/{id}")).await;
+    problem(gone, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+backend_tests!(idempotency_keys_cover_every_creating_post);
+async fn idempotency_keys_cover_every_creating_post(app: &TestApp) {
     let post = |path: &str, key: &str, body: Value| {
         app.request(Method::POST, path)
             .header("idempotency-key", key)
@@ -639,12 +510,13 @@ backend_test!(idempotency_keys_cover_every_creating_post, |app| {
         .map(|n| (format!("p{n}.png"), photo(n, 600, 600)))
         .collect();
     let named: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, b)| (n.as_str(), b.clone())).collect();
-    let (content_type, body) = multipart(&named);
+    let boundary = new_boundary();
+    let body = multipart(&boundary, &named);
     for round in 0..2 {
         let response = app
             .request(Method::POST, &format!("/v1/avatars/{id}/photos"))
             .header("idempotency-key", "photos-1")
-            .header("content-type", content_type.clone())
+            .header("content-type", multipart_content_type(&boundary))
             .body(body.clone())
             .send()
             .await
@@ -678,7 +550,7 @@ backend_test!(idempotency_keys_cover_every_creating_post, |app| {
     assert_eq!(app.fal.uploads().len(), 1);
     app.wait_for_status(a["id"].as_str().unwrap(), "succeeded")
         .await;
-    wait_for_avatar(&app, id, "ready").await;
+    wait_for_avatar(app, id, "ready").await;
 
     // Generations: one batch.
     let body = json!({"avatar_id": id, "prompts": ["one", "two"]});
@@ -697,261 +569,239 @@ backend_test!(idempotency_keys_cover_every_creating_post, |app| {
     assert_eq!(x["id"], y["id"]);
     let generations = app.get_json("/v1/jobs?kind=generation").await;
     assert_eq!(generations["items"].as_array().unwrap().len(), 2);
-});
+}
 
-backend_test!(
-    a_new_training_replaces_the_artifact_only_when_it_succeeds,
-    |app| {
-        let (avatar, _) = avatar_with_photos(&app, "character", 10).await;
-        let id = avatar["id"].as_str().unwrap();
-        let first: Value = train(&app, id, json!({"preset": "fast"}))
-            .await
-            .json()
-            .await
-            .unwrap();
-        app.wait_for_status(first["id"].as_str().unwrap(), "succeeded")
-            .await;
-        let ready = wait_for_avatar(&app, id, "ready").await;
-        let old = ready["artifact"]["lora_url"].clone();
+backend_tests!(a_new_training_replaces_the_artifact_only_when_it_succeeds);
+async fn a_new_training_replaces_the_artifact_only_when_it_succeeds(app: &TestApp) {
+    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
+    let id = avatar["id"].as_str().unwrap();
+    let first: Value = train(app, id, json!({"preset": "fast"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    app.wait_for_status(first["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let ready = wait_for_avatar(app, id, "ready").await;
+    let old = ready["artifact"]["lora_url"].clone();
 
-        // A failed retraining keeps the old weights usable and says why it failed.
-        app.fal.fail_next_models(ModelFailure::new(422), 1);
-        let second: Value = train(&app, id, json!({"preset": "quality"}))
-            .await
-            .json()
-            .await
-            .unwrap();
-        app.wait_for_status(second["id"].as_str().unwrap(), "failed")
-            .await;
-        let kept = wait_for_avatar(&app, id, "ready").await;
-        assert_eq!(kept["artifact"]["lora_url"], old);
-        assert!(kept["error"]["code"].is_string(), "{kept}");
+    // A failed retraining keeps the old weights usable and says why it failed.
+    app.fal.fail_next_models(ModelFailure::new(422), 1);
+    let second: Value = train(app, id, json!({"preset": "quality"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    app.wait_for_status(second["id"].as_str().unwrap(), "failed")
+        .await;
+    let kept = wait_for_avatar(app, id, "ready").await;
+    assert_eq!(kept["artifact"]["lora_url"], old);
+    assert!(kept["error"]["code"].is_string(), "{kept}");
 
-        // A successful one replaces them.
-        let third: Value = train(&app, id, json!({})).await.json().await.unwrap();
-        let done = app
-            .wait_for_status(third["id"].as_str().unwrap(), "succeeded")
-            .await;
-        let replaced = app
-            .poll_until("the new weights", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (avatar["artifact"]["lora_url"] != old && avatar["status"] == "ready")
-                    .then_some(avatar)
-            })
-            .await;
-        assert_eq!(
-            replaced["artifact"]["lora_url"],
-            done["result"]["diffusers_lora_file"]["url"]
-        );
-        assert!(replaced["error"].is_null());
-    }
-);
+    // A successful one replaces them.
+    let third: Value = train(app, id, json!({})).await.json().await.unwrap();
+    let done = app
+        .wait_for_status(third["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let replaced = eventually("the new weights")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (avatar["artifact"]["lora_url"] != old && avatar["status"] == "ready").then_some(avatar)
+        })
+        .await;
+    assert_eq!(
+        replaced["artifact"]["lora_url"],
+        done["result"]["diffusers_lora_file"]["url"]
+    );
+    assert!(replaced["error"].is_null());
+}
 
-backend_test!(
+backend_tests!(
     an_expired_lora_file_is_uploaded_again_from_the_kept_copy,
     |config| {
         config.workers.lora_check_interval = std::time::Duration::from_secs(1);
-    },
-    |app| {
-        let (id, kept) = trained_with_lora_copy(&app).await;
-        let id = id.as_str();
-        let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
-        let weights = app.fal.file_bytes(&expired).unwrap();
-
-        // FAL's retention ends: its URL answers 404 from now on.
-        assert!(app.fal.expire_file(&expired));
-        let gone = app.client.get(&expired).send().await.unwrap();
-        assert_eq!(gone.status(), StatusCode::NOT_FOUND);
-
-        // falgate notices, uploads its copy again, and the avatar points at the new file.
-        let refreshed = wait_for_new_lora_url(&app, id, &expired).await;
-        let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
-        assert_eq!(
-            app.fal.file_bytes(fresh).unwrap(),
-            weights,
-            "the same weights"
-        );
-        let upload = app
-            .fal
-            .uploads()
-            .into_iter()
-            .find(|u| u.file_url == fresh)
-            .expect("uploaded through FAL's storage");
-        assert_eq!(upload.size, weights.len());
-        assert_eq!(
-            refreshed["artifact"]["lora_copy"],
-            kept["artifact"]["lora_copy"]
-        );
-        assert_eq!(refreshed["status"], "ready");
-
-        // A generation now hands FAL the file it serves.
-        let done = generate_one(&app, id, "after a long pause").await;
-        assert_eq!(done["status"], "succeeded", "{done}");
-        assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
-
-        // A file FAL still serves is left alone.
-        let checked = app.fal.uploads().len();
-        let later = app
-            .poll_until("another check", || async {
-                let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
-                (avatar["artifact"]["lora_checked_at"] != refreshed["artifact"]["lora_checked_at"])
-                    .then_some(avatar)
-            })
-            .await;
-        assert_eq!(later["artifact"]["lora_url"], fresh);
-        assert_eq!(app.fal.uploads().len(), checked, "nothing uploaded again");
     }
 );
+async fn an_expired_lora_file_is_uploaded_again_from_the_kept_copy(app: &TestApp) {
+    let (id, kept) = trained_with_lora_copy(app).await;
+    let id = id.as_str();
+    let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
+    let weights = app.fal.file_bytes(&expired).unwrap();
 
-backend_test!(
+    // FAL's retention ends: its URL answers 404 from now on.
+    assert!(app.fal.expire_file(&expired));
+    let gone = app.client.get(&expired).send().await.unwrap();
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+
+    // falgate notices, uploads its copy again, and the avatar points at the new file.
+    let refreshed = wait_for_new_lora_url(app, id, &expired).await;
+    let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
+    assert_eq!(
+        app.fal.file_bytes(fresh).unwrap(),
+        weights,
+        "the same weights"
+    );
+    let upload = app
+        .fal
+        .uploads()
+        .into_iter()
+        .find(|u| u.file_url == fresh)
+        .expect("uploaded through FAL's storage");
+    assert_eq!(upload.size, weights.len());
+    assert_eq!(
+        refreshed["artifact"]["lora_copy"],
+        kept["artifact"]["lora_copy"]
+    );
+    assert_eq!(refreshed["status"], "ready");
+
+    // A generation now hands FAL the file it serves.
+    let done = generate_one(app, id, "after a long pause").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
+
+    // A file FAL still serves is left alone.
+    let checked = app.fal.uploads().len();
+    let later = eventually("another check")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (avatar["artifact"]["lora_checked_at"] != refreshed["artifact"]["lora_checked_at"])
+                .then_some(avatar)
+        })
+        .await;
+    assert_eq!(later["artifact"]["lora_url"], fresh);
+    assert_eq!(app.fal.uploads().len(), checked, "nothing uploaded again");
+}
+
+backend_tests!(
     lora_files_that_fail_are_put_off_without_holding_up_the_others,
     |config| {
         // The store is driven by hand here: no keeper runs.
         config.run_workers = false;
-    },
-    |app| {
-        let now = chrono::Utc::now();
-        let mut avatars = Vec::new();
-        for i in 0..6 {
-            let id: uuid::Uuid = create_avatar(&app, "character").await["id"]
-                .as_str()
-                .unwrap()
-                .parse()
-                .unwrap();
-            let url = format!("http://127.0.0.1:9/lora-{i}.safetensors");
-            let set = "UPDATE avatars SET lora_url = $1, lora_next_try_at = $2 WHERE id = $3";
-            let due_at = now - chrono::Duration::minutes(10 - i);
-            if app.database_url.starts_with("sqlite:") {
-                let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
-                sqlx::query(set)
-                    .bind(&url)
-                    .bind(due_at)
-                    .bind(id)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-            } else {
-                let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-                sqlx::query(set)
-                    .bind(&url)
-                    .bind(due_at)
-                    .bind(id)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                pool.close().await;
-            }
-            avatars.push((id, url));
-        }
-        let store = app.store();
-        let due = |at| async move {
-            store
-                .avatars_missing_lora_copy(at, 4)
+    }
+);
+async fn lora_files_that_fail_are_put_off_without_holding_up_the_others(app: &TestApp) {
+    let now = chrono::Utc::now();
+    let mut avatars = Vec::new();
+    for i in 0..6 {
+        let id: uuid::Uuid = create_avatar(app, "character").await["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let url = format!("http://127.0.0.1:9/lora-{i}.safetensors");
+        let set = "UPDATE avatars SET lora_url = $1, lora_next_try_at = $2 WHERE id = $3";
+        let due_at = now - chrono::Duration::minutes(10 - i);
+        if app.database_url.starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
+            sqlx::query(set)
+                .bind(&url)
+                .bind(due_at)
+                .bind(id)
+                .execute(&pool)
                 .await
-                .unwrap()
-                .into_iter()
-                .map(|a| a.id)
-                .collect::<Vec<_>>()
-        };
-        let first: Vec<_> = avatars[..4].iter().map(|(id, _)| *id).collect();
-        assert_eq!(due(now).await, first, "the longest due first");
+                .unwrap();
+            pool.close().await;
+        } else {
+            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+            sqlx::query(set)
+                .bind(&url)
+                .bind(due_at)
+                .bind(id)
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+        }
+        avatars.push((id, url));
+    }
+    let store = app.store();
+    let due = |at| async move {
+        store
+            .avatars_missing_lora_copy(at, 4)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|a| a.id)
+            .collect::<Vec<_>>()
+    };
+    let first: Vec<_> = avatars[..4].iter().map(|(id, _)| *id).collect();
+    assert_eq!(due(now).await, first, "the longest due first");
 
-        // Those four fail and are put off for an hour: the other two come next.
-        for (id, url) in &avatars[..4] {
-            store
-                .defer_lora_work(*id, url, now + chrono::Duration::hours(1))
-                .await
-                .unwrap();
-        }
-        let rest: Vec<_> = avatars[4..].iter().map(|(id, _)| *id).collect();
-        assert_eq!(due(now).await, rest);
-        // An hour on, they are due again.
-        assert_eq!(due(now + chrono::Duration::hours(2)).await.len(), 4);
-        let all = store
-            .avatars_missing_lora_copy(now + chrono::Duration::hours(2), 10)
+    // Those four fail and are put off for an hour: the other two come next.
+    for (id, url) in &avatars[..4] {
+        store
+            .defer_lora_work(*id, url, now + chrono::Duration::hours(1))
             .await
             .unwrap();
-        assert_eq!(all.len(), 6);
     }
-);
+    let rest: Vec<_> = avatars[4..].iter().map(|(id, _)| *id).collect();
+    assert_eq!(due(now).await, rest);
+    // An hour on, they are due again.
+    assert_eq!(due(now + chrono::Duration::hours(2)).await.len(), 4);
+    let all = store
+        .avatars_missing_lora_copy(now + chrono::Duration::hours(2), 10)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 6);
+}
 
-backend_test!(
-    a_generation_failing_on_an_expired_lora_has_it_uploaded_again_at_once,
-    |app| {
-        // The periodic check is an hour away: only the failure can bring the check forward.
-        let interval = app.app.state().config.workers.lora_check_interval;
-        assert!(interval >= std::time::Duration::from_secs(3600));
-        let (id, kept) = trained_with_lora_copy(&app).await;
-        let id = id.as_str();
-        let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
-        assert!(app.fal.expire_file(&expired));
+backend_tests!(a_generation_failing_on_an_expired_lora_has_it_uploaded_again_at_once);
+async fn a_generation_failing_on_an_expired_lora_has_it_uploaded_again_at_once(app: &TestApp) {
+    // The periodic check is an hour away: only the failure can bring the check forward.
+    let interval = app.app.state().config.workers.lora_check_interval;
+    assert!(interval >= std::time::Duration::from_secs(3600));
+    let (id, kept) = trained_with_lora_copy(app).await;
+    let id = id.as_str();
+    let expired = kept["artifact"]["lora_url"].as_str().unwrap().to_owned();
+    assert!(app.fal.expire_file(&expired));
 
-        // FAL cannot load the LoRA: the generation fails with FAL's reason.
-        let failed = generate_one(&app, id, "by the sea").await;
-        assert_eq!(failed["status"], "failed", "{failed}");
-        let job = app.job(failed["jobs"][0]["id"].as_str().unwrap()).await;
-        assert_eq!(job["error"]["code"], "fal_validation", "{job}");
-        assert_eq!(
-            job["error"]["detail"]["detail"][0]["loc"],
-            json!(["body", "loras", 0, "path"])
-        );
+    // FAL cannot load the LoRA: the generation fails with FAL's reason.
+    let failed = generate_one(app, id, "by the sea").await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    let job = app.job(failed["jobs"][0]["id"].as_str().unwrap()).await;
+    assert_eq!(job["error"]["code"], "fal_validation", "{job}");
+    assert_eq!(
+        job["error"]["detail"]["detail"][0]["loc"],
+        json!(["body", "loras", 0, "path"])
+    );
 
-        // falgate checks the file at once, finds it gone, and uploads its copy again.
-        let refreshed = wait_for_new_lora_url(&app, id, &expired).await;
-        let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
-        let done = generate_one(&app, id, "by the sea").await;
-        assert_eq!(done["status"], "succeeded", "{done}");
-        assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
-    }
-);
+    // falgate checks the file at once, finds it gone, and uploads its copy again.
+    let refreshed = wait_for_new_lora_url(app, id, &expired).await;
+    let fresh = refreshed["artifact"]["lora_url"].as_str().unwrap();
+    let done = generate_one(app, id, "by the sea").await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["jobs"][0]["input"]["loras"][0]["path"], fresh);
+}
 
-backend_test!(a_request_is_checked_before_the_avatar_it_names, |app| {
+backend_tests!(a_request_is_checked_before_the_avatar_it_names);
+async fn a_request_is_checked_before_the_avatar_it_names(app: &TestApp) {
     // Wrong fields on an avatar that is not trained yet: the fields are named, not the
     // avatar's state.
-    let draft = create_avatar(&app, "character").await;
-    let draft = draft["id"].as_str().unwrap();
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({
-            "avatar_id": draft, "prompt": "x", "num_images": 9, "aspect_ratio": "5:4",
-            "negative_prompt": "blurry", "image_size": "huge", "safety_tolerance": "9"
-        }))
-        .send()
-        .await
-        .unwrap();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
-    let mut named = fields(&body);
-    named.sort();
-    assert_eq!(
-        named,
-        [
-            "aspect_ratio",
-            "image_size",
-            "negative_prompt",
-            "num_images",
-            "safety_tolerance"
+    let draft = id_of(&create_avatar(app, "character").await);
+    assert_bodies_refused(
+        app,
+        "/v1/generations",
+        &[
+            (
+                json!({
+                    "avatar_id": draft, "prompt": "x", "num_images": 9, "aspect_ratio": "5:4",
+                    "negative_prompt": "blurry", "image_size": "huge", "safety_tolerance": "9"
+                }),
+                &[
+                    "aspect_ratio",
+                    "image_size",
+                    "negative_prompt",
+                    "num_images",
+                    "safety_tolerance",
+                ],
+            ),
+            (
+                json!({"avatar_id": draft, "prompts": ["fine", ""]}),
+                &["prompts[1]"],
+            ),
         ],
-        "{body}"
-    );
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": draft, "prompts": ["fine", ""]}))
-        .send()
-        .await
-        .unwrap();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
     )
     .await;
-    assert_eq!(fields(&body), ["prompts[1]"]);
     // A right request on it is still told the avatar is not ready.
     let response = app
         .request(Method::POST, "/v1/generations")
@@ -962,75 +812,59 @@ backend_test!(a_request_is_checked_before_the_avatar_it_names, |app| {
     problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
 
     // Likewise a training: a wrong override on an avatar already training is a 422.
-    let (training, _) = avatar_with_photos(&app, "product", 10).await;
+    let (training, _) = avatar_with_photos(app, "product", 10).await;
     let training = training["id"].as_str().unwrap();
     app.fal.set_all_durations(Durations::new(30_000, 30_000));
-    let started = train(&app, training, json!({})).await;
+    let started = train(app, training, json!({})).await;
     assert_eq!(started.status(), StatusCode::ACCEPTED);
     let response = train(
-        &app,
+        app,
         training,
         json!({"preset": "quality", "overrides": {"no_such_field": 1}}),
     )
     .await;
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
-    assert_eq!(fields(&body), ["overrides.no_such_field"]);
-    let again = train(&app, training, json!({})).await;
+    assert_refused_naming(response, &["overrides.no_such_field"], "a wrong override").await;
+    let again = train(app, training, json!({})).await;
     problem(again, StatusCode::CONFLICT, "avatar_training").await;
-});
+}
 
-backend_test!(
-    photos_sent_as_anything_but_a_form_are_told_what_to_send,
-    |app| {
-        let avatar = create_avatar(&app, "style").await;
-        let path = format!("/v1/avatars/{}/photos", avatar["id"].as_str().unwrap());
-        let json = app
-            .request(Method::POST, &path)
-            .json(&json!({"files": ["a.png"]}));
-        let text = app
-            .request(Method::POST, &path)
-            .header("content-type", "text/plain")
-            .body("a.png");
-        let bare = app.request(Method::POST, &path).body("a.png");
-        for request in [json, text, bare] {
-            let response = request.send().await.unwrap();
-            let body = problem(
-                response,
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-            )
-            .await;
-            assert_eq!(
-                body["detail"],
-                "this endpoint takes multipart/form-data, one photo per file part"
-            );
-        }
-        // A form without its boundary is told what is missing, in the words of HTTP, not a parser.
-        let response = app
-            .request(Method::POST, &path)
-            .header("content-type", "multipart/form-data")
-            .body("a.png")
-            .send()
-            .await
-            .unwrap();
+backend_tests!(photos_sent_as_anything_but_a_form_are_told_what_to_send);
+async fn photos_sent_as_anything_but_a_form_are_told_what_to_send(app: &TestApp) {
+    let avatar = create_avatar(app, "style").await;
+    let path = format!("/v1/avatars/{}/photos", avatar["id"].as_str().unwrap());
+    for (content_type, body) in [
+        (Some("application/json"), r#"{"files":["a.png"]}"#),
+        (Some("text/plain"), "a.png"),
+        (None, "a.png"),
+    ] {
+        let response = app.post_raw(&path, content_type, body).await;
         let body = problem(
             response,
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
         )
         .await;
-        let detail = body["detail"].as_str().unwrap();
-        assert!(
-            detail.starts_with("this endpoint takes multipart/form-data"),
-            "{detail}"
+        assert_eq!(
+            body["detail"],
+            "this endpoint takes multipart/form-data, one photo per file part"
         );
-        assert!(!detail.contains("Invalid"), "{detail}");
-        let photos = app.get_json(&path).await;
-        assert_eq!(photos["items"].as_array().unwrap().len(), 0);
     }
-);
+    // A form without its boundary is told what is missing, in the words of HTTP, not a parser.
+    let response = app
+        .post_raw(&path, Some("multipart/form-data"), "a.png")
+        .await;
+    let body = problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("this endpoint takes multipart/form-data"),
+        "{detail}"
+    );
+    assert!(!detail.contains("Invalid"), "{detail}");
+    let photos = app.get_json(&path).await;
+    assert_eq!(photos["items"].as_array().unwrap().len(), 0);
+}

@@ -6,6 +6,7 @@
 //! The short version runs with the suite. `FALGATE_CHAOS_LONG=1` runs the long one (more jobs,
 //! more kills); `FALGATE_CHAOS_SEED=<n>` replays a seed (printed by every run).
 
+use crate::backend_tests;
 use crate::support::*;
 use falgate::emulator::{
     CallbackAttempt, CallbackFault, Durations, EmulatorConfig, EmulatorHandle, FaultRates,
@@ -262,16 +263,7 @@ impl Server {
     }
 
     async fn wait_ready(&self, http: &reqwest::Client) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(response) = http.get(format!("{}/readyz", self.base())).send().await
-                && response.status().is_success()
-            {
-                return;
-            }
-            assert!(Instant::now() < deadline, "falgate did not start");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        wait_until_serving(http, &self.base()).await;
     }
 }
 
@@ -299,30 +291,30 @@ impl Api {
         &self,
         make: impl Fn(&reqwest::Client, &str) -> RequestBuilder,
     ) -> Option<(StatusCode, Value)> {
-        let deadline = Instant::now() + self.patience;
-        loop {
-            let sent = make(&self.http, &self.base)
-                .bearer_auth(&self.key)
-                .send()
-                .await;
-            if let Ok(response) = sent {
+        // A retryable answer still standing at the deadline is the answer.
+        let answer = eventually("an answer a kill did not cause")
+            .within(self.patience)
+            .every(Duration::from_millis(100))
+            .or_last(async || {
+                let response = make(&self.http, &self.base)
+                    .bearer_auth(&self.key)
+                    .send()
+                    .await
+                    .map_err(|_| None)?;
                 let status = response.status();
                 // A body cut off by a kill is no answer.
-                if let Ok(bytes) = response.bytes().await {
-                    let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                    let again = status.is_server_error()
-                        || (status == StatusCode::CONFLICT
-                            && body["code"] == "idempotency_key_in_use");
-                    if !again || Instant::now() >= deadline {
-                        return Some((status, body));
-                    }
+                let bytes = response.bytes().await.map_err(|_| None)?;
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let again = status.is_server_error()
+                    || (status == StatusCode::CONFLICT && body["code"] == "idempotency_key_in_use");
+                if again {
+                    Err(Some((status, body)))
+                } else {
+                    Ok((status, body))
                 }
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            })
+            .await;
+        answer.map_or_else(|last| last, Some)
     }
 
     async fn get(&self, path: &str) -> Option<(StatusCode, Value)> {
@@ -463,17 +455,24 @@ async fn avatar_flow(api: &Api, plan: &Plan, seed: u64, n: usize, ledger: &Mutex
         );
     });
     // The training ends (or not) while the server keeps dying; the settle phase judges it.
-    let deadline = Instant::now() + plan.training_patience;
-    let status = loop {
-        let status = match api.get(&format!("/v1/avatars/{id}")).await {
-            Some((StatusCode::OK, avatar)) => avatar["status"].as_str().unwrap_or("").to_owned(),
-            _ => String::new(),
-        };
-        if matches!(status.as_str(), "ready" | "failed") || Instant::now() >= deadline {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let status = eventually(format_args!("avatar {n} trained"))
+        .within(plan.training_patience)
+        .every(Duration::from_millis(200))
+        .or_last(async || {
+            let status = match api.get(&format!("/v1/avatars/{id}")).await {
+                Some((StatusCode::OK, avatar)) => {
+                    avatar["status"].as_str().unwrap_or("").to_owned()
+                }
+                _ => String::new(),
+            };
+            if matches!(status.as_str(), "ready" | "failed") {
+                Ok(status)
+            } else {
+                Err(status)
+            }
+        })
+        .await
+        .unwrap_or_else(|last| last);
     Ledger::note(ledger, |l| l.avatars.push((id.clone(), status.clone())));
     if status != "ready" {
         return;
@@ -658,18 +657,24 @@ async fn chaos(backend: Backend) {
     // Faults lifted: everything must now settle.
     fal.clear_faults();
     fal.release_held_callback();
-    let deadline = Instant::now() + plan.settle;
-    let jobs = loop {
-        let jobs = all_jobs(&api).await;
-        let fal_busy = fal
-            .record()
-            .iter()
-            .any(|r| r.verdict == RequestEnd::Unfinished);
-        if (jobs.iter().all(is_terminal) && !fal_busy) || Instant::now() >= deadline {
-            break jobs;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
+    // Whatever has not settled by then is judged as it stands.
+    let jobs = eventually("every job and FAL request to finish")
+        .within(plan.settle)
+        .every(Duration::from_millis(250))
+        .or_last(async || {
+            let jobs = all_jobs(&api).await;
+            let fal_busy = fal
+                .record()
+                .iter()
+                .any(|r| r.verdict == RequestEnd::Unfinished);
+            if jobs.iter().all(is_terminal) && !fal_busy {
+                Ok(jobs)
+            } else {
+                Err(jobs)
+            }
+        })
+        .await
+        .unwrap_or_else(|unsettled| unsettled);
     let settled_in = started.elapsed() - loaded_in;
 
     // The comparison.
@@ -933,12 +938,4 @@ async fn diagnose(
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_on_sqlite() {
-    chaos(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chaos_on_postgres() {
-    chaos(Backend::Postgres).await;
-}
+backend_tests!(chaos(Backend));

@@ -1,5 +1,6 @@
 //! The command line, run as a user would run it.
 
+use crate::backend_tests;
 use crate::support::*;
 use std::process::Command;
 
@@ -102,9 +103,25 @@ async fn serve_refuses_to_start_without_a_fal_key_or_sandbox() {
 
 /// The README's first command: a sandbox that prints a key, runs a job through the built-in
 /// emulator, and says it is a sandbox.
+/// Reads a sandbox's output until it prints its development key. The output stays the
+/// child's: a server whose stdout is closed dies at its next line.
+async fn printed_key(stdout: &mut tokio::process::ChildStdout) -> String {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
+                return key.to_owned();
+            }
+        }
+        panic!("no key printed");
+    })
+    .await
+    .expect("the sandbox prints a key")
+}
+
 #[tokio::test]
 async fn serve_sandbox_runs_a_job_end_to_end() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
     falgate::install_crypto_provider();
     let database = TestDatabase::create(Backend::Sqlite).await.unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -122,17 +139,7 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let key = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
-                return key.to_owned();
-            }
-        }
-        panic!("no key printed");
-    })
-    .await
-    .expect("the sandbox prints a key");
+    let key = printed_key(child.stdout.as_mut().unwrap()).await;
 
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
@@ -157,23 +164,26 @@ async fn serve_sandbox_runs_a_job_end_to_end() {
         .unwrap();
     assert_eq!(job["sandbox"], true);
     let id = job["id"].as_str().unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let done = loop {
-        let job: serde_json::Value = client
-            .get(format!("{base}/v1/jobs/{id}"))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if job["status"] == "succeeded" {
-            break job;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{job}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let done = eventually("the sandbox job to succeed")
+        .every(std::time::Duration::from_millis(50))
+        .or_last(async || {
+            let job: serde_json::Value = client
+                .get(format!("{base}/v1/jobs/{id}"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if job["status"] == "succeeded" {
+                Ok(job)
+            } else {
+                Err(job)
+            }
+        })
+        .await
+        .unwrap_or_else(|job| panic!("{job}"));
     let url = done["result"]["images"][0]["url"].as_str().unwrap();
     let png = client.get(url).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(&png[..4], b"\x89PNG");
@@ -238,6 +248,10 @@ fn an_unreachable_postgres_server_is_named_at_once_without_the_password() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(falgate_postgres_tests),
+    ignore = "set FALGATE_TEST_POSTGRES_URL to run it"
+)]
 async fn a_missing_postgres_database_is_named() {
     // Only the server's address is taken from the test database; the name is one that does
     // not exist.
@@ -290,7 +304,7 @@ fn bad_switches_in_the_environment_name_their_variable() {
 /// Starts `falgate serve` in sandbox mode on `database_url` and returns the key it prints and
 /// everything it logged until then (stderr is a pipe here, as when logs go to a file).
 async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, String) {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::io::AsyncReadExt;
     let port = free_port();
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_falgate"));
     command
@@ -310,17 +324,7 @@ async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, Str
         command.env(switch.0, switch.1);
     }
     let mut child = command.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let key = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(key) = line.trim().strip_prefix("export FALGATE_KEY=") {
-                return key.to_owned();
-            }
-        }
-        panic!("no key printed");
-    })
-    .await
-    .expect("the sandbox prints a key");
+    let key = printed_key(child.stdout.as_mut().unwrap()).await;
     child.kill().await.unwrap();
     let mut logged = String::new();
     child
@@ -333,50 +337,48 @@ async fn sandbox_start(database_url: &str, switch: (&str, &str)) -> (String, Str
     (key, logged)
 }
 
-#[tokio::test]
-async fn the_sandbox_keeps_one_live_key_per_database() {
+backend_tests!(the_sandbox_keeps_one_live_key_per_database(Backend));
+async fn the_sandbox_keeps_one_live_key_per_database(backend: Backend) {
     falgate::install_crypto_provider();
-    for backend in [Backend::Sqlite, Backend::Postgres] {
-        let Some(database) = TestDatabase::create(backend).await else {
-            continue;
-        };
-        let url = database.url.clone();
-        let (first, logged) = sandbox_start(&url, ("FALGATE_SANDBOX", "on")).await;
-        assert!(logged.contains("SANDBOX MODE"), "{logged}");
-        assert!(
-            !logged.contains('\x1b'),
-            "logs into a pipe carry no colour codes: {logged:?}"
-        );
-        let (second, _) = sandbox_start(&url, ("--sandbox", "")).await;
-        assert_ne!(first, second);
+    let Some(database) = TestDatabase::create(backend).await else {
+        return;
+    };
+    let url = database.url.clone();
+    let (first, logged) = sandbox_start(&url, ("FALGATE_SANDBOX", "on")).await;
+    assert!(logged.contains("SANDBOX MODE"), "{logged}");
+    assert!(
+        !logged.contains('\x1b'),
+        "logs into a pipe carry no colour codes: {logged:?}"
+    );
+    let (second, _) = sandbox_start(&url, ("--sandbox", "")).await;
+    assert_ne!(first, second);
 
-        let store = bare_store(&database).await;
-        let live = |secret: &str| {
-            let hash = falgate::domain::api_key::hash_key(secret);
-            let store = store.clone();
-            async move { store.find_live_api_key(&hash.0).await.unwrap().is_some() }
-        };
-        assert!(!live(&first).await, "the first start's key is revoked");
-        assert!(live(&second).await);
-        let keys = store.list_api_keys().await.unwrap();
-        let live_sandbox: Vec<_> = keys
-            .iter()
-            .filter(|k| k.name == "sandbox" && k.revoked_at.is_none())
-            .collect();
-        assert_eq!(live_sandbox.len(), 1, "{keys:?}");
-        assert!(second.starts_with(&live_sandbox[0].prefix));
+    let store = bare_store(&database).await;
+    let live = |secret: &str| {
+        let hash = falgate::domain::api_key::hash_key(secret);
+        let store = store.clone();
+        async move { store.find_live_api_key(&hash.0).await.unwrap().is_some() }
+    };
+    assert!(!live(&first).await, "the first start's key is revoked");
+    assert!(live(&second).await);
+    let keys = store.list_api_keys().await.unwrap();
+    let live_sandbox: Vec<_> = keys
+        .iter()
+        .filter(|k| k.name == "sandbox" && k.revoked_at.is_none())
+        .collect();
+    assert_eq!(live_sandbox.len(), 1, "{keys:?}");
+    assert!(second.starts_with(&live_sandbox[0].prefix));
 
-        let listed = falgate(&["api-key", "list"], &url);
-        let listing = String::from_utf8(listed.stdout).unwrap();
-        let live_rows: Vec<&str> = listing
-            .lines()
-            .filter(|line| line.ends_with("  sandbox") && line.contains("  -  "))
-            .collect();
-        assert_eq!(live_rows.len(), 1, "{listing}");
-        assert!(live_rows[0].contains(&live_sandbox[0].prefix), "{listing}");
-        store.close().await;
-        database.drop_database().await;
-    }
+    let listed = falgate(&["api-key", "list"], &url);
+    let listing = String::from_utf8(listed.stdout).unwrap();
+    let live_rows: Vec<&str> = listing
+        .lines()
+        .filter(|line| line.ends_with("  sandbox") && line.contains("  -  "))
+        .collect();
+    assert_eq!(live_rows.len(), 1, "{listing}");
+    assert!(live_rows[0].contains(&live_sandbox[0].prefix), "{listing}");
+    store.close().await;
+    database.drop_database().await;
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
 //! The server killed with SIGKILL while jobs are in every state, then restarted: every job
 //! still reaches exactly one terminal state with exactly one result.
 
+use crate::backend_tests;
 use crate::support::*;
 use falgate::emulator::{Durations, EmulatorConfig, FaultRule, HttpFault};
 use falgate::store::Store;
@@ -33,30 +34,26 @@ fn start_server_with(
         .expect("start falgate")
 }
 
-async fn wait_until_serving(client: &reqwest::Client, base: &str) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while tokio::time::Instant::now() < deadline {
-        if let Ok(response) = client.get(format!("{base}/readyz")).send().await
-            && response.status().is_success()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("falgate did not start");
-}
-
-async fn statuses(client: &reqwest::Client, base: &str, key: &str) -> Vec<Value> {
-    let page: Value = client
-        .get(format!("{base}/v1/jobs?limit=100"))
+/// GET `path` on the spawned server with `key`, answering the JSON body.
+async fn get_json(client: &reqwest::Client, base: &str, key: &str, path: &str) -> Value {
+    client
+        .get(format!("{base}{path}"))
         .bearer_auth(key)
         .send()
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
-    page["items"].as_array().unwrap().clone()
+        .unwrap()
+}
+
+async fn statuses(client: &reqwest::Client, base: &str, key: &str) -> Vec<Value> {
+    let page = get_json(client, base, key, "/v1/jobs?limit=100").await;
+    items(&page).clone()
+}
+
+async fn job_detail(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
+    get_json(client, base, key, &format!("/v1/jobs/{id}")).await
 }
 
 /// Polls the job list until `spread` holds for the counts of jobs by status.
@@ -67,19 +64,15 @@ async fn wait_for_jobs(
     what: &str,
     spread: impl Fn(&dyn Fn(&str) -> usize) -> bool,
 ) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let jobs = statuses(client, base, key).await;
-        let count = |s: &str| jobs.iter().filter(|j| j["status"] == s).count();
-        if spread(&count) {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "waiting for {what}: {jobs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(what)
+        .every(Duration::from_millis(10))
+        .or_last(async || {
+            let jobs = statuses(client, base, key).await;
+            let count = |s: &str| jobs.iter().filter(|j| j["status"] == s).count();
+            if spread(&count) { Ok(()) } else { Err(jobs) }
+        })
+        .await
+        .unwrap_or_else(|jobs| panic!("waiting for {what}: {jobs:?}"));
 }
 
 /// A fresh, migrated database and an API key in it.
@@ -111,18 +104,6 @@ fn address_and_client() -> (u16, String, reqwest::Client) {
         .build()
         .unwrap();
     (port, format!("http://127.0.0.1:{port}"), client)
-}
-
-async fn job_detail(client: &reqwest::Client, base: &str, key: &str, id: &str) -> Value {
-    client
-        .get(format!("{base}/v1/jobs/{id}"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 async fn killed_and_restarted(backend: Backend) {
@@ -177,11 +158,12 @@ async fn killed_and_restarted(backend: Backend) {
     for i in 12..24 {
         prompts.extend([create(i).await]);
     }
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while fal.submits().iter().filter(|s| s.fault.is_some()).count() < 6 {
-        assert!(tokio::time::Instant::now() < deadline, "no submit refused");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("submits refused")
+        .every(Duration::from_millis(10))
+        .until(async || {
+            (fal.submits().iter().filter(|s| s.fault.is_some()).count() >= 6).then_some(())
+        })
+        .await;
     server.kill().await.expect("SIGKILL");
     server.wait().await.unwrap();
 
@@ -191,23 +173,21 @@ async fn killed_and_restarted(backend: Backend) {
     // included.
     fal.clear_faults();
     fal.set_all_durations(Durations::new(300, 600));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let jobs = loop {
-        let jobs = statuses(&client, &base, &key).await;
-        if jobs.iter().all(|j| {
-            matches!(
-                j["status"].as_str(),
-                Some("succeeded" | "failed" | "canceled")
-            )
-        }) {
-            break jobs;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "jobs never finished: {jobs:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let jobs = eventually("every job finished")
+        .within(Duration::from_secs(60))
+        .every(Duration::from_millis(50))
+        .or_last(async || {
+            let jobs = statuses(&client, &base, &key).await;
+            let finished = jobs.iter().all(|j| {
+                matches!(
+                    j["status"].as_str(),
+                    Some("succeeded" | "failed" | "canceled")
+                )
+            });
+            if finished { Ok(jobs) } else { Err(jobs) }
+        })
+        .await
+        .unwrap_or_else(|jobs| panic!("jobs never finished: {jobs:?}"));
     assert_eq!(jobs.len(), 24);
     let requests: HashMap<String, falgate::emulator::RequestSnapshot> = fal
         .requests()
@@ -238,15 +218,7 @@ async fn killed_and_restarted(backend: Backend) {
     database.drop_database().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_and_restarted_on_sqlite() {
-    killed_and_restarted(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_and_restarted_on_postgres() {
-    killed_and_restarted(Backend::Postgres).await;
-}
+backend_tests!(killed_and_restarted(Backend));
 
 /// Killed while a submit FAL took is still unanswered: after the restart the job waits for the
 /// request's callback instead of sending the job again, and takes that request's outcome.
@@ -274,14 +246,10 @@ async fn killed_during_a_submit(backend: Backend) {
         .await
         .unwrap();
     let id = job["id"].as_str().unwrap().to_owned();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while fal.held_calls() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the submit never reached FAL"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually("the submit to reach FAL")
+        .every(Duration::from_millis(10))
+        .until(async || (fal.held_calls() > 0).then_some(()))
+        .await;
     server.kill().await.expect("SIGKILL");
     server.wait().await.unwrap();
 
@@ -289,14 +257,17 @@ async fn killed_during_a_submit(backend: Backend) {
     wait_until_serving(&client, &base).await;
     let request = fal.requests().remove(0);
     // Past several leases of the restarted process: nothing is sent again.
-    let quiet = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut history = Value::Null;
-    while tokio::time::Instant::now() < quiet {
-        assert_eq!(fal.submits().len(), 1, "sent again blind");
-        history = job_detail(&client, &base, &key, &id).await;
-        assert_eq!(history["status"], "pending", "{history}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    throughout(
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+        async || {
+            assert_eq!(fal.submits().len(), 1, "sent again blind");
+            history = job_detail(&client, &base, &key, &id).await;
+            assert_eq!(history["status"], "pending", "{history}");
+        },
+    )
+    .await;
     assert!(
         history["events"]
             .as_array()
@@ -306,18 +277,17 @@ async fn killed_during_a_submit(backend: Backend) {
         "{history}"
     );
     fal.set_request_durations(&request.id, Durations::new(0, 0));
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let done = loop {
-        let job = job_detail(&client, &base, &key, &id).await;
-        if job["status"] == "succeeded" {
-            break job;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never finished: {job}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let done = eventually("the job to succeed")
+        .or_last(async || {
+            let job = job_detail(&client, &base, &key, &id).await;
+            if job["status"] == "succeeded" {
+                Ok(job)
+            } else {
+                Err(job)
+            }
+        })
+        .await
+        .unwrap_or_else(|job| panic!("never finished: {job}"));
     assert_eq!(done["fal_request_id"], request.id.as_str());
     assert_eq!(fal.submits().len(), 1);
     fal.release_held_calls();
@@ -326,12 +296,4 @@ async fn killed_during_a_submit(backend: Backend) {
     database.drop_database().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_during_a_submit_on_sqlite() {
-    killed_during_a_submit(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_during_a_submit_on_postgres() {
-    killed_during_a_submit(Backend::Postgres).await;
-}
+backend_tests!(killed_during_a_submit(Backend));

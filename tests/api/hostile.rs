@@ -1,7 +1,7 @@
 //! Hostile and broken clients, spoken to over raw TCP: bodies that lie, callbacks with wrong
 //! tokens and huge bodies, connections that never finish their headers or never leave.
 
-use crate::backend_test;
+use crate::backend_tests;
 use crate::support::*;
 use falgate::emulator::EmulatorConfig;
 use serde_json::Value;
@@ -144,23 +144,18 @@ async fn get_at_cap(addr: SocketAddr, path: &str, key: Option<&str>) -> RawRespo
         .unwrap_or_default();
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: falgate\r\n{auth}Connection: close\r\n\r\n");
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let mut stream = TcpStream::connect(addr).await.expect("connect");
-        let answer = match stream.write_all(request.as_bytes()).await {
-            Ok(()) => timeout(Duration::from_secs(10), read_response(&mut stream))
+    eventually(format_args!("{path} to answer at the cap"))
+        // No pause between tries: each exchange paces the next.
+        .every(Duration::ZERO)
+        .or_last(async || {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(request.as_bytes()).await?;
+            timeout(Duration::from_secs(10), read_response(&mut stream))
                 .await
-                .expect("an answer within 10 s"),
-            Err(err) => Err(err),
-        };
-        match answer {
-            Ok(response) => return response,
-            Err(err) => assert!(
-                Instant::now() < deadline,
-                "{path} never answered at the cap: {err}"
-            ),
-        }
-    }
+                .expect("an answer within 10 s")
+        })
+        .await
+        .unwrap_or_else(|err| panic!("{path} never answered at the cap: {err}"))
 }
 
 /// Waits until the server closes `stream` (EOF or reset), answering how long that took, or
@@ -181,7 +176,8 @@ async fn closed_by_server(stream: &mut TcpStream, patience: Duration) -> Option<
 }
 
 // A chunk-size line that is not hexadecimal is a broken request, not a large one.
-backend_test!(malformed_chunked_body_is_a_bad_request, |app| {
+backend_tests!(malformed_chunked_body_is_a_bad_request);
+async fn malformed_chunked_body_is_a_bad_request(app: &TestApp) {
     let request = format!(
         "POST /v1/jobs HTTP/1.1\r\nHost: falgate\r\nAuthorization: Bearer {}\r\n\
          Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n\
@@ -197,7 +193,7 @@ backend_test!(malformed_chunked_body_is_a_bad_request, |app| {
     // Nothing was stored.
     let list = app.get_json("/v1/jobs").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
-});
+}
 
 const HUGE_CALLBACK: usize = 31 << 20;
 
@@ -210,19 +206,17 @@ fn callback_head(job: uuid::Uuid, token: &str, length: usize) -> String {
 
 // The token is in the URL, so a caller without it is turned away before its body is read:
 // here the body is never even sent.
-backend_test!(
-    callback_with_wrong_token_is_refused_before_its_body,
-    |app| {
-        let mut stream = TcpStream::connect(app.app.local_addr()).await.unwrap();
-        let head = callback_head(uuid::Uuid::now_v7(), "not-our-token", HUGE_CALLBACK);
-        stream.write_all(head.as_bytes()).await.unwrap();
-        let response = timeout(Duration::from_secs(5), read_response(&mut stream))
-            .await
-            .expect("answered without waiting for the body")
-            .expect("a response");
-        response.problem(401, "unauthorized");
-    }
-);
+backend_tests!(callback_with_wrong_token_is_refused_before_its_body);
+async fn callback_with_wrong_token_is_refused_before_its_body(app: &TestApp) {
+    let mut stream = TcpStream::connect(app.app.local_addr()).await.unwrap();
+    let head = callback_head(uuid::Uuid::now_v7(), "not-our-token", HUGE_CALLBACK);
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let response = timeout(Duration::from_secs(5), read_response(&mut stream))
+        .await
+        .expect("answered without waiting for the body")
+        .expect("a response");
+    response.problem(401, "unauthorized");
+}
 
 /// A `falgate serve` process, killed when dropped.
 struct Spawned {
@@ -252,23 +246,22 @@ impl Spawned {
         }
         let child = command.spawn().expect("start falgate");
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Ok(Ok(mut stream)) =
-                timeout(Duration::from_secs(1), TcpStream::connect(addr)).await
-            {
+        eventually("falgate to start")
+            .every(Duration::from_millis(25))
+            .until(async || {
+                let mut stream = timeout(Duration::from_secs(1), TcpStream::connect(addr))
+                    .await
+                    .ok()?
+                    .ok()?;
                 let probe = b"GET /healthz HTTP/1.1\r\nHost: falgate\r\nConnection: close\r\n\r\n";
-                if stream.write_all(probe).await.is_ok()
-                    && let Ok(Ok(response)) =
-                        timeout(Duration::from_secs(2), read_response(&mut stream)).await
-                    && response.status == 200
-                {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "falgate did not start");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+                stream.write_all(probe).await.ok()?;
+                let response = timeout(Duration::from_secs(2), read_response(&mut stream))
+                    .await
+                    .ok()?
+                    .ok()?;
+                (response.status == 200).then_some(())
+            })
+            .await;
         Self { child, addr }
     }
 
@@ -379,15 +372,7 @@ async fn wrong_token_callbacks_keep_memory_bounded(backend: Backend) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_token_callbacks_keep_memory_bounded_on_sqlite() {
-    wrong_token_callbacks_keep_memory_bounded(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_token_callbacks_keep_memory_bounded_on_postgres() {
-    wrong_token_callbacks_keep_memory_bounded(Backend::Postgres).await;
-}
+backend_tests!(wrong_token_callbacks_keep_memory_bounded(Backend));
 
 /// Opens a connection and makes one kept-alive request on it, which must answer 200.
 async fn kept_alive(addr: SocketAddr) -> TcpStream {
@@ -406,132 +391,126 @@ async fn kept_alive(addr: SocketAddr) -> TcpStream {
 
 // A client that starts a request and never finishes its head is cut off after the header
 // timeout, even while it keeps trickling bytes, and so is one that connects and sends nothing.
-backend_test!(
-    slow_request_heads_are_cut_off,
-    |config| {
-        config.connections.header_timeout = Duration::from_secs(1);
-        config.connections.idle_timeout = Duration::from_secs(60);
-    },
-    |app| {
-        let addr = app.app.local_addr();
-        let mut trickling = TcpStream::connect(addr).await.unwrap();
-        let started = Instant::now();
-        let head =
-            b"GET /healthz HTTP/1.1\r\nHost: falgate\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-        let mut ticks = tokio::time::interval(Duration::from_millis(100));
-        let mut cut_off = false;
-        for byte in head.iter().cycle().take(200) {
-            ticks.tick().await;
-            if trickling.write_all(&[*byte]).await.is_err() {
-                cut_off = true;
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "a trickled head was never cut off"
-            );
+backend_tests!(slow_request_heads_are_cut_off, |config| {
+    config.connections.header_timeout = Duration::from_secs(1);
+    config.connections.idle_timeout = Duration::from_secs(60);
+});
+async fn slow_request_heads_are_cut_off(app: &TestApp) {
+    let addr = app.app.local_addr();
+    let mut trickling = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let head =
+        b"GET /healthz HTTP/1.1\r\nHost: falgate\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    let mut cut_off = false;
+    for byte in head.iter().cycle().take(200) {
+        ticks.tick().await;
+        if trickling.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
         }
-        if !cut_off {
-            // The server's close may only show on a read.
-            assert!(
-                closed_by_server(&mut trickling, Duration::from_secs(5))
-                    .await
-                    .is_some(),
-                "a trickled head was never cut off"
-            );
-        }
-        let lasted = started.elapsed();
         assert!(
-            lasted >= Duration::from_millis(900) && lasted < Duration::from_secs(10),
-            "cut off after {lasted:?}"
+            started.elapsed() < Duration::from_secs(10),
+            "a trickled head was never cut off"
         );
-
-        let mut silent = TcpStream::connect(addr).await.unwrap();
-        let lasted = closed_by_server(&mut silent, Duration::from_secs(10))
-            .await
-            .expect("a silent connection is closed");
-        assert!(
-            lasted >= Duration::from_millis(900),
-            "closed after {lasted:?}"
-        );
-
-        // Others are served all along.
-        assert_eq!(get(addr, "/healthz", None).await.status, 200);
     }
-);
+    if !cut_off {
+        // The server's close may only show on a read.
+        assert!(
+            closed_by_server(&mut trickling, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "a trickled head was never cut off"
+        );
+    }
+    let lasted = started.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(900) && lasted < Duration::from_secs(10),
+        "cut off after {lasted:?}"
+    );
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let lasted = closed_by_server(&mut silent, Duration::from_secs(10))
+        .await
+        .expect("a silent connection is closed");
+    assert!(
+        lasted >= Duration::from_millis(900),
+        "closed after {lasted:?}"
+    );
+
+    // Others are served all along.
+    assert_eq!(get(addr, "/healthz", None).await.status, 200);
+}
 
 // A kept-alive connection serves several requests, then is closed once it has waited for the
 // next one longer than the idle timeout.
-backend_test!(
-    idle_kept_alive_connections_are_closed,
-    |config| {
-        config.connections.header_timeout = Duration::from_secs(60);
-        config.connections.idle_timeout = Duration::from_secs(1);
-    },
-    |app| {
-        let addr = app.app.local_addr();
-        let mut stream = kept_alive(addr).await;
-        stream
-            .write_all(b"GET /readyz HTTP/1.1\r\nHost: falgate\r\n\r\n")
-            .await
-            .unwrap();
-        let second = timeout(Duration::from_secs(10), read_response(&mut stream))
-            .await
-            .expect("an answer")
-            .expect("the connection is kept alive");
-        assert_eq!(second.status, 200, "{second:?}");
-        let lasted = closed_by_server(&mut stream, Duration::from_secs(10))
-            .await
-            .expect("an idle connection is closed");
-        assert!(
-            lasted >= Duration::from_millis(900),
-            "closed after {lasted:?}"
-        );
-    }
-);
+backend_tests!(idle_kept_alive_connections_are_closed, |config| {
+    config.connections.header_timeout = Duration::from_secs(60);
+    config.connections.idle_timeout = Duration::from_secs(1);
+});
+async fn idle_kept_alive_connections_are_closed(app: &TestApp) {
+    let addr = app.app.local_addr();
+    let mut stream = kept_alive(addr).await;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: falgate\r\n\r\n")
+        .await
+        .unwrap();
+    let second = timeout(Duration::from_secs(10), read_response(&mut stream))
+        .await
+        .expect("an answer")
+        .expect("the connection is kept alive");
+    assert_eq!(second.status, 200, "{second:?}");
+    let lasted = closed_by_server(&mut stream, Duration::from_secs(10))
+        .await
+        .expect("an idle connection is closed");
+    assert!(
+        lasted >= Duration::from_millis(900),
+        "closed after {lasted:?}"
+    );
+}
 
 // With every connection under the cap idle, a newcomer is served in full (the API, not only
 // the probes), and the connection idle the longest makes room for it.
-backend_test!(
+backend_tests!(
     at_the_connection_cap_the_longest_idle_connection_makes_room,
     |config| {
         config.connections.max_connections = 4;
         config.connections.header_timeout = Duration::from_secs(60);
         config.connections.idle_timeout = Duration::from_secs(60);
-    },
-    |app| {
-        let addr = app.app.local_addr();
-        let mut idle = Vec::new();
-        for _ in 0..4 {
-            idle.push(kept_alive(addr).await);
-        }
-        let _newcomer = kept_alive(addr).await;
-        assert!(
-            closed_by_server(&mut idle[0], Duration::from_secs(5))
-                .await
-                .is_some(),
-            "the longest idle connection made room"
-        );
-        let jobs = get(addr, "/v1/jobs", Some(&app.key)).await;
-        assert_eq!(jobs.status, 200, "{jobs:?}");
-        assert!(
-            closed_by_server(&mut idle[1], Duration::from_secs(5))
-                .await
-                .is_some(),
-            "the next longest idle connection made room"
-        );
-        // The most recent ones are still open and usable.
-        let last = idle.last_mut().unwrap();
-        last.write_all(b"GET /healthz HTTP/1.1\r\nHost: falgate\r\n\r\n")
-            .await
-            .unwrap();
-        let response = timeout(Duration::from_secs(10), read_response(last))
-            .await
-            .expect("an answer")
-            .expect("still open");
-        assert_eq!(response.status, 200);
     }
 );
+async fn at_the_connection_cap_the_longest_idle_connection_makes_room(app: &TestApp) {
+    let addr = app.app.local_addr();
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(kept_alive(addr).await);
+    }
+    let _newcomer = kept_alive(addr).await;
+    assert!(
+        closed_by_server(&mut idle[0], Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the longest idle connection made room"
+    );
+    let jobs = get(addr, "/v1/jobs", Some(&app.key)).await;
+    assert_eq!(jobs.status, 200, "{jobs:?}");
+    assert!(
+        closed_by_server(&mut idle[1], Duration::from_secs(5))
+            .await
+            .is_some(),
+        "the next longest idle connection made room"
+    );
+    // The most recent ones are still open and usable.
+    let last = idle.last_mut().unwrap();
+    last.write_all(b"GET /healthz HTTP/1.1\r\nHost: falgate\r\n\r\n")
+        .await
+        .unwrap();
+    let response = timeout(Duration::from_secs(10), read_response(last))
+        .await
+        .expect("an answer")
+        .expect("still open");
+    assert_eq!(response.status, 200);
+}
 
 /// Starts a request whose body never comes, so that it stays in flight.
 async fn stuck_request(addr: SocketAddr, key: &str) -> TcpStream {
@@ -546,45 +525,49 @@ async fn stuck_request(addr: SocketAddr, key: &str) -> TcpStream {
 
 // With every connection under the cap busy, the health probes still answer, the rest of the
 // API says 503 with a problem document, and once connections free up the API answers again.
-backend_test!(
+backend_tests!(
     at_the_connection_cap_with_every_connection_busy_healthz_still_answers,
     |config| {
         config.connections.max_connections = 3;
         config.connections.header_timeout = Duration::from_secs(60);
         config.connections.idle_timeout = Duration::from_secs(60);
-    },
-    |app| {
-        let addr = app.app.local_addr();
-        let mut busy = Vec::new();
-        for _ in 0..3 {
-            busy.push(stuck_request(addr, &app.key).await);
-        }
-        let deadline = Instant::now() + PATIENCE;
-        let refused = loop {
-            let response = get(addr, "/v1/jobs", Some(&app.key)).await;
-            if response.status == 503 {
-                break response;
-            }
-            assert_eq!(response.status, 200, "{response:?}");
-            assert!(Instant::now() < deadline, "the cap never held");
-        };
-        refused.problem(503, "service_unavailable");
-        assert_eq!(refused.header("retry-after"), Some("1"));
-        assert_eq!(get(addr, "/healthz", None).await.status, 200);
-        assert_eq!(get(addr, "/readyz", None).await.status, 200);
-
-        drop(busy);
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let response = get(addr, "/v1/jobs", Some(&app.key)).await;
-            if response.status == 200 {
-                break;
-            }
-            assert_eq!(response.status, 503, "{response:?}");
-            assert!(Instant::now() < deadline, "the API never answered again");
-        }
     }
 );
+async fn at_the_connection_cap_with_every_connection_busy_healthz_still_answers(app: &TestApp) {
+    let addr = app.app.local_addr();
+    let mut busy = Vec::new();
+    for _ in 0..3 {
+        busy.push(stuck_request(addr, &app.key).await);
+    }
+    let refused = eventually("the cap to hold")
+        // No pause between tries: each exchange paces the next.
+        .every(Duration::ZERO)
+        .until(async || {
+            let response = get(addr, "/v1/jobs", Some(&app.key)).await;
+            if response.status != 503 {
+                assert_eq!(response.status, 200, "{response:?}");
+            }
+            (response.status == 503).then_some(response)
+        })
+        .await;
+    refused.problem(503, "service_unavailable");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(get(addr, "/healthz", None).await.status, 200);
+    assert_eq!(get(addr, "/readyz", None).await.status, 200);
+
+    drop(busy);
+    eventually("the API to answer again")
+        // No pause between tries: each exchange paces the next.
+        .every(Duration::ZERO)
+        .until(async || {
+            let response = get(addr, "/v1/jobs", Some(&app.key)).await;
+            if response.status != 200 {
+                assert_eq!(response.status, 503, "{response:?}");
+            }
+            (response.status == 200).then_some(())
+        })
+        .await;
+}
 
 /// 300 connections that send nothing, to a process allowed 256 open files: the cap fitted
 /// to that limit keeps it answering.
@@ -612,15 +595,7 @@ async fn idle_connections_beyond_the_open_files_limit(backend: Backend) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connections_beyond_the_open_files_limit_on_sqlite() {
-    idle_connections_beyond_the_open_files_limit(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_connections_beyond_the_open_files_limit_on_postgres() {
-    idle_connections_beyond_the_open_files_limit(Backend::Postgres).await;
-}
+backend_tests!(idle_connections_beyond_the_open_files_limit(Backend));
 
 /// Shutting down closes idle connections at once but lets a request in flight finish.
 async fn shutdown_lets_the_request_in_flight_finish(backend: Backend) {
@@ -681,59 +656,48 @@ async fn shutdown_lets_the_request_in_flight_finish(backend: Backend) {
     let _ = std::fs::remove_dir_all(storage_dir);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_the_request_in_flight_finish_on_sqlite() {
-    shutdown_lets_the_request_in_flight_finish(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_the_request_in_flight_finish_on_postgres() {
-    shutdown_lets_the_request_in_flight_finish(Backend::Postgres).await;
-}
+backend_tests!(shutdown_lets_the_request_in_flight_finish(Backend));
 
 // Callbacks have their own body limit, neither the JSON one nor the uploads' one: under it a
 // body is read and judged by its signature, over it the answer is a 413 and nothing is kept.
-backend_test!(
-    callback_bodies_have_their_own_limit,
-    |config| {
-        config.run_workers = false;
-        config.body_limit = 2048;
-        config.callback_body_limit = 64 * 1024;
-    },
-    |app| {
-        let job = app.create_job(&app.key, "limits").await;
-        let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
-        let url = app.app.state().callback_url(id).expect("a callback URL");
-        let send = |size: usize| {
-            let (client, url) = (app.client.clone(), url.clone());
-            async move {
-                let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(size));
-                client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap()
-            }
-        };
-        problem(
-            send(100 * 1024).await,
-            reqwest::StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-        )
-        .await;
-        assert!(app.store().list_callbacks(id).await.unwrap().is_empty());
-        // Larger than a JSON body may be, yet read: refused for its missing signature, and kept.
-        problem(
-            send(48 * 1024).await,
-            reqwest::StatusCode::UNAUTHORIZED,
-            "unauthorized",
-        )
-        .await;
-        assert_eq!(app.store().list_callbacks(id).await.unwrap().len(), 1);
-    }
-);
+backend_tests!(callback_bodies_have_their_own_limit, |config| {
+    config.run_workers = false;
+    config.body_limit = 2048;
+    config.callback_body_limit = 64 * 1024;
+});
+async fn callback_bodies_have_their_own_limit(app: &TestApp) {
+    let job = app.create_job(&app.key, "limits").await;
+    let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
+    let url = app.app.state().callback_url(id).expect("a callback URL");
+    let send = |size: usize| {
+        let (client, url) = (app.client.clone(), url.clone());
+        async move {
+            let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(size));
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    problem(
+        send(100 * 1024).await,
+        reqwest::StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+    )
+    .await;
+    assert!(app.store().list_callbacks(id).await.unwrap().is_empty());
+    // Larger than a JSON body may be, yet read: refused for its missing signature, and kept.
+    problem(
+        send(48 * 1024).await,
+        reqwest::StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await;
+    assert_eq!(app.store().list_callbacks(id).await.unwrap().len(), 1);
+}
 
 /// Three uploads of 40 MiB each at once: the process streams them to disk and holds a small
 /// part at most.
@@ -760,11 +724,11 @@ async fn concurrent_large_uploads_are_not_held_in_memory(backend: Backend) {
         // shared between them, so that the client holds little of it either.
         let size = (20 << 20) - 4096;
         let send = |n: u8| {
-            let boundary = crate::photos::new_boundary();
+            let boundary = new_boundary();
             let chunk = bytes::Bytes::from(vec![n; 64 << 10]);
             let mut pieces: Vec<bytes::Bytes> = Vec::new();
             for file in 0..2 {
-                let head = crate::photos::part_head(&boundary, &format!("big-{n}-{file}.bin"));
+                let head = part_head(&boundary, &format!("big-{n}-{file}.bin"));
                 pieces.push(head.into());
                 for _ in 0..size / chunk.len() {
                     pieces.push(chunk.clone());
@@ -776,7 +740,7 @@ async fn concurrent_large_uploads_are_not_held_in_memory(backend: Backend) {
             client
                 .post(&path)
                 .bearer_auth(&key)
-                .header("content-type", crate::photos::content_type(&boundary))
+                .header("content-type", multipart_content_type(&boundary))
                 .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
                     pieces.into_iter().map(Ok::<_, std::io::Error>),
                 )))
@@ -799,41 +763,33 @@ async fn concurrent_large_uploads_are_not_held_in_memory(backend: Backend) {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_large_uploads_are_not_held_in_memory_on_sqlite() {
-    concurrent_large_uploads_are_not_held_in_memory(Backend::Sqlite).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_large_uploads_are_not_held_in_memory_on_postgres() {
-    concurrent_large_uploads_are_not_held_in_memory(Backend::Postgres).await;
-}
+backend_tests!(concurrent_large_uploads_are_not_held_in_memory(Backend));
 
 // A request whose body stops coming is answered 400 once its client has been silent for the
 // idle timeout, instead of holding its connection for good; nothing is stored.
-backend_test!(
+backend_tests!(
     a_request_whose_body_stalls_is_answered_and_its_connection_freed,
     |config| {
         config.connections.header_timeout = Duration::from_secs(60);
         config.connections.idle_timeout = Duration::from_secs(1);
-    },
-    |app| {
-        let addr = app.app.local_addr();
-        let mut stream = stuck_request(addr, &app.key).await;
-        let started = Instant::now();
-        let response = timeout(Duration::from_secs(10), read_response(&mut stream))
-            .await
-            .expect("an answer within the idle timeout")
-            .expect("a response");
-        assert!(started.elapsed() >= Duration::from_millis(900));
-        let problem = response.problem(400, "bad_request");
-        assert!(
-            problem["detail"].as_str().unwrap().contains("stalled"),
-            "{problem}"
-        );
-        let jobs = get(addr, "/v1/jobs", Some(&app.key)).await;
-        assert_eq!(jobs.status, 200);
-        let page: Value = serde_json::from_slice(&jobs.body).unwrap();
-        assert!(page["items"].as_array().unwrap().is_empty(), "{page}");
     }
 );
+async fn a_request_whose_body_stalls_is_answered_and_its_connection_freed(app: &TestApp) {
+    let addr = app.app.local_addr();
+    let mut stream = stuck_request(addr, &app.key).await;
+    let started = Instant::now();
+    let response = timeout(Duration::from_secs(10), read_response(&mut stream))
+        .await
+        .expect("an answer within the idle timeout")
+        .expect("a response");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    let problem = response.problem(400, "bad_request");
+    assert!(
+        problem["detail"].as_str().unwrap().contains("stalled"),
+        "{problem}"
+    );
+    let jobs = get(addr, "/v1/jobs", Some(&app.key)).await;
+    assert_eq!(jobs.status, 200);
+    let page: Value = serde_json::from_slice(&jobs.body).unwrap();
+    assert!(page["items"].as_array().unwrap().is_empty(), "{page}");
+}

@@ -1,7 +1,7 @@
 //! The OpenAPI document: committed, served, and telling the truth about auth and errors.
 
-use crate::backend_test;
-use crate::support::{fields, problem};
+use crate::backend_tests;
+use crate::support::*;
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -46,7 +46,8 @@ fn every_v1_operation_declares_bearer_auth_and_its_errors() {
     assert!(operations >= 4);
 }
 
-backend_test!(the_spec_and_swagger_ui_are_served, |app| {
+backend_tests!(the_spec_and_swagger_ui_are_served);
+async fn the_spec_and_swagger_ui_are_served(app: &TestApp) {
     let served: Value = app
         .client
         .get(app.url("/openapi.json"))
@@ -64,18 +65,14 @@ backend_test!(the_spec_and_swagger_ui_are_served, |app| {
     let html = docs.text().await.unwrap();
     assert!(html.contains("swagger-ui"), "{html}");
     // The UI's assets are vendored: served from the binary, no network at build or run time.
-    let config = app
-        .request(Method::GET, "/docs/swagger-initializer.js")
-        .send()
-        .await
-        .unwrap();
+    let config = app.get("/docs/swagger-initializer.js").await;
     assert_eq!(config.status(), reqwest::StatusCode::OK);
     let config = config.text().await.unwrap();
     assert!(config.contains("/openapi.json"));
     // Swagger UI sends the spec's URL to an online validator unless told not to.
     let compact: String = config.split_whitespace().collect();
     assert!(compact.contains(r#""validatorUrl":"none""#), "{config}");
-});
+}
 
 /// Every route and method, with every status it can answer. 500 and 503 (database down, or the
 /// connection limit reached) can come from any route but the liveness probe; 401 from any
@@ -372,9 +369,10 @@ fn assert_valid(spec: &Value, method: &str, path: &str, status: &str, body: &Val
 const BIG_SEED: &str = "17454220438242315174";
 const MAX_SEED: u64 = u64::MAX;
 
-backend_test!(real_responses_match_the_spec_strictly, |app| {
+backend_tests!(real_responses_match_the_spec_strictly);
+async fn real_responses_match_the_spec_strictly(app: &TestApp) {
     let spec: Value = serde_json::from_str(COMMITTED).unwrap();
-    let (avatar, _) = crate::avatars::trained_with_lora_copy(&app).await;
+    let (avatar, _) = crate::avatars::trained_with_lora_copy(app).await;
 
     // One seed as a string of digits, one as a JSON integer: both are taken exactly.
     let mut batches = Vec::new();
@@ -389,7 +387,7 @@ backend_test!(real_responses_match_the_spec_strictly, |app| {
         let created: Value = response.json().await.unwrap();
         assert_valid(&spec, "post", "/v1/generations", "202", &created);
         let id = created["id"].as_str().unwrap().to_owned();
-        let done = crate::avatars::wait_for_batch(&app, &id).await;
+        let done = wait_for_batch(app, &id).await;
         assert_eq!(done["status"], "succeeded", "{done}");
         assert_valid(&spec, "get", "/v1/batches/{id}", "200", &done);
         batches.push((seed, done));
@@ -447,24 +445,15 @@ backend_test!(real_responses_match_the_spec_strictly, |app| {
     let raw = app.create_job(&app.key, "a raw job").await;
     assert_valid(&spec, "post", "/v1/jobs", "202", &raw);
     let cancel = app
-        .request(
-            Method::POST,
-            &format!("/v1/jobs/{}/cancel", raw["id"].as_str().unwrap()),
-        )
-        .send()
-        .await
-        .unwrap();
+        .post(&format!("/v1/jobs/{}/cancel", raw["id"].as_str().unwrap()))
+        .await;
     // The emulator may have finished the job already: either answer is in the spec.
     let status = cancel.status().as_u16().to_string();
     let cancel: Value = cancel.json().await.unwrap();
     assert_valid(&spec, "post", "/v1/jobs/{id}/cancel", &status, &cancel);
 
     // Errors too: a problem document with its field list, and one without.
-    let refused = app
-        .request(Method::GET, "/v1/jobs?limit=0")
-        .send()
-        .await
-        .unwrap();
+    let refused = app.get("/v1/jobs?limit=0").await;
     assert_eq!(refused.status(), reqwest::StatusCode::UNPROCESSABLE_ENTITY);
     let refused: Value = refused.json().await.unwrap();
     assert_valid(&spec, "get", "/v1/jobs", "422", &refused);
@@ -472,7 +461,7 @@ backend_test!(real_responses_match_the_spec_strictly, |app| {
         .get_json(&format!("/v1/jobs/{}", uuid::Uuid::now_v7()))
         .await;
     assert_valid(&spec, "get", "/v1/jobs/{id}", "404", &unknown);
-});
+}
 
 /// A validator for a component schema of the spec (a request body).
 fn component_validator(spec: &Value, name: &str) -> jsonschema::Validator {
@@ -483,139 +472,108 @@ fn component_validator(spec: &Value, name: &str) -> jsonschema::Validator {
     jsonschema::draft202012::options().build(&root).unwrap()
 }
 
-backend_test!(
-    seeds_are_taken_as_integers_or_digits_and_nothing_else,
-    |app| {
-        let spec: Value = serde_json::from_str(COMMITTED).unwrap();
-        let request = component_validator(&spec, "CreateGenerationRequest");
-        let avatar = uuid::Uuid::now_v7();
-        // What the spec refuses, the server refuses, naming the field.
-        for seed in [
-            json!(-1),
-            json!(1.5),
-            json!("12a"),
-            json!(""),
-            json!(" 7"),
-            json!(true),
-            // Past u64, which a pattern cannot bound (the spec says so in words).
-            json!("18446744073709551616"),
-        ] {
-            let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
-            assert!(
-                !request.is_valid(&body) || seed == "18446744073709551616",
-                "the spec takes seed {seed}"
-            );
-            let response = app
-                .request(Method::POST, "/v1/generations")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            let problem = problem(
-                response,
-                reqwest::StatusCode::UNPROCESSABLE_ENTITY,
-                "validation_failed",
-            )
-            .await;
-            assert_eq!(fields(&problem), ["seed"], "seed {seed}: {problem}");
-        }
-        // What the spec takes gets past the body's checks (to the unknown avatar).
-        for seed in [
-            json!(0),
-            json!(u64::MAX),
-            json!("18446744073709551615"),
-            json!("007"),
-            Value::Null,
-        ] {
-            let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
-            assert!(request.is_valid(&body), "the spec refuses seed {seed}");
-            let response = app
-                .request(Method::POST, "/v1/generations")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
-        }
-        // Exactly one of `prompt` and `prompts`, in the spec as on the server; a `null` is
-        // as good as absent.
-        for body in [
-            json!({"avatar_id": avatar, "prompt": null, "prompts": ["y"]}),
-            json!({"avatar_id": avatar, "prompt": "x", "prompts": null}),
-        ] {
-            assert!(request.is_valid(&body), "the spec refuses {body}");
-            let response = app
-                .request(Method::POST, "/v1/generations")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
-        }
-        for body in [
-            json!({"avatar_id": avatar}),
-            json!({"avatar_id": avatar, "prompt": "x", "prompts": ["y"]}),
-        ] {
-            assert!(!request.is_valid(&body), "the spec takes {body}");
-            let response = app
-                .request(Method::POST, "/v1/generations")
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                response.status(),
-                reqwest::StatusCode::UNPROCESSABLE_ENTITY,
-                "{body}"
-            );
-        }
-    }
-);
-
-backend_test!(
-    a_server_serves_a_spec_with_its_own_limits,
-    |config| {
-        config
-            .allowed_endpoints
-            .push("fal-ai/flux/dev".parse().unwrap());
-        config.avatars.max_photos = 12;
-        config.avatars.max_batch = 3;
-    },
-    |app| {
-        let served: Value = app
-            .client
-            .get(app.url("/openapi.json"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let schemas = &served["components"]["schemas"];
-        let endpoints = schemas["CreateJobRequest"]["properties"]["endpoint"]["enum"]
-            .as_array()
-            .unwrap();
+backend_tests!(seeds_are_taken_as_integers_or_digits_and_nothing_else);
+async fn seeds_are_taken_as_integers_or_digits_and_nothing_else(app: &TestApp) {
+    let spec: Value = serde_json::from_str(COMMITTED).unwrap();
+    let request = component_validator(&spec, "CreateGenerationRequest");
+    let avatar = uuid::Uuid::now_v7();
+    // What the spec refuses, the server refuses, naming the field.
+    for seed in [
+        json!(-1),
+        json!(1.5),
+        json!("12a"),
+        json!(""),
+        json!(" 7"),
+        json!(true),
+        // Past u64, which a pattern cannot bound (the spec says so in words).
+        json!("18446744073709551616"),
+    ] {
+        let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
         assert!(
-            endpoints.contains(&json!("fal-ai/flux/dev")),
-            "{endpoints:?}"
+            !request.is_valid(&body) || seed == "18446744073709551616",
+            "the spec takes seed {seed}"
         );
-        assert_eq!(
-            schemas["PhotoUpload"]["properties"]["files"]["maxItems"],
-            12
-        );
-        assert_eq!(
-            schemas["CreateGenerationRequest"]["allOf"][0]["properties"]["prompts"]["maxItems"],
-            3
-        );
-        let created = app
-            .request(Method::POST, "/v1/jobs")
-            .json(&json!({"endpoint": "fal-ai/flux/dev", "input": {"prompt": "x"}}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), reqwest::StatusCode::ACCEPTED);
+        let response = app.post_json("/v1/generations", &body).await;
+        assert_refused_naming(response, &["seed"], format_args!("seed {seed}")).await;
     }
-);
+    // What the spec takes gets past the body's checks (to the unknown avatar).
+    for seed in [
+        json!(0),
+        json!(u64::MAX),
+        json!("18446744073709551615"),
+        json!("007"),
+        Value::Null,
+    ] {
+        let body = json!({"avatar_id": avatar, "prompt": "x", "seed": seed});
+        assert!(request.is_valid(&body), "the spec refuses seed {seed}");
+        let response = app.post_json("/v1/generations", &body).await;
+        problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
+    }
+    // Exactly one of `prompt` and `prompts`, in the spec as on the server; a `null` is
+    // as good as absent.
+    for body in [
+        json!({"avatar_id": avatar, "prompt": null, "prompts": ["y"]}),
+        json!({"avatar_id": avatar, "prompt": "x", "prompts": null}),
+    ] {
+        assert!(request.is_valid(&body), "the spec refuses {body}");
+        let response = app.post_json("/v1/generations", &body).await;
+        problem(response, reqwest::StatusCode::NOT_FOUND, "not_found").await;
+    }
+    for body in [
+        json!({"avatar_id": avatar}),
+        json!({"avatar_id": avatar, "prompt": "x", "prompts": ["y"]}),
+    ] {
+        assert!(!request.is_valid(&body), "the spec takes {body}");
+        let response = app.post_json("/v1/generations", &body).await;
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+            "{body}"
+        );
+    }
+}
+
+backend_tests!(a_server_serves_a_spec_with_its_own_limits, |config| {
+    config
+        .allowed_endpoints
+        .push("fal-ai/flux/dev".parse().unwrap());
+    config.avatars.max_photos = 12;
+    config.avatars.max_batch = 3;
+});
+async fn a_server_serves_a_spec_with_its_own_limits(app: &TestApp) {
+    let served: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemas = &served["components"]["schemas"];
+    let endpoints = schemas["CreateJobRequest"]["properties"]["endpoint"]["enum"]
+        .as_array()
+        .unwrap();
+    assert!(
+        endpoints.contains(&json!("fal-ai/flux/dev")),
+        "{endpoints:?}"
+    );
+    assert_eq!(
+        schemas["PhotoUpload"]["properties"]["files"]["maxItems"],
+        12
+    );
+    assert_eq!(
+        schemas["CreateGenerationRequest"]["allOf"][0]["properties"]["prompts"]["maxItems"],
+        3
+    );
+    let created = app
+        .request(Method::POST, "/v1/jobs")
+        .json(&json!({"endpoint": "fal-ai/flux/dev", "input": {"prompt": "x"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), reqwest::StatusCode::ACCEPTED);
+}
 
 #[test]
 fn the_response_validator_is_strict() {
@@ -655,69 +613,45 @@ fn validator_for_component(spec: &Value, name: &str) -> jsonschema::Validator {
         .unwrap()
 }
 
-backend_test!(
+backend_tests!(
     every_creating_post_declares_the_body_errors_it_answers,
     |config| {
         config.body_limit = 2048;
         config.avatars.max_upload_bytes = 4096;
-    },
-    |app| {
-        let spec: Value = serde_json::from_str(COMMITTED).unwrap();
-        let avatar: Value = app
-            .request(Method::POST, "/v1/avatars")
-            .json(&json!({"name": "Ada", "kind": "character"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let id = avatar["id"].as_str().unwrap();
-        let json_posts = [
-            ("/v1/jobs", "/v1/jobs".to_owned()),
-            ("/v1/avatars", "/v1/avatars".to_owned()),
-            (
-                "/v1/avatars/{id}/trainings",
-                format!("/v1/avatars/{id}/trainings"),
-            ),
-            ("/v1/generations", "/v1/generations".to_owned()),
-        ];
-        let photos = (
-            "/v1/avatars/{id}/photos",
-            format!("/v1/avatars/{id}/photos"),
-        );
-        let big = "x".repeat(8192);
-        let mut answered = Vec::new();
-        for (route, url) in &json_posts {
-            for (content_type, body) in [
-                ("application/json", "{\"not json".to_owned()),
-                ("text/plain", "{}".to_owned()),
-                ("application/json", format!("{{\"pad\": \"{big}\"}}")),
-            ] {
-                let response = app
-                    .request(Method::POST, url)
-                    .header("content-type", content_type)
-                    .body(body)
-                    .send()
-                    .await
-                    .unwrap();
-                answered.push((*route, response.status().as_u16(), response));
-            }
-        }
-        let (route, url) = &photos;
-        let boundary = "b0undary";
+    }
+);
+async fn every_creating_post_declares_the_body_errors_it_answers(app: &TestApp) {
+    let spec: Value = serde_json::from_str(COMMITTED).unwrap();
+    let avatar: Value = app
+        .request(Method::POST, "/v1/avatars")
+        .json(&json!({"name": "Ada", "kind": "character"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = avatar["id"].as_str().unwrap();
+    let json_posts = [
+        ("/v1/jobs", "/v1/jobs".to_owned()),
+        ("/v1/avatars", "/v1/avatars".to_owned()),
+        (
+            "/v1/avatars/{id}/trainings",
+            format!("/v1/avatars/{id}/trainings"),
+        ),
+        ("/v1/generations", "/v1/generations".to_owned()),
+    ];
+    let photos = (
+        "/v1/avatars/{id}/photos",
+        format!("/v1/avatars/{id}/photos"),
+    );
+    let big = "x".repeat(8192);
+    let mut answered = Vec::new();
+    for (route, url) in &json_posts {
         for (content_type, body) in [
-            (
-                format!("multipart/form-data; boundary={boundary}"),
-                "garbage, no parts".to_owned(),
-            ),
-            ("application/json".to_owned(), "{}".to_owned()),
-            (
-                format!("multipart/form-data; boundary={boundary}"),
-                format!(
-                    "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n{big}\r\n--{boundary}--\r\n"
-                ),
-            ),
+            ("application/json", "{\"not json".to_owned()),
+            ("text/plain", "{}".to_owned()),
+            ("application/json", format!("{{\"pad\": \"{big}\"}}")),
         ] {
             let response = app
                 .request(Method::POST, url)
@@ -728,14 +662,38 @@ backend_test!(
                 .unwrap();
             answered.push((*route, response.status().as_u16(), response));
         }
-        for chunk in answered.chunks(3) {
-            let route = chunk[0].0;
-            let statuses: Vec<u16> = chunk.iter().map(|(_, status, _)| *status).collect();
-            assert_eq!(statuses, [400, 415, 413], "POST {route}");
-        }
-        for (route, status, response) in answered {
-            let body: Value = response.json().await.unwrap();
-            assert_valid(&spec, "post", route, &status.to_string(), &body);
-        }
     }
-);
+    let (route, url) = &photos;
+    let boundary = "b0undary";
+    for (content_type, body) in [
+        (
+            format!("multipart/form-data; boundary={boundary}"),
+            "garbage, no parts".to_owned(),
+        ),
+        ("application/json".to_owned(), "{}".to_owned()),
+        (
+            format!("multipart/form-data; boundary={boundary}"),
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n\r\n{big}\r\n--{boundary}--\r\n"
+            ),
+        ),
+    ] {
+        let response = app
+            .request(Method::POST, url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        answered.push((*route, response.status().as_u16(), response));
+    }
+    for chunk in answered.chunks(3) {
+        let route = chunk[0].0;
+        let statuses: Vec<u16> = chunk.iter().map(|(_, status, _)| *status).collect();
+        assert_eq!(statuses, [400, 415, 413], "POST {route}");
+    }
+    for (route, status, response) in answered {
+        let body: Value = response.json().await.unwrap();
+        assert_valid(&spec, "post", route, &status.to_string(), &body);
+    }
+}

@@ -1,11 +1,12 @@
 //! Health, readiness, shutdown.
 
-use crate::backend_test;
+use crate::backend_tests;
 use crate::support::*;
 use falgate::app::App;
 use serde_json::Value;
 
-backend_test!(health_and_readiness_answer, |app| {
+backend_tests!(health_and_readiness_answer);
+async fn health_and_readiness_answer(app: &TestApp) {
     let health: Value = app
         .client
         .get(app.url("/healthz"))
@@ -22,7 +23,7 @@ backend_test!(health_and_readiness_answer, |app| {
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["pending_migrations"], serde_json::json!([]));
-});
+}
 
 async fn unmigrated_database_is_not_ready(backend: Backend) {
     falgate::install_crypto_provider();
@@ -50,15 +51,7 @@ async fn unmigrated_database_is_not_ready(backend: Backend) {
     let _ = std::fs::remove_dir_all(storage_dir);
 }
 
-#[tokio::test]
-async fn unmigrated_sqlite_is_not_ready() {
-    unmigrated_database_is_not_ready(Backend::Sqlite).await;
-}
-
-#[tokio::test]
-async fn unmigrated_postgres_is_not_ready() {
-    unmigrated_database_is_not_ready(Backend::Postgres).await;
-}
+backend_tests!(unmigrated_database_is_not_ready(Backend));
 
 #[tokio::test]
 async fn shutdown_stops_accepting_connections() {
@@ -82,43 +75,38 @@ async fn shutdown_stops_accepting_connections() {
     let _ = std::fs::remove_dir_all(storage_dir);
 }
 
-crate::backend_test!(
-    metrics_count_responses_and_jobs,
-    |config| {
-        config.run_workers = false;
-    },
-    |app| {
-        app.create_job(&app.key, "counted").await;
-        let _ = app.client.get(app.url("/v1/jobs")).send().await.unwrap(); // a 401
-        let response = app.client.get(app.url("/metrics")).send().await.unwrap();
-        assert_eq!(response.status(), reqwest::StatusCode::OK);
-        assert!(
-            response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/plain")
-        );
-        let text = response.text().await.unwrap();
-        assert!(
-            text.contains("falgate_jobs{status=\"pending\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("falgate_jobs{status=\"succeeded\"} 0"),
-            "{text}"
-        );
-        assert!(text.contains("falgate_fal_key_refused 0"), "{text}");
-        let line = |class: &str| {
-            text.lines()
-                .find(|l| {
-                    l.starts_with(&format!(
-                        "falgate_http_responses_total{{class=\"{class}\"}}"
-                    ))
-                })
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap()
-        };
-        assert!(line("2xx") >= 1 && line("4xx") >= 1, "{text}");
-    }
-);
+backend_tests!(metrics_count_responses_and_jobs, without_workers);
+async fn metrics_count_responses_and_jobs(app: &TestApp) {
+    app.create_job(&app.key, "counted").await;
+    let _ = app.client.get(app.url("/v1/jobs")).send().await.unwrap(); // a 401
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    assert!(
+        text.contains("falgate_jobs{status=\"pending\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("falgate_jobs{status=\"succeeded\"} 0"),
+        "{text}"
+    );
+    assert!(text.contains("falgate_fal_key_refused 0"), "{text}");
+    let line = |class: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "falgate_http_responses_total{{class=\"{class}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap()
+    };
+    assert!(line("2xx") >= 1 && line("4xx") >= 1, "{text}");
+}

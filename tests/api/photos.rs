@@ -2,57 +2,12 @@
 //! inflate to gigabytes, files over the limits, bodies over the limit, and more uploads at once
 //! than allowed. Every file is streamed to disk, and nothing of it is left there afterwards.
 
-use crate::backend_test;
+use crate::backend_tests;
 use crate::support::*;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// A real PNG of `width`×`height`, different for every `n`.
-fn photo(n: u64, width: u32, height: u32) -> Vec<u8> {
-    falgate::emulator::png::render(width, height, n, "upload photo")
-}
-
-/// One part of a multipart body: its headers, for a file named `name`.
-pub(crate) fn part_head(boundary: &str, name: &str) -> Vec<u8> {
-    format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes()
-}
-
-pub(crate) fn new_boundary() -> String {
-    format!("falgate-{}", uuid::Uuid::new_v4().simple())
-}
-
-pub(crate) fn content_type(boundary: &str) -> String {
-    format!("multipart/form-data; boundary={boundary}")
-}
-
-/// A whole multipart body with one part per file.
-fn multipart(boundary: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for (name, bytes) in files {
-        body.extend_from_slice(&part_head(boundary, name));
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(b"\r\n");
-    }
-    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    body
-}
-
-/// Uploads `files` in one request with a Content-Length.
-async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> reqwest::Response {
-    let boundary = new_boundary();
-    app.request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", content_type(&boundary))
-        .body(multipart(&boundary, files))
-        .send()
-        .await
-        .unwrap()
-}
 
 /// A body sent chunk by chunk (chunked transfer encoding, no length announced), as a client
 /// streaming a large file sends it.
@@ -62,38 +17,11 @@ fn streamed(chunks: Vec<Vec<u8>>) -> reqwest::Body {
     ))
 }
 
-async fn create_avatar(app: &TestApp) -> String {
-    let response = app
-        .request(Method::POST, "/v1/avatars")
-        .json(&json!({"name": "uploads", "kind": "character"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CREATED);
-    let avatar: Value = response.json().await.unwrap();
-    avatar["id"].as_str().unwrap().to_owned()
-}
-
 async fn kept_photos(app: &TestApp, avatar: &str) -> Vec<Value> {
     app.get_json(&format!("/v1/avatars/{avatar}/photos")).await["items"]
         .as_array()
         .unwrap()
         .clone()
-}
-
-/// The `(field, message)` of each refused file.
-fn refusals(problem: &Value) -> Vec<(String, String)> {
-    problem["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["field"].as_str().unwrap().to_owned(),
-                e["message"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// Where uploads are written while they arrive.
@@ -107,10 +35,9 @@ fn partial_files(app: &TestApp) -> usize {
 
 /// Waits until no upload's temporary file is left.
 async fn wait_for_no_partial_files(app: &TestApp) {
-    app.poll_until("the temporary upload files to be removed", || async {
-        (partial_files(app) == 0).then_some(())
-    })
-    .await;
+    eventually("the temporary upload files to be removed")
+        .until(async || (partial_files(app) == 0).then_some(()))
+        .await;
 }
 
 /// A 1-bit greyscale PNG of `width`×`height`, all black: a decompression bomb, as its pixels
@@ -215,74 +142,73 @@ fn oriented_jpeg(width: u32, height: u32, orientation: u16) -> Vec<u8> {
     out
 }
 
-backend_test!(
-    pictures_cut_short_lying_or_inflating_are_refused_by_name,
-    |app| {
-        let avatar = create_avatar(&app).await;
-        let good = photo(1, 640, 512);
-        let cut = good[..24].to_vec();
-        let second = photo(2, 640, 512);
-        let cut_halfway = second[..second.len() / 2].to_vec();
-        // Signature and IHDR alone, claiming 100000x100000 RGB pixels.
-        let liar = png_header(100_000, 100_000, 8, 2);
-        assert_eq!(liar.len(), 33);
-        let bomb = blank_png(20_000, 20_000);
-        assert!(bomb.len() < 1 << 20, "the bomb is {} bytes", bomb.len());
-        let mut damaged = photo(3, 640, 512);
-        let middle = damaged.len() / 2;
-        for byte in &mut damaged[middle..middle + 32] {
-            *byte ^= 0x5A;
-        }
-
-        let started = Instant::now();
-        let response = upload(
-            &app,
-            &avatar,
-            &[
-                ("good.png", good),
-                ("cut.png", cut),
-                ("halfway.png", cut_halfway),
-                ("liar.png", liar),
-                ("bomb.png", bomb),
-                ("damaged.png", damaged),
-            ],
-        )
-        .await;
-        let elapsed = started.elapsed();
-        let body = problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        let errors = refusals(&body);
-        assert_eq!(errors.len(), 5, "{errors:?}");
-        let expect = [
-            ("files[1] (cut.png)", "truncated"),
-            ("files[2] (halfway.png)", "truncated"),
-            ("files[3] (liar.png)", "12000 px"),
-            ("files[4] (bomb.png)", "12000 px"),
-            ("files[5] (damaged.png)", "damaged"),
-        ];
-        for ((field, message), (want_field, want_words)) in errors.iter().zip(expect) {
-            assert_eq!(field, want_field, "{errors:?}");
-            assert!(message.contains(want_words), "{field}: {message}");
-        }
-        // The bomb was refused from its header (its message names the side limit), quickly.
-        assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
-        let kept = kept_photos(&app, &avatar).await;
-        assert_eq!(kept.len(), 1);
-        assert_eq!(kept[0]["file_name"], "good.png");
-        assert_eq!(body["accepted"], json!([kept[0]["id"]]));
-        wait_for_no_partial_files(&app).await;
+backend_tests!(pictures_cut_short_lying_or_inflating_are_refused_by_name);
+async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let good = photo(1, 640, 512);
+    let cut = good[..24].to_vec();
+    let second = photo(2, 640, 512);
+    let cut_halfway = second[..second.len() / 2].to_vec();
+    // Signature and IHDR alone, claiming 100000x100000 RGB pixels.
+    let liar = png_header(100_000, 100_000, 8, 2);
+    assert_eq!(liar.len(), 33);
+    let bomb = blank_png(20_000, 20_000);
+    assert!(bomb.len() < 1 << 20, "the bomb is {} bytes", bomb.len());
+    let mut damaged = photo(3, 640, 512);
+    let middle = damaged.len() / 2;
+    for byte in &mut damaged[middle..middle + 32] {
+        *byte ^= 0x5A;
     }
-);
 
-backend_test!(an_exif_rotated_jpeg_reports_its_displayed_size, |app| {
-    let avatar = create_avatar(&app).await;
+    let started = Instant::now();
+    let response = upload(
+        app,
+        &avatar,
+        &[
+            ("good.png", good),
+            ("cut.png", cut),
+            ("halfway.png", cut_halfway),
+            ("liar.png", liar),
+            ("bomb.png", bomb),
+            ("damaged.png", damaged),
+        ],
+    )
+    .await;
+    let elapsed = started.elapsed();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    let errors = refusals(&body);
+    assert_eq!(errors.len(), 5, "{errors:?}");
+    let expect = [
+        ("files[1] (cut.png)", "truncated"),
+        ("files[2] (halfway.png)", "truncated"),
+        ("files[3] (liar.png)", "12000 px"),
+        ("files[4] (bomb.png)", "12000 px"),
+        ("files[5] (damaged.png)", "damaged"),
+    ];
+    for ((field, message), (want_field, want_words)) in errors.iter().zip(expect) {
+        assert_eq!(field, want_field, "{errors:?}");
+        assert!(message.contains(want_words), "{field}: {message}");
+    }
+    // The bomb was refused from its header (its message names the side limit), quickly.
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+    let kept = kept_photos(app, &avatar).await;
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["file_name"], "good.png");
+    assert_eq!(body["accepted"], json!([kept[0]["id"]]));
+    wait_for_no_partial_files(app).await;
+}
+
+backend_tests!(an_exif_rotated_jpeg_reports_its_displayed_size);
+async fn an_exif_rotated_jpeg_reports_its_displayed_size(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
     // Stored 600x800, shown turned a quarter (Exif orientation 6): 800x600.
     let response = upload(
-        &app,
+        app,
         &avatar,
         &[
             ("turned.jpg", oriented_jpeg(600, 800, 6)),
@@ -307,249 +233,253 @@ backend_test!(an_exif_rotated_jpeg_reports_its_displayed_size, |app| {
         .get_json(&format!("/v1/avatars/{avatar}/photos/{id}"))
         .await;
     assert_eq!((&one["width"], &one["height"]), (&json!(800), &json!(600)));
-});
+}
 
-backend_test!(
+backend_tests!(
     a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept,
     |config| {
         config.avatars.max_photo_bytes = 100_000;
         config.avatars.max_photos = 10;
         config.avatars.max_upload_bytes = 16 << 20;
-    },
-    |app| {
-        let avatar = create_avatar(&app).await;
-        let first = photo(1, 640, 512);
-        let last = photo(2, 512, 640);
-        assert!(first.len() < 100_000 && last.len() < 100_000);
-        // Far larger than the limit, and than ten photos of the largest size together.
-        let boundary = new_boundary();
-        let mut opening = multipart(&boundary, &[("first.png", first)]);
-        opening.truncate(opening.len() - format!("--{boundary}--\r\n").len());
-        let mut chunks = vec![opening];
-        chunks.push(part_head(&boundary, "huge.png"));
-        chunks.push(b"\x89PNG\r\n\x1a\n".to_vec());
-        chunks.extend((0..48).map(|_| vec![0x42u8; 64 << 10]));
-        chunks.push(b"\r\n".to_vec());
-        chunks.push(multipart(&boundary, &[("last.png", last)]));
-        let response = app
-            .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-            .header("content-type", content_type(&boundary))
-            .body(streamed(chunks))
-            .send()
-            .await
-            .unwrap();
-        let body = problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        let errors = refusals(&body);
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert_eq!(errors[0].0, "files[1] (huge.png)");
-        assert!(
-            errors[0].1.contains(&format!("{} bytes", 8 + (48 << 16)))
-                && errors[0].1.contains("limit is 100000"),
-            "{errors:?}"
-        );
-        let kept = kept_photos(&app, &avatar).await;
-        let names: Vec<&str> = kept
-            .iter()
-            .map(|p| p["file_name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["first.png", "last.png"]);
-        assert_eq!(body["accepted"].as_array().unwrap().len(), 2);
-        wait_for_no_partial_files(&app).await;
     }
 );
+async fn a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let first = photo(1, 640, 512);
+    let last = photo(2, 512, 640);
+    assert!(first.len() < 100_000 && last.len() < 100_000);
+    // Far larger than the limit, and than ten photos of the largest size together.
+    let boundary = new_boundary();
+    let mut opening = multipart(&boundary, &[("first.png", first)]);
+    opening.truncate(opening.len() - format!("--{boundary}--\r\n").len());
+    let mut chunks = vec![opening];
+    chunks.push(part_head(&boundary, "huge.png"));
+    chunks.push(b"\x89PNG\r\n\x1a\n".to_vec());
+    chunks.extend((0..48).map(|_| vec![0x42u8; 64 << 10]));
+    chunks.push(b"\r\n".to_vec());
+    chunks.push(multipart(&boundary, &[("last.png", last)]));
+    let response = app
+        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
+        .header("content-type", multipart_content_type(&boundary))
+        .body(streamed(chunks))
+        .send()
+        .await
+        .unwrap();
+    let body = problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    let errors = refusals(&body);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0].0, "files[1] (huge.png)");
+    assert!(
+        errors[0].1.contains(&format!("{} bytes", 8 + (48 << 16)))
+            && errors[0].1.contains("limit is 100000"),
+        "{errors:?}"
+    );
+    let kept = kept_photos(app, &avatar).await;
+    let names: Vec<&str> = kept
+        .iter()
+        .map(|p| p["file_name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["first.png", "last.png"]);
+    assert_eq!(body["accepted"].as_array().unwrap().len(), 2);
+    wait_for_no_partial_files(app).await;
+}
 
-backend_test!(
+backend_tests!(
     a_body_over_the_upload_limit_is_413_and_nothing_is_kept,
     |config| {
         config.avatars.max_photo_bytes = 50_000;
         config.avatars.max_upload_bytes = 60_000;
-    },
-    |app| {
-        let avatar = create_avatar(&app).await;
-        let photos: Vec<(String, Vec<u8>)> = (0..8)
-            .map(|n| (format!("p{n}.png"), photo(n, 640, 512)))
-            .collect();
-        let files: Vec<(&str, Vec<u8>)> = photos
-            .iter()
-            .map(|(name, bytes)| (name.as_str(), bytes.clone()))
-            .collect();
-        let boundary = new_boundary();
-        let body = multipart(&boundary, &files);
-        assert!(
-            body.len() > 60_000 && body.len() < 200_000,
-            "{}",
-            body.len()
-        );
-
-        // Announced by its length: refused before a byte is read.
-        let response = app
-            .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-            .header("content-type", content_type(&boundary))
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap();
-        let problem_doc =
-            problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
-        assert!(
-            problem_doc["detail"].as_str().unwrap().contains("60000"),
-            "{problem_doc}"
-        );
-
-        // Streamed without a length: refused once the limit is crossed.
-        let chunks: Vec<Vec<u8>> = body.chunks(4096).map(<[u8]>::to_vec).collect();
-        let response = app
-            .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-            .header("content-type", content_type(&boundary))
-            .body(streamed(chunks))
-            .send()
-            .await
-            .unwrap();
-        problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
-        assert!(kept_photos(&app, &avatar).await.is_empty());
-        wait_for_no_partial_files(&app).await;
-
-        // Within the limit, the same photos go through.
-        let response = upload(&app, &avatar, &files[..2]).await;
-        assert_eq!(response.status(), StatusCode::CREATED);
     }
 );
+async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let photos: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|n| (format!("p{n}.png"), photo(n, 640, 512)))
+        .collect();
+    let files: Vec<(&str, Vec<u8>)> = photos
+        .iter()
+        .map(|(name, bytes)| (name.as_str(), bytes.clone()))
+        .collect();
+    let boundary = new_boundary();
+    let body = multipart(&boundary, &files);
+    assert!(
+        body.len() > 60_000 && body.len() < 200_000,
+        "{}",
+        body.len()
+    );
 
-backend_test!(
-    uploads_at_once_are_bounded_and_their_files_never_outlive_them,
-    |config| {
-        config.avatars.upload_concurrency = 1;
-    },
-    |app| {
-        let avatar = create_avatar(&app).await;
-        let path = format!("/v1/avatars/{avatar}/photos");
-        let boundary = new_boundary();
-        let good = photo(7, 640, 512);
+    // Announced by its length: refused before a byte is read.
+    let response = app
+        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
+        .header("content-type", multipart_content_type(&boundary))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let problem_doc = problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(
+        problem_doc["detail"].as_str().unwrap().contains("60000"),
+        "{problem_doc}"
+    );
 
-        // One upload under way: its first file is half sent, and the rest waits.
-        let (more, rest) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-        let mut first = part_head(&boundary, "slow.png");
-        first.extend_from_slice(&good[..good.len() / 2]);
-        more.send(Ok(first)).await.unwrap();
-        let body =
-            reqwest::Body::wrap_stream(futures_util::stream::unfold(rest, |mut rest| async move {
-                rest.recv().await.map(|chunk| (chunk, rest))
-            }));
-        let slow = tokio::spawn(
-            app.request(Method::POST, &path)
-                .header("content-type", content_type(&boundary))
-                .body(body)
-                .send(),
-        );
-        app.poll_until("the slow upload to be written to disk", || async {
-            (partial_files(&app) == 1).then_some(())
-        })
-        .await;
+    // Streamed without a length: refused once the limit is crossed.
+    let chunks: Vec<Vec<u8>> = body.chunks(4096).map(<[u8]>::to_vec).collect();
+    let response = app
+        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
+        .header("content-type", multipart_content_type(&boundary))
+        .body(streamed(chunks))
+        .send()
+        .await
+        .unwrap();
+    problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
+    assert!(kept_photos(app, &avatar).await.is_empty());
+    wait_for_no_partial_files(app).await;
 
-        // Another is refused at once, saying when to come back; an empty form would be a 422
-        // had it been let in.
-        let other = new_boundary();
-        let response = app
-            .request(Method::POST, &path)
-            .header("content-type", content_type(&other))
-            .body(multipart(&other, &[]))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(
-            response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok()),
-            Some("5")
-        );
-        let busy = problem(response, StatusCode::SERVICE_UNAVAILABLE, "busy").await;
-        assert!(
-            busy["detail"].as_str().unwrap().contains("upload"),
-            "{busy}"
-        );
+    // Within the limit, the same photos go through.
+    let response = upload(app, &avatar, &files[..2]).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+}
 
-        // The first one finishes and is kept; its slot is free again.
-        let mut tail = good[good.len() / 2..].to_vec();
-        tail.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        more.send(Ok(tail)).await.unwrap();
-        drop(more);
-        let response = slow.await.unwrap().unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
-        let response = app
-            .request(Method::POST, &path)
-            .header("content-type", content_type(&other))
-            .body(multipart(&other, &[]))
-            .send()
-            .await
-            .unwrap();
-        problem(
-            response,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "validation_failed",
-        )
-        .await;
-        wait_for_no_partial_files(&app).await;
+/// One upload at a time, so that a second is refused while the first is under way.
+fn one_upload_at_a_time(config: &mut falgate::config::Config) {
+    config.avatars.upload_concurrency = 1;
+}
 
-        // A client that goes away mid-file leaves no file behind, and frees its slot.
-        let boundary = new_boundary();
-        let (more, rest) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
-        let mut first = part_head(&boundary, "abandoned.png");
-        first.extend_from_slice(&good[..good.len() / 2]);
-        more.send(Ok(first)).await.unwrap();
-        let body =
-            reqwest::Body::wrap_stream(futures_util::stream::unfold(rest, |mut rest| async move {
-                rest.recv().await.map(|chunk| (chunk, rest))
-            }));
-        let abandoned = tokio::spawn(
-            app.request(Method::POST, &path)
-                .header("content-type", content_type(&boundary))
-                .body(body)
-                .send(),
-        );
-        app.poll_until("the abandoned upload to be written to disk", || async {
-            (partial_files(&app) == 1).then_some(())
-        })
-        .await;
-        more.send(Err(std::io::Error::other("the client gave up")))
-            .await
-            .unwrap();
-        assert!(abandoned.await.unwrap().is_err());
-        wait_for_no_partial_files(&app).await;
-        let response = upload(&app, &avatar, &[("after.png", photo(8, 640, 512))]).await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-        assert_eq!(kept_photos(&app, &avatar).await.len(), 2);
-    }
-);
+/// An upload under way: its first file is half sent, and the rest waits on `more`.
+struct HalfSent {
+    boundary: String,
+    more: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    response: tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+}
 
-backend_test!(
-    a_form_that_never_reaches_a_file_is_refused_not_buffered,
-    |app| {
-        let avatar = create_avatar(&app).await;
-        let boundary = new_boundary();
-        // A preamble past the 1 MiB allowed that never names a part: the parser would have to
-        // keep all of it.
-        let body = vec![b'x'; 3 << 19];
-        let response = app
-            .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-            .header("content-type", content_type(&boundary))
+/// Starts uploading `photo` as `name` to `path` and waits until its file is on disk.
+async fn half_sent_upload(app: &TestApp, path: &str, name: &str, photo: &[u8]) -> HalfSent {
+    let boundary = new_boundary();
+    let (more, rest) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let mut first = part_head(&boundary, name);
+    first.extend_from_slice(&photo[..photo.len() / 2]);
+    more.send(Ok(first)).await.unwrap();
+    let body =
+        reqwest::Body::wrap_stream(futures_util::stream::unfold(rest, |mut rest| async move {
+            rest.recv().await.map(|chunk| (chunk, rest))
+        }));
+    let response = tokio::spawn(
+        app.request(Method::POST, path)
+            .header("content-type", multipart_content_type(&boundary))
             .body(body)
-            .send()
-            .await
-            .unwrap();
-        let problem = problem(response, StatusCode::BAD_REQUEST, "bad_request").await;
-        assert!(
-            problem["detail"]
-                .as_str()
-                .unwrap()
-                .contains("neither files nor part headers"),
-            "{problem}"
-        );
-        assert!(kept_photos(&app, &avatar).await.is_empty());
+            .send(),
+    );
+    eventually(format_args!("the upload of {name} to be written to disk"))
+        .until(async || (partial_files(app) == 1).then_some(()))
+        .await;
+    HalfSent {
+        boundary,
+        more,
+        response,
     }
+}
+
+/// POSTs a form with no file to `path`.
+async fn upload_nothing(app: &TestApp, path: &str) -> reqwest::Response {
+    let boundary = new_boundary();
+    app.post_raw(
+        path,
+        Some(&multipart_content_type(&boundary)),
+        multipart(&boundary, &[]),
+    )
+    .await
+}
+
+backend_tests!(
+    a_second_upload_at_once_is_refused_until_the_first_is_done,
+    one_upload_at_a_time
 );
+async fn a_second_upload_at_once_is_refused_until_the_first_is_done(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let path = format!("/v1/avatars/{avatar}/photos");
+    let good = photo(7, 640, 512);
+    let slow = half_sent_upload(app, &path, "slow.png", &good).await;
+
+    // Another is refused at once, saying when to come back; an empty form would be a 422
+    // had it been let in.
+    let response = upload_nothing(app, &path).await;
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("5")
+    );
+    let busy = problem(response, StatusCode::SERVICE_UNAVAILABLE, "busy").await;
+    assert!(
+        busy["detail"].as_str().unwrap().contains("upload"),
+        "{busy}"
+    );
+
+    // The first one finishes and is kept; its slot is free again.
+    let mut tail = good[good.len() / 2..].to_vec();
+    tail.extend_from_slice(format!("\r\n--{}--\r\n", slow.boundary).as_bytes());
+    slow.more.send(Ok(tail)).await.unwrap();
+    drop(slow.more);
+    let response = slow.response.await.unwrap().unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let response = upload_nothing(app, &path).await;
+    problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+    wait_for_no_partial_files(app).await;
+    assert_eq!(kept_photos(app, &avatar).await.len(), 1);
+}
+
+backend_tests!(
+    an_abandoned_upload_leaves_no_file_behind_and_frees_its_slot,
+    one_upload_at_a_time
+);
+async fn an_abandoned_upload_leaves_no_file_behind_and_frees_its_slot(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let path = format!("/v1/avatars/{avatar}/photos");
+    let abandoned = half_sent_upload(app, &path, "abandoned.png", &photo(7, 640, 512)).await;
+    abandoned
+        .more
+        .send(Err(std::io::Error::other("the client gave up")))
+        .await
+        .unwrap();
+    assert!(abandoned.response.await.unwrap().is_err());
+    wait_for_no_partial_files(app).await;
+    let response = upload(app, &avatar, &[("after.png", photo(8, 640, 512))]).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(kept_photos(app, &avatar).await.len(), 1);
+}
+
+backend_tests!(a_form_that_never_reaches_a_file_is_refused_not_buffered);
+async fn a_form_that_never_reaches_a_file_is_refused_not_buffered(app: &TestApp) {
+    let avatar = id_of(&create_avatar(app, "character").await);
+    let boundary = new_boundary();
+    // A preamble past the 1 MiB allowed that never names a part: the parser would have to
+    // keep all of it.
+    let body = vec![b'x'; 3 << 19];
+    let response = app
+        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
+        .header("content-type", multipart_content_type(&boundary))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let problem = problem(response, StatusCode::BAD_REQUEST, "bad_request").await;
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("neither files nor part headers"),
+        "{problem}"
+    );
+    assert!(kept_photos(app, &avatar).await.is_empty());
+}
