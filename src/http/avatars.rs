@@ -171,7 +171,6 @@ pub struct ListAvatarsQuery {
     responses(
         (status = 201, description = "The avatar, in `draft`.", body = AvatarView),
         (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The Idempotency-Key is in use.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is invalid.", body = Problem, content_type = "application/problem+json"),
     ),
@@ -241,7 +240,6 @@ pub async fn create_avatar(
     params(ListAvatarsQuery),
     responses(
         (status = 200, description = "A page of avatars, newest first.", body = AvatarPage),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A query parameter is invalid.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -271,9 +269,7 @@ pub async fn list_avatars(
     params(("id" = Uuid, Path, description = "The avatar's id.")),
     responses(
         (status = 200, description = "The avatar.", body = AvatarView),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -304,9 +300,7 @@ pub(super) async fn find_avatar(state: &AppState, tenant: &Tenant, id: Uuid) -> 
     params(("id" = Uuid, Path, description = "The avatar's id.")),
     responses(
         (status = 204, description = "Deleted."),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -354,9 +348,7 @@ pub async fn delete_avatar(
     params(("id" = Uuid, Path, description = "The avatar's id.")),
     responses(
         (status = 200, description = "The safetensors file.", body = super::spec::Binary, content_type = "application/octet-stream"),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar, or no copy of its LoRA (yet).", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

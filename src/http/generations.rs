@@ -271,7 +271,6 @@ impl BatchView {
     request_body = CreateGenerationRequest,
     responses(
         (status = 202, description = "The batch and its jobs.", body = BatchView),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The avatar is not ready.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is invalid or not taken by the avatar's endpoint.", body = Problem, content_type = "application/problem+json"),
@@ -411,9 +410,7 @@ pub async fn create_generation(
     params(("id" = Uuid, Path, description = "The batch's id.")),
     responses(
         (status = 200, description = "The batch.", body = BatchView),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such batch for this API key.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

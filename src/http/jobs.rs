@@ -264,7 +264,6 @@ pub struct ListJobsQuery {
     responses(
         (status = 202, description = "The job was stored and will be sent to FAL.", body = JobView),
         (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The Idempotency-Key is in use by a request still running.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the size limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not sent as JSON.", body = Problem, content_type = "application/problem+json"),
@@ -353,7 +352,6 @@ fn parse_allowed_endpoint(state: &AppState, raw: &str) -> Result<EndpointId, Fie
     params(ListJobsQuery),
     responses(
         (status = 200, description = "A page of jobs.", body = JobPage),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A query parameter is invalid.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -390,9 +388,7 @@ pub async fn list_jobs(
     params(("id" = Uuid, Path, description = "The job's id.")),
     responses(
         (status = 200, description = "The job.", body = JobDetail),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job for this API key.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -431,10 +427,8 @@ async fn find_job(state: &AppState, tenant: &Tenant, id: Uuid) -> ApiResult<Job>
     params(("id" = Uuid, Path, description = "The job's id.")),
     responses(
         (status = 200, description = "The job after the request.", body = JobView),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such job for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The job has already finished.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

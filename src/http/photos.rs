@@ -97,7 +97,6 @@ pub struct PhotoUpload {
     responses(
         (status = 201, description = "Every file was accepted.", body = PhotoList),
         (status = 400, description = "The body is not a readable multipart form.", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The request body is over the upload limit; nothing was kept.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not multipart/form-data.", body = Problem, content_type = "application/problem+json"),
@@ -462,9 +461,7 @@ async fn keep_photos(state: &AppState, id: Uuid, files: Vec<Received>) -> ApiRes
     params(("id" = Uuid, Path, description = "The avatar's id.")),
     responses(
         (status = 200, description = "The photos, oldest first.", body = PhotoList),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -491,9 +488,7 @@ pub async fn list_photos(
     ),
     responses(
         (status = 200, description = "The photo's details.", body = PhotoView),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such photo.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "An id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -524,9 +519,7 @@ pub async fn get_photo(
     ),
     responses(
         (status = 204, description = "Deleted."),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such photo.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "An id is not a UUID.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]

@@ -184,7 +184,7 @@ fn with_limits(spec: &mut OpenApi, config: &Config) {
 
 /// The errors many routes share, each declared once under `components/responses` and referred
 /// to by every operation that can answer it (unless the operation says it in its own words).
-const SHARED: [(&str, &str, &str); 8] = [
+const SHARED: [(&str, &str, &str); 9] = [
     ("400", "BadBody", "The body could not be read or parsed."),
     ("401", "Unauthorized", "Missing or invalid API key."),
     (
@@ -198,6 +198,7 @@ const SHARED: [(&str, &str, &str); 8] = [
         "UnsupportedMediaType",
         "The body is not of the content type this route takes.",
     ),
+    ("422", "BadPathId", "An id in the path is not a UUID."),
     (
         "422",
         "Unprocessable",
@@ -232,14 +233,15 @@ fn shared_responses() -> impl Iterator<Item = (String, RefOr<utoipa::openapi::Re
     })
 }
 
-fn declare(operation: &mut Operation, status: &str) {
-    let Some((_, name, _)) = SHARED.iter().find(|(code, _, _)| *code == status) else {
+/// Declares the shared response `name` unless the operation states that status itself.
+fn declare(operation: &mut Operation, name: &str) {
+    let Some((status, name, _)) = SHARED.iter().find(|(_, shared, _)| *shared == name) else {
         return;
     };
     operation
         .responses
         .responses
-        .entry(status.to_owned())
+        .entry((*status).to_owned())
         .or_insert_with(|| RefOr::Ref(Ref::from_response_name(*name)));
 }
 
@@ -288,18 +290,18 @@ pub fn complete(spec: &mut OpenApi, config: &Config) {
 }
 
 fn complete_operation(path: &str, operation: &mut Operation) {
-    declare(operation, "500");
+    declare(operation, "InternalError");
     // Probes are served even when every connection is busy; `/readyz` says its own 503.
     if path != "/healthz" {
-        declare(operation, "503");
+        declare(operation, "Unavailable");
     }
     if operation.security.is_some() {
-        declare(operation, "401");
+        declare(operation, "Unauthorized");
     }
     // FAL's callback is read as raw bytes under limits of its own, whatever its content type.
     if operation.request_body.is_some() && !path.starts_with("/v1/fal/") {
-        for status in ["400", "413", "415"] {
-            declare(operation, status);
+        for name in ["BadBody", "BodyTooLarge", "UnsupportedMediaType"] {
+            declare(operation, name);
         }
     }
     let mut idempotent = false;
@@ -325,7 +327,15 @@ fn complete_operation(path: &str, operation: &mut Operation) {
         }
     }
     if idempotent {
-        declare(operation, "409");
-        declare(operation, "422");
+        declare(operation, "IdempotencyKeyInUse");
+        declare(operation, "Unprocessable");
+    }
+    // After the idempotency rules: their 422 says more than the path id's.
+    let path_ids =
+        operation.parameters.iter().flatten().any(
+            |parameter| matches!(parameter, RefOr::T(p) if p.parameter_in == ParameterIn::Path),
+        );
+    if path_ids {
+        declare(operation, "BadPathId");
     }
 }

@@ -54,7 +54,6 @@ impl super::extract::AcrossFields for StartTrainingRequest {}
     request_body = StartTrainingRequest,
     responses(
         (status = 202, description = "The training job; the exact FAL input is its `input`.", body = JobView),
-        (status = 401, description = "Missing or invalid API key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The avatar is training already.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Too few photos, or a field is invalid.", body = Problem, content_type = "application/problem+json"),

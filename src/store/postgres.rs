@@ -1,51 +1,36 @@
-//! PostgreSQL: for production and for several replicas. Writers race for real here, so every
-//! job write is a compare-and-set, claims skip rows another replica holds, and idempotency
-//! claims rest on a unique key. The logic is shared with SQLite (`shared.rs`); only what
-//! differs lives here.
+//! PostgreSQL: for production and for several replicas. What differs from SQLite lives here:
+//! connecting, the migrations, the spelling of a few statements (typed NULL parameters,
+//! `IS NOT DISTINCT FROM`, `FOR UPDATE SKIP LOCKED`, `GREATEST`), and how a write transaction
+//! starts. Writers race for real here, so every job write is a compare-and-set, claims skip
+//! rows another replica holds, and idempotency claims rest on a unique key.
 
-use super::records::{
-    AvatarRow, IdempotencyRow, JobEventRow, JobRow, avatar_columns, job_columns, photo_columns,
-};
-use super::shared::{shared_store_helpers, shared_store_methods};
-use super::*;
-use crate::domain::avatar::TrainedArtifact;
-use crate::domain::job::EventSource;
+use super::avatars::AVATAR_COLUMNS;
+use super::db::Dialect;
+use super::jobs::JOB_COLUMNS;
+use super::{StoreError, StoreOptions, StoreResult, redact_url};
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::types::Json;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
-type Db = sqlx::Postgres;
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
-
-/// The queries whose PostgreSQL spelling differs from SQLite's: typed NULL parameters,
-/// `IS NOT DISTINCT FROM`, `FOR UPDATE SKIP LOCKED`, `GREATEST`.
-mod sql {
-    use super::{avatar_columns, job_columns};
-
-    /// An avatar's owner and training, read under a lock on its row.
-    pub const LOCK_AVATAR: &str = "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars WHERE id = $1 \
-         FOR UPDATE";
-
-    pub const GET_JOB: &str = concat!(
-        "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR tenant = $2)"
-    );
-    pub const LIST_JOBS: &str = concat!(
-        "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE tenant = $1 AND ($2::text IS NULL OR kind = $2) \
+pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
+    lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
+        WHERE id = $1 FOR UPDATE",
+    get_job: format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR tenant = $2)"
+    ),
+    list_jobs: format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND ($2::text IS NULL OR kind = $2) \
         AND ($3::text IS NULL OR status = $3) AND ($4::uuid IS NULL OR avatar_id = $4) \
         AND ($5::uuid IS NULL OR id < $5) ORDER BY id DESC LIMIT $6"
-    );
-    pub const LIST_AVATARS: &str = concat!(
-        "SELECT ",
-        avatar_columns!(),
-        " FROM avatars WHERE tenant = $1 AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
-    );
-    pub const UPDATE_JOB: &str = "UPDATE jobs SET status = $3::text, \
+    ),
+    list_avatars: format!(
+        "SELECT {AVATAR_COLUMNS} FROM avatars WHERE tenant = $1 \
+        AND ($2::uuid IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
+    ),
+    update_job: "UPDATE jobs SET status = $3::text, \
         updated_at = CASE WHEN $21::boolean THEN $4 ELSE updated_at END, \
         submit_sent_at = CASE WHEN $3::text <> 'pending' OR $22::boolean THEN NULL \
         ELSE COALESCE($23, submit_sent_at) END, \
@@ -70,93 +55,84 @@ mod sql {
         finished_at = CASE WHEN $15::boolean THEN COALESCE(finished_at, $4) ELSE finished_at END \
         WHERE id = $1 AND status = $2 AND fal_request_id IS NOT DISTINCT FROM $20::text \
         AND (submit_sent_at IS NULL) = $24::boolean \
-        AND ($25::int4 IS NULL OR attempts = $25::int4)";
-    pub const CLAIM_SUBMIT: &str = concat!(
+        AND ($25::int4 IS NULL OR attempts = $25::int4)",
+    claim_submit: format!(
         "UPDATE jobs SET lease_until = $2, attempts = attempts + 1 WHERE id IN (\
         SELECT id FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
         AND (lease_until IS NULL OR lease_until <= $1) AND sandbox = $4::boolean \
-        ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING ",
-        job_columns!()
-    );
-    pub const CLAIM_POLL: &str = concat!(
+        ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}"
+    ),
+    claim_poll: format!(
         "UPDATE jobs SET lease_until = $2 WHERE id IN (\
         SELECT id FROM jobs WHERE status IN ('submitted', 'running') \
         AND next_attempt_at <= $1 \
         AND (lease_until IS NULL OR lease_until <= $1) AND sandbox = $4::boolean \
-        ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING ",
-        job_columns!()
-    );
-    pub const NEXT_DUE_SUBMIT: &str = "SELECT MIN(GREATEST(next_attempt_at, lease_until)) \
-        FROM jobs WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND sandbox = $1::boolean";
-    pub const NEXT_DUE_POLL: &str = "SELECT MIN(GREATEST(next_attempt_at, lease_until)) \
+        ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING {JOB_COLUMNS}"
+    ),
+    next_due_submit: "SELECT MIN(GREATEST(next_attempt_at, lease_until)) \
+        FROM jobs WHERE status = 'pending' AND next_attempt_at IS NOT NULL \
+        AND sandbox = $1::boolean",
+    next_due_poll: "SELECT MIN(GREATEST(next_attempt_at, lease_until)) \
         FROM jobs WHERE status IN ('submitted', 'running') \
-        AND next_attempt_at IS NOT NULL AND sandbox = $1::boolean";
-}
+        AND next_attempt_at IS NOT NULL AND sandbox = $1::boolean",
+});
 
-#[derive(Clone)]
-pub struct PgStore {
-    pool: PgPool,
-}
-
-impl PgStore {
-    pub async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Self> {
-        let connect = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::UnsupportedUrl(format!("{}: {e}", redact_url(url))))?;
-        // One connection first, alone and briefly: the pool would retry a refused connection
-        // until its acquire timeout and then say only "pool timed out".
-        let server = match connect.get_socket() {
-            Some(socket) => socket.display().to_string(),
-            None => format!("{}:{}", connect.get_host(), connect.get_port()),
-        };
-        let database = connect
-            .get_database()
-            .unwrap_or(connect.get_username())
-            .to_owned();
-        let opened = tokio::time::timeout(
-            options.connect_timeout,
-            <sqlx::PgConnection as sqlx::Connection>::connect_with(&connect),
-        )
-        .await;
-        let failure = match opened {
-            Ok(Ok(first)) => {
-                let _ = sqlx::Connection::close(first).await;
-                None
-            }
-            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {
-                Some(format!(
-                    "the PostgreSQL server at {server} has no database `{database}`: create it, or name another in the URL"
-                ))
-            }
-            Ok(Err(sqlx::Error::Database(db))) => Some(format!(
-                "the PostgreSQL server at {server} refused the connection to database `{database}` as user `{}`: {}",
-                connect.get_username(),
-                db.message()
-            )),
-            Ok(Err(e)) => Some(format!(
-                "cannot reach the PostgreSQL server at {server}: {e}"
-            )),
-            Err(_) => Some(format!(
-                "no answer from the PostgreSQL server at {server} within {} s",
-                options.connect_timeout.as_secs_f64()
-            )),
-        };
-        if let Some(message) = failure {
-            return Err(StoreError::Open(message));
+pub(super) async fn connect(url: &str, options: &StoreOptions) -> StoreResult<PgPool> {
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::UnsupportedUrl(format!("{}: {e}", redact_url(url))))?;
+    // One connection first, alone and briefly: the pool would retry a refused connection
+    // until its acquire timeout and then say only "pool timed out".
+    let server = match connect.get_socket() {
+        Some(socket) => socket.display().to_string(),
+        None => format!("{}:{}", connect.get_host(), connect.get_port()),
+    };
+    let database = connect
+        .get_database()
+        .unwrap_or(connect.get_username())
+        .to_owned();
+    let opened = tokio::time::timeout(
+        options.connect_timeout,
+        <sqlx::PgConnection as sqlx::Connection>::connect_with(&connect),
+    )
+    .await;
+    let failure = match opened {
+        Ok(Ok(first)) => {
+            let _ = sqlx::Connection::close(first).await;
+            None
         }
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(|e| StoreError::Open(format!("the PostgreSQL server at {server}: {e}")))?;
-        Ok(Self { pool })
+        Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {
+            Some(format!(
+                "the PostgreSQL server at {server} has no database `{database}`: create it, or name another in the URL"
+            ))
+        }
+        Ok(Err(sqlx::Error::Database(db))) => Some(format!(
+            "the PostgreSQL server at {server} refused the connection to database `{database}` as user `{}`: {}",
+            connect.get_username(),
+            db.message()
+        )),
+        Ok(Err(e)) => Some(format!(
+            "cannot reach the PostgreSQL server at {server}: {e}"
+        )),
+        Err(_) => Some(format!(
+            "no answer from the PostgreSQL server at {server} within {} s",
+            options.connect_timeout.as_secs_f64()
+        )),
+    };
+    if let Some(message) = failure {
+        return Err(StoreError::Open(message));
     }
-
-    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, Db>> {
-        Ok(self.pool.begin().await?)
-    }
-
-    shared_store_methods!();
+    PgPoolOptions::new()
+        .max_connections(options.max_connections.max(1))
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(|e| StoreError::Open(format!("the PostgreSQL server at {server}: {e}")))
 }
 
-shared_store_helpers!();
+/// A plain `BEGIN`: rows a transaction reads before writing are locked with `FOR UPDATE`
+/// (the dialect's `lock_avatar`), and job writes are compare-and-sets.
+pub(super) async fn begin_write(
+    pool: &PgPool,
+) -> StoreResult<sqlx::Transaction<'static, sqlx::Postgres>> {
+    Ok(pool.begin().await?)
+}

@@ -1,50 +1,45 @@
-//! SQLite: the embedded default. WAL mode so readers never wait for the writer, a busy timeout
-//! so writers queue instead of failing, and `BEGIN IMMEDIATE` for every read-then-write
-//! transaction so that two writers never deadlock upgrading a read lock. The logic is shared
-//! with PostgreSQL (`shared.rs`); only what differs lives here.
+//! SQLite: the embedded default. What differs from PostgreSQL lives here: connecting, the
+//! migrations, the spelling of a few statements, and how a write transaction starts.
+//!
+//! WAL mode lets readers go on while a write is under way. Writes go through a pool of exactly
+//! one connection, so writers queue fairly in the pool instead of sleeping in SQLite's busy
+//! handler; readers have their own pool, whose connections may not write (`query_only`). The
+//! busy timeout still covers other processes on the same file (the CLI, a second replica), and
+//! every read-then-write transaction starts with `BEGIN IMMEDIATE`, so that it takes the write
+//! lock before it reads rather than failing to upgrade a read lock.
 
-use super::records::{
-    AvatarRow, IdempotencyRow, JobEventRow, JobRow, avatar_columns, job_columns, photo_columns,
-};
-use super::shared::{shared_store_helpers, shared_store_methods};
-use super::*;
-use crate::domain::avatar::TrainedArtifact;
-use crate::domain::job::EventSource;
+use super::avatars::AVATAR_COLUMNS;
+use super::db::Dialect;
+use super::jobs::JOB_COLUMNS;
+use super::{StoreError, StoreOptions, StoreResult};
 use sqlx::SqlitePool;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::types::Json;
+use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
+use std::time::Duration;
 
-type Db = sqlx::Sqlite;
+pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+/// How long a connection waits for another process's write lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The queries whose SQLite spelling differs from PostgreSQL's.
-mod sql {
-    use super::{avatar_columns, job_columns};
-
-    /// An avatar's owner and training, read under a lock on its row.
-    pub const LOCK_AVATAR: &str =
-        "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars WHERE id = $1";
-
-    pub const GET_JOB: &str = concat!(
-        "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE id = $1 AND ($2 IS NULL OR tenant = $2)"
-    );
-    pub const LIST_JOBS: &str = concat!(
-        "SELECT ",
-        job_columns!(),
-        " FROM jobs WHERE tenant = $1 AND ($2 IS NULL OR kind = $2) \
+pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
+    lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
+        WHERE id = $1",
+    get_job: format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2 IS NULL OR tenant = $2)"
+    ),
+    list_jobs: format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND ($2 IS NULL OR kind = $2) \
         AND ($3 IS NULL OR status = $3) AND ($4 IS NULL OR avatar_id = $4) \
         AND ($5 IS NULL OR id < $5) ORDER BY id DESC LIMIT $6"
-    );
-    pub const LIST_AVATARS: &str = concat!(
-        "SELECT ",
-        avatar_columns!(),
-        " FROM avatars WHERE tenant = $1 AND ($2 IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"
-    );
-    pub const UPDATE_JOB: &str = "UPDATE jobs SET status = $3, \
+    ),
+    list_avatars: format!(
+        "SELECT {AVATAR_COLUMNS} FROM avatars WHERE tenant = $1 AND ($2 IS NULL OR id < $2) \
+        ORDER BY id DESC LIMIT $3"
+    ),
+    update_job: "UPDATE jobs SET status = $3, \
         updated_at = CASE WHEN $21 THEN $4 ELSE updated_at END, \
         submit_sent_at = CASE WHEN $3 <> 'pending' OR $22 THEN NULL \
         ELSE COALESCE($23, submit_sent_at) END, \
@@ -68,75 +63,94 @@ mod sql {
         ELSE started_at END, \
         finished_at = CASE WHEN $15 THEN COALESCE(finished_at, $4) ELSE finished_at END \
         WHERE id = $1 AND status = $2 AND fal_request_id IS $20 \
-        AND (submit_sent_at IS NULL) = $24 AND ($25 IS NULL OR attempts = $25)";
-    pub const CLAIM_SUBMIT: &str = concat!(
+        AND (submit_sent_at IS NULL) = $24 AND ($25 IS NULL OR attempts = $25)",
+    claim_submit: format!(
         "UPDATE jobs SET lease_until = $2, attempts = attempts + 1 WHERE id IN (\
         SELECT id FROM jobs WHERE status = 'pending' AND next_attempt_at <= $1 \
         AND (lease_until IS NULL OR lease_until <= $1) AND sandbox = $4 \
-        ORDER BY next_attempt_at LIMIT $3) RETURNING ",
-        job_columns!()
-    );
-    pub const CLAIM_POLL: &str = concat!(
+        ORDER BY next_attempt_at LIMIT $3) RETURNING {JOB_COLUMNS}"
+    ),
+    claim_poll: format!(
         "UPDATE jobs SET lease_until = $2 WHERE id IN (\
         SELECT id FROM jobs WHERE status IN ('submitted', 'running') \
         AND next_attempt_at <= $1 \
         AND (lease_until IS NULL OR lease_until <= $1) AND sandbox = $4 \
-        ORDER BY next_attempt_at LIMIT $3) RETURNING ",
-        job_columns!()
-    );
-    pub const NEXT_DUE_SUBMIT: &str = "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) \
-        FROM jobs WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND sandbox = $1";
-    pub const NEXT_DUE_POLL: &str = "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) \
+        ORDER BY next_attempt_at LIMIT $3) RETURNING {JOB_COLUMNS}"
+    ),
+    next_due_submit: "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) \
+        FROM jobs WHERE status = 'pending' AND next_attempt_at IS NOT NULL AND sandbox = $1",
+    next_due_poll: "SELECT MIN(MAX(next_attempt_at, COALESCE(lease_until, next_attempt_at))) \
         FROM jobs WHERE status IN ('submitted', 'running') \
-        AND next_attempt_at IS NOT NULL AND sandbox = $1";
-}
+        AND next_attempt_at IS NOT NULL AND sandbox = $1",
+});
 
+/// The two pools: one connection that writes, several that only read.
 #[derive(Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
+pub struct SqlitePools {
+    pub(super) readers: SqlitePool,
+    pub(super) writer: SqlitePool,
 }
 
-impl SqliteStore {
-    pub async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Self> {
+impl SqlitePools {
+    pub(super) async fn connect(url: &str, options: &StoreOptions) -> StoreResult<Self> {
         let connect = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::UnsupportedUrl(format!("{url}: {e}")))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let path = connect.get_filename().to_path_buf();
-        let pool = SqlitePoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
+        // The writer opens first: it creates the file and turns WAL on, which a reader may not.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            // A writer used to wait for a connection and then for the lock; it now waits only
+            // for the connection, so it is given both allowances.
+            .acquire_timeout(options.acquire_timeout + BUSY_TIMEOUT)
+            .connect_with(connect.clone())
             .await
-            .map_err(|e| {
-                // SQLite says only "unable to open database file"; opening the file ourselves
-                // gives the operating system's reason (no such directory, permission denied).
-                let reason = match std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                {
-                    Err(os) => os.to_string(),
-                    Ok(_) => e.to_string(),
-                };
-                StoreError::Open(format!(
-                    "cannot open the SQLite database file {}: {reason}",
-                    path.display()
-                ))
-            })?;
-        Ok(Self { pool })
+            .map_err(|e| open_error(&path, e))?;
+        // The writer takes one of the configured connections, so the process keeps the file
+        // descriptors it was sized for.
+        let readers = SqlitePoolOptions::new()
+            .max_connections(options.max_connections.saturating_sub(1).max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect.pragma("query_only", "ON"))
+            .await
+            .map_err(|e| open_error(&path, e))?;
+        Ok(Self { readers, writer })
     }
 
-    async fn begin_write(&self) -> StoreResult<sqlx::Transaction<'static, Db>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    pub(super) async fn close(&self) {
+        // The writer closes last: the last connection to close folds the WAL into the file.
+        self.readers.close().await;
+        self.writer.close().await;
     }
-
-    shared_store_methods!();
 }
 
-shared_store_helpers!();
+/// Why the database file cannot be opened, in the operating system's words where it has any:
+/// SQLite says only "unable to open database file".
+fn open_error(path: &Path, error: sqlx::Error) -> StoreError {
+    let reason = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+    {
+        Err(os) => os.to_string(),
+        Ok(_) => error.to_string(),
+    };
+    StoreError::Open(format!(
+        "cannot open the SQLite database file {}: {reason}",
+        path.display()
+    ))
+}
+
+/// `BEGIN IMMEDIATE`: the transaction holds the write lock from its first read, so two
+/// read-then-write transactions (with another process) never deadlock upgrading a read lock.
+pub(super) async fn begin_write(
+    writer: &SqlitePool,
+) -> StoreResult<sqlx::Transaction<'static, sqlx::Sqlite>> {
+    Ok(writer.begin_with("BEGIN IMMEDIATE").await?)
+}

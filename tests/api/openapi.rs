@@ -38,8 +38,8 @@ fn every_v1_operation_declares_bearer_auth_and_its_errors() {
             );
             let responses = operation["responses"].as_object().unwrap();
             assert!(responses.contains_key("401"), "{method} {path} lacks 401");
-            let problem =
-                &responses["401"]["content"]["application/problem+json"]["schema"]["$ref"];
+            let problem = &resolve(&spec, &responses["401"])["content"]["application/problem+json"]
+                ["schema"]["$ref"];
             assert_eq!(problem, "#/components/schemas/Problem", "{method} {path}");
         }
     }

@@ -1,0 +1,357 @@
+//! Avatars: their rows, their trainings, and what a training's end does to them.
+
+use super::db::Tx;
+use super::idempotency::complete_idempotency;
+use super::jobs::insert_jobs;
+use super::photos::PHOTO_COLUMNS;
+use super::{IdempotencyCompletion, Job, LoraCopy, NewJob, Photo, Store, StoreError, StoreResult};
+use crate::domain::avatar::{AvatarKind, AvatarStatus, TrainedArtifact};
+use chrono::{DateTime, Utc};
+use std::sync::LazyLock;
+use uuid::Uuid;
+
+/// The columns every avatar query selects, in `AvatarRow`'s order.
+pub(super) const AVATAR_COLUMNS: &str = "id, tenant, name, kind, trigger_phrase, status, \
+    training_job_id, lora_url, lora_config_url, finetune_id, error_code, error_message, \
+    lora_copy_key, lora_copy_sha256, lora_copy_bytes, lora_copy_url, lora_checked_at, \
+    created_at, updated_at";
+
+static GET_AVATAR: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {AVATAR_COLUMNS} FROM avatars WHERE id = $1 AND tenant = $2"));
+
+static PHOTOS_OF_AVATAR: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {PHOTO_COLUMNS} FROM photos WHERE avatar_id = $1"));
+
+/// What the end of an avatar's training does to it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AvatarOutcome {
+    /// Trained: the artifact FAL produced replaces the old one.
+    Ready(TrainedArtifact),
+    /// Failed: an avatar with an artifact from an earlier training keeps it and stays ready.
+    Failed {
+        code: crate::domain::job::JobErrorCode,
+        message: String,
+    },
+    /// Cancelled: back to where it was before the training.
+    Canceled,
+    /// A generation with the avatar's weights failed: FAL may no longer serve its LoRA file
+    /// (FAL does not say so in a documented way), so the file is checked now.
+    GenerationFailed,
+}
+
+/// An avatar as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Avatar {
+    pub id: Uuid,
+    pub tenant: Uuid,
+    pub name: String,
+    pub kind: AvatarKind,
+    pub trigger_phrase: String,
+    pub status: AvatarStatus,
+    pub training_job_id: Option<Uuid>,
+    pub lora_url: Option<String>,
+    pub lora_config_url: Option<String>,
+    pub finetune_id: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    /// falgate's own copy of the LoRA weights, once taken.
+    pub lora_copy: Option<LoraCopy>,
+    /// When FAL was last seen serving `lora_url`.
+    pub lora_checked_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct AvatarRow {
+    id: Uuid,
+    tenant: Uuid,
+    name: String,
+    kind: String,
+    trigger_phrase: String,
+    status: String,
+    training_job_id: Option<Uuid>,
+    lora_url: Option<String>,
+    lora_config_url: Option<String>,
+    finetune_id: Option<String>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    lora_copy_key: Option<String>,
+    lora_copy_sha256: Option<String>,
+    lora_copy_bytes: Option<i64>,
+    lora_copy_url: Option<String>,
+    lora_checked_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<AvatarRow> for Avatar {
+    type Error = StoreError;
+
+    fn try_from(row: AvatarRow) -> Result<Self, Self::Error> {
+        let corrupt =
+            |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("avatar {}: {e}", row.id));
+        Ok(Avatar {
+            kind: row.kind.parse().map_err(|e| corrupt(&e))?,
+            status: row.status.parse().map_err(|e| corrupt(&e))?,
+            id: row.id,
+            tenant: row.tenant,
+            name: row.name,
+            trigger_phrase: row.trigger_phrase,
+            training_job_id: row.training_job_id,
+            lora_url: row.lora_url.clone(),
+            lora_config_url: row.lora_config_url,
+            finetune_id: row.finetune_id,
+            error_code: row.error_code,
+            error_message: row.error_message,
+            // A copy counts only while it is of the avatar's current weights.
+            lora_copy: match (row.lora_copy_key, row.lora_copy_sha256, row.lora_copy_bytes) {
+                (Some(key), Some(sha256), Some(bytes))
+                    if row.lora_copy_url.is_some() && row.lora_copy_url == row.lora_url =>
+                {
+                    Some(LoraCopy { key, sha256, bytes })
+                }
+                _ => None,
+            },
+            lora_checked_at: row.lora_checked_at,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+        })
+    }
+}
+
+/// Rows read back into avatars; the first that does not parse spoils the lot.
+pub(super) fn avatars_from_rows(rows: Vec<AvatarRow>) -> StoreResult<Vec<Avatar>> {
+    rows.into_iter().map(Avatar::try_from).collect()
+}
+
+/// An avatar's row as read under its lock: what a write that depends on it needs.
+#[derive(sqlx::FromRow)]
+pub(super) struct LockedAvatar {
+    pub tenant: Uuid,
+    pub status: String,
+    pub training_job_id: Option<Uuid>,
+    pub lora_copy_key: Option<String>,
+}
+
+/// What deleting an avatar leaves to clean up.
+#[derive(Debug, Clone)]
+pub struct DeletedAvatar {
+    pub photos: Vec<Photo>,
+    /// The training that was running, to cancel.
+    pub training_to_cancel: Option<Uuid>,
+    pub lora_copy_key: Option<String>,
+}
+
+/// What starting a training did.
+#[derive(Debug, Clone)]
+pub enum TrainingStart {
+    Started(Box<Job>),
+    /// The avatar is training already.
+    Busy,
+    /// No such avatar (or not this tenant's).
+    NoAvatar,
+}
+
+impl Store {
+    pub async fn create_avatar(
+        &self,
+        avatar: &Avatar,
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer().begin().await?;
+        tx.conn()
+            .execute(
+                "INSERT INTO avatars (id, tenant, name, kind, trigger_phrase, status, created_at, \
+                 updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+                &[
+                    avatar.id.into(),
+                    avatar.tenant.into(),
+                    (&avatar.name).into(),
+                    avatar.kind.as_str().into(),
+                    (&avatar.trigger_phrase).into(),
+                    avatar.status.as_str().into(),
+                    avatar.created_at.into(),
+                ],
+            )
+            .await?;
+        if let Some(done) = idempotency {
+            complete_idempotency(&mut tx, done).await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn get_avatar(&self, tenant: Uuid, id: Uuid) -> StoreResult<Option<Avatar>> {
+        let row: Option<AvatarRow> = self
+            .fetch_optional(&GET_AVATAR, &[id.into(), tenant.into()])
+            .await?;
+        row.map(Avatar::try_from).transpose()
+    }
+
+    pub async fn list_avatars(
+        &self,
+        tenant: Uuid,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> StoreResult<Vec<Avatar>> {
+        let rows = self
+            .fetch_all(
+                &self.dialect().list_avatars,
+                &[tenant.into(), after.into(), i64::from(limit).into()],
+            )
+            .await?;
+        avatars_from_rows(rows)
+    }
+
+    /// Reads an avatar's row under a lock (on PostgreSQL; SQLite's `BEGIN IMMEDIATE` already
+    /// holds the whole file), so that a write deciding on it is not raced.
+    pub(super) async fn lock_avatar(
+        &self,
+        tx: &mut Tx,
+        id: Uuid,
+    ) -> StoreResult<Option<LockedAvatar>> {
+        tx.conn()
+            .fetch_optional(self.dialect().lock_avatar, &[id.into()])
+            .await
+    }
+
+    /// Deletes an avatar and its photos' rows; answers what the caller must clean up: the
+    /// files, and the training to cancel if one was running (`None` if there is no such
+    /// avatar). The avatar's row is locked first, so a training starting at the same moment
+    /// is seen.
+    pub async fn delete_avatar(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> StoreResult<Option<DeletedAvatar>> {
+        let mut tx = self.writer().begin().await?;
+        let Some(locked) = self.lock_avatar(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        if locked.tenant != tenant {
+            return Ok(None);
+        }
+        let photos: Vec<Photo> = tx.conn().fetch_all(&PHOTOS_OF_AVATAR, &[id.into()]).await?;
+        tx.conn()
+            .execute("DELETE FROM avatars WHERE id = $1", &[id.into()])
+            .await?;
+        tx.commit().await?;
+        Ok(Some(DeletedAvatar {
+            photos,
+            training_to_cancel: locked
+                .training_job_id
+                .filter(|_| locked.status == "training"),
+            lora_copy_key: locked.lora_copy_key,
+        }))
+    }
+
+    /// Marks the avatar training with this job and stores the job, in one transaction; refused
+    /// while another training of the avatar runs.
+    pub async fn start_training(
+        &self,
+        tenant: Uuid,
+        job: &NewJob,
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> StoreResult<TrainingStart> {
+        let mut tx = self.writer().begin().await?;
+        let avatar_id = job.avatar_id.unwrap_or_default();
+        let status: Option<(String,)> = tx
+            .conn()
+            .fetch_optional(
+                "SELECT status FROM avatars WHERE id = $1 AND tenant = $2",
+                &[avatar_id.into(), tenant.into()],
+            )
+            .await?;
+        match status.as_ref().map(|(status,)| status.as_str()) {
+            None => return Ok(TrainingStart::NoAvatar),
+            Some("training") => return Ok(TrainingStart::Busy),
+            Some(_) => {}
+        }
+        let marked = tx
+            .conn()
+            .execute(
+                "UPDATE avatars SET status = 'training', training_job_id = $1, updated_at = $2 \
+                 WHERE id = $3 AND status <> 'training'",
+                &[job.id.into(), job.created_at.into(), avatar_id.into()],
+            )
+            .await?;
+        if marked == 0 {
+            return Ok(TrainingStart::Busy);
+        }
+        let mut created = insert_jobs(&mut tx, std::slice::from_ref(job), idempotency).await?;
+        tx.commit().await?;
+        Ok(TrainingStart::Started(Box::new(created.remove(0))))
+    }
+}
+
+/// Moves the avatar whose current training is `job_id` according to how that training ended.
+pub(super) async fn apply_avatar_outcome(
+    tx: &mut Tx,
+    avatar_id: Uuid,
+    job_id: Uuid,
+    outcome: &AvatarOutcome,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    let conn = tx.conn();
+    match outcome {
+        AvatarOutcome::Ready(artifact) => {
+            let (lora, config, finetune) = match artifact {
+                TrainedArtifact::Lora { url, config_url } => {
+                    (Some(url.as_str()), config_url.as_deref(), None)
+                }
+                TrainedArtifact::Finetune { id } => (None, None, Some(id.as_str())),
+            };
+            conn.execute(
+                "UPDATE avatars SET status = 'ready', lora_url = $3, lora_config_url = $4, \
+                 finetune_id = $5, error_code = NULL, error_message = NULL, updated_at = $6, \
+                 lora_checked_at = $7, lora_next_try_at = $7 \
+                 WHERE id = $1 AND training_job_id = $2",
+                &[
+                    avatar_id.into(),
+                    job_id.into(),
+                    lora.into(),
+                    config.into(),
+                    finetune.into(),
+                    at.into(),
+                    // FAL served the LoRA file just now, in its result; its copy is due at once.
+                    lora.map(|_| at).into(),
+                ],
+            )
+            .await?
+        }
+        AvatarOutcome::Failed { code, message } => {
+            conn.execute(
+                "UPDATE avatars SET status = CASE WHEN lora_url IS NOT NULL \
+                 OR finetune_id IS NOT NULL THEN 'ready' ELSE 'failed' END, error_code = $3, \
+                 error_message = $4, updated_at = $5 WHERE id = $1 AND training_job_id = $2",
+                &[
+                    avatar_id.into(),
+                    job_id.into(),
+                    code.as_str().into(),
+                    message.into(),
+                    at.into(),
+                ],
+            )
+            .await?
+        }
+        AvatarOutcome::Canceled => {
+            conn.execute(
+                "UPDATE avatars SET status = CASE WHEN lora_url IS NOT NULL \
+                 OR finetune_id IS NOT NULL THEN 'ready' ELSE 'draft' END, updated_at = $3 \
+                 WHERE id = $1 AND training_job_id = $2",
+                &[avatar_id.into(), job_id.into(), at.into()],
+            )
+            .await?
+        }
+        // The LoRA file is checked at once rather than at its next turn.
+        AvatarOutcome::GenerationFailed => {
+            conn.execute(
+                "UPDATE avatars SET lora_next_try_at = $2 WHERE id = $1 \
+                 AND lora_url IS NOT NULL AND lora_copy_url = lora_url AND lora_next_try_at > $2",
+                &[avatar_id.into(), at.into()],
+            )
+            .await?
+        }
+    };
+    Ok(())
+}

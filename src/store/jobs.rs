@@ -1,0 +1,406 @@
+//! Jobs: creating them, reading them, and the leases workers claim them with. How news moves a
+//! job is in `transitions.rs`.
+
+use super::db::{Arg, Tx};
+use super::events::insert_event;
+use super::idempotency::complete_idempotency;
+use super::{IdempotencyCompletion, Store, StoreError, StoreResult};
+use crate::domain::job::{EventSource, JobKind, JobStatus};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use std::sync::LazyLock;
+use std::time::Duration;
+use uuid::Uuid;
+
+pub use crate::domain::job::JobError;
+
+/// The columns every job query selects, in `JobRow`'s order.
+pub(super) const JOB_COLUMNS: &str = "id, tenant, kind, avatar_id, batch_id, endpoint, input, \
+    status, fal_request_id, status_url, response_url, cancel_url, queue_position, result, \
+    error_code, error_message, error_detail, attempts, next_attempt_at, lease_until, \
+    cancel_requested_at, cancel_forwarded_at, submit_sent_at, sandbox, idempotency_key, \
+    created_at, updated_at, submitted_at, started_at, finished_at";
+
+pub(super) static SELECT_JOB_BY_ID: LazyLock<String> =
+    LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
+
+const INSERT_JOB: &str = "INSERT INTO jobs (id, tenant, kind, avatar_id, endpoint, input, status, \
+    attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at, batch_id) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $11, $12)";
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: Uuid,
+    pub tenant: Uuid,
+    pub kind: JobKind,
+    pub avatar_id: Option<Uuid>,
+    /// The generation batch the job belongs to.
+    pub batch_id: Option<Uuid>,
+    pub endpoint: String,
+    /// The exact input sent (or to be sent) to FAL.
+    pub input: Value,
+    pub status: JobStatus,
+    pub fal_request_id: Option<String>,
+    pub status_url: Option<String>,
+    pub response_url: Option<String>,
+    pub cancel_url: Option<String>,
+    pub queue_position: Option<i64>,
+    pub result: Option<Value>,
+    pub error: Option<JobError>,
+    pub attempts: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// When the cancel was passed on to FAL.
+    pub cancel_forwarded_at: Option<DateTime<Utc>>,
+    /// When a submit was sent whose answer was never recorded: FAL may hold a request for
+    /// this job.
+    pub submit_sent_at: Option<DateTime<Utc>>,
+    pub sandbox: bool,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub submitted_at: Option<DateTime<Utc>>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// What the API hands the store to create a job.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: Uuid,
+    pub tenant: Uuid,
+    pub kind: JobKind,
+    pub avatar_id: Option<Uuid>,
+    pub batch_id: Option<Uuid>,
+    pub endpoint: String,
+    pub input: Value,
+    pub sandbox: bool,
+    pub idempotency_key: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+impl NewJob {
+    /// The job as it stands once stored: `pending`, due at once.
+    pub fn to_pending_job(&self) -> Job {
+        Job {
+            id: self.id,
+            tenant: self.tenant,
+            kind: self.kind,
+            avatar_id: self.avatar_id,
+            batch_id: self.batch_id,
+            endpoint: self.endpoint.clone(),
+            input: self.input.clone(),
+            status: JobStatus::Pending,
+            fal_request_id: None,
+            status_url: None,
+            response_url: None,
+            cancel_url: None,
+            queue_position: None,
+            result: None,
+            error: None,
+            attempts: 0,
+            next_attempt_at: Some(self.created_at),
+            lease_until: None,
+            cancel_requested_at: None,
+            cancel_forwarded_at: None,
+            submit_sent_at: None,
+            sandbox: self.sandbox,
+            idempotency_key: self.idempotency_key.clone(),
+            created_at: self.created_at,
+            updated_at: self.created_at,
+            submitted_at: None,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
+/// FAL's handle on a request: its id and the URLs its submit answer gave (absent when the id
+/// was learned from a callback).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FalRequest {
+    pub request_id: String,
+    pub status_url: Option<String>,
+    pub response_url: Option<String>,
+    pub cancel_url: Option<String>,
+}
+
+/// Which due jobs a worker claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimKind {
+    /// `pending` jobs due for a submit attempt.
+    Submit,
+    /// `submitted`/`running` jobs due for a look at FAL (or with a cancel to pass on).
+    Poll,
+}
+
+/// Which jobs to list: filters and a keyset cursor (the id of the last job already seen).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub kind: Option<JobKind>,
+    pub status: Option<JobStatus>,
+    pub avatar_id: Option<Uuid>,
+    pub after: Option<Uuid>,
+    pub limit: u32,
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct JobRow {
+    id: Uuid,
+    tenant: Uuid,
+    kind: String,
+    avatar_id: Option<Uuid>,
+    batch_id: Option<Uuid>,
+    endpoint: String,
+    input: Json<Value>,
+    status: String,
+    fal_request_id: Option<String>,
+    status_url: Option<String>,
+    response_url: Option<String>,
+    cancel_url: Option<String>,
+    queue_position: Option<i64>,
+    result: Option<Json<Value>>,
+    error_code: Option<String>,
+    error_message: Option<String>,
+    error_detail: Option<Json<Value>>,
+    attempts: i32,
+    next_attempt_at: Option<DateTime<Utc>>,
+    lease_until: Option<DateTime<Utc>>,
+    cancel_requested_at: Option<DateTime<Utc>>,
+    cancel_forwarded_at: Option<DateTime<Utc>>,
+    submit_sent_at: Option<DateTime<Utc>>,
+    sandbox: bool,
+    idempotency_key: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    submitted_at: Option<DateTime<Utc>>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = StoreError;
+
+    fn try_from(row: JobRow) -> Result<Self, Self::Error> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+            StoreError::Corrupt(format!("job {}: {what}: {e}", row.id))
+        };
+        let kind = row.kind.parse().map_err(|e| corrupt("kind", &e))?;
+        let status = row.status.parse().map_err(|e| corrupt("status", &e))?;
+        let error = match row.error_code.as_deref() {
+            Some(code) => Some(JobError {
+                code: code.parse().map_err(|e| corrupt("error code", &e))?,
+                message: row.error_message.clone().unwrap_or_default(),
+                detail: row.error_detail.clone().map(|j| j.0),
+            }),
+            None => None,
+        };
+        Ok(Job {
+            id: row.id,
+            tenant: row.tenant,
+            kind,
+            avatar_id: row.avatar_id,
+            batch_id: row.batch_id,
+            endpoint: row.endpoint,
+            input: row.input.0,
+            status,
+            fal_request_id: row.fal_request_id,
+            status_url: row.status_url,
+            response_url: row.response_url,
+            cancel_url: row.cancel_url,
+            queue_position: row.queue_position,
+            result: row.result.map(|j| j.0),
+            error,
+            attempts: row.attempts,
+            next_attempt_at: row.next_attempt_at,
+            lease_until: row.lease_until,
+            cancel_requested_at: row.cancel_requested_at,
+            cancel_forwarded_at: row.cancel_forwarded_at,
+            submit_sent_at: row.submit_sent_at,
+            sandbox: row.sandbox,
+            idempotency_key: row.idempotency_key,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            submitted_at: row.submitted_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+        })
+    }
+}
+
+/// Rows read back into jobs; the first that does not parse spoils the lot.
+pub(super) fn jobs_from_rows(rows: Vec<JobRow>) -> StoreResult<Vec<Job>> {
+    rows.into_iter().map(Job::try_from).collect()
+}
+
+impl Store {
+    /// Stores new jobs as `pending`, each with its first history row, and the idempotency
+    /// record of the request that made them, all in one transaction.
+    pub async fn create_jobs(
+        &self,
+        jobs: &[NewJob],
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> StoreResult<Vec<Job>> {
+        let mut tx = self.writer().begin().await?;
+        let created = insert_jobs(&mut tx, jobs, idempotency).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// A job of this tenant.
+    pub async fn get_job(&self, tenant: Uuid, id: Uuid) -> StoreResult<Option<Job>> {
+        self.find_job(Some(tenant), id).await
+    }
+
+    /// A job, of `tenant` when one is given.
+    pub(super) async fn find_job(
+        &self,
+        tenant: Option<Uuid>,
+        id: Uuid,
+    ) -> StoreResult<Option<Job>> {
+        let row: Option<JobRow> = self
+            .fetch_optional(&self.dialect().get_job, &[id.into(), tenant.into()])
+            .await?;
+        row.map(Job::try_from).transpose()
+    }
+
+    /// How many jobs there are in each state, across tenants (for metrics).
+    pub async fn count_jobs_by_status(&self) -> StoreResult<Vec<(String, i64)>> {
+        self.fetch_all(
+            "SELECT status, COUNT(*) FROM jobs GROUP BY status ORDER BY status",
+            &[],
+        )
+        .await
+    }
+
+    /// A page of this tenant's jobs, newest first, starting after `filter.after`.
+    pub async fn list_jobs(&self, tenant: Uuid, filter: &JobFilter) -> StoreResult<Vec<Job>> {
+        let rows = self
+            .fetch_all(
+                &self.dialect().list_jobs,
+                &[
+                    tenant.into(),
+                    filter.kind.map(|k| k.as_str()).into(),
+                    filter.status.map(|s| s.as_str()).into(),
+                    filter.avatar_id.into(),
+                    filter.after.into(),
+                    i64::from(filter.limit).into(),
+                ],
+            )
+            .await?;
+        jobs_from_rows(rows)
+    }
+
+    /// Leases due jobs for a worker: only the sandbox's jobs in the sandbox, only real ones
+    /// elsewhere, so that a database shared by both never sends a sandbox job to the real FAL
+    /// nor a real job to the emulator. A lease that ran out (its holder died) makes the job
+    /// claimable again.
+    pub async fn claim_jobs(
+        &self,
+        kind: ClaimKind,
+        sandbox: bool,
+        now: DateTime<Utc>,
+        lease: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<Job>> {
+        let lease_until =
+            now + chrono::TimeDelta::from_std(lease).unwrap_or(chrono::TimeDelta::MAX);
+        let dialect = self.dialect();
+        let claim = match kind {
+            ClaimKind::Submit => &dialect.claim_submit,
+            ClaimKind::Poll => &dialect.claim_poll,
+        };
+        let mut tx = self.writer().begin().await?;
+        let rows = tx
+            .conn()
+            .fetch_all(
+                claim,
+                &[
+                    now.into(),
+                    lease_until.into(),
+                    i64::from(limit).into(),
+                    sandbox.into(),
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        jobs_from_rows(rows)
+    }
+
+    /// When the next job of this kind of work falls due, if any is waiting.
+    pub async fn next_due(
+        &self,
+        kind: ClaimKind,
+        sandbox: bool,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let dialect = self.dialect();
+        let due = match kind {
+            ClaimKind::Submit => dialect.next_due_submit,
+            ClaimKind::Poll => dialect.next_due_poll,
+        };
+        let (at,) = self.fetch_one(due, &[sandbox.into()]).await?;
+        Ok(at)
+    }
+
+    /// The job holding a FAL request, if any.
+    pub async fn job_holding_request(&self, request_id: &str) -> StoreResult<Option<Uuid>> {
+        let row: Option<(Uuid,)> = self
+            .fetch_optional(
+                "SELECT id FROM jobs WHERE fal_request_id = $1",
+                &[request_id.into()],
+            )
+            .await?;
+        Ok(row.map(|(id,)| id))
+    }
+}
+
+/// Inserts jobs as `pending` with their first history row and, when the request carried an
+/// Idempotency-Key, completes it: inside the caller's transaction, so that both land or
+/// neither does.
+pub(super) async fn insert_jobs(
+    tx: &mut Tx,
+    jobs: &[NewJob],
+    idempotency: Option<&IdempotencyCompletion>,
+) -> StoreResult<Vec<Job>> {
+    let mut created = Vec::with_capacity(jobs.len());
+    for new in jobs {
+        let job = new.to_pending_job();
+        tx.conn()
+            .execute(
+                INSERT_JOB,
+                &[
+                    job.id.into(),
+                    job.tenant.into(),
+                    job.kind.as_str().into(),
+                    job.avatar_id.into(),
+                    (&job.endpoint).into(),
+                    Arg::Json(Some(&job.input)),
+                    job.status.as_str().into(),
+                    job.next_attempt_at.into(),
+                    job.sandbox.into(),
+                    (&job.idempotency_key).into(),
+                    job.created_at.into(),
+                    job.batch_id.into(),
+                ],
+            )
+            .await?;
+        insert_event(
+            tx,
+            job.id,
+            job.created_at,
+            None,
+            job.status,
+            EventSource::Api,
+            None,
+        )
+        .await?;
+        created.push(job);
+    }
+    if let Some(done) = idempotency {
+        complete_idempotency(tx, done).await?;
+    }
+    Ok(created)
+}

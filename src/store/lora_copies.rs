@@ -1,0 +1,187 @@
+//! falgate's own copies of avatars' LoRA files, and the checks that FAL still serves the
+//! originals.
+
+use super::avatars::{AVATAR_COLUMNS, avatars_from_rows};
+use super::{Avatar, Store, StoreResult};
+use chrono::{DateTime, Utc};
+use std::sync::LazyLock;
+use uuid::Uuid;
+
+static MISSING_COPY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {AVATAR_COLUMNS} FROM avatars WHERE lora_url IS NOT NULL \
+         AND (lora_copy_url IS NULL OR lora_copy_url <> lora_url) \
+         AND lora_next_try_at <= $1 ORDER BY lora_next_try_at LIMIT $2"
+    )
+});
+
+static DUE_CHECK: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {AVATAR_COLUMNS} FROM avatars WHERE lora_url IS NOT NULL \
+         AND lora_copy_url = lora_url \
+         AND lora_next_try_at <= $1 ORDER BY lora_next_try_at LIMIT $2"
+    )
+});
+
+/// What became of a LoRA copy offered to an avatar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CopyRecorded {
+    /// The copy is the avatar's; `replaced` is the key of the copy it replaced, if another,
+    /// whose file is to be removed.
+    Kept { replaced: Option<String> },
+    /// The avatar's weights changed (or it is gone) meanwhile; `current` is the key of the
+    /// copy it holds now, whose file must stay.
+    Stale { current: Option<String> },
+}
+
+/// Where falgate keeps its copy of a LoRA file, and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraCopy {
+    pub key: String,
+    pub sha256: String,
+    pub bytes: i64,
+}
+
+impl Store {
+    /// Avatars whose current LoRA file has no copy of ours yet and is not deferred past
+    /// `now` (a failed copy is deferred, so a few dead URLs never hold up the others).
+    pub async fn avatars_missing_lora_copy(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Avatar>> {
+        self.avatars_due(&MISSING_COPY, now, limit).await
+    }
+
+    /// Records the copy of `lora_url` (FAL served it at `at`; the next check is due at
+    /// `next_check_at`), unless a newer training replaced that URL meanwhile.
+    pub async fn record_lora_copy(
+        &self,
+        avatar_id: Uuid,
+        lora_url: &str,
+        copy: &LoraCopy,
+        at: DateTime<Utc>,
+        next_check_at: DateTime<Utc>,
+    ) -> StoreResult<CopyRecorded> {
+        let mut tx = self.writer().begin().await?;
+        let Some(locked) = self.lock_avatar(&mut tx, avatar_id).await? else {
+            return Ok(CopyRecorded::Stale { current: None });
+        };
+        let previous = locked.lora_copy_key;
+        let written = tx
+            .conn()
+            .execute(
+                "UPDATE avatars SET lora_copy_key = $3, lora_copy_sha256 = $4, \
+                 lora_copy_bytes = $5, lora_copy_url = $2, lora_checked_at = $6, \
+                 lora_next_try_at = $7 WHERE id = $1 AND lora_url = $2",
+                &[
+                    avatar_id.into(),
+                    lora_url.into(),
+                    (&copy.key).into(),
+                    (&copy.sha256).into(),
+                    copy.bytes.into(),
+                    at.into(),
+                    next_check_at.into(),
+                ],
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(if written == 1 {
+            CopyRecorded::Kept {
+                replaced: previous.filter(|key| *key != copy.key),
+            }
+        } else {
+            CopyRecorded::Stale { current: previous }
+        })
+    }
+
+    /// Avatars whose kept LoRA file is due a check that FAL still serves it.
+    pub async fn avatars_due_lora_check(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Avatar>> {
+        self.avatars_due(&DUE_CHECK, now, limit).await
+    }
+
+    /// Up to `limit` avatars that `query` finds due at `now`, the longest waiting first.
+    async fn avatars_due(
+        &self,
+        query: &'static str,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StoreResult<Vec<Avatar>> {
+        let rows = self
+            .fetch_all(query, &[now.into(), i64::from(limit).into()])
+            .await?;
+        avatars_from_rows(rows)
+    }
+
+    /// FAL served `lora_url` at `at`; the next check is due at `next_check_at`. Nothing
+    /// changes if the avatar's weights did.
+    pub async fn record_lora_check(
+        &self,
+        avatar_id: Uuid,
+        lora_url: &str,
+        at: DateTime<Utc>,
+        next_check_at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.writer()
+            .execute(
+                "UPDATE avatars SET lora_checked_at = $3, lora_next_try_at = $4 \
+                 WHERE id = $1 AND lora_url = $2",
+                &[
+                    avatar_id.into(),
+                    lora_url.into(),
+                    at.into(),
+                    next_check_at.into(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Copying or checking `lora_url` failed: no worker tries it again before `until`.
+    pub async fn defer_lora_work(
+        &self,
+        avatar_id: Uuid,
+        lora_url: &str,
+        until: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.writer()
+            .execute(
+                "UPDATE avatars SET lora_next_try_at = $3 WHERE id = $1 AND lora_url = $2",
+                &[avatar_id.into(), lora_url.into(), until.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Points the avatar at a new upload (made at `at`) of the weights its copy holds,
+    /// unless a training changed them meanwhile; answers whether it did.
+    pub async fn replace_lora_url(
+        &self,
+        avatar_id: Uuid,
+        expired_url: &str,
+        new_url: &str,
+        at: DateTime<Utc>,
+        next_check_at: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let written = self
+            .writer()
+            .execute(
+                "UPDATE avatars SET lora_url = $3, lora_copy_url = $3, lora_checked_at = $4, \
+                 lora_next_try_at = $5, updated_at = $4 \
+                 WHERE id = $1 AND lora_url = $2 AND lora_copy_url = $2",
+                &[
+                    avatar_id.into(),
+                    expired_url.into(),
+                    new_url.into(),
+                    at.into(),
+                    next_check_at.into(),
+                ],
+            )
+            .await?;
+        Ok(written == 1)
+    }
+}
