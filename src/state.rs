@@ -6,8 +6,8 @@ use crate::config::Config;
 use crate::fal::client::FalClient;
 use crate::fal::signature::JwksCache;
 use crate::fal::token::CallbackUrls;
-use crate::store::Store;
 use crate::store::blobs::Blobs;
+use crate::store::{ApiKeyCache, Store};
 use axum::http::StatusCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -33,6 +33,8 @@ pub struct AppState {
     pub photo_decodes: Arc<Semaphore>,
     pub http_counters: Arc<HttpCounters>,
     pub counters: Arc<PipelineCounters>,
+    /// Live API keys read lately, so that authenticating is not a database read each time.
+    pub api_keys: Arc<ApiKeyCache>,
 }
 
 /// The parts of [`AppState`] that come from outside; the rest starts empty.
@@ -70,6 +72,7 @@ impl AppState {
             fal_health: Arc::default(),
             http_counters: Arc::default(),
             counters: Arc::default(),
+            api_keys: Arc::default(),
         }
     }
 

@@ -37,8 +37,8 @@ impl FromRequestParts<AppState> for Tenant {
         }
         let hash = hash_key(token);
         let key = state
-            .store
-            .find_live_api_key(&hash.0)
+            .api_keys
+            .find_live(&state.store, &hash.0)
             .await?
             .ok_or(ApiError::Unauthorized)?;
         // The lookup matched on the hash already; comparing again in constant time keeps the

@@ -81,6 +81,7 @@ impl Store {
             )
             .await?;
         tx.commit().await?;
+        super::api_key_cache::note_revocation();
         Ok(true)
     }
 

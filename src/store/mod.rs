@@ -4,6 +4,7 @@
 //! transaction starts. Everything else is written once, one file per resource, over `db.rs`.
 //! Nothing outside this module writes SQL.
 
+mod api_key_cache;
 mod api_keys;
 mod avatars;
 mod batches;
@@ -19,6 +20,7 @@ mod postgres;
 mod sqlite;
 mod transitions;
 
+pub use api_key_cache::{ApiKeyCache, TRUSTED_FOR as API_KEY_TRUSTED_FOR};
 pub use api_keys::*;
 pub use avatars::*;
 pub use batches::*;

@@ -89,3 +89,60 @@ async fn a_key_never_sees_another_keys_jobs(app: &TestApp) {
     // The owner still sees it, untouched by the other key's cancel.
     assert_eq!(app.job(id).await["status"], "pending");
 }
+
+backend_tests!(a_key_revoked_by_another_process_is_refused_within_a_second);
+async fn a_key_revoked_by_another_process_is_refused_within_a_second(app: &TestApp) {
+    let key = app.new_key("revoked elsewhere").await;
+    // Authenticated a few times, so that this process remembers the key.
+    for _ in 0..3 {
+        assert_eq!(app.get_as(&key, "/v1/jobs").await.status(), StatusCode::OK);
+    }
+
+    // Revoked the way a replica or the CLI does it: in the database, not through this
+    // process, which hears nothing of it.
+    let revoke = "UPDATE api_keys SET revoked_at = created_at WHERE prefix = $1";
+    let prefix = &key[..12];
+    let revoked_at = std::time::Instant::now();
+    let revoked = if app.database_url.starts_with("sqlite:") {
+        let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
+        let done = sqlx::query(revoke).bind(prefix).execute(&pool).await;
+        pool.close().await;
+        done.unwrap().rows_affected()
+    } else {
+        let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+        let done = sqlx::query(revoke).bind(prefix).execute(&pool).await;
+        pool.close().await;
+        done.unwrap().rows_affected()
+    };
+    assert_eq!(revoked, 1);
+
+    // Within the second the promise allows (and the time the refusing request itself takes),
+    // it is refused, and stays refused.
+    eventually("the revoked key to be refused")
+        .within(falgate::store::API_KEY_TRUSTED_FOR + std::time::Duration::from_millis(250))
+        .until(async || {
+            let status = app.get_as(&key, "/v1/jobs").await.status();
+            if status != StatusCode::UNAUTHORIZED {
+                assert_eq!(status, StatusCode::OK);
+            }
+            (status == StatusCode::UNAUTHORIZED).then_some(())
+        })
+        .await;
+    assert!(
+        revoked_at.elapsed()
+            < falgate::store::API_KEY_TRUSTED_FOR + std::time::Duration::from_millis(250),
+        "a revoked key was still accepted after {:?}",
+        revoked_at.elapsed()
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            app.get_as(&key, "/v1/jobs").await.status(),
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The test's own key, remembered too, is untouched.
+    assert_eq!(
+        app.get_as(&app.key, "/v1/jobs").await.status(),
+        StatusCode::OK
+    );
+}

@@ -1,0 +1,436 @@
+//! Intake throughput at the database's ceiling: `POST /v1/jobs` beside a bare axum handler on
+//! the same database, under the same closed-loop load. Run with
+//! `cargo bench --bench throughput` (SQLite, a fresh file), or with
+//! `FALGATE_BENCH_POSTGRES_URL=postgres://…/postgres` for PostgreSQL (a fresh database is made on
+//! that server for the run and dropped after). `FALGATE_BENCH_SECS` sets the measured time per
+//! target (default 10), `FALGATE_BENCH_CONNECTIONS` the connections (default 32).
+//!
+//! The load, like wrk's: one client thread with its own current-thread runtime drives
+//! `CONNECTIONS` keep-alive HTTP/1.1 connections over loopback, each sending its next request as
+//! soon as the previous answer is read. Each target gets a warm-up (not counted), then a fixed
+//! measured time; requests still out when it ends are not counted.
+//!
+//! Measured, for each target: completed requests per second, p50 and p99 of the time from
+//! sending a request to having read its whole answer, and errors (transport failures or any
+//! non-2xx answer).
+//! - bare: `POST /bare` with the same JSON body → the handler parses it, `INSERT`s one row into
+//!   a table of the same database, and answers 202;
+//! - falgate: `POST /v1/jobs` with a realistic generation job, as deployed: API-key
+//!   authentication, validation, the job and its history stored, the workers on, FAL being the
+//!   in-process emulator answering at once (so every job is also claimed, submitted, and ended
+//!   by its signed callback while the load runs: those writes share the database with intake);
+//! - falgate intake alone: the same, with the workers off, to show what the workers' writes
+//!   cost. The goal is judged on the deployed figure.
+//!
+//! Then the ratios falgate / bare of throughput and of p99.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use falgate::app::App;
+use falgate::config::{Config, Secret};
+use falgate::emulator::{Durations, EmulatorConfig, EmulatorHandle};
+use std::time::{Duration, Instant};
+
+const WARMUP: Duration = Duration::from_secs(2);
+
+/// What one target answered under load.
+struct Run {
+    name: &'static str,
+    completed: usize,
+    errors: usize,
+    elapsed: Duration,
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Run {
+    fn per_second(&self) -> f64 {
+        self.completed as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<24} {:>9.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  errors {}",
+            self.name,
+            self.per_second(),
+            self.p50.as_secs_f64() * 1e3,
+            self.p99.as_secs_f64() * 1e3,
+            self.errors
+        );
+    }
+
+    fn print_ratio_to(&self, bare: &Run) {
+        println!(
+            "{:<24} throughput {:>5.1} % of bare, p99 {:.2}x bare's",
+            format!("{} / bare", self.name),
+            100.0 * self.per_second() / bare.per_second(),
+            self.p99.as_secs_f64() / bare.p99.as_secs_f64()
+        );
+    }
+}
+
+/// One request of the load: where, with which key, and the body.
+#[derive(Clone)]
+struct Target {
+    url: String,
+    bearer: Option<String>,
+    body: String,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+/// A generation job as a client sends it: a prompt, the usual knobs, and a LoRA.
+fn job_body(n: usize) -> String {
+    serde_json::json!({
+        "endpoint": "fal-ai/flux-lora",
+        "input": {
+            "prompt": format!(
+                "portrait photo of sks person {n}, golden hour, 85mm lens, shallow depth of field"
+            ),
+            "image_size": {"width": 1024, "height": 1024},
+            "num_inference_steps": 28,
+            "guidance_scale": 3.5,
+            "num_images": 1,
+            "enable_safety_checker": true,
+            "output_format": "jpeg",
+            "loras": [{"path": "https://v3.fal.media/files/bench/pytorch_lora_weights.safetensors", "scale": 1.0}]
+        }
+    })
+    .to_string()
+}
+
+/// Drives `connections` keep-alive connections from one client thread with its own
+/// current-thread runtime, for the warm-up and then `measured`.
+fn load(name: &'static str, target: Target, connections: usize, measured: Duration) -> Run {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("client runtime");
+        runtime.block_on(async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(connections)
+                .http1_only()
+                .build()
+                .expect("client");
+            let start = Instant::now();
+            let counted_from = start + WARMUP;
+            let end = counted_from + measured;
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..connections {
+                let (client, target) = (client.clone(), target.clone());
+                tasks.spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut errors = 0usize;
+                    while Instant::now() < end {
+                        let sent = Instant::now();
+                        let mut request = client
+                            .post(&target.url)
+                            .header("content-type", "application/json")
+                            .body(target.body.clone());
+                        if let Some(key) = &target.bearer {
+                            request = request.bearer_auth(key);
+                        }
+                        let ok = match request.send().await {
+                            Ok(response) => {
+                                let success = response.status().is_success();
+                                response.bytes().await.is_ok() && success
+                            }
+                            Err(_) => false,
+                        };
+                        let done = Instant::now();
+                        if sent >= counted_from && done <= end {
+                            if ok {
+                                latencies.push(done - sent);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                    }
+                    (latencies, errors)
+                });
+            }
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            while let Some(joined) = tasks.join_next().await {
+                let (some, failed) = joined.expect("load task");
+                latencies.extend(some);
+                errors += failed;
+            }
+            latencies.sort();
+            Run {
+                name,
+                completed: latencies.len(),
+                errors,
+                elapsed: measured,
+                p50: percentile(&latencies, 0.5),
+                p99: percentile(&latencies, 0.99),
+            }
+        })
+    })
+    .join()
+    .expect("load thread")
+}
+
+#[derive(Clone)]
+enum Bare {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+#[derive(serde::Deserialize)]
+struct BareJob {
+    endpoint: String,
+    input: serde_json::Value,
+}
+
+async fn bare_insert(State(db): State<Bare>, body: axum::Json<BareJob>) -> StatusCode {
+    let job = body.0;
+    let id = uuid::Uuid::now_v7();
+    let at = chrono::Utc::now();
+    let sql = "INSERT INTO bench_rows (id, endpoint, input, created_at) VALUES ($1, $2, $3, $4)";
+    let inserted = match db {
+        Bare::Sqlite(pool) => sqlx::query(sql)
+            .bind(id)
+            .bind(&job.endpoint)
+            .bind(sqlx::types::Json(&job.input))
+            .bind(at)
+            .execute(&pool)
+            .await
+            .map(drop),
+        Bare::Postgres(pool) => sqlx::query(sql)
+            .bind(id)
+            .bind(&job.endpoint)
+            .bind(sqlx::types::Json(&job.input))
+            .bind(at)
+            .execute(&pool)
+            .await
+            .map(drop),
+    };
+    match inserted {
+        Ok(()) => StatusCode::ACCEPTED,
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The database of one run, made fresh and removed after.
+enum Database {
+    SqliteFile(std::path::PathBuf),
+    Postgres { admin_url: String, name: String },
+}
+
+impl Database {
+    async fn create() -> (Self, String) {
+        match std::env::var("FALGATE_BENCH_POSTGRES_URL") {
+            Ok(admin_url) if !admin_url.is_empty() => {
+                let name = format!("falgate_bench_{}", uuid::Uuid::new_v4().simple());
+                let admin = sqlx::PgPool::connect(&admin_url).await.expect("postgres");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&admin)
+                    .await
+                    .expect("create the bench database");
+                admin.close().await;
+                let mut url = reqwest::Url::parse(&admin_url).expect("a postgres URL");
+                url.set_path(&format!("/{name}"));
+                (Self::Postgres { admin_url, name }, url.to_string())
+            }
+            _ => {
+                let path = std::env::temp_dir().join(format!(
+                    "falgate-bench-{}.db",
+                    uuid::Uuid::new_v4().simple()
+                ));
+                let url = format!("sqlite:{}", path.display());
+                (Self::SqliteFile(path), url)
+            }
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self {
+            Self::SqliteFile(_) => "sqlite",
+            Self::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// A pool for the bare handler, configured as falgate's own: WAL and a busy timeout on
+    /// SQLite, 10 connections.
+    async fn bare_pool(&self, url: &str) -> Bare {
+        let table = "CREATE TABLE bench_rows (id {id} PRIMARY KEY, endpoint TEXT, input {json}, \
+                     created_at {at})";
+        match self {
+            Self::SqliteFile(_) => {
+                let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(10)
+                    .connect_with(
+                        url.parse::<sqlx::sqlite::SqliteConnectOptions>()
+                            .expect("a sqlite URL")
+                            .create_if_missing(true)
+                            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                            .busy_timeout(Duration::from_secs(10)),
+                    )
+                    .await
+                    .expect("sqlite");
+                let create = table
+                    .replace("{id}", "BLOB")
+                    .replace("{json}", "TEXT")
+                    .replace("{at}", "TEXT");
+                sqlx::query(sqlx::AssertSqlSafe(create))
+                    .execute(&pool)
+                    .await
+                    .expect("bench table");
+                Bare::Sqlite(pool)
+            }
+            Self::Postgres { .. } => {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(10)
+                    .connect(url)
+                    .await
+                    .expect("postgres");
+                let create = table
+                    .replace("{id}", "UUID")
+                    .replace("{json}", "JSONB")
+                    .replace("{at}", "TIMESTAMPTZ");
+                sqlx::query(sqlx::AssertSqlSafe(create))
+                    .execute(&pool)
+                    .await
+                    .expect("bench table");
+                Bare::Postgres(pool)
+            }
+        }
+    }
+
+    async fn remove(self) {
+        match self {
+            Self::SqliteFile(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Self::Postgres { admin_url, name } => {
+                let admin = sqlx::PgPool::connect(&admin_url).await.expect("postgres");
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&admin)
+                .await
+                .expect("drop the bench database");
+                admin.close().await;
+            }
+        }
+    }
+}
+
+/// falgate on `database_url` against the emulator, as deployed unless `workers` is false.
+async fn start_falgate(database_url: &str, fal: &EmulatorHandle, workers: bool) -> App {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut config = Config::for_database(database_url);
+    config.sandbox = false;
+    config.run_workers = workers;
+    config.fal_key = Some(EmulatorConfig::default().key);
+    config.fal_urls.queue = fal.base_url();
+    config.fal_urls.rest = fal.base_url();
+    config.fal_urls.jwks = fal.jwks_url();
+    config.public_url = Some(format!("http://{addr}").parse().unwrap());
+    config.webhook_secrets = vec![Secret::new("bench-webhook-secret-0123456789abcdef")];
+    App::build(config, listener).await.expect("falgate")
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    falgate::install_crypto_provider();
+    let measured = Duration::from_secs(env_number("FALGATE_BENCH_SECS", 10).clamp(1, 120));
+    let connections = env_number("FALGATE_BENCH_CONNECTIONS", 32).clamp(1, 256) as usize;
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(run(measured, connections));
+}
+
+async fn run(measured: Duration, connections: usize) {
+    let (database, database_url) = Database::create().await;
+    let body = job_body(1);
+
+    let bare = database.bare_pool(&database_url).await;
+    let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bare_addr = bare_listener.local_addr().unwrap();
+    let router = Router::new()
+        .route("/bare", post(bare_insert))
+        .with_state(bare.clone());
+    let bare_server = tokio::spawn(async move { axum::serve(bare_listener, router).await });
+
+    let fal = falgate::emulator::spawn(
+        EmulatorConfig::fast(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await;
+    fal.set_all_durations(Durations::new(0, 0));
+    let app = start_falgate(&database_url, &fal, true).await;
+    let (_, key) = app.store().issue_api_key("bench").await.unwrap();
+
+    println!(
+        "backend: {}; {connections} connections from one client thread; {} s warm-up, {} s measured",
+        database.backend(),
+        WARMUP.as_secs(),
+        measured.as_secs()
+    );
+    let target = |url: String, bearer: Option<String>| Target {
+        url,
+        bearer,
+        body: body.clone(),
+    };
+    let bare_run = load(
+        "bare",
+        target(format!("http://{bare_addr}/bare"), None),
+        connections,
+        measured,
+    );
+    bare_run.print();
+    let deployed = load(
+        "falgate",
+        target(
+            format!("http://{}/v1/jobs", app.local_addr()),
+            Some(key.secret.clone()),
+        ),
+        connections,
+        measured,
+    );
+    deployed.print();
+    app.shutdown().await;
+
+    let intake_app = start_falgate(&database_url, &fal, false).await;
+    let intake = load(
+        "falgate intake alone",
+        target(
+            format!("http://{}/v1/jobs", intake_app.local_addr()),
+            Some(key.secret.clone()),
+        ),
+        connections,
+        measured,
+    );
+    intake.print();
+    deployed.print_ratio_to(&bare_run);
+    intake.print_ratio_to(&bare_run);
+
+    intake_app.shutdown().await;
+    fal.shutdown().await;
+    bare_server.abort();
+    match bare {
+        Bare::Sqlite(pool) => pool.close().await,
+        Bare::Postgres(pool) => pool.close().await,
+    }
+    database.remove().await;
+}
