@@ -512,6 +512,26 @@ async fn at_the_connection_cap_the_longest_idle_connection_makes_room(app: &Test
     assert_eq!(response.status, 200);
 }
 
+/// Starts a request whose body never comes, and returns once the server is reading it (it
+/// answers `Expect: 100-continue`): a connection whose request is still on its way counts as
+/// idle, and may be closed to make room.
+async fn request_in_flight(addr: SocketAddr, key: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/jobs HTTP/1.1\r\nHost: falgate\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.expect("send");
+    let expected = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut interim = vec![0; expected.len()];
+    timeout(PATIENCE, stream.read_exact(&mut interim))
+        .await
+        .expect("the server to read the body within the patience")
+        .expect("100 Continue");
+    assert_eq!(interim, expected, "{}", String::from_utf8_lossy(&interim));
+    stream
+}
+
 /// Starts a request whose body never comes, so that it stays in flight.
 async fn stuck_request(addr: SocketAddr, key: &str) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
@@ -537,7 +557,7 @@ async fn at_the_connection_cap_with_every_connection_busy_healthz_still_answers(
     let addr = app.app.local_addr();
     let mut busy = Vec::new();
     for _ in 0..3 {
-        busy.push(stuck_request(addr, &app.key).await);
+        busy.push(request_in_flight(addr, &app.key).await);
     }
     let refused = eventually("the cap to hold")
         // No pause between tries: each exchange paces the next.
