@@ -2,7 +2,7 @@
 # Migrations and Swagger UI are embedded in the binary; nothing else is needed at run time.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 COPY openapi ./openapi
