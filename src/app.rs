@@ -1,13 +1,13 @@
 //! Builds the running service: the store, the FAL client, the HTTP server and the workers, with
 //! one shutdown that stops them in order (stop accepting, let in-flight work finish, close).
 
+use crate::blobs::Blobs;
 use crate::config::{Config, Secret};
 use crate::emulator::{EmulatorConfig, EmulatorHandle};
 use crate::fal::client::{FalClient, FalConfig};
 use crate::fal::signature::JwksCache;
 use crate::fal::token::CallbackUrls;
 use crate::state::{AppState, Parts};
-use crate::store::blobs::Blobs;
 use crate::store::{Store, StoreError, StoreOptions};
 use crate::worker::WorkerContext;
 use reqwest::Url;

@@ -1,6 +1,7 @@
 //! falgate: a durable REST gateway in front of FAL.
 
 pub mod app;
+pub mod blobs;
 pub mod config;
 pub mod domain;
 pub mod emulator;

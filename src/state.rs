@@ -2,11 +2,11 @@
 //! callback URLs, the wake-ups, FAL's health and the counters. `app` builds it; `http` and
 //! `worker` use it; nothing here knows about either.
 
+use crate::blobs::Blobs;
 use crate::config::Config;
 use crate::fal::client::FalClient;
 use crate::fal::signature::JwksCache;
 use crate::fal::token::CallbackUrls;
-use crate::store::blobs::Blobs;
 use crate::store::{ApiKeyCache, Store};
 use axum::http::StatusCode;
 use std::sync::Arc;

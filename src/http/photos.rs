@@ -5,12 +5,12 @@ use super::auth::Tenant;
 use super::avatars::find_avatar;
 use super::extract::{ApiPathId, PhotoPath};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
+use crate::blobs::BlobWriter;
 use crate::domain::photo::{
     CheckedPhoto, PhotoLimits, PhotoProblem, SNIFF_BYTES, check_size, decode_photo, sniff,
 };
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
-use crate::store::blobs::BlobWriter;
 use crate::store::{Photo, PhotoAdded};
 use axum::Json;
 use axum::body::Body;

@@ -8,7 +8,6 @@ mod api_key_cache;
 mod api_keys;
 mod avatars;
 mod batches;
-pub mod blobs;
 mod callbacks;
 mod db;
 mod events;

@@ -8,13 +8,13 @@ pub mod dispatcher;
 pub mod keeper;
 pub mod reconciler;
 
+use crate::blobs::Blobs;
 use crate::config::WorkerConfig;
 use crate::domain::job::JobKind;
 use crate::fal::FalClient;
 use crate::fal::token::CallbackUrls;
 use crate::state::{AppState, FalHealth, PipelineCounters, Wake};
 use crate::store::Store;
-use crate::store::blobs::Blobs;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
 use std::time::Duration;
