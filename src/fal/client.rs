@@ -160,7 +160,10 @@ pub(super) struct Answer {
 
 impl Answer {
     /// Reads a whole answer, refusing bodies larger than `limit`.
-    async fn read(mut response: reqwest::Response, limit: usize) -> Result<Self, FalError> {
+    pub(super) async fn read(
+        mut response: reqwest::Response,
+        limit: usize,
+    ) -> Result<Self, FalError> {
         let status = response.status();
         let headers = response.headers().clone();
         let mut buf = bytes::BytesMut::new();

@@ -9,7 +9,7 @@ use futures_util::{Stream, StreamExt};
 use reqwest::Url;
 use serde_json::Value;
 
-use super::client::{FalClient, MAX_SMALL_BYTES};
+use super::client::{Answer, FalClient, MAX_SMALL_BYTES};
 use super::error::{FalError, FalErrorKind};
 use super::urls::{endpoint_url, upload_part_url};
 use super::wire::UploadInitiateResponse;
@@ -199,10 +199,7 @@ impl FalClient {
             .await
             .map_err(FalError::from_reqwest)?;
         if !response.status().is_success() {
-            let status = response.status();
-            let headers = response.headers().clone();
-            let body = response.bytes().await.unwrap_or_default();
-            return Err(FalError::from_response(status, &headers, &body));
+            return Err(Answer::read(response, MAX_SMALL_BYTES).await?.error());
         }
         Ok(response
             .bytes_stream()
@@ -235,9 +232,7 @@ impl FalClient {
         if matches!(status.as_u16(), 403 | 404 | 410) {
             return Ok(FileProbe::Gone(status));
         }
-        let headers = response.headers().clone();
-        let body = response.bytes().await.unwrap_or_default();
-        Err(FalError::from_response(status, &headers, &body))
+        Err(Answer::read(response, MAX_SMALL_BYTES).await?.error())
     }
 }
 
