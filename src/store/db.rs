@@ -29,6 +29,10 @@ pub(super) struct Dialect {
     pub claim_poll: String,
     pub next_due_submit: &'static str,
     pub next_due_poll: &'static str,
+    /// New jobs from a JSON array (`$1`), as `jobs::insert_jobs` writes it.
+    pub insert_jobs: &'static str,
+    /// Their first history rows, from the same array; `$2` is the source.
+    pub insert_first_events: &'static str,
 }
 
 /// One value for a statement's placeholder. A NULL keeps its type (`None` in its variant):
@@ -277,6 +281,14 @@ impl Tx {
         match self {
             Self::Sqlite(tx) => Conn::Sqlite(tx),
             Self::Postgres(tx) => Conn::Postgres(tx),
+        }
+    }
+
+    /// The statements spelt this transaction's backend's way.
+    pub fn dialect(&self) -> &'static Dialect {
+        match self {
+            Self::Sqlite(_) => &sqlite::DIALECT,
+            Self::Postgres(_) => &postgres::DIALECT,
         }
     }
 

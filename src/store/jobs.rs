@@ -1,8 +1,7 @@
 //! Jobs: creating them, reading them, and the leases workers claim them with. How news moves a
 //! job is in `transitions.rs`.
 
-use super::db::{Arg, Tx};
-use super::events::insert_event;
+use super::db::Tx;
 use super::idempotency::complete_idempotency;
 use super::{IdempotencyCompletion, Store, StoreError, StoreResult};
 use crate::domain::job::{EventSource, JobKind, JobStatus};
@@ -24,10 +23,6 @@ pub(super) const JOB_COLUMNS: &str = "id, tenant, kind, avatar_id, batch_id, end
 
 pub(super) static SELECT_JOB_BY_ID: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
-
-const INSERT_JOB: &str = "INSERT INTO jobs (id, tenant, kind, avatar_id, endpoint, input, status, \
-    attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at, batch_id) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11, $11, $12)";
 
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -237,19 +232,6 @@ pub(super) fn jobs_from_rows(rows: Vec<JobRow>) -> StoreResult<Vec<Job>> {
 }
 
 impl Store {
-    /// Stores new jobs as `pending`, each with its first history row, and the idempotency
-    /// record of the request that made them, all in one transaction.
-    pub async fn create_jobs(
-        &self,
-        jobs: &[NewJob],
-        idempotency: Option<&IdempotencyCompletion>,
-    ) -> StoreResult<Vec<Job>> {
-        let mut tx = self.writer().begin().await?;
-        let created = insert_jobs(&mut tx, jobs, idempotency).await?;
-        tx.commit().await?;
-        Ok(created)
-    }
-
     /// A job of this tenant.
     pub async fn get_job(&self, tenant: Uuid, id: Uuid) -> StoreResult<Option<Job>> {
         self.find_job(Some(tenant), id).await
@@ -358,49 +340,80 @@ impl Store {
 }
 
 /// Inserts jobs as `pending` with their first history row and, when the request carried an
-/// Idempotency-Key, completes it: inside the caller's transaction, so that both land or
-/// neither does.
+/// Idempotency-Key, completes it: inside the caller's transaction, so that all land or none
+/// does. Two statements whatever the number of jobs: the jobs travel as one JSON array that
+/// the database unpacks (`json_each` on SQLite, `jsonb_to_recordset` on PostgreSQL), so a
+/// generation of many images or a shared intake transaction costs no more round trips than
+/// one job.
 pub(super) async fn insert_jobs(
     tx: &mut Tx,
     jobs: &[NewJob],
     idempotency: Option<&IdempotencyCompletion>,
 ) -> StoreResult<Vec<Job>> {
-    let mut created = Vec::with_capacity(jobs.len());
-    for new in jobs {
-        let job = new.to_pending_job();
+    let created: Vec<Job> = jobs.iter().map(NewJob::to_pending_job).collect();
+    if !created.is_empty() {
+        let rows = created
+            .iter()
+            .map(InsertedJob::of)
+            .collect::<StoreResult<Vec<_>>>()?;
+        let rows = serde_json::to_string(&rows)
+            .map_err(|e| StoreError::Database(format!("new jobs as JSON: {e}")))?;
+        let dialect = tx.dialect();
+        tx.conn()
+            .execute(dialect.insert_jobs, &[rows.as_str().into()])
+            .await?;
         tx.conn()
             .execute(
-                INSERT_JOB,
-                &[
-                    job.id.into(),
-                    job.tenant.into(),
-                    job.kind.as_str().into(),
-                    job.avatar_id.into(),
-                    (&job.endpoint).into(),
-                    Arg::Json(Some(&job.input)),
-                    job.status.as_str().into(),
-                    job.next_attempt_at.into(),
-                    job.sandbox.into(),
-                    (&job.idempotency_key).into(),
-                    job.created_at.into(),
-                    job.batch_id.into(),
-                ],
+                dialect.insert_first_events,
+                &[rows.as_str().into(), EventSource::Api.as_str().into()],
             )
             .await?;
-        insert_event(
-            tx,
-            job.id,
-            job.created_at,
-            None,
-            job.status,
-            EventSource::Api,
-            None,
-        )
-        .await?;
-        created.push(job);
     }
     if let Some(done) = idempotency {
         complete_idempotency(tx, done).await?;
     }
     Ok(created)
+}
+
+/// A new job as the insert statements read it from their JSON parameter. Ids are bare hex
+/// (SQLite turns them back into the 16-byte blobs its columns hold; PostgreSQL reads them as
+/// uuids) and times are spelt as the SQLite driver spells a bound time, so that rows made
+/// this way compare and sort with every other.
+#[derive(serde::Serialize)]
+struct InsertedJob<'a> {
+    id: String,
+    tenant: String,
+    kind: &'static str,
+    avatar_id: Option<String>,
+    batch_id: Option<String>,
+    endpoint: &'a str,
+    /// The input as JSON text, stored as is.
+    input: String,
+    status: &'static str,
+    next_attempt_at: Option<String>,
+    sandbox: bool,
+    idempotency_key: Option<&'a str>,
+    created_at: String,
+}
+
+impl<'a> InsertedJob<'a> {
+    fn of(job: &'a Job) -> StoreResult<Self> {
+        let id = |id: Uuid| id.simple().to_string();
+        let time = |at: DateTime<Utc>| at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
+        Ok(Self {
+            id: id(job.id),
+            tenant: id(job.tenant),
+            kind: job.kind.as_str(),
+            avatar_id: job.avatar_id.map(id),
+            batch_id: job.batch_id.map(id),
+            endpoint: &job.endpoint,
+            input: serde_json::to_string(&job.input)
+                .map_err(|e| StoreError::Database(format!("a job's input as JSON: {e}")))?,
+            status: job.status.as_str(),
+            next_attempt_at: job.next_attempt_at.map(time),
+            sandbox: job.sandbox,
+            idempotency_key: job.idempotency_key.as_deref(),
+            created_at: time(job.created_at),
+        })
+    }
 }

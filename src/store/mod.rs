@@ -12,6 +12,7 @@ mod callbacks;
 mod db;
 mod events;
 mod idempotency;
+mod intake;
 mod jobs;
 mod lora_copies;
 mod photos;
@@ -106,6 +107,8 @@ impl Default for StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     pools: Pools,
+    /// The queue to the task that stores new jobs in shared transactions (`intake.rs`).
+    intake: std::sync::Arc<std::sync::OnceLock<intake::Queue>>,
 }
 
 #[derive(Clone)]
@@ -134,7 +137,18 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(redact_url(url)));
         };
-        Ok(Self { pools })
+        Ok(Self {
+            pools,
+            intake: Default::default(),
+        })
+    }
+
+    /// The same database, with a group-commit queue of its own yet to start.
+    fn without_intake(&self) -> Self {
+        Self {
+            pools: self.pools.clone(),
+            intake: Default::default(),
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {

@@ -25,6 +25,16 @@ pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
+    insert_jobs: "INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, endpoint, input, \
+        status, attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at) \
+        SELECT unhex(value ->> 'id'), unhex(value ->> 'tenant'), value ->> 'kind', \
+        unhex(value ->> 'avatar_id'), unhex(value ->> 'batch_id'), value ->> 'endpoint', \
+        value ->> 'input', value ->> 'status', 0, value ->> 'next_attempt_at', \
+        value ->> 'sandbox', value ->> 'idempotency_key', value ->> 'created_at', \
+        value ->> 'created_at' FROM json_each($1) ORDER BY key",
+    insert_first_events: "INSERT INTO job_events (job_id, at, to_status, source) \
+        SELECT unhex(value ->> 'id'), value ->> 'created_at', value ->> 'status', $2 \
+        FROM json_each($1) ORDER BY key",
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1",
     get_job: format!(

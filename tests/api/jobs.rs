@@ -232,3 +232,90 @@ async fn the_allow_list_is_configurable(app: &TestApp) {
             .contains("fal-ai/flux/schnell")
     );
 }
+
+backend_tests!(concurrent_jobs_are_each_stored_as_answered, without_workers);
+/// Requests that arrive together share a transaction; each must still get its own job, stored
+/// exactly as its 202 showed it, with its own history, and a request whose Idempotency-Key
+/// replays must not disturb the others.
+async fn concurrent_jobs_are_each_stored_as_answered(app: &TestApp) {
+    let input = |n: usize| {
+        json!({
+            "prompt": format!("\"quoted\" \\ back-slashed, ünïcödé and 🦀 #{n}"),
+            "seed": u64::MAX - n as u64,
+            "guidance_scale": 3.5,
+            "nested": {"list": [1, null, true, {"x": "y"}], "empty": {}},
+        })
+    };
+    let first = app
+        .request(Method::POST, "/v1/jobs")
+        .header("idempotency-key", "shared-batch-key")
+        .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input(0)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
+
+    let requests = (1..=40).map(|n| {
+        let mut request = app
+            .request(Method::POST, "/v1/jobs")
+            .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input(n)}));
+        // Every fifth one replays the first request instead of making a job; every third
+        // makes its job under a key of its own.
+        if n % 5 == 0 {
+            request = request
+                .header("idempotency-key", "shared-batch-key")
+                .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input(0)}));
+        } else if n % 3 == 0 {
+            request = request.header("idempotency-key", format!("own-key-{n}"));
+        }
+        async move { (n, request.send().await.unwrap()) }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    let mut made = HashSet::new();
+    for (n, response) in answers {
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "request {n}");
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        let job: Value = response.json().await.unwrap();
+        if n % 5 == 0 {
+            assert!(replayed, "request {n} carried the first request's key");
+            assert_eq!(job, first);
+            continue;
+        }
+        assert!(!replayed);
+        assert_eq!(job["input"], input(n), "request {n}");
+        let stored = app.job(job["id"].as_str().unwrap()).await;
+        for field in [
+            "id",
+            "status",
+            "endpoint",
+            "input",
+            "created_at",
+            "updated_at",
+        ] {
+            assert_eq!(stored[field], job[field], "request {n}: {field}");
+        }
+        let events = stored["events"].as_array().unwrap();
+        assert_eq!(events.len(), 1, "request {n}");
+        assert_eq!(events[0]["at"], job["created_at"]);
+        assert!(made.insert(job["id"].clone()));
+        if n % 3 == 0 {
+            let again = app
+                .request(Method::POST, "/v1/jobs")
+                .header("idempotency-key", format!("own-key-{n}"))
+                .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input(n)}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(again.headers()["idempotent-replayed"], "true");
+            assert_eq!(
+                again.json::<Value>().await.unwrap(),
+                job,
+                "request {n} replayed"
+            );
+        }
+    }
+    assert_eq!(made.len(), 32);
+    let listed: Value = app.get_json("/v1/jobs?limit=100").await;
+    assert_eq!(items(&listed).len(), 33, "32 new jobs and the first");
+}

@@ -1,0 +1,275 @@
+//! Group commit of new jobs. Every `POST /v1/jobs` is one small transaction; under load, what
+//! bounds intake is not the rows but the transactions (each a turn of the one SQLite writer, or
+//! a PostgreSQL commit) and the statements around them. So requests that arrive while a
+//! transaction is at work wait for the next one together: one task takes whatever has queued,
+//! up to [`MOST_AT_ONCE`] requests, and stores all their jobs in one transaction of four
+//! statements at most, whatever their number. Each request is answered only once that
+//! transaction has committed, so an answered job is durable, as before.
+//!
+//! A request must not fail because of another's mistake. A request whose Idempotency-Key was
+//! taken over is turned away alone, before anything is inserted; any other failure of the
+//! shared transaction rolls it back and every request of it is retried in a transaction of its
+//! own, which gives each the answer it would have had alone.
+
+use super::idempotency::complete_idempotency;
+use super::jobs::insert_jobs;
+use super::{IdempotencyCompletion, Job, NewJob, Store, StoreError, StoreResult};
+use tokio::sync::{mpsc, oneshot};
+
+/// The most requests stored by one transaction: enough to carry any burst the HTTP server lets
+/// in at once, few enough that the shared statements stay small.
+const MOST_AT_ONCE: usize = 128;
+
+/// Requests waiting for the next transaction at most; beyond it a request waits to queue.
+const QUEUE: usize = 1024;
+
+/// One request's jobs, and where to tell it what became of them.
+pub(super) struct Submission {
+    jobs: Vec<NewJob>,
+    idempotency: Option<IdempotencyCompletion>,
+    answer: oneshot::Sender<StoreResult<Vec<Job>>>,
+}
+
+/// The way into the group-commit task: a queue it drains. The task ends when every store that
+/// could queue to it is gone.
+pub(super) type Queue = mpsc::Sender<Submission>;
+
+impl Store {
+    /// Stores new jobs as `pending`, each with its first history row, and the idempotency
+    /// record of the request that made them, atomically; answers once they are committed.
+    /// Concurrent calls share a transaction (see the module's comment).
+    pub async fn create_jobs(
+        &self,
+        jobs: &[NewJob],
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> StoreResult<Vec<Job>> {
+        let (answer, answered) = oneshot::channel();
+        let submission = Submission {
+            jobs: jobs.to_vec(),
+            idempotency: idempotency.cloned(),
+            answer,
+        };
+        let gone = || StoreError::Unavailable("the job intake has stopped".into());
+        self.intake_queue()
+            .send(submission)
+            .await
+            .map_err(|_| gone())?;
+        answered.await.map_err(|_| gone())?
+    }
+
+    /// The queue to the group-commit task, started on first use.
+    fn intake_queue(&self) -> &Queue {
+        self.intake.get_or_init(|| {
+            let (queue, waiting) = mpsc::channel(QUEUE);
+            // A store of its own that shares the pools but not this queue, so that the task
+            // does not keep its own queue open.
+            tokio::spawn(group_commit(self.without_intake(), waiting));
+            queue
+        })
+    }
+
+    /// Stores one request's jobs in a transaction of their own.
+    async fn create_jobs_alone(
+        &self,
+        jobs: &[NewJob],
+        idempotency: Option<&IdempotencyCompletion>,
+    ) -> StoreResult<Vec<Job>> {
+        let mut tx = self.writer().begin().await?;
+        let created = insert_jobs(&mut tx, jobs, idempotency).await?;
+        tx.commit().await?;
+        Ok(created)
+    }
+
+    /// Stores several requests' jobs in one transaction. Answers, per request, the jobs it
+    /// created or why it was turned away; an error means nothing was stored.
+    async fn create_jobs_together(
+        &self,
+        submissions: &[Submission],
+    ) -> StoreResult<Vec<StoreResult<Vec<Job>>>> {
+        let mut tx = self.writer().begin().await?;
+        let mut turned_away = vec![None; submissions.len()];
+        for (index, submission) in submissions.iter().enumerate() {
+            let Some(done) = &submission.idempotency else {
+                continue;
+            };
+            match complete_idempotency(&mut tx, done).await {
+                Ok(()) => {}
+                // Its key went to another request: this one alone creates nothing.
+                Err(StoreError::UniqueTaken(why)) => turned_away[index] = Some(why),
+                Err(other) => return Err(other),
+            }
+        }
+        let accepted: Vec<NewJob> = submissions
+            .iter()
+            .zip(&turned_away)
+            .filter(|(_, refused)| refused.is_none())
+            .flat_map(|(submission, _)| submission.jobs.iter().cloned())
+            .collect();
+        let mut created = insert_jobs(&mut tx, &accepted, None).await?.into_iter();
+        tx.commit().await?;
+        Ok(submissions
+            .iter()
+            .zip(turned_away)
+            .map(|(submission, refused)| match refused {
+                Some(why) => Err(StoreError::UniqueTaken(why)),
+                None => Ok(created.by_ref().take(submission.jobs.len()).collect()),
+            })
+            .collect())
+    }
+}
+
+/// Takes whatever has queued, stores it, answers, and goes again, until no store is left.
+async fn group_commit(store: Store, mut waiting: mpsc::Receiver<Submission>) {
+    let mut batch = Vec::with_capacity(MOST_AT_ONCE);
+    while waiting.recv_many(&mut batch, MOST_AT_ONCE).await > 0 {
+        // A request whose client left is still stored (its answer may already be on the
+        // wire elsewhere, and it may carry an Idempotency-Key a retry will replay).
+        if batch.len() == 1 {
+            let one = batch.pop().expect("one submission");
+            let result = store
+                .create_jobs_alone(&one.jobs, one.idempotency.as_ref())
+                .await;
+            let _ = one.answer.send(result);
+            continue;
+        }
+        match store.create_jobs_together(&batch).await {
+            Ok(results) => {
+                for (submission, result) in batch.drain(..).zip(results) {
+                    let _ = submission.answer.send(result);
+                }
+            }
+            Err(shared) => {
+                tracing::debug!(error = %shared, requests = batch.len(),
+                    "a shared intake transaction failed; storing its requests one by one");
+                for submission in batch.drain(..) {
+                    let result = store
+                        .create_jobs_alone(&submission.jobs, submission.idempotency.as_ref())
+                        .await;
+                    let _ = submission.answer.send(result);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::job::JobKind;
+    use crate::store::{IdempotencyClaim, IdempotencyState, StoreOptions};
+    use uuid::Uuid;
+
+    fn new_job(tenant: Uuid, n: usize) -> NewJob {
+        NewJob {
+            id: Uuid::now_v7(),
+            tenant,
+            kind: JobKind::Raw,
+            avatar_id: (n % 2 == 0).then(Uuid::now_v7),
+            batch_id: None,
+            endpoint: "fal-ai/flux-lora".into(),
+            input: serde_json::json!({"prompt": format!("ü \"{n}\""), "seed": u64::MAX}),
+            sandbox: n % 3 == 0,
+            idempotency_key: None,
+            created_at: crate::domain::now(),
+        }
+    }
+
+    fn submission(jobs: Vec<NewJob>, idempotency: Option<IdempotencyCompletion>) -> Submission {
+        Submission {
+            jobs,
+            idempotency,
+            answer: oneshot::channel().0,
+        }
+    }
+
+    async fn claim(store: &Store, tenant: Uuid, key: &str) -> Uuid {
+        let now = crate::domain::now();
+        let token = Uuid::new_v4();
+        let state = store
+            .claim_idempotency_key(&IdempotencyClaim {
+                tenant,
+                key: key.into(),
+                token,
+                fingerprint: "f".into(),
+                now,
+                expires_before: now - chrono::TimeDelta::hours(24),
+                abandoned_before: now - chrono::TimeDelta::seconds(10),
+            })
+            .await
+            .unwrap();
+        assert_eq!(state, IdempotencyState::Claimed);
+        token
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_key_was_taken_over_is_turned_away_alone() {
+        let path = std::env::temp_dir().join(format!("falgate-intake-{}.db", Uuid::now_v7()));
+        let store = Store::connect(
+            &format!("sqlite:{}", path.display()),
+            &StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let (key, _) = store.issue_api_key("t").await.unwrap();
+        let held = claim(&store, key.id, "held").await;
+        claim(&store, key.id, "lost").await;
+        let completion = |key_name: &str, token: Uuid| IdempotencyCompletion {
+            tenant: key.id,
+            key: key_name.into(),
+            token,
+            status: 202,
+            body: format!("{{\"for\":\"{key_name}\"}}"),
+        };
+        let batch = vec![
+            submission(vec![new_job(key.id, 0), new_job(key.id, 1)], None),
+            // Its claim went to another request (another token holds the key).
+            submission(
+                vec![new_job(key.id, 2)],
+                Some(completion("lost", Uuid::new_v4())),
+            ),
+            submission(vec![new_job(key.id, 3)], Some(completion("held", held))),
+        ];
+        let results = store.create_jobs_together(&batch).await.unwrap();
+
+        assert!(matches!(results[1], Err(StoreError::UniqueTaken(_))));
+        for (index, submission) in batch.iter().enumerate() {
+            let stored = store.get_job(key.id, submission.jobs[0].id).await.unwrap();
+            if index == 1 {
+                assert_eq!(stored, None, "the turned-away request's job is not stored");
+                continue;
+            }
+            let created = results[index].as_ref().unwrap();
+            assert_eq!(created.len(), submission.jobs.len());
+            for (made, asked) in created.iter().zip(&submission.jobs) {
+                assert_eq!(made, &asked.to_pending_job());
+                let stored = store.get_job(key.id, asked.id).await.unwrap();
+                assert_eq!(stored.as_ref(), Some(made), "read back as answered");
+                assert_eq!(store.job_events(asked.id).await.unwrap().len(), 1);
+            }
+        }
+        let replay = store
+            .claim_idempotency_key(&IdempotencyClaim {
+                tenant: key.id,
+                key: "held".into(),
+                token: Uuid::new_v4(),
+                fingerprint: "f".into(),
+                now: crate::domain::now(),
+                expires_before: crate::domain::now() - chrono::TimeDelta::hours(24),
+                abandoned_before: crate::domain::now() - chrono::TimeDelta::seconds(10),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            replay,
+            IdempotencyState::Completed {
+                status: 202,
+                body: "{\"for\":\"held\"}".into()
+            }
+        );
+        store.close().await;
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+}
