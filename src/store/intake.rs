@@ -164,11 +164,11 @@ mod tests {
             id: Uuid::now_v7(),
             tenant,
             kind: JobKind::Raw,
-            avatar_id: (n % 2 == 0).then(Uuid::now_v7),
+            avatar_id: n.is_multiple_of(2).then(Uuid::now_v7),
             batch_id: None,
             endpoint: "fal-ai/flux-lora".into(),
             input: serde_json::json!({"prompt": format!("ü \"{n}\""), "seed": u64::MAX}),
-            sandbox: n % 3 == 0,
+            sandbox: n.is_multiple_of(3),
             idempotency_key: None,
             created_at: crate::domain::now(),
         }

@@ -262,11 +262,11 @@ async fn concurrent_jobs_are_each_stored_as_answered(app: &TestApp) {
             .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input(n)}));
         // Every fifth one replays the first request instead of making a job; every third
         // makes its job under a key of its own.
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             request = request
                 .header("idempotency-key", "shared-batch-key")
                 .json(&json!({"endpoint": "fal-ai/flux-lora", "input": input(0)}));
-        } else if n % 3 == 0 {
+        } else if n.is_multiple_of(3) {
             request = request.header("idempotency-key", format!("own-key-{n}"));
         }
         async move { (n, request.send().await.unwrap()) }
@@ -277,7 +277,7 @@ async fn concurrent_jobs_are_each_stored_as_answered(app: &TestApp) {
         assert_eq!(response.status(), StatusCode::ACCEPTED, "request {n}");
         let replayed = response.headers().contains_key("idempotent-replayed");
         let job: Value = response.json().await.unwrap();
-        if n % 5 == 0 {
+        if n.is_multiple_of(5) {
             assert!(replayed, "request {n} carried the first request's key");
             assert_eq!(job, first);
             continue;
@@ -299,7 +299,7 @@ async fn concurrent_jobs_are_each_stored_as_answered(app: &TestApp) {
         assert_eq!(events.len(), 1, "request {n}");
         assert_eq!(events[0]["at"], job["created_at"]);
         assert!(made.insert(job["id"].clone()));
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             let again = app
                 .request(Method::POST, "/v1/jobs")
                 .header("idempotency-key", format!("own-key-{n}"))
