@@ -378,8 +378,15 @@ async fn run(measured: Duration, connections: usize) {
     )
     .await;
     fal.set_all_durations(Durations::new(0, 0));
-    let app = start_falgate(&database_url, &fal, true).await;
-    let (_, key) = app.store().issue_api_key("bench").await.unwrap();
+    let (_, key) = {
+        let store = falgate::store::Store::connect(&database_url, &Default::default())
+            .await
+            .expect("the bench database");
+        store.migrate().await.expect("migrations");
+        let issued = store.issue_api_key("bench").await.expect("an API key");
+        store.close().await;
+        issued
+    };
 
     println!(
         "backend: {}; {connections} connections from one client thread; {} s warm-up, {} s measured",
@@ -392,6 +399,8 @@ async fn run(measured: Duration, connections: usize) {
         bearer,
         body: body.clone(),
     };
+    // Intake alone runs before the deployed service: afterwards the emulator would still be
+    // sending the deployed run's callbacks, and its work would be counted against intake.
     let bare_run = load(
         "bare",
         target(format!("http://{bare_addr}/bare"), None),
@@ -399,18 +408,6 @@ async fn run(measured: Duration, connections: usize) {
         measured,
     );
     bare_run.print();
-    let deployed = load(
-        "falgate",
-        target(
-            format!("http://{}/v1/jobs", app.local_addr()),
-            Some(key.secret.clone()),
-        ),
-        connections,
-        measured,
-    );
-    deployed.print();
-    app.shutdown().await;
-
     let intake_app = start_falgate(&database_url, &fal, false).await;
     let intake = load(
         "falgate intake alone",
@@ -422,10 +419,28 @@ async fn run(measured: Duration, connections: usize) {
         measured,
     );
     intake.print();
-    deployed.print_ratio_to(&bare_run);
-    intake.print_ratio_to(&bare_run);
-
     intake_app.shutdown().await;
+    if std::env::var("FALGATE_BENCH_DEPLOYED").as_deref() == Ok("0") {
+        intake.print_ratio_to(&bare_run);
+        fal.shutdown().await;
+        database.remove().await;
+        return;
+    }
+    let app = start_falgate(&database_url, &fal, true).await;
+    let deployed = load(
+        "falgate deployed",
+        target(
+            format!("http://{}/v1/jobs", app.local_addr()),
+            Some(key.secret.clone()),
+        ),
+        connections,
+        measured,
+    );
+    deployed.print();
+    app.shutdown().await;
+    intake.print_ratio_to(&bare_run);
+    deployed.print_ratio_to(&bare_run);
+
     fal.shutdown().await;
     bare_server.abort();
     match bare {

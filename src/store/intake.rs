@@ -2,8 +2,8 @@
 //! bounds intake is not the rows but the transactions (each a turn of the one SQLite writer, or
 //! a PostgreSQL commit) and the statements around them. So requests that arrive while a
 //! transaction is at work wait for the next one together: one task takes whatever has queued,
-//! up to [`MOST_AT_ONCE`] requests, and stores all their jobs in one transaction of four
-//! statements at most, whatever their number. Each request is answered only once that
+//! up to [`MOST_AT_ONCE`] requests, and stores all their jobs in one transaction of a few
+//! statements (see `jobs::insert_jobs`). Each request is answered only once that
 //! transaction has committed, so an answered job is durable, as before.
 //!
 //! A request must not fail because of another's mistake. A request whose Idempotency-Key was
