@@ -217,11 +217,7 @@ pub async fn create_avatar(
                 created_at: now,
                 updated_at: now,
             };
-            let response = Replayable {
-                status: StatusCode::CREATED,
-                body: serde_json::to_value(AvatarView::from(avatar.clone()))
-                    .map_err(ApiError::internal)?,
-            };
+            let response = Replayable::new(StatusCode::CREATED, &AvatarView::from(avatar.clone()))?;
             state
                 .store
                 .create_avatar(&avatar, scope.completion(&response)?.as_ref())

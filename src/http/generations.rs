@@ -385,10 +385,7 @@ pub async fn create_generation(
                 batch.clone(),
                 jobs.iter().map(NewJob::to_pending_job).collect(),
             );
-            let response = Replayable {
-                status: StatusCode::ACCEPTED,
-                body: serde_json::to_value(view).map_err(ApiError::internal)?,
-            };
+            let response = Replayable::new(StatusCode::ACCEPTED, &view)?;
             state
                 .store
                 .create_batch(&batch, &jobs, scope.completion(&response)?.as_ref())

@@ -51,16 +51,23 @@ impl<S: Send + Sync> FromRequestParts<S> for MaybeIdempotencyKey {
     }
 }
 
-/// A response that can be remembered and replayed: a status and a JSON body.
+/// A response that can be remembered and replayed: a status and a JSON body, serialized once
+/// for both the client and the record.
 pub struct Replayable {
-    pub status: StatusCode,
-    pub body: serde_json::Value,
+    status: StatusCode,
+    body: String,
 }
 
 impl Replayable {
+    pub fn new(status: StatusCode, body: &impl serde::Serialize) -> ApiResult<Self> {
+        Ok(Self {
+            status,
+            body: serde_json::to_string(body).map_err(ApiError::internal)?,
+        })
+    }
+
     fn into_response(self, replayed: bool) -> ApiResult<Response> {
-        let body = serde_json::to_vec(&self.body).map_err(ApiError::internal)?;
-        Ok(json_response(self.status, body, replayed))
+        Ok(json_response(self.status, self.body.into_bytes(), replayed))
     }
 }
 
@@ -99,7 +106,7 @@ impl IdempotencyScope {
             key: key.as_str().to_owned(),
             token: *token,
             status: response.status.as_u16(),
-            body: serde_json::to_string(&response.body).map_err(ApiError::internal)?,
+            body: response.body.clone(),
         }))
     }
 }

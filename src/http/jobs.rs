@@ -304,11 +304,8 @@ pub async fn create_job(
                 idempotency_key: scope.key().map(str::to_owned),
                 created_at: crate::domain::now(),
             };
-            let response = Replayable {
-                status: StatusCode::ACCEPTED,
-                body: serde_json::to_value(JobView::from(new.to_pending_job()))
-                    .map_err(ApiError::internal)?,
-            };
+            let response =
+                Replayable::new(StatusCode::ACCEPTED, &JobView::from(new.to_pending_job()))?;
             state
                 .store
                 .create_jobs(&[new], scope.completion(&response)?.as_ref())

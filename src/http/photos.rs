@@ -159,10 +159,7 @@ pub async fn upload_photos(
             let body = PhotoList {
                 items: accepted.into_iter().map(PhotoView::from).collect(),
             };
-            let response = Replayable {
-                status: StatusCode::CREATED,
-                body: serde_json::to_value(body).map_err(ApiError::internal)?,
-            };
+            let response = Replayable::new(StatusCode::CREATED, &body)?;
             // Photos are stored one by one, so the answer is remembered after them; a retry after
             // a crash in between finds each photo there already and names it a duplicate.
             if let Some(completion) = scope.completion(&response)? {

@@ -154,11 +154,8 @@ pub async fn start_training(
                 idempotency_key: scope.key().map(str::to_owned),
                 created_at: crate::domain::now(),
             };
-            let response = Replayable {
-                status: StatusCode::ACCEPTED,
-                body: serde_json::to_value(JobView::from(new.to_pending_job()))
-                    .map_err(ApiError::internal)?,
-            };
+            let response =
+                Replayable::new(StatusCode::ACCEPTED, &JobView::from(new.to_pending_job()))?;
             match state
                 .store
                 .start_training(tenant.id, &new, scope.completion(&response)?.as_ref())

@@ -25,16 +25,20 @@ pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
+    // Each field is read from the whole array by its path: reading `value` instead would turn
+    // the row's object back into text once per field.
     insert_jobs: "INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, endpoint, input, \
         status, attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at) \
-        SELECT unhex(value ->> 'id'), unhex(value ->> 'tenant'), value ->> 'kind', \
-        unhex(value ->> 'avatar_id'), unhex(value ->> 'batch_id'), value ->> 'endpoint', \
-        value ->> 'input', value ->> 'status', 0, value ->> 'next_attempt_at', \
-        value ->> 'sandbox', value ->> 'idempotency_key', value ->> 'created_at', \
-        value ->> 'created_at' FROM json_each($1) ORDER BY key",
+        SELECT unhex($1 ->> (p || 'id')), unhex($1 ->> (p || 'tenant')), $1 ->> (p || 'kind'), \
+        unhex($1 ->> (p || 'avatar_id')), unhex($1 ->> (p || 'batch_id')), \
+        $1 ->> (p || 'endpoint'), $1 ->> (p || 'input'), $1 ->> (p || 'status'), 0, \
+        $1 ->> (p || 'next_attempt_at'), $1 ->> (p || 'sandbox'), \
+        $1 ->> (p || 'idempotency_key'), $1 ->> (p || 'created_at'), \
+        $1 ->> (p || 'created_at') \
+        FROM (SELECT '$[' || key || '].' AS p FROM json_each($1) ORDER BY key)",
     insert_first_events: "INSERT INTO job_events (job_id, at, to_status, source) \
-        SELECT unhex(value ->> 'id'), value ->> 'created_at', value ->> 'status', $2 \
-        FROM json_each($1) ORDER BY key",
+        SELECT unhex($1 ->> (p || 'id')), $1 ->> (p || 'created_at'), $1 ->> (p || 'status'), $2 \
+        FROM (SELECT '$[' || key || '].' AS p FROM json_each($1) ORDER BY key)",
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1",
     get_job: format!(
