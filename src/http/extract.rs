@@ -101,37 +101,59 @@ pub fn parse_json<T: DeserializeOwned + PartialSchema>(
     }
     let canonical = serde_json::to_vec(&raw).map_err(ApiError::internal)?;
     let across = across_fields(object);
-    match serde_path_to_error::deserialize(&raw) {
-        Ok(value) if across.is_empty() => Ok(ApiJson { value, canonical }),
-        Ok(_) => Err(ApiError::Validation(across)),
-        Err(first) => {
-            let entries: Vec<(String, serde_json::Value)> = object
-                .iter()
-                .map(|(key, value)| (key.clone(), value.clone()))
-                .collect();
-            let errors = body_fields::<T>()
-                .map(|fields| {
-                    every_error(&entries, &fields, |entry| {
-                        let one = serde_json::Value::Object(std::iter::once(entry).collect());
-                        serde_path_to_error::deserialize::<_, T>(&one)
-                            .map(drop)
-                            .map_err(|err| Refusal::of(&err))
-                    })
-                })
-                .unwrap_or_default();
-            let mut errors = if errors.is_empty() {
-                vec![Refusal::of(&first).into_field_error("body")]
-            } else {
-                errors
-            };
-            for error in across {
-                if !errors.iter().any(|known| known.field == error.field) {
-                    errors.push(error);
-                }
+    if across.is_empty() {
+        // The usual case: the parsed body moves into `T` instead of being copied.
+        return match serde_path_to_error::deserialize(raw) {
+            Ok(value) => Ok(ApiJson { value, canonical }),
+            Err(first) => {
+                let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+                    ApiError::BadRequest(format!("the body is not valid JSON: {e}"))
+                })?;
+                Err(every_field_error::<T>(&raw, &first, across))
             }
-            Err(ApiError::Validation(errors))
+        };
+    }
+    match serde_path_to_error::deserialize::<_, T>(&raw) {
+        Ok(_) => Err(ApiError::Validation(across)),
+        Err(first) => Err(every_field_error::<T>(&raw, &first, across)),
+    }
+}
+
+/// Every wrong field of `raw` (an object) that `T` refuses, one by one, with the rules across
+/// fields after them; `first` is the error of parsing the whole, said when no field alone is
+/// wrong.
+fn every_field_error<T: DeserializeOwned + PartialSchema>(
+    raw: &serde_json::Value,
+    first: &serde_path_to_error::Error<serde_json::Error>,
+    across: Vec<FieldError>,
+) -> ApiError {
+    let entries: Vec<(String, serde_json::Value)> = raw
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    let errors = body_fields::<T>()
+        .map(|fields| {
+            every_error(&entries, &fields, |entry| {
+                let one = serde_json::Value::Object(std::iter::once(entry).collect());
+                serde_path_to_error::deserialize::<_, T>(&one)
+                    .map(drop)
+                    .map_err(|err| Refusal::of(&err))
+            })
+        })
+        .unwrap_or_default();
+    let mut errors = if errors.is_empty() {
+        vec![Refusal::of(first).into_field_error("body")]
+    } else {
+        errors
+    };
+    for error in across {
+        if !errors.iter().any(|known| known.field == error.field) {
+            errors.push(error);
         }
     }
+    ApiError::Validation(errors)
 }
 
 /// The fields a request type takes, and those it cannot do without, as its schema declares

@@ -308,7 +308,7 @@ pub async fn create_job(
                 Replayable::new(StatusCode::ACCEPTED, &JobView::from(new.to_pending_job()))?;
             state
                 .store
-                .create_jobs(&[new], scope.completion(&response)?.as_ref())
+                .create_jobs(vec![new], scope.completion(&response)?)
                 .await?;
             state.wake.dispatcher.notify_one();
             Ok(response)

@@ -12,8 +12,8 @@
 //! own, which gives each the answer it would have had alone.
 
 use super::idempotency::complete_idempotency;
-use super::jobs::insert_jobs;
-use super::{IdempotencyCompletion, Job, NewJob, Store, StoreError, StoreResult};
+use super::jobs::insert_new_jobs;
+use super::{IdempotencyCompletion, NewJob, Store, StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
 /// The most requests stored by one transaction: enough to carry any burst the HTTP server lets
@@ -27,7 +27,7 @@ const QUEUE: usize = 1024;
 pub(super) struct Submission {
     jobs: Vec<NewJob>,
     idempotency: Option<IdempotencyCompletion>,
-    answer: oneshot::Sender<StoreResult<Vec<Job>>>,
+    answer: oneshot::Sender<StoreResult<()>>,
 }
 
 /// The way into the group-commit task: a queue it drains. The task ends when every store that
@@ -40,13 +40,13 @@ impl Store {
     /// Concurrent calls share a transaction (see the module's comment).
     pub async fn create_jobs(
         &self,
-        jobs: &[NewJob],
-        idempotency: Option<&IdempotencyCompletion>,
-    ) -> StoreResult<Vec<Job>> {
+        jobs: Vec<NewJob>,
+        idempotency: Option<IdempotencyCompletion>,
+    ) -> StoreResult<()> {
         let (answer, answered) = oneshot::channel();
         let submission = Submission {
-            jobs: jobs.to_vec(),
-            idempotency: idempotency.cloned(),
+            jobs,
+            idempotency,
             answer,
         };
         let gone = || StoreError::Unavailable("the job intake has stopped".into());
@@ -73,19 +73,21 @@ impl Store {
         &self,
         jobs: &[NewJob],
         idempotency: Option<&IdempotencyCompletion>,
-    ) -> StoreResult<Vec<Job>> {
+    ) -> StoreResult<()> {
         let mut tx = self.writer().begin().await?;
-        let created = insert_jobs(&mut tx, jobs, idempotency).await?;
-        tx.commit().await?;
-        Ok(created)
+        insert_new_jobs(&mut tx, jobs).await?;
+        if let Some(done) = idempotency {
+            complete_idempotency(&mut tx, done).await?;
+        }
+        tx.commit().await
     }
 
-    /// Stores several requests' jobs in one transaction. Answers, per request, the jobs it
-    /// created or why it was turned away; an error means nothing was stored.
+    /// Stores several requests' jobs in one transaction. Answers, per request, whether its
+    /// jobs were stored or why it was turned away; an error means nothing was stored.
     async fn create_jobs_together(
         &self,
         submissions: &[Submission],
-    ) -> StoreResult<Vec<StoreResult<Vec<Job>>>> {
+    ) -> StoreResult<Vec<StoreResult<()>>> {
         let mut tx = self.writer().begin().await?;
         let mut turned_away = vec![None; submissions.len()];
         for (index, submission) in submissions.iter().enumerate() {
@@ -99,20 +101,19 @@ impl Store {
                 Err(other) => return Err(other),
             }
         }
-        let accepted: Vec<NewJob> = submissions
+        let accepted: Vec<&NewJob> = submissions
             .iter()
             .zip(&turned_away)
             .filter(|(_, refused)| refused.is_none())
-            .flat_map(|(submission, _)| submission.jobs.iter().cloned())
+            .flat_map(|(submission, _)| &submission.jobs)
             .collect();
-        let mut created = insert_jobs(&mut tx, &accepted, None).await?.into_iter();
+        insert_new_jobs(&mut tx, accepted).await?;
         tx.commit().await?;
-        Ok(submissions
-            .iter()
-            .zip(turned_away)
-            .map(|(submission, refused)| match refused {
+        Ok(turned_away
+            .into_iter()
+            .map(|refused| match refused {
                 Some(why) => Err(StoreError::UniqueTaken(why)),
-                None => Ok(created.by_ref().take(submission.jobs.len()).collect()),
+                None => Ok(()),
             })
             .collect())
     }
@@ -239,12 +240,14 @@ mod tests {
                 assert_eq!(stored, None, "the turned-away request's job is not stored");
                 continue;
             }
-            let created = results[index].as_ref().unwrap();
-            assert_eq!(created.len(), submission.jobs.len());
-            for (made, asked) in created.iter().zip(&submission.jobs) {
-                assert_eq!(made, &asked.to_pending_job());
+            assert!(results[index].is_ok());
+            for asked in &submission.jobs {
                 let stored = store.get_job(key.id, asked.id).await.unwrap();
-                assert_eq!(stored.as_ref(), Some(made), "read back as answered");
+                assert_eq!(
+                    stored,
+                    Some(asked.to_pending_job()),
+                    "read back as answered"
+                );
                 assert_eq!(store.job_events(asked.id).await.unwrap().len(), 1);
             }
         }

@@ -350,9 +350,20 @@ pub(super) async fn insert_jobs(
     jobs: &[NewJob],
     idempotency: Option<&IdempotencyCompletion>,
 ) -> StoreResult<Vec<Job>> {
-    let created: Vec<Job> = jobs.iter().map(NewJob::to_pending_job).collect();
-    let rows = created
-        .iter()
+    insert_new_jobs(tx, jobs).await?;
+    if let Some(done) = idempotency {
+        complete_idempotency(tx, done).await?;
+    }
+    Ok(jobs.iter().map(NewJob::to_pending_job).collect())
+}
+
+/// Inserts jobs as `pending` with their first history rows, inside the caller's transaction.
+pub(super) async fn insert_new_jobs<'j>(
+    tx: &mut Tx,
+    jobs: impl IntoIterator<Item = &'j NewJob>,
+) -> StoreResult<()> {
+    let rows = jobs
+        .into_iter()
         .map(InsertedJob::of)
         .collect::<StoreResult<Vec<_>>>()?;
     let dialect = tx.dialect();
@@ -367,10 +378,7 @@ pub(super) async fn insert_jobs(
             )
             .await?;
     }
-    if let Some(done) = idempotency {
-        complete_idempotency(tx, done).await?;
-    }
-    Ok(created)
+    Ok(())
 }
 
 /// The most bytes of JSON one insert statement carries, unless a single job is larger.
@@ -419,6 +427,7 @@ struct InsertedJob<'a> {
     /// The input as JSON text, stored as is.
     input: String,
     status: &'static str,
+    /// Due at once.
     next_attempt_at: Option<String>,
     sandbox: bool,
     idempotency_key: Option<&'a str>,
@@ -426,7 +435,8 @@ struct InsertedJob<'a> {
 }
 
 impl<'a> InsertedJob<'a> {
-    fn of(job: &'a Job) -> StoreResult<Self> {
+    /// The row of a new job, as [`NewJob::to_pending_job`] describes it.
+    fn of(job: &'a NewJob) -> StoreResult<Self> {
         let id = |id: Uuid| id.simple().to_string();
         let time = |at: DateTime<Utc>| at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
         Ok(Self {
@@ -438,8 +448,8 @@ impl<'a> InsertedJob<'a> {
             endpoint: &job.endpoint,
             input: serde_json::to_string(&job.input)
                 .map_err(|e| StoreError::Database(format!("a job's input as JSON: {e}")))?,
-            status: job.status.as_str(),
-            next_attempt_at: job.next_attempt_at.map(time),
+            status: JobStatus::Pending.as_str(),
+            next_attempt_at: Some(time(job.created_at)),
             sandbox: job.sandbox,
             idempotency_key: job.idempotency_key.as_deref(),
             created_at: time(job.created_at),

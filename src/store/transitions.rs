@@ -621,7 +621,8 @@ mod tests {
             idempotency_key: None,
             created_at: crate::domain::now(),
         };
-        let job = store.create_jobs(&[new], None).await.unwrap().remove(0);
+        let job = new.to_pending_job();
+        store.create_jobs(vec![new], None).await.unwrap();
         (store, job, path)
     }
 
