@@ -14,8 +14,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::{Notify, Semaphore};
 
 /// What every handler can reach. Workers get a narrower [`crate::worker::WorkerContext`].
+///
+/// One allocation behind a reference count: the router clones the state for every request (once
+/// per layer), and a clone of each part would cost a dozen atomic operations each time.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct Shared {
     pub store: Store,
     pub config: Arc<Config>,
     pub fal: FalClient,
@@ -59,7 +73,7 @@ impl AppState {
         } = parts;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let uploads = config.avatars.upload_concurrency;
-        Self {
+        Self(Arc::new(Shared {
             store,
             fal,
             jwks,
@@ -73,9 +87,11 @@ impl AppState {
             http_counters: Arc::default(),
             counters: Arc::default(),
             api_keys: Arc::default(),
-        }
+        }))
     }
+}
 
+impl Shared {
     /// Whether FAL is the built-in emulator.
     pub fn sandbox(&self) -> bool {
         self.config.sandbox
