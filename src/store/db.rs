@@ -29,10 +29,12 @@ pub(super) struct Dialect {
     pub claim_poll: String,
     pub next_due_submit: &'static str,
     pub next_due_poll: &'static str,
-    /// New jobs from a JSON array (`$1`), as `jobs::insert_jobs` writes it.
+    /// New jobs from a JSON array (`$1`), as `jobs::insert_jobs` writes it, and their first
+    /// history rows too where the backend can write both in one statement (then `$2` is the
+    /// rows' source).
     pub insert_jobs: &'static str,
-    /// Their first history rows, from the same array; `$2` is the source.
-    pub insert_first_events: &'static str,
+    /// Otherwise their first history rows, from the same array; `$2` is the source.
+    pub insert_first_events: Option<&'static str>,
 }
 
 /// One value for a statement's placeholder. A NULL keeps its type (`None` in its variant):

@@ -23,6 +23,11 @@ const MOST_AT_ONCE: usize = 128;
 /// Requests waiting for the next transaction at most; beyond it a request waits to queue.
 const QUEUE: usize = 1024;
 
+/// Transactions of new jobs under way at once on PostgreSQL, where writers run side by side:
+/// while one waits on a round trip or its commit, the next can be filling. SQLite has one
+/// writer, so one transaction at a time.
+const POSTGRES_LANES: usize = 4;
+
 /// One request's jobs, and where to tell it what became of them.
 pub(super) struct Submission {
     jobs: Vec<NewJob>,
@@ -61,9 +66,16 @@ impl Store {
     fn intake_queue(&self) -> &Queue {
         self.intake.get_or_init(|| {
             let (queue, waiting) = mpsc::channel(QUEUE);
-            // A store of its own that shares the pools but not this queue, so that the task
-            // does not keep its own queue open.
-            tokio::spawn(group_commit(self.without_intake(), waiting));
+            let waiting = std::sync::Arc::new(tokio::sync::Mutex::new(waiting));
+            let lanes = match self.backend_name() {
+                "postgres" => POSTGRES_LANES,
+                _ => 1,
+            };
+            for _ in 0..lanes {
+                // A store of its own that shares the pools but not this queue, so that the
+                // task does not keep its own queue open.
+                tokio::spawn(group_commit(self.without_intake(), waiting.clone()));
+            }
             queue
         })
     }
@@ -119,10 +131,22 @@ impl Store {
     }
 }
 
-/// Takes whatever has queued, stores it, answers, and goes again, until no store is left.
-async fn group_commit(store: Store, mut waiting: mpsc::Receiver<Submission>) {
+/// Takes whatever has queued, stores it, answers, and goes again, until no store is left. The
+/// lanes take turns at the queue; each holds it only while taking a batch.
+async fn group_commit(
+    store: Store,
+    waiting: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Submission>>>,
+) {
     let mut batch = Vec::with_capacity(MOST_AT_ONCE);
-    while waiting.recv_many(&mut batch, MOST_AT_ONCE).await > 0 {
+    loop {
+        let taken = waiting
+            .lock()
+            .await
+            .recv_many(&mut batch, MOST_AT_ONCE)
+            .await;
+        if taken == 0 {
+            break;
+        }
         // A request whose client left is still stored (its answer may already be on the
         // wire elsewhere, and it may carry an Idempotency-Key a retry will replay).
         if batch.len() == 1 {

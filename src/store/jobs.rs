@@ -367,16 +367,23 @@ pub(super) async fn insert_new_jobs<'j>(
         .map(InsertedJob::of)
         .collect::<StoreResult<Vec<_>>>()?;
     let dialect = tx.dialect();
+    let source = EventSource::Api.as_str();
     for chunk in rows_in_small_messages(&rows)? {
-        tx.conn()
-            .execute(dialect.insert_jobs, &[chunk.as_str().into()])
-            .await?;
-        tx.conn()
-            .execute(
-                dialect.insert_first_events,
-                &[chunk.as_str().into(), EventSource::Api.as_str().into()],
-            )
-            .await?;
+        match dialect.insert_first_events {
+            Some(insert_events) => {
+                tx.conn()
+                    .execute(dialect.insert_jobs, &[chunk.as_str().into()])
+                    .await?;
+                tx.conn()
+                    .execute(insert_events, &[chunk.as_str().into(), source.into()])
+                    .await?;
+            }
+            None => {
+                tx.conn()
+                    .execute(dialect.insert_jobs, &[chunk.as_str().into(), source.into()])
+                    .await?;
+            }
+        }
     }
     Ok(())
 }

@@ -16,17 +16,19 @@ use std::sync::LazyLock;
 pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
-    insert_jobs: "INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, endpoint, input, \
-        status, attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at) \
+    // The jobs and their first history rows in one statement; `$2` is the rows' source.
+    insert_jobs: "WITH new AS (INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, \
+        endpoint, input, status, attempts, next_attempt_at, sandbox, idempotency_key, \
+        created_at, updated_at) \
         SELECT j.id, j.tenant, j.kind, j.avatar_id, j.batch_id, j.endpoint, j.input::jsonb, \
         j.status, 0, j.next_attempt_at, j.sandbox, j.idempotency_key, j.created_at, \
         j.created_at FROM jsonb_to_recordset($1::jsonb) AS j(id uuid, tenant uuid, kind text, \
         avatar_id uuid, batch_id uuid, endpoint text, input text, status text, \
         next_attempt_at timestamptz, sandbox boolean, idempotency_key text, \
-        created_at timestamptz)",
-    insert_first_events: "INSERT INTO job_events (job_id, at, to_status, source) \
-        SELECT j.id, j.created_at, j.status, $2 FROM jsonb_to_recordset($1::jsonb) \
-        AS j(id uuid, status text, created_at timestamptz)",
+        created_at timestamptz) RETURNING id, created_at, status) \
+        INSERT INTO job_events (job_id, at, to_status, source) \
+        SELECT id, created_at, status, $2 FROM new",
+    insert_first_events: None,
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1 FOR UPDATE",
     get_job: format!(

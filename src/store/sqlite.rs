@@ -36,9 +36,11 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         $1 ->> (p || 'idempotency_key'), $1 ->> (p || 'created_at'), \
         $1 ->> (p || 'created_at') \
         FROM (SELECT '$[' || key || '].' AS p FROM json_each($1) ORDER BY key)",
-    insert_first_events: "INSERT INTO job_events (job_id, at, to_status, source) \
+    insert_first_events: Some(
+        "INSERT INTO job_events (job_id, at, to_status, source) \
         SELECT unhex($1 ->> (p || 'id')), $1 ->> (p || 'created_at'), $1 ->> (p || 'status'), $2 \
         FROM (SELECT '$[' || key || '].' AS p FROM json_each($1) ORDER BY key)",
+    ),
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1",
     get_job: format!(
