@@ -29,12 +29,27 @@ pub(super) struct Dialect {
     pub claim_poll: String,
     pub next_due_submit: &'static str,
     pub next_due_poll: &'static str,
-    /// New jobs from a JSON array (`$1`), as `jobs::insert_jobs` writes it, and their first
-    /// history rows too where the backend can write both in one statement (then `$2` is the
-    /// rows' source).
-    pub insert_jobs: &'static str,
-    /// Otherwise their first history rows, from the same array; `$2` is the source.
-    pub insert_first_events: Option<&'static str>,
+    /// How new jobs and their first history rows are inserted (`jobs::insert_new_jobs`).
+    pub insert_jobs: NewJobRows,
+}
+
+/// The statements that insert new jobs with their first history rows, a few at a time.
+pub(super) enum NewJobRows {
+    /// Two statements of bound values per chunk: `jobs[n - 1]` inserts `n` jobs, each
+    /// [`NewJobRows::JOB_VALUES`] values in `NewJob` order (id, tenant, kind, avatar_id,
+    /// batch_id, endpoint, input, status, next_attempt_at, sandbox, idempotency_key,
+    /// created_at), and `events[n - 1]` their history rows (job id, at, status, source).
+    Values {
+        jobs: Vec<String>,
+        events: Vec<String>,
+    },
+    /// One statement per chunk: the jobs as a JSON array (`$1`) and the rows' source (`$2`).
+    Json(&'static str),
+}
+
+impl NewJobRows {
+    pub const JOB_VALUES: usize = 12;
+    pub const EVENT_VALUES: usize = 4;
 }
 
 /// One value for a statement's placeholder. A NULL keeps its type (`None` in its variant):

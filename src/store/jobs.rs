@@ -1,7 +1,7 @@
 //! Jobs: creating them, reading them, and the leases workers claim them with. How news moves a
 //! job is in `transitions.rs`.
 
-use super::db::Tx;
+use super::db::{Arg, NewJobRows, Tx};
 use super::idempotency::complete_idempotency;
 use super::{IdempotencyCompletion, Store, StoreError, StoreResult};
 use crate::domain::job::{EventSource, JobKind, JobStatus};
@@ -362,25 +362,58 @@ pub(super) async fn insert_new_jobs<'j>(
     tx: &mut Tx,
     jobs: impl IntoIterator<Item = &'j NewJob>,
 ) -> StoreResult<()> {
-    let rows = jobs
-        .into_iter()
-        .map(InsertedJob::of)
-        .collect::<StoreResult<Vec<_>>>()?;
-    let dialect = tx.dialect();
+    let jobs: Vec<&NewJob> = jobs.into_iter().collect();
     let source = EventSource::Api.as_str();
-    for chunk in rows_in_small_messages(&rows)? {
-        match dialect.insert_first_events {
-            Some(insert_events) => {
+    match &tx.dialect().insert_jobs {
+        NewJobRows::Values {
+            jobs: insert_jobs,
+            events: insert_events,
+        } => {
+            for chunk in jobs.chunks(insert_jobs.len()) {
+                let statement = chunk.len() - 1;
+                let mut values: Vec<Arg> = Vec::with_capacity(chunk.len() * NewJobRows::JOB_VALUES);
+                let mut history: Vec<Arg> =
+                    Vec::with_capacity(chunk.len() * NewJobRows::EVENT_VALUES);
+                for job in chunk {
+                    let pending = JobStatus::Pending.as_str();
+                    let row: [Arg; NewJobRows::JOB_VALUES] = [
+                        job.id.into(),
+                        job.tenant.into(),
+                        job.kind.as_str().into(),
+                        job.avatar_id.into(),
+                        job.batch_id.into(),
+                        (&job.endpoint).into(),
+                        Arg::Json(Some(&job.input)),
+                        pending.into(),
+                        // Due at once.
+                        job.created_at.into(),
+                        job.sandbox.into(),
+                        (&job.idempotency_key).into(),
+                        job.created_at.into(),
+                    ];
+                    values.extend(row);
+                    let row: [Arg; NewJobRows::EVENT_VALUES] = [
+                        job.id.into(),
+                        job.created_at.into(),
+                        pending.into(),
+                        source.into(),
+                    ];
+                    history.extend(row);
+                }
+                tx.conn().execute(&insert_jobs[statement], &values).await?;
                 tx.conn()
-                    .execute(dialect.insert_jobs, &[chunk.as_str().into()])
-                    .await?;
-                tx.conn()
-                    .execute(insert_events, &[chunk.as_str().into(), source.into()])
+                    .execute(&insert_events[statement], &history)
                     .await?;
             }
-            None => {
+        }
+        NewJobRows::Json(insert) => {
+            let rows = jobs
+                .into_iter()
+                .map(InsertedJob::of)
+                .collect::<StoreResult<Vec<_>>>()?;
+            for chunk in rows_in_small_messages(&rows)? {
                 tx.conn()
-                    .execute(dialect.insert_jobs, &[chunk.as_str().into(), source.into()])
+                    .execute(insert, &[chunk.as_str().into(), source.into()])
                     .await?;
             }
         }

@@ -5,7 +5,7 @@
 //! rows another replica holds, and idempotency claims rest on a unique key.
 
 use super::avatars::AVATAR_COLUMNS;
-use super::db::Dialect;
+use super::db::{Dialect, NewJobRows};
 use super::jobs::JOB_COLUMNS;
 use super::{StoreError, StoreOptions, StoreResult, redact_url};
 use sqlx::PgPool;
@@ -17,7 +17,8 @@ pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 
 pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
     // The jobs and their first history rows in one statement; `$2` is the rows' source.
-    insert_jobs: "WITH new AS (INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, \
+    insert_jobs: NewJobRows::Json(
+        "WITH new AS (INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, \
         endpoint, input, status, attempts, next_attempt_at, sandbox, idempotency_key, \
         created_at, updated_at) \
         SELECT j.id, j.tenant, j.kind, j.avatar_id, j.batch_id, j.endpoint, j.input::jsonb, \
@@ -28,7 +29,7 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         created_at timestamptz) RETURNING id, created_at, status) \
         INSERT INTO job_events (job_id, at, to_status, source) \
         SELECT id, created_at, status, $2 FROM new",
-    insert_first_events: None,
+    ),
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1 FOR UPDATE",
     get_job: format!(

@@ -9,7 +9,7 @@
 //! lock before it reads rather than failing to upgrade a read lock.
 
 use super::avatars::AVATAR_COLUMNS;
-use super::db::Dialect;
+use super::db::{Dialect, NewJobRows};
 use super::jobs::JOB_COLUMNS;
 use super::{StoreError, StoreOptions, StoreResult};
 use sqlx::SqlitePool;
@@ -24,23 +24,59 @@ pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations
 /// How long a connection waits for another process's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most jobs one insert statement carries: SQLite binds values cheaply, and the text of
+/// each statement is prepared once per row count.
+pub(super) const ROWS_PER_INSERT: usize = 32;
+
+/// `INSERT INTO jobs … VALUES (…), …` for `rows` new jobs.
+fn insert_jobs_values(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|row| {
+            let n = |k: usize| format!("${}", row * NewJobRows::JOB_VALUES + k);
+            format!(
+                "({}, {}, {}, {}, {}, {}, {}, {}, 0, {}, {}, {}, {}, {})",
+                n(1),
+                n(2),
+                n(3),
+                n(4),
+                n(5),
+                n(6),
+                n(7),
+                n(8),
+                n(9),
+                n(10),
+                n(11),
+                n(12),
+                n(12)
+            )
+        })
+        .collect();
+    format!(
+        "INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, endpoint, input, status, \
+         attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at) VALUES {}",
+        values.join(", ")
+    )
+}
+
+/// `INSERT INTO job_events … VALUES (…), …` for the first history rows of `rows` new jobs.
+fn insert_events_values(rows: usize) -> String {
+    let values: Vec<String> = (0..rows)
+        .map(|row| {
+            let n = |k: usize| format!("${}", row * NewJobRows::EVENT_VALUES + k);
+            format!("({}, {}, {}, {})", n(1), n(2), n(3), n(4))
+        })
+        .collect();
+    format!(
+        "INSERT INTO job_events (job_id, at, to_status, source) VALUES {}",
+        values.join(", ")
+    )
+}
+
 pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
-    // Each field is read from the whole array by its path: reading `value` instead would turn
-    // the row's object back into text once per field.
-    insert_jobs: "INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, endpoint, input, \
-        status, attempts, next_attempt_at, sandbox, idempotency_key, created_at, updated_at) \
-        SELECT unhex($1 ->> (p || 'id')), unhex($1 ->> (p || 'tenant')), $1 ->> (p || 'kind'), \
-        unhex($1 ->> (p || 'avatar_id')), unhex($1 ->> (p || 'batch_id')), \
-        $1 ->> (p || 'endpoint'), $1 ->> (p || 'input'), $1 ->> (p || 'status'), 0, \
-        $1 ->> (p || 'next_attempt_at'), $1 ->> (p || 'sandbox'), \
-        $1 ->> (p || 'idempotency_key'), $1 ->> (p || 'created_at'), \
-        $1 ->> (p || 'created_at') \
-        FROM (SELECT '$[' || key || '].' AS p FROM json_each($1) ORDER BY key)",
-    insert_first_events: Some(
-        "INSERT INTO job_events (job_id, at, to_status, source) \
-        SELECT unhex($1 ->> (p || 'id')), $1 ->> (p || 'created_at'), $1 ->> (p || 'status'), $2 \
-        FROM (SELECT '$[' || key || '].' AS p FROM json_each($1) ORDER BY key)",
-    ),
+    insert_jobs: NewJobRows::Values {
+        jobs: (1..=ROWS_PER_INSERT).map(insert_jobs_values).collect(),
+        events: (1..=ROWS_PER_INSERT).map(insert_events_values).collect(),
+    },
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1",
     get_job: format!(
