@@ -18,68 +18,14 @@ use falgate::domain::job::JobKind;
 use falgate::emulator::{Durations, EmulatorConfig, EmulatorHandle};
 use falgate::store::{ClaimKind, NewJob, Store, StoreOptions};
 use std::time::{Duration, Instant};
+use support::Database;
 use uuid::Uuid;
+
+mod support;
 
 const IN_FLIGHT: usize = 1_000;
 const FINISHED: usize = 100_000;
 const ROUNDS: usize = 300;
-
-/// A database made for one figure and removed after.
-struct Database {
-    url: String,
-    admin: Option<(String, String)>,
-}
-
-impl Database {
-    async fn create() -> Self {
-        match std::env::var("FALGATE_BENCH_POSTGRES_URL") {
-            Ok(admin_url) if !admin_url.is_empty() => {
-                let name = format!("falgate_footprint_{}", Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(&admin_url).await.expect("postgres");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&admin)
-                    .await
-                    .expect("create the bench database");
-                admin.close().await;
-                let mut url = reqwest::Url::parse(&admin_url).expect("a postgres URL");
-                url.set_path(&format!("/{name}"));
-                Self {
-                    url: url.to_string(),
-                    admin: Some((admin_url, name)),
-                }
-            }
-            _ => {
-                let path = std::env::temp_dir()
-                    .join(format!("falgate-footprint-{}.db", Uuid::new_v4().simple()));
-                Self {
-                    url: format!("sqlite:{}", path.display()),
-                    admin: None,
-                }
-            }
-        }
-    }
-
-    async fn remove(self) {
-        match self.admin {
-            Some((admin_url, name)) => {
-                let admin = sqlx::PgPool::connect(&admin_url).await.expect("postgres");
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&admin)
-                .await
-                .expect("drop the bench database");
-                admin.close().await;
-            }
-            None => {
-                let path = self.url.trim_start_matches("sqlite:");
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{path}{suffix}"));
-                }
-            }
-        }
-    }
-}
 
 fn new_jobs(tenant: Uuid, count: usize) -> Vec<NewJob> {
     (0..count)
@@ -160,15 +106,15 @@ async fn add_jobs(store: &Store, url: &str, tenant: Uuid, count: usize, status: 
 /// The median time of one reconciler round on a database holding `finished` finished jobs and
 /// `IN_FLIGHT` due ones.
 async fn reconciler_round(finished: usize) -> (Duration, String) {
-    let database = Database::create().await;
-    let store = Store::connect(&database.url, &StoreOptions::default())
+    let (database, url) = Database::create("falgate_footprint").await;
+    let store = Store::connect(&url, &StoreOptions::default())
         .await
         .unwrap();
     store.migrate().await.unwrap();
     let (key, _) = store.issue_api_key("footprint").await.unwrap();
-    add_jobs(&store, &database.url, key.id, finished, "succeeded").await;
-    add_jobs(&store, &database.url, key.id, IN_FLIGHT, "submitted").await;
-    let backend = store.backend_name().to_owned();
+    add_jobs(&store, &url, key.id, finished, "succeeded").await;
+    add_jobs(&store, &url, key.id, IN_FLIGHT, "submitted").await;
+    let backend = database.backend().to_owned();
     let mut rounds = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {
         let started = Instant::now();
@@ -211,8 +157,8 @@ impl Drop for Server {
 }
 
 async fn memory_in_flight() -> Option<(u64, u64)> {
-    let database = Database::create().await;
-    let store = Store::connect(&database.url, &StoreOptions::default())
+    let (database, url) = Database::create("falgate_footprint").await;
+    let store = Store::connect(&url, &StoreOptions::default())
         .await
         .unwrap();
     store.migrate().await.unwrap();
@@ -233,7 +179,7 @@ async fn memory_in_flight() -> Option<(u64, u64)> {
     let server = Server(
         std::process::Command::new(env!("CARGO_BIN_EXE_falgate"))
             .arg("serve")
-            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_URL", &url)
             .env("FALGATE_STORAGE_DIR", &storage)
             .env("FALGATE_LISTEN", format!("127.0.0.1:{port}"))
             .env("FALGATE_PUBLIC_URL", format!("http://127.0.0.1:{port}"))

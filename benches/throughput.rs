@@ -36,6 +36,9 @@ use falgate::app::App;
 use falgate::config::{Config, Secret};
 use falgate::emulator::{Durations, EmulatorConfig, EmulatorHandle};
 use std::time::{Duration, Instant};
+use support::Database;
+
+mod support;
 
 const WARMUP: Duration = Duration::from_secs(2);
 
@@ -225,110 +228,50 @@ async fn bare_insert(State(db): State<Bare>, body: axum::Json<BareJob>) -> Statu
     }
 }
 
-/// The database of one run, made fresh and removed after.
-enum Database {
-    SqliteFile(std::path::PathBuf),
-    Postgres { admin_url: String, name: String },
-}
-
-impl Database {
-    async fn create() -> (Self, String) {
-        match std::env::var("FALGATE_BENCH_POSTGRES_URL") {
-            Ok(admin_url) if !admin_url.is_empty() => {
-                let name = format!("falgate_bench_{}", uuid::Uuid::new_v4().simple());
-                let admin = sqlx::PgPool::connect(&admin_url).await.expect("postgres");
-                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-                    .execute(&admin)
-                    .await
-                    .expect("create the bench database");
-                admin.close().await;
-                let mut url = reqwest::Url::parse(&admin_url).expect("a postgres URL");
-                url.set_path(&format!("/{name}"));
-                (Self::Postgres { admin_url, name }, url.to_string())
-            }
-            _ => {
-                let path = std::env::temp_dir().join(format!(
-                    "falgate-bench-{}.db",
-                    uuid::Uuid::new_v4().simple()
-                ));
-                let url = format!("sqlite:{}", path.display());
-                (Self::SqliteFile(path), url)
-            }
-        }
-    }
-
-    fn backend(&self) -> &'static str {
-        match self {
-            Self::SqliteFile(_) => "sqlite",
-            Self::Postgres { .. } => "postgres",
-        }
-    }
-
-    /// A pool for the bare handler, configured as falgate's own: WAL and a busy timeout on
-    /// SQLite, 10 connections.
-    async fn bare_pool(&self, url: &str) -> Bare {
-        let table = "CREATE TABLE bench_rows (id {id} PRIMARY KEY, endpoint TEXT, input {json}, \
+/// A pool for the bare handler, configured as falgate's own: WAL and a busy timeout on
+/// SQLite, 10 connections.
+async fn bare_pool(database: &Database, url: &str) -> Bare {
+    let table = "CREATE TABLE bench_rows (id {id} PRIMARY KEY, endpoint TEXT, input {json}, \
                      created_at {at})";
-        match self {
-            Self::SqliteFile(_) => {
-                let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                    .max_connections(10)
-                    .connect_with(
-                        url.parse::<sqlx::sqlite::SqliteConnectOptions>()
-                            .expect("a sqlite URL")
-                            .create_if_missing(true)
-                            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                            .busy_timeout(Duration::from_secs(10)),
-                    )
-                    .await
-                    .expect("sqlite");
-                let create = table
-                    .replace("{id}", "BLOB")
-                    .replace("{json}", "TEXT")
-                    .replace("{at}", "TEXT");
-                sqlx::query(sqlx::AssertSqlSafe(create))
-                    .execute(&pool)
-                    .await
-                    .expect("bench table");
-                Bare::Sqlite(pool)
-            }
-            Self::Postgres { .. } => {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(10)
-                    .connect(url)
-                    .await
-                    .expect("postgres");
-                let create = table
-                    .replace("{id}", "UUID")
-                    .replace("{json}", "JSONB")
-                    .replace("{at}", "TIMESTAMPTZ");
-                sqlx::query(sqlx::AssertSqlSafe(create))
-                    .execute(&pool)
-                    .await
-                    .expect("bench table");
-                Bare::Postgres(pool)
-            }
-        }
-    }
-
-    async fn remove(self) {
-        match self {
-            Self::SqliteFile(path) => {
-                for suffix in ["", "-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
-            }
-            Self::Postgres { admin_url, name } => {
-                let admin = sqlx::PgPool::connect(&admin_url).await.expect("postgres");
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&admin)
+    match database {
+        Database::SqliteFile(_) => {
+            let pool = sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(10)
+                .connect_with(
+                    url.parse::<sqlx::sqlite::SqliteConnectOptions>()
+                        .expect("a sqlite URL")
+                        .create_if_missing(true)
+                        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                        .busy_timeout(Duration::from_secs(10)),
+                )
                 .await
-                .expect("drop the bench database");
-                admin.close().await;
-            }
+                .expect("sqlite");
+            let create = table
+                .replace("{id}", "BLOB")
+                .replace("{json}", "TEXT")
+                .replace("{at}", "TEXT");
+            sqlx::query(sqlx::AssertSqlSafe(create))
+                .execute(&pool)
+                .await
+                .expect("bench table");
+            Bare::Sqlite(pool)
+        }
+        Database::Postgres { .. } => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(10)
+                .connect(url)
+                .await
+                .expect("postgres");
+            let create = table
+                .replace("{id}", "UUID")
+                .replace("{json}", "JSONB")
+                .replace("{at}", "TIMESTAMPTZ");
+            sqlx::query(sqlx::AssertSqlSafe(create))
+                .execute(&pool)
+                .await
+                .expect("bench table");
+            Bare::Postgres(pool)
         }
     }
 }
@@ -365,10 +308,10 @@ fn main() {
 }
 
 async fn run(measured: Duration, connections: usize) {
-    let (database, database_url) = Database::create().await;
+    let (database, database_url) = Database::create("falgate_bench").await;
     let body = job_body(1);
 
-    let bare = database.bare_pool(&database_url).await;
+    let bare = bare_pool(&database, &database_url).await;
     let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let bare_addr = bare_listener.local_addr().unwrap();
     let router = Router::new()

@@ -1,9 +1,10 @@
 //! Group commit of new jobs. Every `POST /v1/jobs` is one small transaction; under load, what
 //! bounds intake is not the rows but the transactions (each a turn of the one SQLite writer, or
 //! a PostgreSQL commit) and the statements around them. So requests that arrive while a
-//! transaction is at work wait for the next one together: one task takes whatever has queued,
+//! transaction is at work wait for the next one together: a task takes whatever has queued,
 //! up to [`MOST_AT_ONCE`] requests, and stores all their jobs in one transaction of a few
-//! statements (see `jobs::insert_jobs`). Each request is answered only once that
+//! statements (see `jobs::insert_new_jobs`). SQLite has one such task, as it has one writer;
+//! PostgreSQL has [`POSTGRES_LANES`], so that one transaction fills while another commits. Each request is answered only once that
 //! transaction has committed, so an answered job is durable, as before.
 //!
 //! A request must not fail because of another's mistake. A request whose Idempotency-Key was
@@ -181,7 +182,7 @@ async fn group_commit(
 mod tests {
     use super::*;
     use crate::domain::job::JobKind;
-    use crate::store::{IdempotencyClaim, IdempotencyState, StoreOptions};
+    use crate::store::{IdempotencyClaim, IdempotencyState};
     use uuid::Uuid;
 
     fn new_job(tenant: Uuid, n: usize) -> NewJob {
@@ -228,14 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_whose_key_was_taken_over_is_turned_away_alone() {
-        let path = std::env::temp_dir().join(format!("falgate-intake-{}.db", Uuid::now_v7()));
-        let store = Store::connect(
-            &format!("sqlite:{}", path.display()),
-            &StoreOptions::default(),
-        )
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let (store, path) = crate::store::scratch_store().await;
         let (key, _) = store.issue_api_key("t").await.unwrap();
         let held = claim(&store, key.id, "held").await;
         claim(&store, key.id, "lost").await;
@@ -294,9 +288,6 @@ mod tests {
                 body: "{\"for\":\"held\"}".into()
             }
         );
-        store.close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        crate::store::forget_scratch_store(store, path).await;
     }
 }

@@ -341,10 +341,8 @@ impl Store {
 
 /// Inserts jobs as `pending` with their first history row and, when the request carried an
 /// Idempotency-Key, completes it: inside the caller's transaction, so that all land or none
-/// does. Two statements for every few kilobytes of jobs, not two per job: the jobs travel as
-/// JSON arrays that the database unpacks (`json_each` on SQLite, `jsonb_to_recordset` on
-/// PostgreSQL), so a generation of many images or a shared intake transaction costs few round
-/// trips.
+/// does. A few statements for many jobs, not two per job (see [`insert_new_jobs`]), so that a
+/// generation of many images or a shared intake transaction costs few round trips.
 pub(super) async fn insert_jobs(
     tx: &mut Tx,
     jobs: &[NewJob],
@@ -357,7 +355,10 @@ pub(super) async fn insert_jobs(
     Ok(jobs.iter().map(NewJob::to_pending_job).collect())
 }
 
-/// Inserts jobs as `pending` with their first history rows, inside the caller's transaction.
+/// Inserts jobs as `pending` with their first history rows, inside the caller's transaction:
+/// on SQLite as rows of bound values, 32 jobs to a statement, jobs and history rows apart; on
+/// PostgreSQL as JSON arrays of a few kilobytes that the database unpacks
+/// (`jsonb_to_recordset`), jobs and history rows in one statement.
 pub(super) async fn insert_new_jobs<'j>(
     tx: &mut Tx,
     jobs: impl IntoIterator<Item = &'j NewJob>,

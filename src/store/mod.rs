@@ -219,6 +219,29 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A migrated SQLite store in a file of its own, for the store's unit tests.
+#[cfg(test)]
+pub(crate) async fn scratch_store() -> (Store, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("falgate-store-{}.db", uuid::Uuid::now_v7()));
+    let store = Store::connect(
+        &format!("sqlite:{}", path.display()),
+        &StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    (store, path)
+}
+
+/// Closes a [`scratch_store`] and removes its files.
+#[cfg(test)]
+pub(crate) async fn forget_scratch_store(store: Store, path: std::path::PathBuf) {
+    store.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -596,18 +596,11 @@ impl Applied {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ClaimKind, NewJob, StoreOptions};
+    use crate::store::{ClaimKind, NewJob};
     use std::time::Duration;
 
     async fn store_with_a_pending_job() -> (Store, Job, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!("falgate-store-{}.db", Uuid::now_v7()));
-        let store = Store::connect(
-            &format!("sqlite:{}", path.display()),
-            &StoreOptions::default(),
-        )
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let (store, path) = crate::store::scratch_store().await;
         let (key, _) = store.issue_api_key("t").await.unwrap();
         let new = NewJob {
             id: Uuid::now_v7(),
@@ -627,10 +620,7 @@ mod tests {
     }
 
     async fn forget(store: Store, path: std::path::PathBuf) {
-        store.close().await;
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
+        crate::store::forget_scratch_store(store, path).await;
     }
 
     #[tokio::test]
