@@ -1,6 +1,7 @@
 //! Latency of the happy path, beside a baseline: a bare axum handler doing one insert into the
 //! same database. Run with `cargo bench --bench latency` (SQLite), or with
-//! `FALGATE_BENCH_POSTGRES_URL=postgres://…/db` for PostgreSQL (the database is reset).
+//! `FALGATE_BENCH_POSTGRES_URL=postgres://…/postgres` for PostgreSQL (a fresh database is made
+//! on that server for the run and dropped after).
 //!
 //! Measured, over loopback with the emulator answering at once:
 //! - submit: the client sends `POST /v1/jobs` → the emulator receives the FAL submit
@@ -13,9 +14,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::post;
 use falgate::app::App;
-use falgate::config::{Config, Secret};
 use falgate::emulator::{Durations, EmulatorConfig};
 use std::time::{Duration, Instant, SystemTime};
+use support::Database;
+
+mod support;
 
 const WARMUP: usize = 20;
 const RUNS: usize = 300;
@@ -90,16 +93,8 @@ fn main() {
 }
 
 async fn run() {
-    let (database_url, backend, sqlite_path) = match std::env::var("FALGATE_BENCH_POSTGRES_URL") {
-        Ok(url) if !url.is_empty() => (url, "postgres", None),
-        _ => {
-            let path = std::env::temp_dir().join(format!(
-                "falgate-bench-{}.db",
-                uuid::Uuid::new_v4().simple()
-            ));
-            (format!("sqlite:{}", path.display()), "sqlite", Some(path))
-        }
-    };
+    let (database, database_url) = Database::create("falgate_latency").await;
+    let backend = database.backend();
     let client = reqwest::Client::new();
 
     // Baseline: the same database, one insert per request.
@@ -127,13 +122,12 @@ async fn run() {
         Bare::Sqlite(pool)
     } else {
         let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
-        for statement in [
-            "DROP SCHEMA public CASCADE",
-            "CREATE SCHEMA public",
+        sqlx::query(
             "CREATE TABLE bench_rows (id UUID PRIMARY KEY, input JSONB, created_at TIMESTAMPTZ)",
-        ] {
-            sqlx::query(statement).execute(&pool).await.unwrap();
-        }
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
         Bare::Postgres(pool)
     };
     let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -152,14 +146,7 @@ async fn run() {
     fal.set_all_durations(Durations::new(0, 0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut config = Config::for_database(&database_url);
-    config.sandbox = false;
-    config.fal_key = Some(EmulatorConfig::default().key);
-    config.fal_urls.queue = fal.base_url();
-    config.fal_urls.rest = fal.base_url();
-    config.fal_urls.jwks = fal.jwks_url();
-    config.public_url = Some(format!("http://{addr}").parse().unwrap());
-    config.webhook_secrets = vec![Secret::new("bench-webhook-secret-0123456789abcdef")];
+    let mut config = support::config_against(&database_url, &fal, addr);
     // The reconciler stays out of the way: every job here ends through its callback.
     config.workers.callback_grace = Duration::from_secs(600);
     let app = App::build(config, listener).await.unwrap();
@@ -237,9 +224,5 @@ async fn run() {
 
     app.shutdown().await;
     fal.shutdown().await;
-    if let Some(path) = sqlite_path {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-        }
-    }
+    database.remove().await;
 }

@@ -33,7 +33,6 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use falgate::app::App;
-use falgate::config::{Config, Secret};
 use falgate::emulator::{Durations, EmulatorConfig, EmulatorHandle};
 use std::time::{Duration, Instant};
 use support::Database;
@@ -280,15 +279,8 @@ async fn bare_pool(database: &Database, url: &str) -> Bare {
 async fn start_falgate(database_url: &str, fal: &EmulatorHandle, workers: bool) -> App {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let mut config = Config::for_database(database_url);
-    config.sandbox = false;
+    let mut config = support::config_against(database_url, fal, addr);
     config.run_workers = workers;
-    config.fal_key = Some(EmulatorConfig::default().key);
-    config.fal_urls.queue = fal.base_url();
-    config.fal_urls.rest = fal.base_url();
-    config.fal_urls.jwks = fal.jwks_url();
-    config.public_url = Some(format!("http://{addr}").parse().unwrap());
-    config.webhook_secrets = vec![Secret::new("bench-webhook-secret-0123456789abcdef")];
     App::build(config, listener).await.expect("falgate")
 }
 

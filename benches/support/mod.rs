@@ -1,4 +1,27 @@
-//! What the benchmarks share: a database made fresh for a run and removed after.
+//! What the benchmarks share: a database made fresh for a run and removed after, and falgate's
+//! configuration against the emulator. Each benchmark uses part of it.
+#![allow(dead_code)]
+
+use falgate::config::{Config, Secret};
+use falgate::emulator::{EmulatorConfig, EmulatorHandle};
+
+/// falgate on `database_url`, against the FAL emulator at `fal`, serving at `addr` with the
+/// callbacks addressed to itself.
+pub fn config_against(
+    database_url: &str,
+    fal: &EmulatorHandle,
+    addr: std::net::SocketAddr,
+) -> Config {
+    let mut config = Config::for_database(database_url);
+    config.sandbox = false;
+    config.fal_key = Some(EmulatorConfig::default().key);
+    config.fal_urls.queue = fal.base_url();
+    config.fal_urls.rest = fal.base_url();
+    config.fal_urls.jwks = fal.jwks_url();
+    config.public_url = Some(format!("http://{addr}").parse().unwrap());
+    config.webhook_secrets = vec![Secret::new("bench-webhook-secret-0123456789abcdef")];
+    config
+}
 
 /// The database of one run: a fresh SQLite file, or, when `FALGATE_BENCH_POSTGRES_URL` names a
 /// PostgreSQL server, a fresh database on it.

@@ -68,9 +68,9 @@ impl Store {
         self.intake.get_or_init(|| {
             let (queue, waiting) = mpsc::channel(QUEUE);
             let waiting = std::sync::Arc::new(tokio::sync::Mutex::new(waiting));
-            let lanes = match self.backend_name() {
-                "postgres" => POSTGRES_LANES,
-                _ => 1,
+            let lanes = match self.pools {
+                super::Pools::Postgres(_) => POSTGRES_LANES,
+                super::Pools::Sqlite(_) => 1,
             };
             for _ in 0..lanes {
                 // A store of its own that shares the pools but not this queue, so that the

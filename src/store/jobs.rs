@@ -453,47 +453,39 @@ fn rows_in_small_messages(rows: &[InsertedJob<'_>]) -> StoreResult<Vec<String>> 
     Ok(chunks)
 }
 
-/// A new job as the insert statements read it from their JSON parameter. Ids are bare hex
-/// (SQLite turns them back into the 16-byte blobs its columns hold; PostgreSQL reads them as
-/// uuids) and times are spelt as the SQLite driver spells a bound time, so that rows made
-/// this way compare and sort with every other.
+/// A new job as PostgreSQL's insert statement reads it from its JSON parameter: pending and due
+/// at once, as [`NewJob::to_pending_job`] describes it.
 #[derive(serde::Serialize)]
 struct InsertedJob<'a> {
-    id: String,
-    tenant: String,
+    id: Uuid,
+    tenant: Uuid,
     kind: &'static str,
-    avatar_id: Option<String>,
-    batch_id: Option<String>,
+    avatar_id: Option<Uuid>,
+    batch_id: Option<Uuid>,
     endpoint: &'a str,
     /// The input as JSON text, stored as is.
     input: String,
     status: &'static str,
-    /// Due at once.
-    next_attempt_at: Option<String>,
     sandbox: bool,
     idempotency_key: Option<&'a str>,
-    created_at: String,
+    created_at: DateTime<Utc>,
 }
 
 impl<'a> InsertedJob<'a> {
-    /// The row of a new job, as [`NewJob::to_pending_job`] describes it.
     fn of(job: &'a NewJob) -> StoreResult<Self> {
-        let id = |id: Uuid| id.simple().to_string();
-        let time = |at: DateTime<Utc>| at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
         Ok(Self {
-            id: id(job.id),
-            tenant: id(job.tenant),
+            id: job.id,
+            tenant: job.tenant,
             kind: job.kind.as_str(),
-            avatar_id: job.avatar_id.map(id),
-            batch_id: job.batch_id.map(id),
+            avatar_id: job.avatar_id,
+            batch_id: job.batch_id,
             endpoint: &job.endpoint,
             input: serde_json::to_string(&job.input)
                 .map_err(|e| StoreError::Database(format!("a job's input as JSON: {e}")))?,
             status: JobStatus::Pending.as_str(),
-            next_attempt_at: Some(time(job.created_at)),
             sandbox: job.sandbox,
             idempotency_key: job.idempotency_key.as_deref(),
-            created_at: time(job.created_at),
+            created_at: job.created_at,
         })
     }
 }

@@ -16,17 +16,18 @@ use std::sync::LazyLock;
 pub(super) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
 pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
-    // The jobs and their first history rows in one statement; `$2` is the rows' source.
+    // The jobs and their first history rows in one statement, due at once; `$2` is the rows'
+    // source.
     insert_jobs: NewJobRows::Json(
         "WITH new AS (INSERT INTO jobs (id, tenant, kind, avatar_id, batch_id, \
         endpoint, input, status, attempts, next_attempt_at, sandbox, idempotency_key, \
         created_at, updated_at) \
         SELECT j.id, j.tenant, j.kind, j.avatar_id, j.batch_id, j.endpoint, j.input::jsonb, \
-        j.status, 0, j.next_attempt_at, j.sandbox, j.idempotency_key, j.created_at, \
+        j.status, 0, j.created_at, j.sandbox, j.idempotency_key, j.created_at, \
         j.created_at FROM jsonb_to_recordset($1::jsonb) AS j(id uuid, tenant uuid, kind text, \
         avatar_id uuid, batch_id uuid, endpoint text, input text, status text, \
-        next_attempt_at timestamptz, sandbox boolean, idempotency_key text, \
-        created_at timestamptz) RETURNING id, created_at, status) \
+        sandbox boolean, idempotency_key text, created_at timestamptz) \
+        RETURNING id, created_at, status) \
         INSERT INTO job_events (job_id, at, to_status, source) \
         SELECT id, created_at, status, $2 FROM new",
     ),
