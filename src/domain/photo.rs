@@ -410,9 +410,9 @@ mod tests {
             .collect()
     }
 
-    fn png(width: u32, height: u32) -> Vec<u8> {
-        let mut out = Vec::new();
-        PngEncoder::new(&mut out)
+    /// Has `encoder` write a `width`×`height` picture of [`pixels`].
+    fn encode(encoder: impl ImageEncoder, width: u32, height: u32) {
+        encoder
             .write_image(
                 &pixels(width, height),
                 width,
@@ -420,32 +420,23 @@ mod tests {
                 ExtendedColorType::Rgb8,
             )
             .unwrap();
+    }
+
+    fn png(width: u32, height: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode(PngEncoder::new(&mut out), width, height);
         out
     }
 
     fn jpeg(width: u32, height: u32) -> Vec<u8> {
         let mut out = Vec::new();
-        JpegEncoder::new_with_quality(&mut out, 80)
-            .write_image(
-                &pixels(width, height),
-                width,
-                height,
-                ExtendedColorType::Rgb8,
-            )
-            .unwrap();
+        encode(JpegEncoder::new_with_quality(&mut out, 80), width, height);
         out
     }
 
     fn webp(width: u32, height: u32) -> Vec<u8> {
         let mut out = Vec::new();
-        WebPEncoder::new_lossless(&mut out)
-            .write_image(
-                &pixels(width, height),
-                width,
-                height,
-                ExtendedColorType::Rgb8,
-            )
-            .unwrap();
+        encode(WebPEncoder::new_lossless(&mut out), width, height);
         out
     }
 

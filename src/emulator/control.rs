@@ -6,7 +6,7 @@ use axum::Json;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -20,7 +20,7 @@ pub(crate) fn routes() -> Router<EmulatorState> {
         .route("/faults", post(add_fault))
         .route("/fault-rates", post(set_fault_rates))
         .route("/time-scale", get(time_scale).post(set_time_scale))
-        .route("/record", get(record))
+        .route("/record", reading(EmulatorState::record))
         .route("/callback-faults", post(add_callback_fault))
         .route("/model-failures", post(add_model_failure))
         .route("/clear-faults", post(clear_faults))
@@ -29,17 +29,24 @@ pub(crate) fn routes() -> Router<EmulatorState> {
         .route("/release-held", post(release_held))
         .route("/release-held-calls", post(release_held_calls))
         .route("/files/expire", post(expire_file))
-        .route("/submits", get(submits))
-        .route("/callbacks", get(callbacks))
-        .route("/cancels", get(cancels))
-        .route("/uploads", get(uploads))
-        .route("/downloads", get(downloads))
-        .route("/requests", get(requests))
+        .route("/submits", reading(EmulatorState::submits))
+        .route("/callbacks", reading(EmulatorState::callback_attempts))
+        .route("/cancels", reading(EmulatorState::cancels))
+        .route("/uploads", reading(EmulatorState::uploads))
+        .route("/downloads", reading(EmulatorState::downloads))
+        .route("/requests", reading(EmulatorState::requests))
         .route("/requests/{id}", get(request))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Response {
     json_response(200, &serde_json::to_value(v).unwrap_or(Value::Null))
+}
+
+/// A GET that answers what `read` reads from the state, as JSON.
+fn reading<T: serde::Serialize + 'static>(
+    read: fn(&EmulatorState) -> T,
+) -> MethodRouter<EmulatorState> {
+    get(move |State(s): State<EmulatorState>| async move { to_json(&read(&s)) })
 }
 
 #[derive(Deserialize)]
@@ -95,22 +102,11 @@ async fn set_time_scale(State(s): State<EmulatorState>, Json(t): Json<TimeScale>
     }
 }
 
-async fn record(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.record())
-}
-
+/// A callback fault or a model failure, for the next `count` requests (one unless told).
 #[derive(Deserialize)]
-struct CountedCallbackFault {
+struct Counted<T> {
     #[serde(flatten)]
-    fault: CallbackFault,
-    #[serde(default = "one")]
-    count: u32,
-}
-
-#[derive(Deserialize)]
-struct CountedModelFailure {
-    #[serde(flatten)]
-    failure: ModelFailure,
+    what: T,
     #[serde(default = "one")]
     count: u32,
 }
@@ -121,17 +117,17 @@ fn one() -> u32 {
 
 async fn add_callback_fault(
     State(s): State<EmulatorState>,
-    Json(f): Json<CountedCallbackFault>,
+    Json(f): Json<Counted<CallbackFault>>,
 ) -> Response {
-    s.inject_callback_fault(f.fault, f.count);
+    s.inject_callback_fault(f.what, f.count);
     ok()
 }
 
 async fn add_model_failure(
     State(s): State<EmulatorState>,
-    Json(f): Json<CountedModelFailure>,
+    Json(f): Json<Counted<ModelFailure>>,
 ) -> Response {
-    s.fail_next_models(f.failure, f.count);
+    s.fail_next_models(f.what, f.count);
     ok()
 }
 
@@ -177,30 +173,6 @@ async fn set_durations(State(s): State<EmulatorState>, Json(d): Json<SetDuration
 
 async fn release_held(State(s): State<EmulatorState>) -> Response {
     json_response(200, &json!({"released": s.release_held_callback()}))
-}
-
-async fn submits(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.submits())
-}
-
-async fn callbacks(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.callback_attempts())
-}
-
-async fn cancels(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.cancels())
-}
-
-async fn uploads(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.uploads())
-}
-
-async fn downloads(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.downloads())
-}
-
-async fn requests(State(s): State<EmulatorState>) -> Response {
-    to_json(&s.requests())
 }
 
 async fn request(State(s): State<EmulatorState>, Path(id): Path<String>) -> Response {

@@ -197,6 +197,24 @@ fn loc(path: &[Value]) -> Vec<Value> {
     l
 }
 
+/// `path` one step further down, to a field or an index.
+fn child(path: &[Value], step: Value) -> Vec<Value> {
+    let mut p = path.to_vec();
+    p.push(step);
+    p
+}
+
+/// pydantic's error for a required field that is absent from `input`.
+fn missing(path: &[Value], input: &Value) -> Value {
+    error(
+        loc(path),
+        "missing",
+        "Field required".into(),
+        Some(input),
+        None,
+    )
+}
+
 /// pydantic's lax int: integers, integral floats, numeric strings.
 fn as_int(v: &Value) -> Result<i128, (&'static str, String)> {
     let not_int = || ("int_type", "Input should be a valid integer".to_owned());
@@ -265,6 +283,23 @@ fn literal_list(options: &[String]) -> String {
         [one] => one.clone(),
         [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
     }
+}
+
+/// String options as pydantic names them: each in single quotes.
+fn quoted<'a>(options: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    options.into_iter().map(|o| format!("'{o}'")).collect()
+}
+
+/// pydantic's `literal_error` for a value that is none of `shown`.
+fn literal_error(path: &[Value], v: &Value, shown: &[String]) -> Value {
+    let expected = literal_list(shown);
+    error(
+        loc(path),
+        "literal_error",
+        format!("Input should be {expected}"),
+        Some(v),
+        Some(json!({"expected": expected})),
+    )
 }
 
 fn range_errors(
@@ -341,36 +376,20 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
         },
         Kind::Lit(options) => {
             if !v.as_str().is_some_and(|s| options.contains(&s)) {
-                let quoted: Vec<String> = options.iter().map(|o| format!("'{o}'")).collect();
-                let expected = literal_list(&quoted);
-                out.push(error(
-                    loc(path),
-                    "literal_error",
-                    format!("Input should be {expected}"),
-                    Some(v),
-                    Some(json!({"expected": expected})),
-                ));
+                out.push(literal_error(path, v, &quoted(options.iter().copied())));
             }
         }
         Kind::IntLit(options) => {
             if !as_int(v).is_ok_and(|i| options.iter().any(|o| i128::from(*o) == i)) {
                 let shown: Vec<String> = options.iter().map(|o| o.to_string()).collect();
-                let expected = literal_list(&shown);
-                out.push(error(
-                    loc(path),
-                    "literal_error",
-                    format!("Input should be {expected}"),
-                    Some(v),
-                    Some(json!({"expected": expected})),
-                ));
+                out.push(literal_error(path, v, &shown));
             }
         }
         Kind::ImageSize => match v {
             Value::String(s) if IMAGE_SIZES.iter().any(|(n, _, _)| n == s) => {}
             Value::Object(o) => {
                 for side in ["width", "height"] {
-                    let mut p = path.to_vec();
-                    p.push(json!(side));
+                    let p = child(path, json!(side));
                     match o.get(side) {
                         // ImageSize defaults each side to 512.
                         None => {}
@@ -379,10 +398,7 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
                 }
             }
             _ => {
-                let names: Vec<String> = IMAGE_SIZES
-                    .iter()
-                    .map(|(n, _, _)| format!("'{n}'"))
-                    .collect();
+                let names = quoted(IMAGE_SIZES.iter().map(|(n, _, _)| *n));
                 out.push(error(
                     loc(path),
                     "union_type",
@@ -398,10 +414,7 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
         Kind::AspectRatio => {
             let ok = v.as_str().is_some_and(|s| parse_ratio(s).is_some());
             if !ok {
-                let names: Vec<String> = ULTRA_SIZES
-                    .iter()
-                    .map(|(n, _, _)| format!("'{n}'"))
-                    .collect();
+                let names = quoted(ULTRA_SIZES.iter().map(|(n, _, _)| *n));
                 out.push(error(
                     loc(path),
                     "literal_error",
@@ -414,8 +427,7 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
         Kind::Loras => match v {
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
-                    let mut p = path.to_vec();
-                    p.push(json!(i));
+                    let p = child(path, json!(i));
                     let Some(obj) = item.as_object() else {
                         out.push(error(
                             loc(&p),
@@ -427,16 +439,9 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
                         continue;
                     };
                     let mut field = |name: &str, kind: Kind, required: bool| {
-                        let mut fp = p.clone();
-                        fp.push(json!(name));
+                        let fp = child(&p, json!(name));
                         match obj.get(name) {
-                            None if required => out.push(error(
-                                loc(&fp),
-                                "missing",
-                                "Field required".into(),
-                                Some(item),
-                                None,
-                            )),
+                            None if required => out.push(missing(&fp, item)),
                             None => {}
                             Some(x) => check(kind, &fp, x, out),
                         }
@@ -482,13 +487,7 @@ pub(crate) fn validate(endpoint: &str, input: &Value) -> Vec<Value> {
     for f in fields {
         let path = [json!(f.name)];
         match obj.get(f.name) {
-            None if f.required => out.push(error(
-                loc(&path),
-                "missing",
-                "Field required".into(),
-                Some(input),
-                None,
-            )),
+            None if f.required => out.push(missing(&path, input)),
             None => {}
             Some(Value::Null) if f.nullable => {}
             Some(v) => check(f.kind, &path, v, &mut out),
@@ -528,13 +527,7 @@ pub(crate) async fn run(state: &EmulatorState, req: &RequestSnapshot) -> Outcome
                     continue;
                 };
                 if let Err(why) = download(state, &req.id, path).await {
-                    return unprocessable(vec![error(
-                        loc(&[json!("loras"), json!(i), json!("path")]),
-                        "file_download_error",
-                        format!("Failed to download the file from loras.{i}.path: {why}"),
-                        Some(&json!(path)),
-                        None,
-                    )]);
+                    return download_failed(&[json!("loras"), json!(i), json!("path")], path, &why);
                 }
             }
             let (w, h) = flux_lora_size(input.get("image_size"));
@@ -686,11 +679,23 @@ async fn download(
     result
 }
 
-fn download_failed(field: &str, url: &str, why: &str) -> Outcome {
+/// The runner's 422 for a file it could not fetch from the input at `path`.
+fn download_failed(path: &[Value], url: &str, why: &str) -> Outcome {
+    // Named as Python names it: `loras.0.path`.
+    let field: Vec<String> = path
+        .iter()
+        .map(|step| match step {
+            Value::String(name) => name.clone(),
+            other => other.to_string(),
+        })
+        .collect();
     unprocessable(vec![error(
-        loc(&[json!(field)]),
+        loc(path),
         "file_download_error",
-        format!("Failed to download the file from {field}: {why}"),
+        format!(
+            "Failed to download the file from {}: {why}",
+            field.join(".")
+        ),
         Some(&json!(url)),
         None,
     )])
@@ -745,7 +750,7 @@ async fn train_lora(
         .unwrap_or("");
     let data = match download(state, &req.id, url).await {
         Ok(d) => d,
-        Err(why) => return download_failed("images_data_url", url, &why),
+        Err(why) => return download_failed(&[json!("images_data_url")], url, &why),
     };
     let trigger = input
         .get("trigger_word")
@@ -784,7 +789,7 @@ async fn train_pro(
 ) -> Outcome {
     let url = input.get("data_url").and_then(Value::as_str).unwrap_or("");
     if let Err(why) = download(state, &req.id, url).await {
-        return download_failed("data_url", url, &why);
+        return download_failed(&[json!("data_url")], url, &why);
     }
     let id = uuid::Uuid::new_v4().to_string();
     state.lock().finetunes.push(id.clone());

@@ -173,22 +173,18 @@ fn fault_name(fault: &HttpFault) -> String {
     }
 }
 
-/// Applies an armed fault around `work`: refuse, delay, or do the work and reset.
-pub(crate) async fn with_fault<F>(
+/// Applies the fault armed for `target` around `work`: refuse, delay, or do the work and reset.
+pub(crate) async fn with_fault(
     state: &EmulatorState,
     target: FaultTarget,
     conn: Option<ConnCtl>,
-    on_refused: impl FnOnce(&HttpFault),
-    work: F,
-) -> Response
-where
-    F: Future<Output = Response>,
-{
+    work: impl Future<Output = Response>,
+) -> Response {
     let fault = state.take_fault(target);
-    with_this_fault(state, fault, conn, on_refused, work).await
+    with_this_fault(state, fault, conn, |_| {}, work).await
 }
 
-/// [`with_fault`] with the fault already taken.
+/// [`with_fault`] with the fault already taken, telling `on_refused` of a refusal.
 async fn with_this_fault<F>(
     state: &EmulatorState,
     fault: Option<HttpFault>,
@@ -285,20 +281,20 @@ pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -
         Route::Status { prefix, id } => {
             let logs = wants_logs(&query);
             let work = async { status(&state, &prefix, &id, logs) };
-            with_fault(&state, target, conn, |_| {}, work).await
+            with_fault(&state, target, conn, work).await
         }
         Route::Stream { prefix, id } => {
             let logs = wants_logs(&query);
             let work = async { status_stream(&state, &prefix, &id, logs) };
-            with_fault(&state, target, conn, |_| {}, work).await
+            with_fault(&state, target, conn, work).await
         }
         Route::Result { prefix, id } => {
             let work = async { result(&state, &prefix, &id) };
-            with_fault(&state, target, conn, |_| {}, work).await
+            with_fault(&state, target, conn, work).await
         }
         Route::Cancel { prefix, id } => {
             let work = async { cancel(&state, &prefix, &id) };
-            with_fault(&state, target, conn, |_| {}, work).await
+            with_fault(&state, target, conn, work).await
         }
     }
 }

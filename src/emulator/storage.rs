@@ -97,7 +97,7 @@ async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Resp
         );
         json_response(200, &body)
     };
-    with_fault(&state, FaultTarget::Upload, conn, |_| {}, work).await
+    with_fault(&state, FaultTarget::Upload, conn, work).await
 }
 
 /// The signed upload URL: no Authorization, like a CDN pre-signed PUT.

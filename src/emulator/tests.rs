@@ -18,7 +18,7 @@ const ANY_END: crate::fal::ReportedEnd = crate::fal::ReportedEnd::Failed { error
 
 use super::*;
 use crate::fal::signature::{self, InvalidReason, WebhookHeaders, parse_jwks};
-use crate::fal::wire::{CallbackBody, CallbackStatus, QueueState, python_json};
+use crate::fal::wire::{CallbackBody, CallbackStatus, QueueState, SubmitResponse, python_json};
 use crate::fal::{
     CancelOutcome, FalClient, FalConfig, FalErrorKind, JwksCache, ModelResult, Secret, Verdict,
 };
@@ -60,6 +60,33 @@ impl Env {
         format!("Key {}", self.emu.config().key.expose())
     }
 
+    /// GET `url` with FAL's key, as a queue call is made.
+    async fn get_with_key(&self, url: impl reqwest::IntoUrl) -> reqwest::Response {
+        self.raw
+            .get(url)
+            .header("authorization", self.auth())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GET `url` without a key (files, keys and the control API need none): the body.
+    async fn get_bytes(&self, url: impl reqwest::IntoUrl) -> Bytes {
+        self.raw
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    }
+
+    /// GET `url` without a key: the JSON body.
+    async fn get_json(&self, url: impl reqwest::IntoUrl) -> Value {
+        serde_json::from_slice(&self.get_bytes(url).await).unwrap()
+    }
+
     async fn wait_completed(&self, status_url: &str) {
         let start = Instant::now();
         loop {
@@ -70,6 +97,52 @@ impl Env {
             assert!(start.elapsed() < DEADLINE, "request never completed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Submits `input` to flux-lora, with `webhook` if one is given.
+    async fn submit_lora(&self, input: &Value, webhook: Option<&Url>) -> SubmitResponse {
+        self.fal
+            .submit("fal-ai/flux-lora", input, webhook)
+            .await
+            .unwrap()
+    }
+
+    /// Submits the smallest valid request to flux-lora, with `webhook` if one is given.
+    async fn submit_minimal(&self, webhook: Option<&Url>) -> SubmitResponse {
+        self.submit_lora(&json!({"prompt": "x"}), webhook).await
+    }
+
+    /// The request's result, read as the app reads it.
+    async fn result_of(&self, sub: &SubmitResponse) -> ModelResult {
+        self.fal
+            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the request has completed, then reads its result.
+    async fn completed_result(&self, sub: &SubmitResponse) -> ModelResult {
+        self.wait_completed(sub.status_url.as_deref().unwrap())
+            .await;
+        self.result_of(sub).await
+    }
+
+    /// Submits `input` to `endpoint` without a webhook and reads the result once it completes.
+    async fn run_to_result(&self, endpoint: &str, input: &Value) -> ModelResult {
+        let sub = self.fal.submit(endpoint, input, None).await.unwrap();
+        self.completed_result(&sub).await
+    }
+
+    /// As `run_to_result`, for a request that should succeed: its output.
+    async fn run_to_output(&self, endpoint: &str, input: &Value) -> Value {
+        expect_output(self.run_to_result(endpoint, input).await)
+    }
+}
+
+fn expect_output(result: ModelResult) -> Value {
+    match result {
+        ModelResult::Output(out) => out,
+        other => panic!("expected output, got {other:?}"),
     }
 }
 
@@ -134,14 +207,11 @@ async fn submit_status_result_and_real_png() {
     e.emu
         .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(600_000, 20));
     let sub = e
-        .fal
-        .submit(
-            "fal-ai/flux-lora",
+        .submit_lora(
             &json!({"prompt": "a red apple", "image_size": "square", "seed": 7}),
             None,
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(sub.queue_position, Some(0));
     let status_url = sub.status_url.clone().unwrap();
     assert!(status_url.ends_with(&format!(
@@ -150,13 +220,7 @@ async fn submit_status_result_and_real_png() {
     )));
 
     // Queued: 202 with every field present.
-    let resp = e
-        .raw
-        .get(&status_url)
-        .header("authorization", e.auth())
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get_with_key(&status_url).await;
     assert_eq!(resp.status(), 202);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["status"], "IN_QUEUE");
@@ -176,26 +240,13 @@ async fn submit_status_result_and_real_png() {
     e.emu
         .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(0, 20));
     e.wait_completed(&status_url).await;
-    let resp = e
-        .raw
-        .get(&status_url)
-        .header("authorization", e.auth())
-        .send()
-        .await
-        .unwrap();
+    let resp = e.get_with_key(&status_url).await;
     assert_eq!(resp.status(), 200);
     let body: Value = resp.json().await.unwrap();
     assert!(body["metrics"]["inference_time"].is_number());
     assert!(body.get("queue_position").is_none());
 
-    let ModelResult::Output(out) = e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    else {
-        panic!("expected output");
-    };
+    let out = expect_output(e.result_of(&sub).await);
     assert_eq!(out["seed"], 7);
     assert_eq!(out["prompt"], "a red apple");
     assert_eq!(out["has_nsfw_concepts"], json!([false]));
@@ -259,13 +310,7 @@ async fn url_forms_trailing_slash_and_response_alias() {
         format!("/fal-ai/flux-pro/requests/{id}/response"),
         format!("/{endpoint}/requests/{id}"),
     ] {
-        let resp = e
-            .raw
-            .get(e.url(&path))
-            .header("authorization", e.auth())
-            .send()
-            .await
-            .unwrap();
+        let resp = e.get_with_key(e.url(&path)).await;
         assert_eq!(resp.status(), 200, "{path}");
     }
     // Wrong app for the id, and an unknown id.
@@ -273,27 +318,14 @@ async fn url_forms_trailing_slash_and_response_alias() {
         format!("/fal-ai/flux-lora/requests/{id}/status"),
         "/fal-ai/flux-pro/requests/00000000-0000-0000-0000-000000000000/status".to_string(),
     ] {
-        let resp = e
-            .raw
-            .get(e.url(&path))
-            .header("authorization", e.auth())
-            .send()
-            .await
-            .unwrap();
+        let resp = e.get_with_key(e.url(&path)).await;
         assert_eq!(resp.status(), 404, "{path}");
         assert_eq!(
             resp.json::<Value>().await.unwrap(),
             json!({"status": "NOT_FOUND"})
         );
     }
-    let ModelResult::Output(out) = e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    else {
-        panic!("expected output");
-    };
+    let out = expect_output(e.result_of(&sub).await);
     assert_eq!(
         (
             out["images"][0]["width"].as_u64(),
@@ -306,11 +338,7 @@ async fn url_forms_trailing_slash_and_response_alias() {
 #[tokio::test]
 async fn logs_spellings() {
     let e = env().await;
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(None).await;
     let status_url = sub.status_url.unwrap();
     e.wait_completed(&status_url).await;
     for (q, has_logs) in [
@@ -325,16 +353,7 @@ async fn logs_spellings() {
         } else {
             format!("{status_url}?logs={q}")
         };
-        let body: Value = e
-            .raw
-            .get(url)
-            .header("authorization", e.auth())
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body: Value = e.get_with_key(url).await.json().await.unwrap();
         assert_eq!(body["logs"].is_array(), has_logs, "logs={q}");
         assert_eq!(body["logs"].is_null(), !has_logs, "logs={q}");
     }
@@ -347,11 +366,7 @@ async fn logs_spellings() {
 async fn cancel_result_before_completion_and_unknown() {
     let e = env().await;
     e.emu.set_all_durations(Durations::new(60_000, 10));
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(None).await;
     let err = e
         .fal
         .result(sub.response_url.as_deref().unwrap(), &ANY_END)
@@ -361,7 +376,7 @@ async fn cancel_result_before_completion_and_unknown() {
     assert_eq!(err.status, Some(400));
     assert_eq!(err.detail, Some(json!("Request is still in progress")));
 
-    let cancel_url = sub.cancel_url.unwrap();
+    let cancel_url = sub.cancel_url.clone().unwrap();
     assert_eq!(
         e.fal.cancel(&cancel_url).await.unwrap(),
         CancelOutcome::CancellationRequested
@@ -386,12 +401,7 @@ async fn cancel_result_before_completion_and_unknown() {
         .unwrap();
     assert_eq!(s.status, QueueState::Completed);
     assert_eq!(s.error_type.as_deref(), Some("client_cancelled"));
-    match e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    {
+    match e.result_of(&sub).await {
         ModelResult::ModelError { status, .. } => assert_eq!(status, 499),
         other => panic!("{other:?}"),
     }
@@ -433,21 +443,9 @@ async fn validation_error_completes_with_422() {
     let e = env().await;
     let (rx, hook) = Receiver::start().await;
     let sub = e
-        .fal
-        .submit(
-            "fal-ai/flux-lora",
-            &json!({"prompt": "x", "num_images": 5}),
-            Some(&hook),
-        )
-        .await
-        .unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
-    let ModelResult::ModelError { status, body, .. } = e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    else {
+        .submit_lora(&json!({"prompt": "x", "num_images": 5}), Some(&hook))
+        .await;
+    let ModelResult::ModelError { status, body, .. } = e.completed_result(&sub).await else {
         panic!("expected a model error");
     };
     assert_eq!(status, 422);
@@ -515,28 +513,16 @@ async fn storage_roundtrip_and_trainer_download() {
         (1, zip.len(), "train.zip")
     );
 
-    let sub = e
-        .fal
-        .submit(
+    let out = e
+        .run_to_output(
             "fal-ai/flux-lora-fast-training",
             &json!({"images_data_url": file_url, "trigger_word": "TOK", "steps": 500}),
-            None,
         )
-        .await
-        .unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
-    let ModelResult::Output(out) = e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    else {
-        panic!("expected output");
-    };
+        .await;
     let dl = e.emu.downloads();
     assert_eq!(dl[0].bytes.as_deref(), Some(&zip[..]));
     let lora = out["diffusers_lora_file"]["url"].as_str().unwrap();
-    let st = e.raw.get(lora).send().await.unwrap().bytes().await.unwrap();
+    let st = e.get_bytes(lora).await;
     let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
     assert_eq!(header["__metadata__"]["trigger"], "TOK");
@@ -544,36 +530,21 @@ async fn storage_roundtrip_and_trainer_download() {
         out["diffusers_lora_file"]["file_size"].as_u64(),
         Some(st.len() as u64)
     );
-    let config: Value = e
-        .raw
-        .get(out["config_file"]["url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let config = e
+        .get_json(out["config_file"]["url"].as_str().unwrap())
+        .await;
     assert_eq!(
         config["training_data_bytes"].as_u64(),
         Some(zip.len() as u64)
     );
 
     // Unreachable archive: the model fails with a 422 on the URL field.
-    let sub = e
-        .fal
-        .submit(
+    match e
+        .run_to_result(
             "fal-ai/flux-pro-trainer",
             &json!({"data_url": e.url("/files/nope/x.zip"), "finetune_comment": "me"}),
-            None,
         )
         .await
-        .unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
-    match e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
     {
         ModelResult::ModelError { status, body, .. } => {
             assert_eq!(status, 422);
@@ -583,24 +554,12 @@ async fn storage_roundtrip_and_trainer_download() {
     }
 
     // Pro trainer success gives a finetune id.
-    let sub = e
-        .fal
-        .submit(
+    let out = e
+        .run_to_output(
             "fal-ai/flux-pro-trainer",
             &json!({"data_url": file_url, "finetune_comment": "me", "mode": "character"}),
-            None,
         )
-        .await
-        .unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
-    let ModelResult::Output(out) = e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    else {
-        panic!("expected output");
-    };
+        .await;
     assert_eq!(
         e.emu.finetunes(),
         vec![out["finetune_id"].as_str().unwrap().to_owned()]
@@ -612,14 +571,11 @@ async fn callback_layout_and_signature_verify_against_jwks() {
     let e = env().await;
     let (rx, hook) = Receiver::start().await;
     let sub = e
-        .fal
-        .submit(
-            "fal-ai/flux-lora",
+        .submit_lora(
             &json!({"prompt": "café ☕", "seed": 17454220438242315174u64}),
             Some(&hook),
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(e.emu.submits()[0].webhook.as_deref(), Some(hook.as_str()));
     let (headers, body) = eventually("callback", || rx.hits().first().cloned()).await;
     assert_eq!(headers["content-type"], "application/json");
@@ -640,15 +596,7 @@ async fn callback_layout_and_signature_verify_against_jwks() {
     );
 
     // Verify with keys fetched over HTTP, as the app will.
-    let jwks = e
-        .raw
-        .get(e.emu.jwks_url())
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let jwks = e.get_bytes(e.emu.jwks_url()).await;
     let doc: Value = serde_json::from_slice(&jwks).unwrap();
     assert!(
         doc["keys"][0]["x"].as_str().unwrap().ends_with('='),
@@ -676,11 +624,7 @@ async fn callback_retries_after_receiver_errors() {
     let e = env().await;
     let (rx, hook) = Receiver::start().await;
     rx.answers.lock().unwrap().extend([500, 503]);
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(Some(&hook)).await;
     eventually("3 deliveries", || (rx.hits().len() >= 3).then_some(())).await;
     let attempts = eventually("3 recorded attempts", || {
         let a = e.emu.callback_attempts();
@@ -711,10 +655,7 @@ async fn callback_to_a_dead_receiver_gives_up_after_the_schedule() {
         l.local_addr().unwrap()
     };
     let hook = Url::parse(&format!("http://{dead}/hook")).unwrap();
-    e.fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    e.submit_minimal(Some(&hook)).await;
     let attempts = eventually("3 failed attempts", || {
         let a = e.emu.callback_attempts();
         (a.len() >= 3).then_some(a)
@@ -732,11 +673,7 @@ async fn model_failure_injection() {
     let e = env().await;
     let (rx, hook) = Receiver::start().await;
     e.emu.fail_next_models(ModelFailure::new(500), 1);
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(Some(&hook)).await;
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     let s = e
         .fal
@@ -744,12 +681,7 @@ async fn model_failure_injection() {
         .await
         .unwrap();
     assert_eq!(s.error_type.as_deref(), Some("internal_error"));
-    match e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    {
+    match e.result_of(&sub).await {
         ModelResult::ModelError {
             status, error_type, ..
         } => {
@@ -765,17 +697,9 @@ async fn model_failure_injection() {
     assert_eq!(cb.error.as_deref(), Some("Invalid status code: 500"));
 
     // Only the next one failed.
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     assert!(matches!(
-        e.fal
-            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-            .await
-            .unwrap(),
+        e.run_to_result("fal-ai/flux-lora", &json!({"prompt": "x"}))
+            .await,
         ModelResult::Output(_)
     ));
 }
@@ -869,20 +793,13 @@ async fn accept_then_reset_creates_the_request_but_loses_the_answer() {
         Some(reqs[0].id.as_str())
     );
     // The connection pool recovers.
-    e.fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
+    e.submit_minimal(None).await;
 }
 
 #[tokio::test]
 async fn status_and_result_faults() {
     let e = env().await;
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(None).await;
     e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     e.emu.inject_fault(FaultRule {
         target: FaultTarget::Result,
@@ -898,13 +815,7 @@ async fn status_and_result_faults() {
         err.retryable(),
         "an ingress 502 on result is not the model's verdict"
     );
-    assert!(matches!(
-        e.fal
-            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-            .await
-            .unwrap(),
-        ModelResult::Output(_)
-    ));
+    assert!(matches!(e.result_of(&sub).await, ModelResult::Output(_)));
     e.emu.inject_fault(FaultRule {
         target: FaultTarget::Status,
         fault: FaultRule::status(503),
@@ -922,11 +833,7 @@ async fn status_and_result_faults() {
 async fn one_callback_with(e: &Env, fault: CallbackFault) -> (Receiver, String) {
     let (rx, hook) = Receiver::start().await;
     e.emu.inject_callback_fault(fault, 1);
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(Some(&hook)).await;
     (rx, sub.request_id)
 }
 
@@ -997,20 +904,12 @@ async fn callback_fault_reorder() {
     let (rx, hook) = Receiver::start().await;
     e.emu.inject_callback_fault(CallbackFault::Reorder, 1);
     let first = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "first"}), Some(&hook))
-        .await
-        .unwrap();
+        .submit_lora(&json!({"prompt": "first"}), Some(&hook))
+        .await;
     e.wait_completed(first.status_url.as_deref().unwrap()).await;
     let second = e
-        .fal
-        .submit(
-            "fal-ai/flux-lora",
-            &json!({"prompt": "second"}),
-            Some(&hook),
-        )
-        .await
-        .unwrap();
+        .submit_lora(&json!({"prompt": "second"}), Some(&hook))
+        .await;
     eventually("both callbacks", || (rx.hits().len() == 2).then_some(())).await;
     let order: Vec<String> = rx
         .hits()
@@ -1034,10 +933,7 @@ async fn key_rotation_is_picked_up_by_the_jwks_cache() {
     assert_eq!(emulator_keys(&e.emu).len(), 1);
 
     let (rx, hook) = Receiver::start().await;
-    e.fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    e.submit_minimal(Some(&hook)).await;
     let (headers, body) = eventually("callback", || rx.hits().first().cloned()).await;
     let h = WebhookHeaders::from_headers(&headers).unwrap();
     assert_eq!(
@@ -1059,11 +955,7 @@ async fn status_stream_ends_after_completed() {
     let e = env().await;
     // Held in the queue until the stream has sent its first event.
     e.emu.set_all_durations(Durations::new(600_000, 30));
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(None).await;
     let url = format!("{}/stream?logs=1", sub.status_url.unwrap());
     let mut resp = e
         .raw
@@ -1136,17 +1028,9 @@ async fn control_api_over_http() {
     post("/_emulator/model-failures", json!({"status": 422}))
         .await
         .unwrap();
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
     assert!(matches!(
-        e.fal
-            .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-            .await
-            .unwrap(),
+        e.run_to_result("fal-ai/flux-lora", &json!({"prompt": "x"}))
+            .await,
         ModelResult::ModelError { status: 422, .. }
     ));
     let rotated: Value = post("/_emulator/rotate-key", json!({"keep_old": true}))
@@ -1156,15 +1040,7 @@ async fn control_api_over_http() {
         .await
         .unwrap();
     assert_eq!(rotated["jwks"]["keys"].as_array().unwrap().len(), 2);
-    let submits: Value = e
-        .raw
-        .get(e.url("/_emulator/submits"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let submits = e.get_json(e.url("/_emulator/submits")).await;
     assert_eq!(submits.as_array().unwrap().len(), 2);
 
     // A held submit goes on when released; an expired file answers 404.
@@ -1190,15 +1066,7 @@ async fn control_api_over_http() {
         .await
         .unwrap();
     let sub = held.await.unwrap().unwrap();
-    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
-    let ModelResult::Output(out) = e
-        .fal
-        .result(sub.response_url.as_deref().unwrap(), &ANY_END)
-        .await
-        .unwrap()
-    else {
-        panic!("expected output");
-    };
+    let out = expect_output(e.completed_result(&sub).await);
     let image = out["images"][0]["url"].as_str().unwrap().to_owned();
     let expire = post("/_emulator/files/expire", json!({"url": image}));
     assert_eq!(expire.await.unwrap().status(), 200);
@@ -1274,10 +1142,7 @@ async fn the_time_scale_shrinks_the_retry_window_and_keeps_its_shape() {
     config.time_scale = 0.0002; // 7161 s become 1.43 s
     let e = env_with(config).await;
     let (hits, hook) = failing_receiver().await;
-    e.fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    e.submit_minimal(Some(&hook)).await;
     let attempts = eventually("all 11 attempts", || {
         let a = e.emu.callback_attempts();
         (a.len() == 11).then_some(a)
@@ -1310,10 +1175,7 @@ async fn a_new_time_scale_applies_to_waits_under_way() {
     config.time_scale = 1.0; // the first retry is 7 s away
     let e = env_with(config).await;
     let (hits, hook) = failing_receiver().await;
-    e.fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    e.submit_minimal(Some(&hook)).await;
     eventually("the first attempt", || {
         (hits.lock().unwrap().len() == 1).then_some(())
     })
@@ -1343,10 +1205,7 @@ async fn shutdown_stops_the_callback_retries_under_way() {
     config.time_scale = 0.005; // retries after 35 ms, 70 ms, 140 ms, …
     let e = env_with(config).await;
     let (hits, hook) = failing_receiver().await;
-    e.fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    e.submit_minimal(Some(&hook)).await;
     eventually("two attempts", || {
         (hits.lock().unwrap().len() >= 2).then_some(())
     })
@@ -1458,15 +1317,7 @@ async fn the_record_says_whose_each_request_was_and_how_it_ended() {
     assert!(r.submitted_at <= std::time::SystemTime::now());
     assert_eq!(record.len(), 6);
 
-    let over_http: Value = e
-        .raw
-        .get(e.url("/_emulator/record"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let over_http = e.get_json(e.url("/_emulator/record")).await;
     assert_eq!(over_http.as_array().unwrap().len(), 6);
     assert_eq!(over_http[0]["webhook_job_id"], "job-ok");
     assert_eq!(over_http[0]["verdict"], json!({"kind": "ok"}));
@@ -1490,11 +1341,7 @@ fn webhook_urls_name_their_job() {
 /// Which of `n` status calls a fault refused, under fault rates seeded with `seed`.
 async fn refused_statuses(seed: u64, n: usize) -> Vec<bool> {
     let e = env().await;
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), None)
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(None).await;
     let rates: FaultRates = serde_json::from_value(json!({
         "seed": seed,
         "http": [{"target": "status", "kind": "status", "status": 503, "rate": 0.3},
@@ -1504,26 +1351,14 @@ async fn refused_statuses(seed: u64, n: usize) -> Vec<bool> {
     e.emu.set_fault_rates(rates).unwrap();
     let mut refused = Vec::new();
     for _ in 0..n {
-        let answer = e
-            .raw
-            .get(sub.status_url.as_deref().unwrap())
-            .header("authorization", e.auth())
-            .send()
-            .await
-            .unwrap();
+        let answer = e.get_with_key(sub.status_url.as_deref().unwrap()).await;
         let status = answer.status().as_u16();
         assert!(matches!(status, 200 | 202 | 500 | 503), "{status}");
         refused.push(status >= 500);
     }
     // Lifted: every call goes through again.
     e.emu.clear_faults();
-    let answer = e
-        .raw
-        .get(sub.status_url.as_deref().unwrap())
-        .header("authorization", e.auth())
-        .send()
-        .await
-        .unwrap();
+    let answer = e.get_with_key(sub.status_url.as_deref().unwrap()).await;
     assert!(answer.status().is_success());
     refused
 }
@@ -1559,11 +1394,7 @@ async fn rated_model_and_callback_faults_apply_and_bad_rates_are_refused() {
         .await
         .unwrap();
     assert_eq!(answer.status(), 200);
-    let sub = e
-        .fal
-        .submit("fal-ai/flux-lora", &json!({"prompt": "x"}), Some(&hook))
-        .await
-        .unwrap();
+    let sub = e.submit_minimal(Some(&hook)).await;
     eventually("both deliveries", || (rx.hits().len() == 2).then_some(())).await;
     let record = e.emu.record();
     assert_eq!(record[0].request_id, sub.request_id);

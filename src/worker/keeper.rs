@@ -37,43 +37,21 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
     let mut failures = Failures::default();
     while !*stopping.borrow() {
         let now = crate::domain::now();
-        match ctx.store.avatars_missing_lora_copy(now, PER_ROUND).await {
-            Ok(avatars) => {
-                for avatar in avatars {
-                    let Some(url) = avatar.lora_url else { continue };
-                    let outcome = keep(&ctx, avatar.id, &url).await;
-                    failures
-                        .settle(
-                            &ctx,
-                            avatar.id,
-                            &url,
-                            outcome,
-                            "could not keep a copy of a LoRA file",
-                        )
-                        .await;
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "could not look for LoRA files to keep"),
+        let to_keep = ctx.store.avatars_missing_lora_copy(now, PER_ROUND).await;
+        for avatar in found_or_none(to_keep, "could not look for LoRA files to keep") {
+            let Some(url) = avatar.lora_url else { continue };
+            let outcome = keep(&ctx, avatar.id, &url).await;
+            let what = "could not keep a copy of a LoRA file";
+            failures.settle(&ctx, avatar.id, &url, outcome, what).await;
         }
-        match ctx.store.avatars_due_lora_check(now, PER_ROUND).await {
-            Ok(avatars) => {
-                for avatar in avatars {
-                    let (Some(url), Some(copy)) = (avatar.lora_url, avatar.lora_copy) else {
-                        continue;
-                    };
-                    let outcome = check(&ctx, avatar.id, &url, &copy.key).await;
-                    failures
-                        .settle(
-                            &ctx,
-                            avatar.id,
-                            &url,
-                            outcome,
-                            "could not check FAL's LoRA file",
-                        )
-                        .await;
-                }
-            }
-            Err(err) => tracing::warn!(error = %err, "could not look for LoRA files to check"),
+        let to_check = ctx.store.avatars_due_lora_check(now, PER_ROUND).await;
+        for avatar in found_or_none(to_check, "could not look for LoRA files to check") {
+            let (Some(url), Some(copy)) = (avatar.lora_url, avatar.lora_copy) else {
+                continue;
+            };
+            let outcome = check(&ctx, avatar.id, &url, &copy.key).await;
+            let what = "could not check FAL's LoRA file";
+            failures.settle(&ctx, avatar.id, &url, outcome, what).await;
         }
         tokio::select! {
             () = ctx.wake.keeper.notified() => {}
@@ -81,6 +59,14 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
             _ = stopping.changed() => {}
         }
     }
+}
+
+/// What a query found, or nothing when it failed: the round goes on, and the next one asks again.
+fn found_or_none<T>(found: Result<Vec<T>, impl std::fmt::Display>, what: &str) -> Vec<T> {
+    found.unwrap_or_else(|err| {
+        tracing::warn!(error = %err, "{what}");
+        Vec::new()
+    })
 }
 
 /// When FAL's file is next checked, after it was seen served now.

@@ -1,6 +1,7 @@
 //! API keys and tenants.
 
 use crate::backend_tests;
+use crate::execute_behind_the_apps_back;
 use crate::support::*;
 use reqwest::StatusCode;
 
@@ -103,17 +104,7 @@ async fn a_key_revoked_by_another_process_is_refused_within_a_second(app: &TestA
     let revoke = "UPDATE api_keys SET revoked_at = created_at WHERE prefix = $1";
     let prefix = &key[..12];
     let revoked_at = std::time::Instant::now();
-    let revoked = if app.database_url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
-        let done = sqlx::query(revoke).bind(prefix).execute(&pool).await;
-        pool.close().await;
-        done.unwrap().rows_affected()
-    } else {
-        let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-        let done = sqlx::query(revoke).bind(prefix).execute(&pool).await;
-        pool.close().await;
-        done.unwrap().rows_affected()
-    };
+    let revoked = execute_behind_the_apps_back!(app, revoke, prefix);
     assert_eq!(revoked, 1);
 
     // Within the second the promise allows (and the time the refusing request itself takes),

@@ -2,6 +2,7 @@
 //! and batches, against the emulator.
 
 use crate::backend_tests;
+use crate::execute_behind_the_apps_back;
 use crate::support::*;
 use falgate::emulator::{Durations, EmulatorConfig, ModelFailure};
 use reqwest::{Method, StatusCode};
@@ -30,8 +31,7 @@ async fn wait_for_new_lora_url(app: &TestApp, id: &str, old: &str) -> Value {
 
 /// A character avatar trained on ten photos, once its LoRA copy is kept: its id and view.
 pub(crate) async fn trained_with_lora_copy(app: &TestApp) -> (String, Value) {
-    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
-    let id = avatar["id"].as_str().unwrap().to_owned();
+    let id = trainable_avatar(app, "character").await;
     assert_eq!(
         train(app, &id, json!({})).await.status(),
         StatusCode::ACCEPTED
@@ -39,6 +39,12 @@ pub(crate) async fn trained_with_lora_copy(app: &TestApp) -> (String, Value) {
     wait_for_avatar(app, &id, "ready").await;
     let kept = wait_for_lora_copy(app, &id).await;
     (id, kept)
+}
+
+/// Asks for a generation on an avatar that cannot generate yet: a 409 `avatar_not_ready`.
+async fn assert_generation_not_ready(app: &TestApp, body: Value) {
+    let response = app.post_json("/v1/generations", &body).await;
+    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
 }
 
 /// One generation on the avatar, waited for to its end; answers its batch.
@@ -235,13 +241,8 @@ async fn a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values(a
 
 backend_tests!(a_style_is_finetuned_and_generates_on_the_finetune_endpoint);
 async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(app, "style", 10).await;
-    let id = avatar["id"].as_str().unwrap();
-    let job: Value = train(app, id, json!({"preset": "fast"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let id = &trainable_avatar(app, "style").await;
+    let job = train_json(app, id, json!({"preset": "fast"})).await;
     assert_eq!(job["endpoint"], "fal-ai/flux-pro-trainer");
     let input = &job["input"];
     assert_eq!(input["mode"], "style");
@@ -261,15 +262,15 @@ async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestA
     );
     assert!(ready["artifact"]["lora_url"].is_null());
 
+    let teapot = json!({
+        "avatar_id": id, "prompt": "a teapot", "preset": "quality", "safety_tolerance": "2"
+    });
     let batch: Value = app
-    .request(Method::POST, "/v1/generations")
-    .json(&json!({"avatar_id": id, "prompt": "a teapot", "preset": "quality", "safety_tolerance": "2"}))
-    .send()
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+        .post_json("/v1/generations", &teapot)
+        .await
+        .json()
+        .await
+        .unwrap();
     let done = wait_for_batch(app, batch["id"].as_str().unwrap()).await;
     let job = &done["jobs"][0];
     assert_eq!(job["endpoint"], "fal-ai/flux-pro/v1.1-ultra-finetuned");
@@ -314,12 +315,7 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
         ],
     )
     .await;
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let body = validation_problem(response).await;
     // Each refused file is named, in the order sent, with its reason.
     let errors = refusals(&body);
     let expected = [
@@ -348,12 +344,7 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
     );
     // Nothing kept is said as plainly.
     let response = upload(app, id, &[("only.png", photo(4, 200, 200))]).await;
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let body = validation_problem(response).await;
     assert_eq!(body["accepted"], json!([]));
 
     // Nine photos are not enough to train, and nothing is sent to FAL.
@@ -376,13 +367,7 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
     assert!(app.fal.submits().is_empty() && app.fal.uploads().is_empty());
 
     // Generating on an untrained avatar.
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": id, "prompt": "too soon"}))
-        .send()
-        .await
-        .unwrap();
-    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+    assert_generation_not_ready(app, json!({"avatar_id": id, "prompt": "too soon"})).await;
 
     // Not a multipart form: a problem document, not a plain-text rejection.
     let response = app
@@ -416,14 +401,9 @@ async fn bad_photos_are_refused_one_by_one_and_the_good_ones_kept(app: &TestApp)
 
 backend_tests!(a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact);
 async fn a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
-    let id = avatar["id"].as_str().unwrap();
+    let id = &trainable_avatar(app, "character").await;
     app.fal.fail_next_models(ModelFailure::new(422), 1);
-    let job: Value = train(app, id, json!({"model": "fast_lora"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = train_json(app, id, json!({"model": "fast_lora"})).await;
     assert_eq!(job["endpoint"], "fal-ai/flux-lora-fast-training");
     let failed = app
         .wait_for_status(job["id"].as_str().unwrap(), "failed")
@@ -432,21 +412,14 @@ async fn a_training_fal_fails_leaves_the_avatar_failed_without_an_artifact(app: 
     assert!(avatar["artifact"].is_null(), "{avatar}");
     assert_eq!(avatar["error"]["code"], failed["error"]["code"]);
     assert!(!avatar["error"]["message"].as_str().unwrap().is_empty());
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": id, "prompt": "no weights"}))
-        .send()
-        .await
-        .unwrap();
-    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+    assert_generation_not_ready(app, json!({"avatar_id": id, "prompt": "no weights"})).await;
 }
 
 backend_tests!(avatars_are_listed_scoped_and_deleted_with_their_training_cancelled);
 async fn avatars_are_listed_scoped_and_deleted_with_their_training_cancelled(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(app, "product", 10).await;
-    let id = avatar["id"].as_str().unwrap();
+    let id = &trainable_avatar(app, "product").await;
     app.fal.set_all_durations(Durations::new(30_000, 30_000));
-    let job: Value = train(app, id, json!({})).await.json().await.unwrap();
+    let job = train_json(app, id, json!({})).await;
     let again = train(app, id, json!({})).await;
     problem(again, StatusCode::CONFLICT, "avatar_training").await;
 
@@ -571,13 +544,8 @@ async fn idempotency_keys_cover_every_creating_post(app: &TestApp) {
 
 backend_tests!(a_new_training_replaces_the_artifact_only_when_it_succeeds);
 async fn a_new_training_replaces_the_artifact_only_when_it_succeeds(app: &TestApp) {
-    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
-    let id = avatar["id"].as_str().unwrap();
-    let first: Value = train(app, id, json!({"preset": "fast"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let id = &trainable_avatar(app, "character").await;
+    let first = train_json(app, id, json!({"preset": "fast"})).await;
     app.wait_for_status(first["id"].as_str().unwrap(), "succeeded")
         .await;
     let ready = wait_for_avatar(app, id, "ready").await;
@@ -585,11 +553,7 @@ async fn a_new_training_replaces_the_artifact_only_when_it_succeeds(app: &TestAp
 
     // A failed retraining keeps the old weights usable and says why it failed.
     app.fal.fail_next_models(ModelFailure::new(422), 1);
-    let second: Value = train(app, id, json!({"preset": "quality"}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let second = train_json(app, id, json!({"preset": "quality"})).await;
     app.wait_for_status(second["id"].as_str().unwrap(), "failed")
         .await;
     let kept = wait_for_avatar(app, id, "ready").await;
@@ -597,7 +561,7 @@ async fn a_new_training_replaces_the_artifact_only_when_it_succeeds(app: &TestAp
     assert!(kept["error"]["code"].is_string(), "{kept}");
 
     // A successful one replaces them.
-    let third: Value = train(app, id, json!({})).await.json().await.unwrap();
+    let third = train_json(app, id, json!({})).await;
     let done = app
         .wait_for_status(third["id"].as_str().unwrap(), "succeeded")
         .await;
@@ -689,27 +653,7 @@ async fn lora_files_that_fail_are_put_off_without_holding_up_the_others(app: &Te
         let url = format!("http://127.0.0.1:9/lora-{i}.safetensors");
         let set = "UPDATE avatars SET lora_url = $1, lora_next_try_at = $2 WHERE id = $3";
         let due_at = now - chrono::Duration::minutes(10 - i);
-        if app.database_url.starts_with("sqlite:") {
-            let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
-            sqlx::query(set)
-                .bind(&url)
-                .bind(due_at)
-                .bind(id)
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        } else {
-            let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-            sqlx::query(set)
-                .bind(&url)
-                .bind(due_at)
-                .bind(id)
-                .execute(&pool)
-                .await
-                .unwrap();
-            pool.close().await;
-        }
+        execute_behind_the_apps_back!(app, set, &url, due_at, id);
         avatars.push((id, url));
     }
     let store = app.store();
@@ -801,17 +745,14 @@ async fn a_request_is_checked_before_the_avatar_it_names(app: &TestApp) {
     )
     .await;
     // A right request on it is still told the avatar is not ready.
-    let response = app
-        .request(Method::POST, "/v1/generations")
-        .json(&json!({"avatar_id": draft, "prompt": "x", "num_images": 2}))
-        .send()
-        .await
-        .unwrap();
-    problem(response, StatusCode::CONFLICT, "avatar_not_ready").await;
+    assert_generation_not_ready(
+        app,
+        json!({"avatar_id": draft, "prompt": "x", "num_images": 2}),
+    )
+    .await;
 
     // Likewise a training: a wrong override on an avatar already training is a 422.
-    let (training, _) = avatar_with_photos(app, "product", 10).await;
-    let training = training["id"].as_str().unwrap();
+    let training = &trainable_avatar(app, "product").await;
     app.fal.set_all_durations(Durations::new(30_000, 30_000));
     let started = train(app, training, json!({})).await;
     assert_eq!(started.status(), StatusCode::ACCEPTED);

@@ -129,12 +129,7 @@ async fn a_malformed_job_id_is_a_422_naming_the_id(app: &TestApp) {
     )
     .await;
     let response = app.post("/v1/jobs/123/cancel").await;
-    problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    validation_problem(response).await;
 }
 
 backend_tests!(a_bad_list_query_is_a_422_naming_the_parameter);
@@ -203,12 +198,7 @@ async fn request_ids_are_echoed_or_made(app: &TestApp) {
         .await
         .unwrap();
     assert_eq!(response.headers()["x-request-id"], "trace-abc-123");
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let body = validation_problem(response).await;
     assert_eq!(body["request_id"], "trace-abc-123");
 
     let response = app.get("/v1/jobs").await;
@@ -399,12 +389,7 @@ async fn a_callback_without_its_token_names_the_token(app: &TestApp) {
         .send()
         .await
         .unwrap();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let body = validation_problem(response).await;
     assert_eq!(fields(&body), ["token"]);
     assert_eq!(message_for(&body, "token"), "is required");
 }

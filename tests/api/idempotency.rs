@@ -84,12 +84,7 @@ backend_tests!(a_failed_request_does_not_use_up_its_key);
 async fn a_failed_request_does_not_use_up_its_key(app: &TestApp) {
     let bad = json!({"endpoint": "fal-ai/unknown", "input": {}});
     let response = post_with_key(app, &app.key, "retry-me", &bad).await;
-    problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    validation_problem(response).await;
     let good = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "fixed"}});
     let response = post_with_key(app, &app.key, "retry-me", &good).await;
     assert_eq!(response.status(), StatusCode::ACCEPTED);
@@ -169,12 +164,7 @@ backend_tests!(malformed_idempotency_keys_are_422);
 async fn malformed_idempotency_keys_are_422(app: &TestApp) {
     let body = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "x"}});
     let response = post_with_key(app, &app.key, &"k".repeat(300), &body).await;
-    let problem = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let problem = validation_problem(response).await;
     assert_eq!(fields(&problem), vec!["Idempotency-Key"]);
 }
 

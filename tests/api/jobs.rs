@@ -219,12 +219,7 @@ async fn the_allow_list_is_configurable(app: &TestApp) {
         .send()
         .await
         .unwrap();
-    let body = problem(
-        refused,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let body = validation_problem(refused).await;
     assert!(
         body["errors"][0]["message"]
             .as_str()

@@ -3,7 +3,7 @@
 
 use crate::backend_tests;
 use crate::support::*;
-use falgate::config::Secret;
+use falgate::config::{Config, Secret};
 use falgate::emulator::{
     CallbackFault, Durations, FaultRule, FaultTarget, HttpFault, ModelFailure,
 };
@@ -19,6 +19,13 @@ fn fault(target: FaultTarget, fault: HttpFault, count: u32) -> FaultRule {
         fault,
         count,
     }
+}
+
+/// A submit whose answer is lost stays in doubt for `wait` before it is sent again (unless a
+/// callback names its request); the reconciler asks FAL soon after a missed callback.
+fn in_doubt_for(config: &mut Config, wait: Duration) {
+    config.workers.callback_grace = Duration::from_millis(100);
+    config.workers.unconfirmed_submit_wait = wait;
 }
 
 /// The emulator's requests whose webhook names `job`.
@@ -38,6 +45,17 @@ fn submit_notes(job: &Value) -> Vec<String> {
         .iter()
         .filter_map(|e| e["detail"]["submit"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// A raw job whose first submit meets `fault`, so that it is in doubt, while whatever FAL
+/// queues stays queued; answers its id once its history notes the submit as unconfirmed.
+async fn job_in_doubt(app: &TestApp, fault: HttpFault, prompt: &str) -> String {
+    app.fal.set_all_durations(Durations::new(600_000, 0));
+    let id = submit_raw_meeting(app, fault, 1, prompt).await;
+    eventually("the submit noted as unconfirmed")
+        .until(async || (submit_notes(&app.job(&id).await) == ["unconfirmed"]).then_some(()))
+        .await;
+    id
 }
 
 async fn metric(app: &TestApp, name: &str) -> u64 {
@@ -127,16 +145,7 @@ backend_tests!(
 async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp) {
     // The answer is lost and the callback comes long after the callback grace: the job is
     // not sent again meanwhile, says why in its history, and takes the request it names.
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
-    app.fal.set_all_durations(Durations::new(600_000, 0));
-    let id = submit_raw(app, json!({"prompt": "answer lost"})).await;
-    eventually("the submit noted as unconfirmed")
-        .until(async || {
-            let job = app.job(&id).await;
-            (submit_notes(&job) == ["unconfirmed"]).then_some(())
-        })
-        .await;
+    let id = job_in_doubt(app, HttpFault::AcceptThenReset, "answer lost").await;
     assert_eq!(metric(app, "falgate_submits_unconfirmed_total").await, 1);
     // Well past the grace, and past several submit backoffs: still one request.
     let first = requests_for(app, &id);
@@ -159,18 +168,15 @@ async fn a_lost_submit_answer_waits_for_the_callback_however_late(app: &TestApp)
 backend_tests!(
     a_submit_answered_later_than_its_timeout_is_not_sent_twice,
     |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
+        in_doubt_for(config, Duration::from_secs(2));
         // FAL calls time out at three quarters of the lease.
         config.workers.lease = Duration::from_millis(800);
-        config.workers.unconfirmed_submit_wait = Duration::from_secs(2);
     }
 );
 async fn a_submit_answered_later_than_its_timeout_is_not_sent_twice(app: &TestApp) {
     // Whether FAL queued the slow submit or dropped it with the connection, the job runs
     // once: adopted from its callback, or sent again after the wait.
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::Delay { delay_ms: 1_500 }, 1));
-    let id = submit_raw(app, json!({"prompt": "slow door"})).await;
+    let id = submit_raw_meeting(app, HttpFault::Delay { delay_ms: 1_500 }, 1, "slow door").await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(requests_for(app, &id).len(), 1);
     assert_eq!(submit_notes(&job)[0], "unconfirmed");
@@ -178,16 +184,11 @@ async fn a_submit_answered_later_than_its_timeout_is_not_sent_twice(app: &TestAp
 
 backend_tests!(
     with_no_word_from_fal_within_the_wait_the_job_is_sent_again_and_says_so,
-    |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-        config.workers.unconfirmed_submit_wait = Duration::from_millis(500);
-    }
+    |config| in_doubt_for(config, Duration::from_millis(500))
 );
 async fn with_no_word_from_fal_within_the_wait_the_job_is_sent_again_and_says_so(app: &TestApp) {
     // FAL's ingress answers 502 without queueing anything: no callback can come.
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
-    let id = submit_raw(app, json!({"prompt": "nothing there"})).await;
+    let id = submit_raw_meeting(app, HttpFault::Nginx502, 1, "nothing there").await;
     let job = app.wait_for_status(&id, "succeeded").await;
     assert_eq!(submit_notes(&job), ["unconfirmed", "resent"]);
     assert_eq!(requests_for(app, &id).len(), 1);
@@ -195,9 +196,8 @@ async fn with_no_word_from_fal_within_the_wait_the_job_is_sent_again_and_says_so
 }
 
 /// A submit in doubt for a short while: the callback grace and the wait for evidence.
-fn in_doubt_for_a_while(config: &mut falgate::config::Config) {
-    config.workers.callback_grace = Duration::from_millis(100);
-    config.workers.unconfirmed_submit_wait = Duration::from_millis(1_500);
+fn in_doubt_for_a_while(config: &mut Config) {
+    in_doubt_for(config, Duration::from_millis(1_500));
 }
 
 backend_tests!(
@@ -207,13 +207,7 @@ backend_tests!(
 async fn a_cancel_while_a_submit_is_in_doubt_waits_for_fals_word(app: &TestApp) {
     // In doubt, and FAL did queue it: the cancel is kept, and when FAL's callback names
     // the request, the job ends as FAL ended that request.
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
-    app.fal.set_all_durations(Durations::new(600_000, 0));
-    let queued = submit_raw(app, json!({"prompt": "cancelled in doubt"})).await;
-    eventually("the submit in doubt")
-        .until(async || (submit_notes(&app.job(&queued).await) == ["unconfirmed"]).then_some(()))
-        .await;
+    let queued = job_in_doubt(app, HttpFault::AcceptThenReset, "cancelled in doubt").await;
     let answer = app.cancel(&queued).await;
     assert_eq!(answer["status"], "pending", "{answer}");
     assert!(answer["cancel_requested_at"].is_string());
@@ -231,13 +225,7 @@ backend_tests!(
 async fn a_cancel_while_a_submit_is_in_doubt_is_confirmed_once_fal_has_nothing(app: &TestApp) {
     // In doubt, and FAL has nothing: once the wait is over the cancel is confirmed, and
     // nothing is sent (had it been, FAL would hold it queued).
-    app.fal.set_all_durations(Durations::new(600_000, 0));
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1));
-    let absent = submit_raw(app, json!({"prompt": "never queued"})).await;
-    eventually("the submit in doubt")
-        .until(async || (submit_notes(&app.job(&absent).await) == ["unconfirmed"]).then_some(()))
-        .await;
+    let absent = job_in_doubt(app, HttpFault::Nginx502, "never queued").await;
     assert_eq!(app.cancel(&absent).await["status"], "pending");
     let job = app.wait_for_status(&absent, "canceled").await;
     assert!(job["fal_request_id"].is_null());
@@ -268,9 +256,7 @@ async fn a_genuine_callback_replayed_to_another_pending_job_is_foreign(app: &Tes
         .until(async || app.fal.callback_attempts().first().cloned())
         .await;
     // A second job that stays pending: FAL refuses its submits.
-    app.fal
-        .inject_fault(FaultRule::submit(FaultRule::status(503), 1_000));
-    let pending = submit_raw(app, json!({"prompt": "stays pending"})).await;
+    let pending = submit_raw_meeting(app, FaultRule::status(503), 1_000, "stays pending").await;
     let signer = CallbackSigner::new(vec![Secret::new(TEST_WEBHOOK_SECRET)]).unwrap();
     let replay = app
         .client
@@ -328,13 +314,7 @@ backend_tests!(a_post_whose_process_died_mid_request_is_answered_within_seconds)
 async fn a_post_whose_process_died_mid_request_is_answered_within_seconds(app: &TestApp) {
     // A claim on the key left by a process that died 11 s ago, and one by a request that
     // is still at work (its claim renewed a second ago).
-    let tenant = app
-        .store()
-        .find_live_api_key(&falgate::domain::api_key::hash_key(&app.key).0)
-        .await
-        .unwrap()
-        .unwrap()
-        .id;
+    let tenant = app.tenant().await;
     let body = json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "retried"}});
     let claim = |key: &str, age: i64| {
         let now = falgate::domain::now();
@@ -402,17 +382,14 @@ async fn a_cancelled_request_whose_result_call_fails_once_still_ends_canceled(ap
 backend_tests!(
     submits_in_doubt_stop_at_the_submit_deadline_and_the_job_ends_at_its_own,
     |config| {
-        config.workers.callback_grace = Duration::from_millis(100);
-        config.workers.unconfirmed_submit_wait = Duration::from_millis(300);
+        in_doubt_for(config, Duration::from_millis(300));
         config.workers.submit_deadline = Duration::from_secs(2);
         config.workers.generation_deadline = Duration::from_secs(4);
     }
 );
 async fn submits_in_doubt_stop_at_the_submit_deadline_and_the_job_ends_at_its_own(app: &TestApp) {
     // Every submit meets a gateway error: each may have reached FAL, none is confirmed.
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::Nginx502, 1_000));
-    let id = submit_raw(app, json!({"prompt": "never confirmed"})).await;
+    let id = submit_raw_meeting(app, HttpFault::Nginx502, 1_000, "never confirmed").await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "deadline_exceeded", "{job}");
     let created =
@@ -442,9 +419,7 @@ backend_tests!(
 async fn a_gateway_error_naming_a_request_is_checked_with_fal(app: &TestApp) {
     // A 500 naming a request FAL does not hold: the submit was refused, and is retried at
     // once rather than waited on.
-    app.fal
-        .inject_fault(FaultRule::submit(FaultRule::status(500), 1));
-    let refused = submit_raw(app, json!({"prompt": "named but not queued"})).await;
+    let refused = submit_raw_meeting(app, FaultRule::status(500), 1, "named but not queued").await;
     let job = app.wait_for_status(&refused, "succeeded").await;
     assert!(submit_notes(&job).is_empty(), "{job}");
     assert_eq!(requests_for(app, &refused).len(), 1);
@@ -457,13 +432,7 @@ backend_tests!(
 );
 async fn a_sandbox_job_in_a_shared_database_never_reaches_the_real_fal(app: &TestApp) {
     // A job the sandbox left pending in this database, served now against "the real FAL".
-    let tenant = app
-        .store()
-        .find_live_api_key(&falgate::domain::api_key::hash_key(&app.key).0)
-        .await
-        .unwrap()
-        .unwrap()
-        .id;
+    let tenant = app.tenant().await;
     let left = falgate::store::NewJob {
         id: uuid::Uuid::now_v7(),
         tenant,

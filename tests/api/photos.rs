@@ -175,12 +175,7 @@ async fn pictures_cut_short_lying_or_inflating_are_refused_by_name(app: &TestApp
     )
     .await;
     let elapsed = started.elapsed();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let body = validation_problem(response).await;
     let errors = refusals(&body);
     assert_eq!(errors.len(), 5, "{errors:?}");
     let expect = [
@@ -258,19 +253,8 @@ async fn a_file_over_the_size_limit_is_refused_by_name_and_the_others_kept(app: 
     chunks.extend((0..48).map(|_| vec![0x42u8; 64 << 10]));
     chunks.push(b"\r\n".to_vec());
     chunks.push(multipart(&boundary, &[("last.png", last)]));
-    let response = app
-        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", multipart_content_type(&boundary))
-        .body(streamed(chunks))
-        .send()
-        .await
-        .unwrap();
-    let body = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let response = post_photo_form(app, &avatar, &boundary, streamed(chunks)).await;
+    let body = validation_problem(response).await;
     let errors = refusals(&body);
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert_eq!(errors[0].0, "files[1] (huge.png)");
@@ -314,13 +298,7 @@ async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) 
     );
 
     // Announced by its length: refused before a byte is read.
-    let response = app
-        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", multipart_content_type(&boundary))
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let response = post_photo_form(app, &avatar, &boundary, body.clone()).await;
     let problem_doc = problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert!(
         problem_doc["detail"].as_str().unwrap().contains("60000"),
@@ -329,13 +307,7 @@ async fn a_body_over_the_upload_limit_is_413_and_nothing_is_kept(app: &TestApp) 
 
     // Streamed without a length: refused once the limit is crossed.
     let chunks: Vec<Vec<u8>> = body.chunks(4096).map(<[u8]>::to_vec).collect();
-    let response = app
-        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", multipart_content_type(&boundary))
-        .body(streamed(chunks))
-        .send()
-        .await
-        .unwrap();
+    let response = post_photo_form(app, &avatar, &boundary, streamed(chunks)).await;
     problem(response, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large").await;
     assert!(kept_photos(app, &avatar).await.is_empty());
     wait_for_no_partial_files(app).await;
@@ -429,12 +401,7 @@ async fn a_second_upload_at_once_is_refused_until_the_first_is_done(app: &TestAp
     let response = slow.response.await.unwrap().unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let response = upload_nothing(app, &path).await;
-    problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    validation_problem(response).await;
     wait_for_no_partial_files(app).await;
     assert_eq!(kept_photos(app, &avatar).await.len(), 1);
 }
@@ -466,13 +433,7 @@ async fn a_form_that_never_reaches_a_file_is_refused_not_buffered(app: &TestApp)
     // A preamble past the 1 MiB allowed that never names a part: the parser would have to
     // keep all of it.
     let body = vec![b'x'; 3 << 19];
-    let response = app
-        .request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", multipart_content_type(&boundary))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = post_photo_form(app, &avatar, &boundary, body).await;
     let problem = problem(response, StatusCode::BAD_REQUEST, "bad_request").await;
     assert!(
         problem["detail"]

@@ -1,6 +1,7 @@
 //! Jobs through FAL (the emulator) to their end: callbacks, polling, faults, cancels.
 
 use crate::backend_tests;
+use crate::execute_behind_the_apps_back;
 use crate::support::*;
 use falgate::config::Secret;
 use falgate::emulator::{CallbackFault, Durations, FaultRule, HttpFault, Phase};
@@ -397,9 +398,7 @@ backend_tests!(
     callbacks_first
 );
 async fn an_accepted_submit_whose_answer_is_lost_runs_once(app: &TestApp) {
-    app.fal
-        .inject_fault(FaultRule::submit(HttpFault::AcceptThenReset, 1));
-    let id = submit_raw(app, json!({"prompt": "exactly once"})).await;
+    let id = submit_raw_meeting(app, HttpFault::AcceptThenReset, 1, "exactly once").await;
     let job = app.wait_for_status(&id, "succeeded").await;
     let requests = app.fal.requests();
     assert_eq!(requests.len(), 1, "no second FAL request: {requests:?}");
@@ -420,9 +419,7 @@ backend_tests!(
 );
 async fn a_pending_job_is_cancelled_here_and_never_reaches_fal(app: &TestApp) {
     // FAL keeps refusing, so the job never leaves; the cancel ends it here.
-    app.fal
-        .inject_fault(FaultRule::submit(FaultRule::status(503), 1000));
-    let pending = submit_raw(app, json!({"prompt": "never sent"})).await;
+    let pending = submit_raw_meeting(app, FaultRule::status(503), 1000, "never sent").await;
     eventually("a refused attempt")
         .until(async || (!app.fal.submits().is_empty()).then_some(()))
         .await;
@@ -510,9 +507,7 @@ async fn without_a_public_url_jobs_are_followed_by_polling(app: &TestApp) {
 
 backend_tests!(a_refused_fal_key_fails_jobs_and_shows_in_readiness);
 async fn a_refused_fal_key_fails_jobs_and_shows_in_readiness(app: &TestApp) {
-    app.fal
-        .inject_fault(FaultRule::submit(FaultRule::status(401), 1));
-    let id = submit_raw(app, json!({"prompt": "no key"})).await;
+    let id = submit_raw_meeting(app, FaultRule::status(401), 1, "no key").await;
     let job = app.wait_for_status(&id, "failed").await;
     assert_eq!(job["error"]["code"], "fal_unauthorized");
     let ready = app.client.get(app.url("/readyz")).send().await.unwrap();
@@ -640,15 +635,7 @@ backend_tests!(a_callback_that_cannot_be_stored_gets_a_5xx_and_is_not_lost);
 async fn a_callback_that_cannot_be_stored_gets_a_5xx_and_is_not_lost(app: &TestApp) {
     // The callbacks table is out of reach: the receiver must not answer 2xx.
     let rename = "ALTER TABLE fal_callbacks RENAME TO fal_callbacks_unavailable";
-    if app.database_url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(&app.database_url).await.unwrap();
-        sqlx::query(rename).execute(&pool).await.unwrap();
-        pool.close().await;
-    } else {
-        let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
-        sqlx::query(rename).execute(&pool).await.unwrap();
-        pool.close().await;
-    }
+    execute_behind_the_apps_back!(app, rename);
     let id = submit_raw(app, json!({"prompt": "kept anyway"})).await;
     let job = app.wait_for_status(&id, "succeeded").await;
     // Every callback FAL got an answer to was refused with a 5xx, never acknowledged.

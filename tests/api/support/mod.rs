@@ -138,6 +138,16 @@ impl TestApp {
             .bearer_auth(&self.key)
     }
 
+    /// The tenant this test's API key stands for: the key's id.
+    pub async fn tenant(&self) -> uuid::Uuid {
+        self.store()
+            .find_live_api_key(&falgate::domain::api_key::hash_key(&self.key).0)
+            .await
+            .expect("read the key")
+            .expect("a live key")
+            .id
+    }
+
     pub async fn new_key(&self, name: &str) -> String {
         let (_, key) = self.store().issue_api_key(name).await.expect("issue a key");
         key.secret
@@ -328,6 +338,17 @@ pub async fn problem(response: Response, status: StatusCode, code: &str) -> Valu
     body
 }
 
+/// Reads the 422 `validation_failed` problem, the answer to a request with a wrong field,
+/// parameter or file, and checks its envelope.
+pub async fn validation_problem(response: Response) -> Value {
+    problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await
+}
+
 /// The fields a validation problem names.
 pub fn fields(problem: &Value) -> Vec<String> {
     problem["errors"]
@@ -383,6 +404,29 @@ macro_rules! backend_tests {
             }
         }
     };
+}
+
+/// Runs one SQL statement on a test app's database behind the app's back, on whichever backend
+/// it is, with each bind bound in order; answers how many rows it changed.
+///
+/// `execute_behind_the_apps_back!(app, "UPDATE … WHERE id = $1", id)`: a macro, since the query
+/// and its binds have a different type on each backend.
+#[macro_export]
+macro_rules! execute_behind_the_apps_back {
+    ($app:expr, $sql:expr $(, $bind:expr)* $(,)?) => {{
+        let url = &$app.database_url;
+        if url.starts_with("sqlite:") {
+            let pool = sqlx::SqlitePool::connect(url).await.expect("connect");
+            let done = sqlx::query($sql)$(.bind($bind))*.execute(&pool).await;
+            pool.close().await;
+            done.expect("execute").rows_affected()
+        } else {
+            let pool = sqlx::PgPool::connect(url).await.expect("connect");
+            let done = sqlx::query($sql)$(.bind($bind))*.execute(&pool).await;
+            pool.close().await;
+            done.expect("execute").rows_affected()
+        }
+    }};
 }
 
 /// Where falgate processes started by tests keep their files: in the temporary directory, never

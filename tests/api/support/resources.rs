@@ -1,7 +1,8 @@
 //! The requests many tests make to set a scene: API keys, avatars, photos, trainings,
 //! generations and jobs, each built in one place.
 
-use super::{TestApp, eventually, problem};
+use super::{TestApp, eventually, validation_problem};
+use falgate::emulator::{FaultRule, HttpFault};
 use reqwest::{Method, Response, StatusCode};
 use serde_json::{Value, json};
 
@@ -121,9 +122,20 @@ pub fn multipart(boundary: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
 /// POST /v1/avatars/{avatar}/photos with `files` in one request with a Content-Length.
 pub async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> Response {
     let boundary = new_boundary();
+    post_photo_form(app, avatar, &boundary, multipart(&boundary, files)).await
+}
+
+/// POST /v1/avatars/{avatar}/photos with `body` as a multipart form framed by `boundary`,
+/// whether or not the body is one.
+pub async fn post_photo_form(
+    app: &TestApp,
+    avatar: &str,
+    boundary: &str,
+    body: impl Into<reqwest::Body>,
+) -> Response {
     app.request(Method::POST, &format!("/v1/avatars/{avatar}/photos"))
-        .header("content-type", multipart_content_type(&boundary))
-        .body(multipart(&boundary, files))
+        .header("content-type", multipart_content_type(boundary))
+        .body(body)
         .send()
         .await
         .expect("send")
@@ -146,6 +158,12 @@ pub async fn avatar_with_photos(app: &TestApp, kind: &str, count: u64) -> (Value
     (avatar, photos)
 }
 
+/// An avatar of `kind` with the ten photos a training needs; answers its id.
+pub async fn trainable_avatar(app: &TestApp, kind: &str) -> String {
+    let (avatar, _) = avatar_with_photos(app, kind, 10).await;
+    id_of(&avatar)
+}
+
 /// The `(field, message)` of each refused file.
 pub fn refusals(problem: &Value) -> Vec<(String, String)> {
     problem["errors"]
@@ -165,6 +183,11 @@ pub fn refusals(problem: &Value) -> Vec<(String, String)> {
 pub async fn train(app: &TestApp, avatar: &str, body: Value) -> Response {
     app.post_json(&format!("/v1/avatars/{avatar}/trainings"), &body)
         .await
+}
+
+/// [`train`], answering the JSON body (the training job, when it started).
+pub async fn train_json(app: &TestApp, avatar: &str, body: Value) -> Value {
+    train(app, avatar, body).await.json().await.expect("json")
 }
 
 /// Polls until the avatar is in `status`; answers the avatar.
@@ -206,6 +229,18 @@ pub async fn submit_raw(app: &TestApp, input: Value) -> String {
     id_of(&response.json().await.expect("json"))
 }
 
+/// Arms `fault` for FAL's next `count` submits, then submits a raw job for `prompt` as
+/// [`submit_raw`] does; answers its id.
+pub async fn submit_raw_meeting(
+    app: &TestApp,
+    fault: HttpFault,
+    count: u32,
+    prompt: &str,
+) -> String {
+    app.fal.inject_fault(FaultRule::submit(fault, count));
+    submit_raw(app, json!({ "prompt": prompt })).await
+}
+
 /// Checks that `response` is a 422 validation problem naming exactly `expected`, in any order;
 /// `context` says which request it answers. Answers the problem.
 pub async fn assert_refused_naming(
@@ -213,12 +248,7 @@ pub async fn assert_refused_naming(
     expected: &[&str],
     context: impl std::fmt::Display,
 ) -> Value {
-    let problem = problem(
-        response,
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "validation_failed",
-    )
-    .await;
+    let problem = validation_problem(response).await;
     let mut named = super::fields(&problem);
     named.sort();
     let mut expected = expected.to_vec();
