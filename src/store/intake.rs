@@ -4,8 +4,11 @@
 //! transaction is at work wait for the next one together: a task takes whatever has queued,
 //! up to [`MOST_AT_ONCE`] requests, and stores all their jobs in one transaction of a few
 //! statements (see `jobs::insert_new_jobs`). SQLite has one such task, as it has one writer;
-//! PostgreSQL has [`POSTGRES_LANES`], so that one transaction fills while another commits. Each request is answered only once that
-//! transaction has committed, so an answered job is durable, as before.
+//! PostgreSQL has [`POSTGRES_LANES`], so that one transaction fills while another
+//! commits, and where no request carries an Idempotency-Key and the jobs fit one message it
+//! stores them with a single statement, atomic by itself, without BEGIN and COMMIT. Each
+//! request is answered only once its jobs are committed, so an answered job is durable, as
+//! before.
 //!
 //! A request must not fail because of another's mistake. A request whose Idempotency-Key was
 //! taken over is turned away alone, before anything is inserted; any other failure of the
@@ -13,7 +16,7 @@
 //! own, which gives each the answer it would have had alone.
 
 use super::idempotency::complete_idempotency;
-use super::jobs::insert_new_jobs;
+use super::jobs::{insert_new_jobs, insert_new_jobs_in_one_statement};
 use super::{IdempotencyCompletion, NewJob, Store, StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
@@ -87,6 +90,11 @@ impl Store {
         jobs: &[NewJob],
         idempotency: Option<&IdempotencyCompletion>,
     ) -> StoreResult<()> {
+        if idempotency.is_none()
+            && insert_new_jobs_in_one_statement(self, &jobs.iter().collect::<Vec<_>>()).await?
+        {
+            return Ok(());
+        }
         let mut tx = self.writer().begin().await?;
         insert_new_jobs(&mut tx, jobs).await?;
         if let Some(done) = idempotency {
@@ -101,6 +109,12 @@ impl Store {
         &self,
         submissions: &[Submission],
     ) -> StoreResult<Vec<StoreResult<()>>> {
+        if submissions.iter().all(|s| s.idempotency.is_none()) {
+            let jobs: Vec<&NewJob> = submissions.iter().flat_map(|s| &s.jobs).collect();
+            if insert_new_jobs_in_one_statement(self, &jobs).await? {
+                return Ok(submissions.iter().map(|_| Ok(())).collect());
+            }
+        }
         let mut tx = self.writer().begin().await?;
         let mut turned_away = vec![None; submissions.len()];
         for (index, submission) in submissions.iter().enumerate() {

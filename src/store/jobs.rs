@@ -422,6 +422,34 @@ pub(super) async fn insert_new_jobs<'j>(
     Ok(())
 }
 
+/// Inserts new jobs with their first history rows in one statement with no transaction around
+/// it, where the backend allows (PostgreSQL, when they fit one message): a single statement is
+/// atomic by itself, so the BEGIN and COMMIT round trips are saved. Answers `false`, having
+/// written nothing, where it does not (SQLite needs two statements; many jobs need several).
+pub(super) async fn insert_new_jobs_in_one_statement(
+    store: &Store,
+    jobs: &[&NewJob],
+) -> StoreResult<bool> {
+    let NewJobRows::Json(insert) = &store.dialect().insert_jobs else {
+        return Ok(false);
+    };
+    let rows = jobs
+        .iter()
+        .map(|job| InsertedJob::of(job))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let Ok([rows]) = <[String; 1]>::try_from(rows_in_small_messages(&rows)?) else {
+        return Ok(false);
+    };
+    store
+        .writer()
+        .execute(
+            *insert,
+            &[rows.as_str().into(), EventSource::Api.as_str().into()],
+        )
+        .await?;
+    Ok(true)
+}
+
 /// The most bytes of JSON one insert statement carries, unless a single job is larger.
 ///
 /// The PostgreSQL driver (sqlx 0.9.0) leaves Nagle's algorithm on: a message larger than the
