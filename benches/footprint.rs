@@ -18,7 +18,7 @@ use falgate::domain::job::JobKind;
 use falgate::emulator::{Durations, EmulatorConfig, EmulatorHandle};
 use falgate::store::{ClaimKind, NewJob, Store, StoreOptions};
 use std::time::{Duration, Instant};
-use support::Database;
+use support::{Database, Pool, on_pool};
 use uuid::Uuid;
 
 mod support;
@@ -46,51 +46,41 @@ fn new_jobs(tenant: Uuid, count: usize) -> Vec<NewJob> {
 
 /// Moves jobs straight to a state, as the pipeline would have left them. Setup only: the
 /// product reaches SQL through its store alone.
-async fn set_state(url: &str, ids: &[Uuid], status: &str, finished: bool) {
+async fn set_state(pool: &Pool, ids: &[Uuid], status: &str, finished: bool) {
     let ids: Vec<String> = ids.iter().map(|id| id.simple().to_string()).collect();
     let ids = serde_json::to_string(&ids).unwrap();
     let now = falgate::domain::now() - chrono::TimeDelta::seconds(1);
     let at = now.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
-    if url.starts_with("sqlite:") {
-        let pool = sqlx::SqlitePool::connect(url).await.unwrap();
-        sqlx::query(
+    let sql = match pool {
+        Pool::Sqlite(_) => {
             "UPDATE jobs SET status = ?1, \
              fal_request_id = 'req-' || hex(id), \
              next_attempt_at = CASE WHEN ?3 THEN NULL ELSE ?4 END, \
              finished_at = CASE WHEN ?3 THEN ?4 ELSE NULL END, \
              submitted_at = ?4 \
-             WHERE id IN (SELECT unhex(value) FROM json_each(?2))",
-        )
-        .bind(status)
-        .bind(&ids)
-        .bind(finished)
-        .bind(&at)
-        .execute(&pool)
-        .await
-        .unwrap();
-        pool.close().await;
-    } else {
-        let pool = sqlx::PgPool::connect(url).await.unwrap();
-        sqlx::query(
+             WHERE id IN (SELECT unhex(value) FROM json_each(?2))"
+        }
+        Pool::Postgres(_) => {
             "UPDATE jobs SET status = $1, fal_request_id = 'req-' || id::text, \
              next_attempt_at = CASE WHEN $3 THEN NULL ELSE $4::timestamptz END, \
              finished_at = CASE WHEN $3 THEN $4::timestamptz ELSE NULL END, \
              submitted_at = $4::timestamptz \
-             WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($2::jsonb))",
-        )
+             WHERE id IN (SELECT value::uuid FROM jsonb_array_elements_text($2::jsonb))"
+        }
+    };
+    on_pool!(pool, |conn| sqlx::query(sql)
         .bind(status)
         .bind(&ids)
         .bind(finished)
         .bind(&at)
-        .execute(&pool)
+        .execute(conn)
         .await
-        .unwrap();
-        pool.close().await;
-    }
+        .map(drop))
+    .unwrap();
 }
 
 /// Adds `count` jobs in `status`, a thousand at a time.
-async fn add_jobs(store: &Store, url: &str, tenant: Uuid, count: usize, status: &str) {
+async fn add_jobs(store: &Store, pool: &Pool, tenant: Uuid, count: usize, status: &str) {
     let finished = status != "submitted";
     let mut left = count;
     while left > 0 {
@@ -98,7 +88,7 @@ async fn add_jobs(store: &Store, url: &str, tenant: Uuid, count: usize, status: 
         let jobs = new_jobs(tenant, now);
         let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
         store.create_jobs(jobs, None).await.unwrap();
-        set_state(url, &ids, status, finished).await;
+        set_state(pool, &ids, status, finished).await;
         left -= now;
     }
 }
@@ -112,8 +102,10 @@ async fn reconciler_round(finished: usize) -> (Duration, String) {
         .unwrap();
     store.migrate().await.unwrap();
     let (key, _) = store.issue_api_key("footprint").await.unwrap();
-    add_jobs(&store, &url, key.id, finished, "succeeded").await;
-    add_jobs(&store, &url, key.id, IN_FLIGHT, "submitted").await;
+    let pool = Pool::connect(&database, &url).await;
+    add_jobs(&store, &pool, key.id, finished, "succeeded").await;
+    add_jobs(&store, &pool, key.id, IN_FLIGHT, "submitted").await;
+    pool.close().await;
     let backend = database.backend().to_owned();
     let mut rounds = Vec::with_capacity(ROUNDS);
     for _ in 0..ROUNDS {

@@ -16,7 +16,7 @@ use axum::routing::post;
 use falgate::app::App;
 use falgate::emulator::{Durations, EmulatorConfig};
 use std::time::{Duration, Instant, SystemTime};
-use support::Database;
+use support::{Database, Pool, on_pool};
 
 mod support;
 
@@ -53,36 +53,20 @@ fn report(
     (p50, p99)
 }
 
-#[derive(Clone)]
-enum Bare {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
-async fn bare_insert(State(db): State<Bare>) -> &'static str {
+async fn bare_insert(State(db): State<Pool>) -> &'static str {
     let id = uuid::Uuid::now_v7();
     let body = serde_json::json!({"prompt": "bench"});
     let at = chrono::Utc::now();
-    match db {
-        Bare::Sqlite(pool) => {
-            sqlx::query("INSERT INTO bench_rows (id, input, created_at) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(sqlx::types::Json(&body))
-                .bind(at)
-                .execute(&pool)
-                .await
-                .expect("insert");
-        }
-        Bare::Postgres(pool) => {
-            sqlx::query("INSERT INTO bench_rows (id, input, created_at) VALUES ($1, $2, $3)")
-                .bind(id)
-                .bind(sqlx::types::Json(&body))
-                .bind(at)
-                .execute(&pool)
-                .await
-                .expect("insert");
-        }
-    }
+    on_pool!(&db, |pool| sqlx::query(
+        "INSERT INTO bench_rows (id, input, created_at) VALUES ($1, $2, $3)"
+    )
+    .bind(id)
+    .bind(sqlx::types::Json(&body))
+    .bind(at)
+    .execute(pool)
+    .await
+    .map(drop))
+    .expect("insert");
     "ok"
 }
 
@@ -98,38 +82,9 @@ async fn run() {
     let client = reqwest::Client::new();
 
     // Baseline: the same database, one insert per request.
-    let bare = if backend == "sqlite" {
-        let store = falgate::store::Store::connect(&database_url, &Default::default())
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
-        store.close().await;
-        let pool = sqlx::sqlite::SqlitePoolOptions::new()
-            .connect_with(
-                database_url
-                    .parse::<sqlx::sqlite::SqliteConnectOptions>()
-                    .unwrap()
-                    .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                    .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                    .busy_timeout(Duration::from_secs(10)),
-            )
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE IF NOT EXISTS bench_rows (id BLOB PRIMARY KEY, input TEXT, created_at TEXT)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        Bare::Sqlite(pool)
-    } else {
-        let pool = sqlx::PgPool::connect(&database_url).await.unwrap();
-        sqlx::query(
-            "CREATE TABLE bench_rows (id UUID PRIMARY KEY, input JSONB, created_at TIMESTAMPTZ)",
-        )
-        .execute(&pool)
-        .await
-        .unwrap();
-        Bare::Postgres(pool)
-    };
+    let bare = Pool::connect(&database, &database_url).await;
+    bare.create_bench_rows("id {id} PRIMARY KEY, input {json}, created_at {at}")
+        .await;
     let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let bare_addr = bare_listener.local_addr().unwrap();
     let router = Router::new()

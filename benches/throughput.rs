@@ -35,7 +35,7 @@ use axum::routing::post;
 use falgate::app::App;
 use falgate::emulator::{Durations, EmulatorConfig, EmulatorHandle};
 use std::time::{Duration, Instant};
-use support::Database;
+use support::{Database, Pool, on_pool};
 
 mod support;
 
@@ -186,92 +186,28 @@ fn load(name: &'static str, target: Target, connections: usize, measured: Durati
     .expect("load thread")
 }
 
-#[derive(Clone)]
-enum Bare {
-    Sqlite(sqlx::SqlitePool),
-    Postgres(sqlx::PgPool),
-}
-
 #[derive(serde::Deserialize)]
 struct BareJob {
     endpoint: String,
     input: serde_json::Value,
 }
 
-async fn bare_insert(State(db): State<Bare>, body: axum::Json<BareJob>) -> StatusCode {
+async fn bare_insert(State(db): State<Pool>, body: axum::Json<BareJob>) -> StatusCode {
     let job = body.0;
     let id = uuid::Uuid::now_v7();
     let at = chrono::Utc::now();
     let sql = "INSERT INTO bench_rows (id, endpoint, input, created_at) VALUES ($1, $2, $3, $4)";
-    let inserted = match db {
-        Bare::Sqlite(pool) => sqlx::query(sql)
-            .bind(id)
-            .bind(&job.endpoint)
-            .bind(sqlx::types::Json(&job.input))
-            .bind(at)
-            .execute(&pool)
-            .await
-            .map(drop),
-        Bare::Postgres(pool) => sqlx::query(sql)
-            .bind(id)
-            .bind(&job.endpoint)
-            .bind(sqlx::types::Json(&job.input))
-            .bind(at)
-            .execute(&pool)
-            .await
-            .map(drop),
-    };
+    let inserted = on_pool!(&db, |pool| sqlx::query(sql)
+        .bind(id)
+        .bind(&job.endpoint)
+        .bind(sqlx::types::Json(&job.input))
+        .bind(at)
+        .execute(pool)
+        .await
+        .map(drop));
     match inserted {
         Ok(()) => StatusCode::ACCEPTED,
         Err(_) => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
-/// A pool for the bare handler, configured as falgate's own: WAL and a busy timeout on
-/// SQLite, 10 connections.
-async fn bare_pool(database: &Database, url: &str) -> Bare {
-    let table = "CREATE TABLE bench_rows (id {id} PRIMARY KEY, endpoint TEXT, input {json}, \
-                     created_at {at})";
-    match database {
-        Database::SqliteFile(_) => {
-            let pool = sqlx::sqlite::SqlitePoolOptions::new()
-                .max_connections(10)
-                .connect_with(
-                    url.parse::<sqlx::sqlite::SqliteConnectOptions>()
-                        .expect("a sqlite URL")
-                        .create_if_missing(true)
-                        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
-                        .busy_timeout(Duration::from_secs(10)),
-                )
-                .await
-                .expect("sqlite");
-            let create = table
-                .replace("{id}", "BLOB")
-                .replace("{json}", "TEXT")
-                .replace("{at}", "TEXT");
-            sqlx::query(sqlx::AssertSqlSafe(create))
-                .execute(&pool)
-                .await
-                .expect("bench table");
-            Bare::Sqlite(pool)
-        }
-        Database::Postgres { .. } => {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(10)
-                .connect(url)
-                .await
-                .expect("postgres");
-            let create = table
-                .replace("{id}", "UUID")
-                .replace("{json}", "JSONB")
-                .replace("{at}", "TIMESTAMPTZ");
-            sqlx::query(sqlx::AssertSqlSafe(create))
-                .execute(&pool)
-                .await
-                .expect("bench table");
-            Bare::Postgres(pool)
-        }
     }
 }
 
@@ -303,7 +239,10 @@ async fn run(measured: Duration, connections: usize) {
     let (database, database_url) = Database::create("falgate_bench").await;
     let body = job_body(1);
 
-    let bare = bare_pool(&database, &database_url).await;
+    // The bare handler's pool, configured as falgate's own.
+    let bare = Pool::connect(&database, &database_url).await;
+    bare.create_bench_rows("id {id} PRIMARY KEY, endpoint TEXT, input {json}, created_at {at}")
+        .await;
     let bare_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let bare_addr = bare_listener.local_addr().unwrap();
     let router = Router::new()
@@ -404,9 +343,6 @@ async fn run(measured: Duration, connections: usize) {
 
     fal.shutdown().await;
     bare_server.abort();
-    match bare {
-        Bare::Sqlite(pool) => pool.close().await,
-        Bare::Postgres(pool) => pool.close().await,
-    }
+    bare.close().await;
     database.remove().await;
 }

@@ -4,6 +4,7 @@
 
 use falgate::config::{Config, Secret};
 use falgate::emulator::{EmulatorConfig, EmulatorHandle};
+use std::time::Duration;
 
 /// falgate on `database_url`, against the FAL emulator at `fal`, serving at `addr` with the
 /// callbacks addressed to itself.
@@ -83,5 +84,82 @@ impl Database {
                 admin.close().await;
             }
         }
+    }
+}
+
+/// A pool on the run's database for the benchmarks' own statements: the bare handlers'
+/// inserts and the setup the product would not do. sqlx types its pools by backend; the code
+/// run on them is the same, written once with [`on_pool!`].
+#[derive(Clone)]
+pub enum Pool {
+    Sqlite(sqlx::SqlitePool),
+    Postgres(sqlx::PgPool),
+}
+
+/// Runs the same sqlx code on whichever backend's pool `$pool` is, bound to `$conn`.
+macro_rules! on_pool {
+    ($pool:expr, |$conn:ident| $body:expr) => {
+        match $pool {
+            $crate::support::Pool::Sqlite($conn) => $body,
+            $crate::support::Pool::Postgres($conn) => $body,
+        }
+    };
+}
+pub(crate) use on_pool;
+
+impl Pool {
+    /// A pool of 10 connections configured as falgate's own (WAL, a busy timeout and
+    /// `synchronous = NORMAL` on SQLite).
+    pub async fn connect(database: &Database, url: &str) -> Self {
+        match database {
+            Database::SqliteFile(_) => Self::Sqlite(
+                sqlx::sqlite::SqlitePoolOptions::new()
+                    .max_connections(10)
+                    .connect_with(
+                        url.parse::<sqlx::sqlite::SqliteConnectOptions>()
+                            .expect("a sqlite URL")
+                            .create_if_missing(true)
+                            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+                            .busy_timeout(Duration::from_secs(10)),
+                    )
+                    .await
+                    .expect("sqlite"),
+            ),
+            Database::Postgres { .. } => Self::Postgres(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(10)
+                    .connect(url)
+                    .await
+                    .expect("postgres"),
+            ),
+        }
+    }
+
+    /// Makes the bare handler's table: `columns` with `{id}`, `{json}` and `{at}` standing for
+    /// the backend's types of a UUID, a JSON document and a time.
+    pub async fn create_bench_rows(&self, columns: &str) {
+        let [id, json, at] = match self {
+            Self::Sqlite(_) => ["BLOB", "TEXT", "TEXT"],
+            Self::Postgres(_) => ["UUID", "JSONB", "TIMESTAMPTZ"],
+        };
+        let create = format!(
+            "CREATE TABLE bench_rows ({})",
+            columns
+                .replace("{id}", id)
+                .replace("{json}", json)
+                .replace("{at}", at)
+        );
+        on_pool!(self, |pool| sqlx::query(sqlx::AssertSqlSafe(
+            create.clone()
+        ))
+        .execute(pool)
+        .await
+        .map(drop))
+        .expect("the bench table");
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await)
     }
 }

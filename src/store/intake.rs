@@ -63,7 +63,9 @@ impl Store {
             .send(submission)
             .await
             .map_err(|_| gone())?;
-        answered.await.map_err(|_| gone())?
+        answered
+            .await
+            .map_err(|_| StoreError::Unavailable("the job intake did not answer".into()))?
     }
 
     /// The queue to the group-commit task, started on first use.
@@ -78,7 +80,7 @@ impl Store {
             for _ in 0..lanes {
                 // A store of its own that shares the pools but not this queue, so that the
                 // task does not keep its own queue open.
-                tokio::spawn(group_commit(self.without_intake(), waiting.clone()));
+                tokio::spawn(lane(self.without_intake(), waiting.clone()));
             }
             queue
         })
@@ -143,6 +145,23 @@ impl Store {
                 None => Ok(()),
             })
             .collect())
+    }
+}
+
+/// One lane of group commit, started again should it panic: a bug met by one batch must not
+/// leave every later request without a way in. The requests of the batch it was storing are
+/// told the intake failed (their answers are dropped), as a crash would have left them.
+async fn lane(
+    store: Store,
+    waiting: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Submission>>>,
+) {
+    loop {
+        match tokio::spawn(group_commit(store.clone(), waiting.clone())).await {
+            Err(failure) if failure.is_panic() => {
+                tracing::error!("a group-commit lane panicked; starting it again");
+            }
+            _ => return,
+        }
     }
 }
 

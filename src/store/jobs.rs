@@ -443,7 +443,7 @@ pub(super) async fn insert_new_jobs_in_one_statement(
     store
         .writer()
         .execute(
-            *insert,
+            insert,
             &[rows.as_str().into(), EventSource::Api.as_str().into()],
         )
         .await?;
