@@ -86,7 +86,7 @@ impl FromStr for JobStatus {
 }
 
 /// Why a job failed: our stable code, a message, and FAL's own detail when it gave one.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobError {
     pub code: JobErrorCode,
     pub message: String,
@@ -95,7 +95,7 @@ pub struct JobError {
 
 /// Every reason a job can fail (or, while it waits, why it is held), one stable spelling each:
 /// clients match on these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobErrorCode {
     /// FAL refused our key or account (401, 403).

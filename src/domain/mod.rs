@@ -5,6 +5,7 @@ pub mod api_key;
 pub mod archive;
 pub mod avatar;
 pub mod endpoint;
+pub mod event;
 pub mod generation;
 pub mod idempotency;
 pub mod job;

@@ -231,7 +231,7 @@ pub struct BatchView {
 }
 
 impl BatchView {
-    fn new(batch: Batch, jobs: Vec<Job>) -> Self {
+    pub fn new(batch: Batch, jobs: Vec<Job>) -> Self {
         let count = |s: JobStatus| jobs.iter().filter(|j| j.status == s).count();
         let succeeded = count(JobStatus::Succeeded);
         let failed = count(JobStatus::Failed) + count(JobStatus::Canceled);

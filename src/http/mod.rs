@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod avatars;
+pub mod events;
 pub mod extract;
 pub mod fal_webhook;
 pub mod generations;
@@ -47,6 +48,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "avatars", description = "Avatars, their photos and their training."),
         (name = "generations", description = "Images of trained avatars, in batches."),
         (name = "jobs", description = "Every job, whatever created it."),
+        (name = "events", description = "What happened to jobs, avatars and batches, in order."),
         (name = "fal", description = "Called by FAL, not by clients."),
         (name = "operations", description = "Health, readiness and metrics."),
     )
@@ -84,6 +86,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(trainings::start_training))
         .routes(routes!(generations::create_generation))
         .routes(routes!(generations::get_batch))
+        .routes(routes!(events::list_events))
+        .routes(routes!(events::get_event))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

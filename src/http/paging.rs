@@ -7,7 +7,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use uuid::Uuid;
 
 const MAX_PAGE: u32 = 100;
-const DEFAULT_PAGE: u32 = 20;
+pub const DEFAULT_PAGE: u32 = 20;
 
 /// A query's `limit`, checked while the query is parsed so that it is reported along with the
 /// query's other errors.

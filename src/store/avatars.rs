@@ -1,11 +1,13 @@
 //! Avatars: their rows, their trainings, and what a training's end does to them.
 
 use super::db::Tx;
+use super::events::{EventSnapshot, NewEvent, avatar_snapshot, insert_events, lock_event_sequence};
 use super::idempotency::complete_idempotency;
 use super::jobs::insert_jobs;
 use super::photos::PHOTO_COLUMNS;
 use super::{IdempotencyCompletion, Job, LoraCopy, NewJob, Photo, Store, StoreError, StoreResult};
 use crate::domain::avatar::{AvatarKind, AvatarStatus, TrainedArtifact};
+use crate::domain::event::EventType;
 use chrono::{DateTime, Utc};
 use std::sync::LazyLock;
 use uuid::Uuid;
@@ -16,7 +18,7 @@ pub(super) const AVATAR_COLUMNS: &str = "id, tenant, name, kind, trigger_phrase,
     lora_copy_key, lora_copy_sha256, lora_copy_bytes, lora_copy_url, lora_checked_at, \
     created_at, updated_at";
 
-static GET_AVATAR: LazyLock<String> =
+pub(super) static GET_AVATAR: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {AVATAR_COLUMNS} FROM avatars WHERE id = $1 AND tenant = $2"));
 
 static PHOTOS_OF_AVATAR: LazyLock<String> =
@@ -40,7 +42,7 @@ pub enum AvatarOutcome {
 }
 
 /// An avatar as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Avatar {
     pub id: Uuid,
     pub tenant: Uuid,
@@ -279,21 +281,29 @@ impl Store {
             return Ok(TrainingStart::Busy);
         }
         let mut created = insert_jobs(&mut tx, std::slice::from_ref(job), idempotency).await?;
+        let avatar = avatar_snapshot(&mut tx, tenant, avatar_id).await?;
+        let last = lock_event_sequence(&mut tx, tenant).await?;
+        let started = NewEvent {
+            kind: EventType::AvatarTrainingStarted,
+            snapshot: EventSnapshot::Avatar(Box::new(avatar)),
+        };
+        insert_events(&mut tx, tenant, last, job.created_at, &[started]).await?;
         tx.commit().await?;
         Ok(TrainingStart::Started(Box::new(created.remove(0))))
     }
 }
 
-/// Moves the avatar whose current training is `job_id` according to how that training ended.
+/// Moves the avatar whose current training is `job_id` according to how that training ended;
+/// answers whether it did (not when the avatar has gone or trains with another job since).
 pub(super) async fn apply_avatar_outcome(
     tx: &mut Tx,
     avatar_id: Uuid,
     job_id: Uuid,
     outcome: &AvatarOutcome,
     at: DateTime<Utc>,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     let conn = tx.conn();
-    match outcome {
+    let moved = match outcome {
         AvatarOutcome::Ready(artifact) => {
             let (lora, config, finetune) = match artifact {
                 TrainedArtifact::Lora { url, config_url } => {
@@ -353,5 +363,5 @@ pub(super) async fn apply_avatar_outcome(
             .await?
         }
     };
-    Ok(())
+    Ok(moved > 0)
 }

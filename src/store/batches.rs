@@ -6,11 +6,11 @@ use chrono::{DateTime, Utc};
 use std::sync::LazyLock;
 use uuid::Uuid;
 
-static JOBS_OF_BATCH: LazyLock<String> =
+pub(super) static JOBS_OF_BATCH: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE batch_id = $1 ORDER BY id"));
 
 /// A generation batch.
-#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     pub id: Uuid,
     pub tenant: Uuid,

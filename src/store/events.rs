@@ -1,87 +1,246 @@
-//! A job's history: one append-only row per move, written in the transaction that moves it.
+//! Events for clients (the outbox): one row per change a client is told of, written by the
+//! transaction that makes the change, so that no change is committed without its event and no
+//! event tells of a change that did not happen.
+//!
+//! Each tenant's events are numbered 1, 2, 3… without gaps. The number is taken under the lock
+//! of the tenant's row in `event_sequences`, held until the transaction ends, so a tenant's
+//! events commit in the order of their numbers: a reader that has seen number n will never
+//! later find an event below it, and "everything after n" is a complete answer. The lock is
+//! taken last in every transaction that writes events (after the job and avatar rows), so
+//! transactions that take both cannot wait on each other in a circle.
 
+use super::avatars::{Avatar, AvatarRow, GET_AVATAR};
+use super::batches::{Batch, JOBS_OF_BATCH};
 use super::db::Tx;
-use super::{Store, StoreError, StoreResult};
-use crate::domain::job::{EventSource, JobStatus};
+use super::jobs::{JobRow, jobs_from_rows};
+use super::{Job, StoreError, StoreResult};
+use crate::domain::event::EventType;
 use chrono::{DateTime, Utc};
-use serde_json::Value;
 use sqlx::types::Json;
 use uuid::Uuid;
 
-/// One line of a job's history.
+/// An event as stored: what happened, to which resource, and the resource as it was then.
 #[derive(Debug, Clone, PartialEq)]
-pub struct JobEventRecord {
-    pub at: DateTime<Utc>,
-    pub from: Option<JobStatus>,
-    pub to: JobStatus,
-    pub source: EventSource,
-    pub detail: Option<Value>,
+pub struct Event {
+    pub id: Uuid,
+    pub tenant: Uuid,
+    /// The tenant's count of events up to this one (1 for its first).
+    pub sequence: i64,
+    pub kind: EventType,
+    pub resource_id: Uuid,
+    /// The generation batch of the resource, for a batch's events and its jobs'.
+    pub batch_id: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub snapshot: EventSnapshot,
+}
+
+/// The resource an event carries, as stored when the event happened.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventSnapshot {
+    Job(Box<Job>),
+    Avatar(Box<Avatar>),
+    Batch { batch: Batch, jobs: Vec<Job> },
+}
+
+/// Which of a tenant's events to list.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub kind: Option<EventType>,
+    /// Only the events of this job, avatar or batch (a batch's include its jobs').
+    pub resource_id: Option<Uuid>,
+    /// Only events numbered above this.
+    pub after: i64,
+    pub limit: u32,
 }
 
 #[derive(sqlx::FromRow)]
-struct JobEventRow {
-    at: DateTime<Utc>,
-    from_status: Option<String>,
-    to_status: String,
-    source: String,
-    detail: Option<Json<Value>>,
+struct EventRow {
+    id: Uuid,
+    tenant: Uuid,
+    sequence: i64,
+    #[sqlx(rename = "type")]
+    kind: String,
+    resource_id: Uuid,
+    batch_id: Option<Uuid>,
+    created_at: DateTime<Utc>,
+    snapshot: Json<EventSnapshot>,
 }
 
-impl TryFrom<JobEventRow> for JobEventRecord {
+impl TryFrom<EventRow> for Event {
     type Error = StoreError;
 
-    fn try_from(row: JobEventRow) -> Result<Self, Self::Error> {
-        let corrupt = |e: &dyn std::fmt::Display| StoreError::Corrupt(format!("job event: {e}"));
-        Ok(JobEventRecord {
-            at: row.at,
-            from: row
-                .from_status
-                .map(|s| s.parse())
-                .transpose()
-                .map_err(|e| corrupt(&e))?,
-            to: row.to_status.parse().map_err(|e| corrupt(&e))?,
-            source: row.source.parse().map_err(|e| corrupt(&e))?,
-            detail: row.detail.map(|j| j.0),
+    fn try_from(row: EventRow) -> Result<Self, Self::Error> {
+        Ok(Self {
+            kind: row
+                .kind
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("event {}: type: {e}", row.id)))?,
+            id: row.id,
+            tenant: row.tenant,
+            sequence: row.sequence,
+            resource_id: row.resource_id,
+            batch_id: row.batch_id,
+            created_at: row.created_at,
+            snapshot: row.snapshot.0,
         })
     }
 }
 
-impl Store {
-    pub async fn job_events(&self, job_id: Uuid) -> StoreResult<Vec<JobEventRecord>> {
-        let rows: Vec<JobEventRow> = self
+const EVENT_COLUMNS: &str =
+    "id, tenant, sequence, type, resource_id, batch_id, created_at, snapshot";
+
+impl super::Store {
+    /// The tenant's events matching `filter`, in the order they happened.
+    pub async fn list_events(&self, tenant: Uuid, filter: &EventFilter) -> StoreResult<Vec<Event>> {
+        static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND sequence > $2 \
+                 AND ($3 IS NULL OR type = $3) \
+                 AND ($4 IS NULL OR resource_id = $4 OR batch_id = $4) \
+                 ORDER BY sequence LIMIT $5"
+            )
+        });
+        let rows: Vec<EventRow> = self
             .fetch_all(
-                "SELECT at, from_status, to_status, source, detail FROM job_events \
-                 WHERE job_id = $1 ORDER BY id",
-                &[job_id.into()],
+                &LIST,
+                &[
+                    tenant.into(),
+                    filter.after.into(),
+                    filter.kind.map(EventType::as_str).into(),
+                    filter.resource_id.into(),
+                    i64::from(filter.limit).into(),
+                ],
             )
             .await?;
-        rows.into_iter().map(JobEventRecord::try_from).collect()
+        rows.into_iter().map(Event::try_from).collect()
+    }
+
+    pub async fn get_event(&self, tenant: Uuid, id: Uuid) -> StoreResult<Option<Event>> {
+        static GET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1 AND tenant = $2")
+        });
+        let row: Option<EventRow> = self
+            .fetch_optional(&GET, &[id.into(), tenant.into()])
+            .await?;
+        row.map(Event::try_from).transpose()
     }
 }
 
-/// Appends a history row inside the transaction that makes the move.
-pub(super) async fn insert_event(
+/// An event to write: its type and the resource it tells of.
+pub(super) struct NewEvent {
+    pub kind: EventType,
+    pub snapshot: EventSnapshot,
+}
+
+impl NewEvent {
+    fn resource_id(&self) -> Uuid {
+        match &self.snapshot {
+            EventSnapshot::Job(job) => job.id,
+            EventSnapshot::Avatar(avatar) => avatar.id,
+            EventSnapshot::Batch { batch, .. } => batch.id,
+        }
+    }
+
+    fn batch_id(&self) -> Option<Uuid> {
+        match &self.snapshot {
+            EventSnapshot::Job(job) => job.batch_id,
+            EventSnapshot::Avatar(_) => None,
+            EventSnapshot::Batch { batch, .. } => Some(batch.id),
+        }
+    }
+}
+
+/// Takes the lock on the tenant's event count and answers the last number given. Every later
+/// statement of the transaction sees what the tenant's earlier event-writing transactions
+/// committed (PostgreSQL reads each statement afresh under READ COMMITTED).
+pub(super) async fn lock_event_sequence(tx: &mut Tx, tenant: Uuid) -> StoreResult<i64> {
+    let (last,): (i64,) = tx
+        .conn()
+        .fetch_one(
+            "INSERT INTO event_sequences (tenant, last_sequence) VALUES ($1, 0) \
+             ON CONFLICT (tenant) DO UPDATE SET last_sequence = event_sequences.last_sequence \
+             RETURNING last_sequence",
+            &[tenant.into()],
+        )
+        .await?;
+    Ok(last)
+}
+
+/// Writes `events`, numbered on from `last` (the answer of [`lock_event_sequence`] in this
+/// transaction), and records the new last number.
+pub(super) async fn insert_events(
     tx: &mut Tx,
-    job_id: Uuid,
+    tenant: Uuid,
+    last: i64,
     at: DateTime<Utc>,
-    from: Option<JobStatus>,
-    to: JobStatus,
-    source: EventSource,
-    detail: Option<&Value>,
+    events: &[NewEvent],
 ) -> StoreResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut sequence = last;
+    for event in events {
+        sequence += 1;
+        let snapshot = serde_json::to_value(&event.snapshot)
+            .map_err(|e| StoreError::Database(format!("an event's resource as JSON: {e}")))?;
+        tx.conn()
+            .execute(
+                "INSERT INTO events (id, tenant, sequence, type, resource_id, batch_id, \
+                 created_at, snapshot) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    Uuid::now_v7().into(),
+                    tenant.into(),
+                    sequence.into(),
+                    event.kind.as_str().into(),
+                    event.resource_id().into(),
+                    event.batch_id().into(),
+                    at.into(),
+                    (&snapshot).into(),
+                ],
+            )
+            .await?;
+    }
     tx.conn()
         .execute(
-            "INSERT INTO job_events (job_id, at, from_status, to_status, source, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                job_id.into(),
-                at.into(),
-                from.map(|s| s.as_str()).into(),
-                to.as_str().into(),
-                source.as_str().into(),
-                detail.into(),
-            ],
+            "UPDATE event_sequences SET last_sequence = $2 WHERE tenant = $1",
+            &[tenant.into(), sequence.into()],
         )
         .await?;
     Ok(())
+}
+
+/// The avatar as this transaction sees it, for an event about it.
+pub(super) async fn avatar_snapshot(tx: &mut Tx, tenant: Uuid, id: Uuid) -> StoreResult<Avatar> {
+    let row: AvatarRow = tx
+        .conn()
+        .fetch_one(&GET_AVATAR, &[id.into(), tenant.into()])
+        .await?;
+    Avatar::try_from(row)
+}
+
+/// The batch with its jobs, if every one of them has finished, as this transaction sees it.
+pub(super) async fn completed_batch(
+    tx: &mut Tx,
+    batch_id: Uuid,
+) -> StoreResult<Option<EventSnapshot>> {
+    let batch: Option<Batch> = tx
+        .conn()
+        .fetch_optional(
+            "SELECT id, tenant, avatar_id, created_at FROM batches WHERE id = $1",
+            &[batch_id.into()],
+        )
+        .await?;
+    let Some(batch) = batch else {
+        return Ok(None);
+    };
+    let rows: Vec<JobRow> = tx
+        .conn()
+        .fetch_all(&JOBS_OF_BATCH, &[batch_id.into()])
+        .await?;
+    let jobs = jobs_from_rows(rows)?;
+    Ok(jobs
+        .iter()
+        .all(|job| job.status.is_terminal())
+        .then_some(EventSnapshot::Batch { batch, jobs }))
 }

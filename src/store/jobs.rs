@@ -25,7 +25,7 @@ pub(super) static SELECT_JOB_BY_ID: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
 
 /// A job as stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Job {
     pub id: Uuid,
     pub tenant: Uuid,

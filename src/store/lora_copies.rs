@@ -35,7 +35,7 @@ pub enum CopyRecorded {
 }
 
 /// Where falgate keeps its copy of a LoRA file, and what it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LoraCopy {
     pub key: String,
     pub sha256: String,

@@ -4,10 +4,15 @@
 
 use super::avatars::{AvatarOutcome, apply_avatar_outcome};
 use super::callbacks::{NewCallback, insert_callback};
-use super::events::insert_event;
+use super::db::Tx;
+use super::events::{
+    EventSnapshot, NewEvent, avatar_snapshot, completed_batch, insert_events, lock_event_sequence,
+};
+use super::history::insert_event;
 use super::jobs::{JobRow, SELECT_JOB_BY_ID};
 use super::{FalRequest, Job, JobError, Store, StoreError, StoreResult};
 use crate::domain::avatar::artifact_from_output;
+use crate::domain::event::EventType;
 use crate::domain::job::{
     Decision, EventSource, FalOutcome, JobErrorCode, JobEvent, JobKind, JobStatus,
 };
@@ -117,6 +122,51 @@ impl JobUpdate {
             ),
         }
     }
+}
+
+/// Writes the events a job's update tells clients of: the job's new status, what its end did
+/// to its avatar, and its batch's completion when it was the batch's last job to finish.
+async fn tell_clients(
+    tx: &mut Tx,
+    update: &JobUpdate,
+    job: &Job,
+    avatar_moved: bool,
+) -> StoreResult<()> {
+    let moved = update.status != update.expect_status;
+    let mut events = Vec::new();
+    if let Some(kind) = EventType::of_job_status(job.status).filter(|_| moved) {
+        events.push(NewEvent {
+            kind,
+            snapshot: EventSnapshot::Job(Box::new(job.clone())),
+        });
+    }
+    let avatar_event = match &update.avatar {
+        Some(AvatarOutcome::Ready(_)) => Some(EventType::AvatarReady),
+        Some(AvatarOutcome::Failed { .. }) => Some(EventType::AvatarFailed),
+        _ => None,
+    };
+    if let (Some(kind), Some(avatar_id), true) = (avatar_event, job.avatar_id, avatar_moved) {
+        let avatar = avatar_snapshot(tx, job.tenant, avatar_id).await?;
+        events.push(NewEvent {
+            kind,
+            snapshot: EventSnapshot::Avatar(Box::new(avatar)),
+        });
+    }
+    if events.is_empty() {
+        return Ok(());
+    }
+    // Under the tenant's event lock, the batch's other jobs are seen as their own last
+    // transitions committed: of two jobs finishing together, the second sees the first done.
+    let last = lock_event_sequence(tx, job.tenant).await?;
+    if let (Some(batch_id), true) = (job.batch_id, moved && job.status.is_terminal())
+        && let Some(snapshot) = completed_batch(tx, batch_id).await?
+    {
+        events.push(NewEvent {
+            kind: EventType::BatchCompleted,
+            snapshot,
+        });
+    }
+    insert_events(tx, job.tenant, last, update.at, &events).await
 }
 
 impl Store {
@@ -237,15 +287,20 @@ impl Store {
         if let Some(callback) = &update.callback {
             insert_callback(&mut tx, callback).await?;
         }
-        if let (Some(outcome), Some(avatar_id)) = (&update.avatar, update.avatar_id) {
-            apply_avatar_outcome(&mut tx, avatar_id, update.job_id, outcome, update.at).await?;
-        }
+        let avatar_moved = match (&update.avatar, update.avatar_id) {
+            (Some(outcome), Some(avatar_id)) => {
+                apply_avatar_outcome(&mut tx, avatar_id, update.job_id, outcome, update.at).await?
+            }
+            _ => false,
+        };
         let row: JobRow = tx
             .conn()
             .fetch_one(&SELECT_JOB_BY_ID, &[update.job_id.into()])
             .await?;
+        let job = Job::try_from(row)?;
+        tell_clients(&mut tx, update, &job, avatar_moved).await?;
         tx.commit().await?;
-        Job::try_from(row).map(Some)
+        Ok(Some(job))
     }
 
     /// Records FAL's answer to a submit. The job may have moved meanwhile: a callback may have

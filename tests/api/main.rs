@@ -8,6 +8,7 @@ mod chaos;
 mod cli;
 mod crash;
 mod errors;
+mod events;
 mod hostile;
 mod idempotency;
 mod jobs;

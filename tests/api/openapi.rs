@@ -146,6 +146,8 @@ const ANSWERS: &[(&str, &str, &[u16])] = &[
         &[202, 400, 401, 404, 409, 413, 415, 422, 500, 503],
     ),
     ("get", "/v1/batches/{id}", &[200, 401, 404, 422, 500, 503]),
+    ("get", "/v1/events", &[200, 401, 422, 500, 503]),
+    ("get", "/v1/events/{id}", &[200, 401, 404, 422, 500, 503]),
 ];
 
 /// Follows a local `$ref` (`#/components/...`) in the spec; anything else is answered as is.
@@ -442,6 +444,25 @@ async fn real_responses_match_the_spec_strictly(app: &TestApp) {
         "200",
         &photo,
     );
+    // Events of every kind of resource: an avatar, jobs, batches.
+    let events = app.get_json("/v1/events?limit=100").await;
+    let told: Vec<&str> = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    for kind in ["avatar.ready", "job.succeeded", "batch.completed"] {
+        assert!(told.contains(&kind), "{told:?}");
+    }
+    assert_valid(&spec, "get", "/v1/events", "200", &events);
+    let event = app
+        .get_json(&format!(
+            "/v1/events/{}",
+            events["items"][0]["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_valid(&spec, "get", "/v1/events/{id}", "200", &event);
     let raw = app.create_job(&app.key, "a raw job").await;
     assert_valid(&spec, "post", "/v1/jobs", "202", &raw);
     let cancel = app

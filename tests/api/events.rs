@@ -1,0 +1,239 @@
+//! `/v1/events`: every change a client is told of, numbered per tenant, in order, carrying the
+//! resource as its endpoint shows it.
+
+use crate::backend_tests;
+
+use crate::support::*;
+use falgate::emulator::ModelFailure;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// Every event of the tenant matching `query`, walking the pages `limit` at a time.
+async fn all_events(app: &TestApp, query: &str, limit: u32) -> Vec<Value> {
+    let mut events: Vec<Value> = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = app
+            .get_json(&format!(
+                "/v1/events?limit={limit}&after={after}{}",
+                if query.is_empty() {
+                    String::new()
+                } else {
+                    format!("&{query}")
+                }
+            ))
+            .await;
+        let page_items = items(&page).clone();
+        assert!(page_items.len() <= limit as usize, "{page}");
+        if let Some(last) = page_items.last() {
+            after = last["sequence"].as_i64().unwrap();
+        }
+        events.extend(page_items);
+        if page["has_more"] != true {
+            return events;
+        }
+    }
+}
+
+fn types(events: &[Value]) -> Vec<&str> {
+    events.iter().map(|e| e["type"].as_str().unwrap()).collect()
+}
+
+/// The job as `GET /v1/jobs/{id}` shows it, without its history.
+async fn job_as_get_shows_it(app: &TestApp, id: &str) -> Value {
+    let mut job = app.job(id).await;
+    job.as_object_mut().unwrap().remove("events");
+    job
+}
+
+backend_tests!(a_jobs_events_tell_each_move_in_order_with_the_job_as_get_shows_it);
+async fn a_jobs_events_tell_each_move_in_order_with_the_job_as_get_shows_it(app: &TestApp) {
+    let id = submit_raw(app, json!({"prompt": "a lighthouse"})).await;
+    app.wait_for_status(&id, "succeeded").await;
+    let events = eventually("the job's last event")
+        .until(async || {
+            let events = all_events(app, &format!("resource_id={id}"), 100).await;
+            (types(&events).last() == Some(&"job.succeeded")).then_some(events)
+        })
+        .await;
+
+    // Submitted first, succeeded last, each move told once, numbered upwards.
+    let told = types(&events);
+    assert_eq!(told.first(), Some(&"job.submitted"), "{told:?}");
+    let mut distinct = told.clone();
+    distinct.dedup();
+    assert_eq!(distinct, told, "a move told twice: {told:?}");
+    assert!(told.iter().all(|t| t.starts_with("job.")), "{told:?}");
+    let sequences: Vec<i64> = events
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+
+    // The last event carries the job exactly as GET shows it now that it has ended.
+    let last = events.last().unwrap();
+    assert_eq!(last["data"], job_as_get_shows_it(app, &id).await);
+    assert_eq!(last["data"]["status"], "succeeded");
+    assert_eq!(events[0]["data"]["status"], "submitted");
+
+    // Each event reads back alone as it was listed.
+    for event in &events {
+        let alone = app
+            .get_json(&format!("/v1/events/{}", event["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(&alone, event);
+    }
+}
+
+backend_tests!(a_training_and_a_batch_are_told_once_each_and_numbered_without_gaps);
+async fn a_training_and_a_batch_are_told_once_each_and_numbered_without_gaps(app: &TestApp) {
+    let avatar = trainable_avatar(app, "character").await;
+    let training = train_json(app, &avatar, json!({})).await;
+    wait_for_avatar(app, &avatar, "ready").await;
+    // Six generations that FAL ends together: however their last transitions interleave, the
+    // batch is told complete once, after all of its jobs.
+    let prompts: Vec<String> = (0..6).map(|n| format!("portrait {n}")).collect();
+    let batch = generate(app, json!({"avatar_id": avatar, "prompts": prompts})).await;
+    let batch_id = id_of(&batch);
+    let done = wait_for_batch(app, &batch_id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+
+    let events = eventually("the batch's completion")
+        .until(async || {
+            let events = all_events(app, "", 3).await;
+            types(&events)
+                .contains(&"batch.completed")
+                .then_some(events)
+        })
+        .await;
+    // The tenant's events are numbered 1, 2, 3… with no gap, across pages.
+    let sequences: Vec<i64> = events
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sequences, (1..=events.len() as i64).collect::<Vec<_>>());
+
+    let of_type =
+        |kind: &str| -> Vec<&Value> { events.iter().filter(|e| e["type"] == kind).collect() };
+    let started = of_type("avatar.training_started");
+    assert_eq!(started.len(), 1, "{:?}", types(&events));
+    assert_eq!(started[0]["data"]["id"], avatar.as_str());
+    assert_eq!(started[0]["data"]["status"], "training");
+    assert_eq!(started[0]["data"]["training_job_id"], training["id"]);
+    let ready = of_type("avatar.ready");
+    assert_eq!(ready.len(), 1, "{:?}", types(&events));
+    assert_eq!(ready[0]["data"]["status"], "ready");
+    let now = app.get_json(&format!("/v1/avatars/{avatar}")).await;
+    assert_eq!(
+        ready[0]["data"]["artifact"]["lora_url"],
+        now["artifact"]["lora_url"]
+    );
+    assert!(started[0]["sequence"].as_i64() < ready[0]["sequence"].as_i64());
+
+    let completed = of_type("batch.completed");
+    assert_eq!(completed.len(), 1, "{:?}", types(&events));
+    assert_eq!(
+        completed[0]["data"],
+        app.get_json(&format!("/v1/batches/{batch_id}")).await
+    );
+    // Every job of the batch was told succeeded before the batch was told complete.
+    let job_ids: Vec<&str> = done["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_str().unwrap())
+        .collect();
+    for job in &job_ids {
+        let succeeded: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == "job.succeeded" && e["data"]["id"] == *job)
+            .collect();
+        assert_eq!(succeeded.len(), 1, "job {job}");
+        assert!(succeeded[0]["sequence"].as_i64() < completed[0]["sequence"].as_i64());
+    }
+
+    // A batch's events are its jobs' and its own.
+    let of_batch = all_events(app, &format!("resource_id={batch_id}"), 100).await;
+    assert_eq!(types(&of_batch).last(), Some(&"batch.completed"));
+    assert!(of_batch.iter().all(|e| {
+        e["type"] == "batch.completed" || job_ids.contains(&e["data"]["id"].as_str().unwrap())
+    }));
+    // A filter on the type keeps that type alone.
+    let succeeded = all_events(app, "type=job.succeeded", 100).await;
+    assert!(!succeeded.is_empty());
+    assert!(succeeded.iter().all(|e| e["type"] == "job.succeeded"));
+    assert_eq!(succeeded.len(), of_type("job.succeeded").len());
+}
+
+backend_tests!(a_failed_training_is_told_with_the_avatar_failed);
+async fn a_failed_training_is_told_with_the_avatar_failed(app: &TestApp) {
+    let avatar = trainable_avatar(app, "character").await;
+    app.fal.fail_next_models(ModelFailure::new(422), 1);
+    let training = train_json(app, &avatar, json!({})).await;
+    wait_for_avatar(app, &avatar, "failed").await;
+    let events = eventually("the avatar's failure")
+        .until(async || {
+            let events = all_events(app, &format!("resource_id={avatar}"), 100).await;
+            (types(&events).last() == Some(&"avatar.failed")).then_some(events)
+        })
+        .await;
+    assert_eq!(types(&events), ["avatar.training_started", "avatar.failed"]);
+    let failed = &events[1]["data"];
+    assert_eq!(
+        failed,
+        &app.get_json(&format!("/v1/avatars/{avatar}")).await
+    );
+    let job = all_events(app, &format!("resource_id={}", id_of(&training)), 100).await;
+    assert_eq!(types(&job).last(), Some(&"job.failed"));
+    assert_eq!(
+        failed["error"]["code"],
+        job.last().unwrap()["data"]["error"]["code"]
+    );
+}
+
+backend_tests!(events_are_the_tenants_own_and_bad_queries_are_refused);
+async fn events_are_the_tenants_own_and_bad_queries_are_refused(app: &TestApp) {
+    let id = submit_raw(app, json!({"prompt": "mine"})).await;
+    app.wait_for_status(&id, "succeeded").await;
+    let mine = eventually("an event")
+        .until(async || all_events(app, "", 100).await.into_iter().next())
+        .await;
+
+    // Another tenant sees none of them, and cannot read one by its id.
+    let other = app.new_key("other").await;
+    let page: Value = app.get_as(&other, "/v1/events").await.json().await.unwrap();
+    assert_eq!(items(&page).len(), 0, "{page}");
+    let path = format!("/v1/events/{}", mine["id"].as_str().unwrap());
+    problem(
+        app.get_as(&other, &path).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    problem(
+        app.get(&format!("/v1/events/{}", uuid::Uuid::now_v7()))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+
+    assert_queries_refused(
+        app,
+        &[
+            ("/v1/events?type=job.pending", &["type"]),
+            ("/v1/events?after=-1", &["after"]),
+            ("/v1/events?after=x", &["after"]),
+            ("/v1/events?limit=0", &["limit"]),
+            ("/v1/events?resource_id=nope", &["resource_id"]),
+            ("/v1/events?colour=red", &["colour"]),
+        ],
+    )
+    .await;
+    problem(
+        app.get("/v1/events/nope").await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "validation_failed",
+    )
+    .await;
+}
