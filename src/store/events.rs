@@ -93,17 +93,28 @@ const EVENT_COLUMNS: &str =
 impl super::Store {
     /// The tenant's events matching `filter`, in the order they happened.
     pub async fn list_events(&self, tenant: Uuid, filter: &EventFilter) -> StoreResult<Vec<Event>> {
-        static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        // Two statements rather than one with `($4 IS NULL OR …)`: PostgreSQL's generic plan for
+        // that form could use no index on the resource, and would walk all the tenant's events.
+        static ALL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             format!(
                 "SELECT {EVENT_COLUMNS} FROM events WHERE tenant = $1 AND sequence > $2 \
-                 AND ($3 IS NULL OR type = $3) \
-                 AND ($4 IS NULL OR resource_id = $4 OR batch_id = $4) \
+                 AND ($3 IS NULL OR type = $3) AND $4 IS NULL ORDER BY sequence LIMIT $5"
+            )
+        });
+        static OF_RESOURCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE (resource_id = $4 OR batch_id = $4) \
+                 AND tenant = $1 AND sequence > $2 AND ($3 IS NULL OR type = $3) \
                  ORDER BY sequence LIMIT $5"
             )
         });
+        let statement = match filter.resource_id {
+            Some(_) => &OF_RESOURCE,
+            None => &ALL,
+        };
         let rows: Vec<EventRow> = self
             .fetch_all(
-                &LIST,
+                statement,
                 &[
                     tenant.into(),
                     filter.after.into(),
