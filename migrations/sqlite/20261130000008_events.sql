@@ -1,9 +1,9 @@
 -- Events for clients: one row per change a client is told of, written in the transaction of
 -- the change. `sequence` counts each tenant's events from 1 with no gap; it is taken from
--- event_sequences under that row's lock, so a tenant's events commit in sequence order and a
--- reader that has seen sequence n never later finds one below it. `snapshot` is the resource
--- as stored when the event happened (a job, an avatar, or a batch with its jobs), from which
--- the API renders `data` as GET shows the resource.
+-- event_sequences in the writing transaction (SQLite has one writer at a time), so a tenant's
+-- events commit in sequence order and a reader that has seen sequence n never later finds one
+-- below it. `snapshot` is the resource as stored when the event happened (a job, an avatar, or
+-- a batch with its jobs), from which the API renders `data` as GET shows it.
 CREATE TABLE events (
     id          BLOB PRIMARY KEY NOT NULL,
     tenant      BLOB NOT NULL REFERENCES api_keys (id),

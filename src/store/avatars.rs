@@ -1,7 +1,7 @@
 //! Avatars: their rows, their trainings, and what a training's end does to them.
 
 use super::db::Tx;
-use super::events::{EventSnapshot, NewEvent, avatar_snapshot, insert_events, lock_event_sequence};
+use super::events::{EventSnapshot, NewEvent, avatar_snapshot, insert_events};
 use super::idempotency::complete_idempotency;
 use super::jobs::insert_jobs;
 use super::photos::PHOTO_COLUMNS;
@@ -282,13 +282,13 @@ impl Store {
         }
         let mut created = insert_jobs(&mut tx, std::slice::from_ref(job), idempotency).await?;
         let avatar = avatar_snapshot(&mut tx, tenant, avatar_id).await?;
-        let last = lock_event_sequence(&mut tx, tenant).await?;
         let started = NewEvent {
             kind: EventType::AvatarTrainingStarted,
             snapshot: EventSnapshot::Avatar(Box::new(avatar)),
         };
-        insert_events(&mut tx, tenant, last, job.created_at, &[started]).await?;
+        insert_events(&mut tx, tenant, job.created_at, &[started]).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(TrainingStart::Started(Box::new(created.remove(0))))
     }
 }

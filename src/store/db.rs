@@ -31,6 +31,23 @@ pub(super) struct Dialect {
     pub next_due_poll: &'static str,
     /// How new jobs and their first history rows are inserted (`jobs::insert_new_jobs`).
     pub insert_jobs: NewJobRows,
+    /// A batch's row, read under a lock where the backend has row locks, so that the last of
+    /// its jobs to finish sees the others finished.
+    pub lock_batch: &'static str,
+    /// How a tenant's events get their numbers (`events.rs`).
+    pub event_numbering: EventNumbering,
+}
+
+/// How a tenant's events are numbered 1, 2, 3… so that they become visible in that order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EventNumbering {
+    /// In the transaction that writes them: where there is one writer at a time (SQLite),
+    /// this costs no one a wait.
+    WhenWritten,
+    /// After commit, by one numbering transaction at a time (`sequencer.rs`): where writers
+    /// run side by side (PostgreSQL), numbering in the writing transaction would make every
+    /// event-writing transaction of a tenant wait for the previous one's commit.
+    AfterCommit,
 }
 
 /// The statements that insert new jobs with their first history rows, a few at a time.

@@ -2,16 +2,16 @@
 //! transaction that makes the change, so that no change is committed without its event and no
 //! event tells of a change that did not happen.
 //!
-//! Each tenant's events are numbered 1, 2, 3… without gaps. The number is taken under the lock
-//! of the tenant's row in `event_sequences`, held until the transaction ends, so a tenant's
-//! events commit in the order of their numbers: a reader that has seen number n will never
-//! later find an event below it, and "everything after n" is a complete answer. The lock is
-//! taken last in every transaction that writes events (after the job and avatar rows), so
-//! transactions that take both cannot wait on each other in a circle.
+//! Each tenant's events are numbered 1, 2, 3… without gaps, and become visible in that order:
+//! a reader that has seen number n will never later find an event below it, so "everything
+//! after n" is a complete answer. On SQLite the writing transaction numbers its events (there
+//! is one writer at a time); on PostgreSQL the events are written unnumbered and a numbering
+//! transaction, one at a time across every process, numbers what has committed
+//! (`sequencer.rs`), so that transactions writing events never wait for one another.
 
 use super::avatars::{Avatar, AvatarRow, GET_AVATAR};
 use super::batches::{Batch, JOBS_OF_BATCH};
-use super::db::Tx;
+use super::db::{EventNumbering, Tx};
 use super::jobs::{JobRow, jobs_from_rows};
 use super::{Job, StoreError, StoreResult};
 use crate::domain::event::EventType;
@@ -92,7 +92,11 @@ const EVENT_COLUMNS: &str =
 
 impl super::Store {
     /// The tenant's events matching `filter`, in the order they happened.
+    /// Only numbered events are shown (see the module's comment).
     pub async fn list_events(&self, tenant: Uuid, filter: &EventFilter) -> StoreResult<Vec<Event>> {
+        // The numbering runs in every process that reads events, so that one that only
+        // reads still numbers what a process that died left.
+        self.event_numbering();
         // Two statements rather than one with `($4 IS NULL OR …)`: PostgreSQL's generic plan for
         // that form could use no index on the resource, and would walk all the tenant's events.
         static ALL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -129,7 +133,10 @@ impl super::Store {
 
     pub async fn get_event(&self, tenant: Uuid, id: Uuid) -> StoreResult<Option<Event>> {
         static GET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            format!("SELECT {EVENT_COLUMNS} FROM events WHERE id = $1 AND tenant = $2")
+            format!(
+                "SELECT {EVENT_COLUMNS} FROM events WHERE id = $1 AND tenant = $2 \
+                 AND sequence IS NOT NULL"
+            )
         });
         let row: Option<EventRow> = self
             .fetch_optional(&GET, &[id.into(), tenant.into()])
@@ -162,10 +169,57 @@ impl NewEvent {
     }
 }
 
-/// Takes the lock on the tenant's event count and answers the last number given. Every later
-/// statement of the transaction sees what the tenant's earlier event-writing transactions
-/// committed (PostgreSQL reads each statement afresh under READ COMMITTED).
-pub(super) async fn lock_event_sequence(tx: &mut Tx, tenant: Uuid) -> StoreResult<i64> {
+/// Writes `events` in the transaction of the change they tell of, numbered now or after commit
+/// as the backend does it ([`EventNumbering`]). On PostgreSQL the caller wakes the numbering
+/// once it has committed ([`Store::events_written`](super::Store::events_written)).
+pub(super) async fn insert_events(
+    tx: &mut Tx,
+    tenant: Uuid,
+    at: DateTime<Utc>,
+    events: &[NewEvent],
+) -> StoreResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let numbered_now = tx.dialect().event_numbering == EventNumbering::WhenWritten;
+    let mut last = match numbered_now {
+        true => Some(last_event_number(tx, tenant).await?),
+        false => None,
+    };
+    for event in events {
+        last = last.map(|n| n + 1);
+        let snapshot = serde_json::to_value(&event.snapshot)
+            .map_err(|e| StoreError::Database(format!("an event's resource as JSON: {e}")))?;
+        tx.conn()
+            .execute(
+                "INSERT INTO events (id, tenant, sequence, type, resource_id, batch_id, \
+                 created_at, snapshot) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[
+                    Uuid::now_v7().into(),
+                    tenant.into(),
+                    last.into(),
+                    event.kind.as_str().into(),
+                    event.resource_id().into(),
+                    event.batch_id().into(),
+                    at.into(),
+                    (&snapshot).into(),
+                ],
+            )
+            .await?;
+    }
+    if let Some(last) = last {
+        tx.conn()
+            .execute(
+                "UPDATE event_sequences SET last_sequence = $2 WHERE tenant = $1",
+                &[tenant.into(), last.into()],
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// The last number given to the tenant's events (0 before the first).
+async fn last_event_number(tx: &mut Tx, tenant: Uuid) -> StoreResult<i64> {
     let (last,): (i64,) = tx
         .conn()
         .fetch_one(
@@ -178,49 +232,6 @@ pub(super) async fn lock_event_sequence(tx: &mut Tx, tenant: Uuid) -> StoreResul
     Ok(last)
 }
 
-/// Writes `events`, numbered on from `last` (the answer of [`lock_event_sequence`] in this
-/// transaction), and records the new last number.
-pub(super) async fn insert_events(
-    tx: &mut Tx,
-    tenant: Uuid,
-    last: i64,
-    at: DateTime<Utc>,
-    events: &[NewEvent],
-) -> StoreResult<()> {
-    if events.is_empty() {
-        return Ok(());
-    }
-    let mut sequence = last;
-    for event in events {
-        sequence += 1;
-        let snapshot = serde_json::to_value(&event.snapshot)
-            .map_err(|e| StoreError::Database(format!("an event's resource as JSON: {e}")))?;
-        tx.conn()
-            .execute(
-                "INSERT INTO events (id, tenant, sequence, type, resource_id, batch_id, \
-                 created_at, snapshot) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                &[
-                    Uuid::now_v7().into(),
-                    tenant.into(),
-                    sequence.into(),
-                    event.kind.as_str().into(),
-                    event.resource_id().into(),
-                    event.batch_id().into(),
-                    at.into(),
-                    (&snapshot).into(),
-                ],
-            )
-            .await?;
-    }
-    tx.conn()
-        .execute(
-            "UPDATE event_sequences SET last_sequence = $2 WHERE tenant = $1",
-            &[tenant.into(), sequence.into()],
-        )
-        .await?;
-    Ok(())
-}
-
 /// The avatar as this transaction sees it, for an event about it.
 pub(super) async fn avatar_snapshot(tx: &mut Tx, tenant: Uuid, id: Uuid) -> StoreResult<Avatar> {
     let row: AvatarRow = tx
@@ -230,11 +241,21 @@ pub(super) async fn avatar_snapshot(tx: &mut Tx, tenant: Uuid, id: Uuid) -> Stor
     Avatar::try_from(row)
 }
 
-/// The batch with its jobs, if every one of them has finished, as this transaction sees it.
+/// The batch with its jobs, if every one of them has finished, read under the batch's lock.
 pub(super) async fn completed_batch(
     tx: &mut Tx,
     batch_id: Uuid,
 ) -> StoreResult<Option<EventSnapshot>> {
+    // Of two jobs of the batch finishing at once, the second waits here for the first to
+    // commit, and then sees it finished.
+    let lock_batch = tx.dialect().lock_batch;
+    let locked: Option<(Uuid,)> = tx
+        .conn()
+        .fetch_optional(lock_batch, &[batch_id.into()])
+        .await?;
+    if locked.is_none() {
+        return Ok(None);
+    }
     let batch: Option<Batch> = tx
         .conn()
         .fetch_optional(

@@ -80,7 +80,7 @@ impl Store {
             for _ in 0..lanes {
                 // A store of its own that shares the pools but not this queue, so that the
                 // task does not keep its own queue open.
-                tokio::spawn(lane(self.without_intake(), waiting.clone()));
+                tokio::spawn(lane(self.without_tasks(), waiting.clone()));
             }
             queue
         })

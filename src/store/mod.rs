@@ -18,6 +18,7 @@ mod jobs;
 mod lora_copies;
 mod photos;
 mod postgres;
+mod sequencer;
 mod sqlite;
 mod transitions;
 
@@ -111,6 +112,8 @@ pub struct Store {
     pools: Pools,
     /// The queue to the task that stores new jobs in shared transactions (`intake.rs`).
     intake: std::sync::Arc<std::sync::OnceLock<intake::Queue>>,
+    /// The wake-up of the task that numbers events on PostgreSQL (`sequencer.rs`).
+    sequencer: std::sync::Arc<std::sync::OnceLock<sequencer::Wake>>,
 }
 
 #[derive(Clone)]
@@ -142,14 +145,17 @@ impl Store {
         Ok(Self {
             pools,
             intake: Default::default(),
+            sequencer: Default::default(),
         })
     }
 
-    /// The same database, with a group-commit queue of its own yet to start.
-    fn without_intake(&self) -> Self {
+    /// The same database, with background tasks of its own yet to start: what a background
+    /// task holds, so that it does not keep its own wake-up open.
+    fn without_tasks(&self) -> Self {
         Self {
             pools: self.pools.clone(),
             intake: Default::default(),
+            sequencer: Default::default(),
         }
     }
 

@@ -5,7 +5,7 @@
 //! rows another replica holds, and idempotency claims rest on a unique key.
 
 use super::avatars::AVATAR_COLUMNS;
-use super::db::{Dialect, NewJobRows};
+use super::db::{Dialect, EventNumbering, NewJobRows};
 use super::jobs::JOB_COLUMNS;
 use super::{StoreError, StoreOptions, StoreResult, redact_url};
 use sqlx::PgPool;
@@ -33,6 +33,8 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
     ),
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1 FOR UPDATE",
+    lock_batch: "SELECT id FROM batches WHERE id = $1 FOR UPDATE",
+    event_numbering: EventNumbering::AfterCommit,
     get_job: format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2::uuid IS NULL OR tenant = $2)"
     ),

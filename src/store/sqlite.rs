@@ -9,7 +9,7 @@
 //! lock before it reads rather than failing to upgrade a read lock.
 
 use super::avatars::AVATAR_COLUMNS;
-use super::db::{Dialect, NewJobRows};
+use super::db::{Dialect, EventNumbering, NewJobRows};
 use super::jobs::JOB_COLUMNS;
 use super::{StoreError, StoreOptions, StoreResult};
 use sqlx::SqlitePool;
@@ -79,6 +79,8 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
     },
     lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key FROM avatars \
         WHERE id = $1",
+    lock_batch: "SELECT id FROM batches WHERE id = $1",
+    event_numbering: EventNumbering::WhenWritten,
     get_job: format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2 IS NULL OR tenant = $2)"
     ),

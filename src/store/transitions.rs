@@ -5,9 +5,7 @@
 use super::avatars::{AvatarOutcome, apply_avatar_outcome};
 use super::callbacks::{NewCallback, insert_callback};
 use super::db::Tx;
-use super::events::{
-    EventSnapshot, NewEvent, avatar_snapshot, completed_batch, insert_events, lock_event_sequence,
-};
+use super::events::{EventSnapshot, NewEvent, avatar_snapshot, completed_batch, insert_events};
 use super::history::insert_event;
 use super::jobs::{JobRow, SELECT_JOB_BY_ID};
 use super::{FalRequest, Job, JobError, Store, StoreError, StoreResult};
@@ -152,12 +150,6 @@ async fn tell_clients(
             snapshot: EventSnapshot::Avatar(Box::new(avatar)),
         });
     }
-    if events.is_empty() {
-        return Ok(());
-    }
-    // Under the tenant's event lock, the batch's other jobs are seen as their own last
-    // transitions committed: of two jobs finishing together, the second sees the first done.
-    let last = lock_event_sequence(tx, job.tenant).await?;
     if let (Some(batch_id), true) = (job.batch_id, moved && job.status.is_terminal())
         && let Some(snapshot) = completed_batch(tx, batch_id).await?
     {
@@ -166,7 +158,7 @@ async fn tell_clients(
             snapshot,
         });
     }
-    insert_events(tx, job.tenant, last, update.at, &events).await
+    insert_events(tx, job.tenant, update.at, &events).await
 }
 
 impl Store {
@@ -300,6 +292,7 @@ impl Store {
         let job = Job::try_from(row)?;
         tell_clients(&mut tx, update, &job, avatar_moved).await?;
         tx.commit().await?;
+        self.events_written();
         Ok(Some(job))
     }
 

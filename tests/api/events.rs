@@ -237,3 +237,74 @@ async fn events_are_the_tenants_own_and_bad_queries_are_refused(app: &TestApp) {
     )
     .await;
 }
+
+backend_tests!(two_replicas_number_every_event_once_and_in_each_jobs_order);
+async fn two_replicas_number_every_event_once_and_in_each_jobs_order(app: &TestApp) {
+    // A second process on the same database, with its own workers, taking half the jobs.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = config_for(&app.database_url);
+    point_at_emulator(&mut config, &app.fal, listener.local_addr().unwrap());
+    let replica = falgate::app::App::build(config, listener).await.unwrap();
+    let replica_base = format!("http://{}", replica.local_addr());
+
+    let posts = (0..24).map(|n| {
+        let url = match n % 2 {
+            0 => app.url("/v1/jobs"),
+            _ => format!("{replica_base}/v1/jobs"),
+        };
+        let request =
+            app.client.post(url).bearer_auth(&app.key).json(
+                &json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": format!("n{n}")}}),
+            );
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            id_of(&response.json().await.unwrap())
+        }
+    });
+    let ids: Vec<String> = futures_util::future::join_all(posts).await;
+    for id in &ids {
+        app.wait_for_status(id, "succeeded").await;
+    }
+    let events = eventually("every job's end told")
+        .until(async || {
+            let events = all_events(app, "", 100).await;
+            let ended = events
+                .iter()
+                .filter(|e| e["type"] == "job.succeeded")
+                .count();
+            (ended == ids.len()).then_some(events)
+        })
+        .await;
+
+    // Numbered 1, 2, 3… once each, whichever process wrote or numbered them.
+    let sequences: Vec<i64> = events
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .collect();
+    assert_eq!(sequences, (1..=events.len() as i64).collect::<Vec<_>>());
+    // Each job's moves are told once each, in the order they happened.
+    for id in &ids {
+        let told: Vec<&str> = events
+            .iter()
+            .filter(|e| e["data"]["id"] == id.as_str())
+            .map(|e| e["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(told.first(), Some(&"job.submitted"), "job {id}: {told:?}");
+        assert_eq!(told.last(), Some(&"job.succeeded"), "job {id}: {told:?}");
+        assert!(told.len() <= 3, "job {id}: {told:?}");
+    }
+    // The other process lists the same events.
+    let page: Value = app
+        .client
+        .get(format!("{replica_base}/v1/events?limit=100"))
+        .bearer_auth(&app.key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(items(&page), &events[..100.min(events.len())].to_vec());
+    replica.shutdown().await;
+}

@@ -1,0 +1,99 @@
+//! Numbering of events on PostgreSQL, after commit (see `events.rs`). Transactions write their
+//! events unnumbered and wake this; one numbering transaction at a time, across every process
+//! on the database (an advisory lock), gives the committed, unnumbered events each tenant's next
+//! numbers in the order they were written. A row that commits after a numbering has run is
+//! numbered by the next, above everything numbered before it: so a tenant's numbers become
+//! visible in order, and a reader that saw number n never later finds one below it.
+//!
+//! A process that dies between a commit and its numbering leaves events unnumbered; every
+//! process's numbering task also runs once a [`SWEEP`], and takes them up.
+
+use super::{Pools, Store, StoreResult};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How often the numbering runs unasked, for events another process left unnumbered.
+const SWEEP: Duration = Duration::from_secs(1);
+
+/// Events numbered by one transaction at most; more are numbered by the next at once.
+const MOST_AT_ONCE: i64 = 1000;
+
+/// The advisory lock that keeps numbering transactions one at a time (any constant, the same in
+/// every process: "falgevts").
+const NUMBERING_LOCK: i64 = 0x6661_6c67_6576_7473;
+
+/// Numbers up to `$1` committed events: each tenant's count is advanced by its share, and its
+/// events take the numbers after its previous count, in the order they were written.
+const NUMBER_EVENTS: &str = "WITH pending AS (\
+        SELECT id, tenant, position FROM events WHERE sequence IS NULL \
+        ORDER BY position LIMIT $1), \
+    counted AS (SELECT tenant, COUNT(*) AS n FROM pending GROUP BY tenant), \
+    advanced AS (\
+        INSERT INTO event_sequences (tenant, last_sequence) SELECT tenant, n FROM counted \
+        ON CONFLICT (tenant) DO UPDATE \
+        SET last_sequence = event_sequences.last_sequence + EXCLUDED.last_sequence \
+        RETURNING tenant, last_sequence), \
+    numbered AS (\
+        SELECT p.id, a.last_sequence - c.n \
+            + ROW_NUMBER() OVER (PARTITION BY p.tenant ORDER BY p.position) AS sequence \
+        FROM pending p JOIN counted c ON c.tenant = p.tenant \
+        JOIN advanced a ON a.tenant = p.tenant) \
+    UPDATE events SET sequence = numbered.sequence FROM numbered WHERE events.id = numbered.id";
+
+/// The way to wake the numbering task; it ends when every store that could wake it is gone.
+pub(super) type Wake = mpsc::Sender<()>;
+
+impl Store {
+    /// Called after a commit that wrote events: on PostgreSQL, wakes their numbering.
+    pub(super) fn events_written(&self) {
+        if let Some(wake) = self.event_numbering() {
+            // A wake already waiting covers this one too.
+            let _ = wake.try_send(());
+        }
+    }
+
+    /// The numbering task's wake-up, started on first use; none on SQLite, whose events are
+    /// numbered as they are written.
+    pub(super) fn event_numbering(&self) -> Option<&Wake> {
+        let Pools::Postgres(_) = self.pools else {
+            return None;
+        };
+        Some(self.sequencer.get_or_init(|| {
+            let (wake, woken) = mpsc::channel(1);
+            tokio::spawn(number_when_woken(self.without_tasks(), woken));
+            wake
+        }))
+    }
+
+    /// One numbering transaction; answers how many events it numbered.
+    pub(super) async fn number_events(&self) -> StoreResult<u64> {
+        let mut tx = self.writer().begin().await?;
+        tx.conn()
+            .execute("SELECT pg_advisory_xact_lock($1)", &[NUMBERING_LOCK.into()])
+            .await?;
+        let numbered = tx
+            .conn()
+            .execute(NUMBER_EVENTS, &[MOST_AT_ONCE.into()])
+            .await?;
+        tx.commit().await?;
+        Ok(numbered)
+    }
+}
+
+async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
+    loop {
+        if let Ok(None) = tokio::time::timeout(SWEEP, woken.recv()).await {
+            return;
+        }
+        loop {
+            match store.number_events().await {
+                Ok(numbered) if numbered == MOST_AT_ONCE as u64 => continue,
+                Ok(_) => break,
+                Err(error) => {
+                    tracing::warn!(%error, "numbering events failed; trying again shortly");
+                    break;
+                }
+            }
+        }
+    }
+}
