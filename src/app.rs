@@ -102,6 +102,7 @@ impl App {
         }
         let blobs = Blobs::open(&config.avatars.storage_dir)
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
+        let (shutdown, stopping) = watch::channel(false);
         let state = AppState::new(Parts {
             config,
             store,
@@ -109,8 +110,8 @@ impl App {
             jwks,
             callbacks,
             blobs,
+            stopping: stopping.clone(),
         });
-        let (shutdown, stopping) = watch::channel(false);
         let workers = if state.config.run_workers {
             crate::worker::spawn(WorkerContext::new(&state), stopping.clone())
         } else {

@@ -85,6 +85,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_MAX_CONNECTIONS", default_value = "1024")]
     pub max_connections: String,
 
+    /// Seconds between the keep-alive comments of an event stream with nothing to say (under
+    /// the idle timeout of every proxy in between).
+    #[arg(long, env = "FALGATE_STREAM_KEEPALIVE_SECS", default_value = "15")]
+    pub stream_keepalive_secs: String,
+
     /// FAL endpoints that raw jobs may call, comma-separated.
     #[arg(long, env = "FALGATE_ALLOWED_ENDPOINTS")]
     pub allowed_endpoints: Option<String>,
@@ -262,6 +267,8 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Time between an event stream's keep-alive comments.
+    pub stream_keep_alive: Duration,
 }
 
 /// The validated configuration of a running service.
@@ -536,6 +543,12 @@ impl ServeArgs {
                 "max-connections",
                 1..=1_000_000,
             )?,
+            stream_keep_alive: secs(
+                &self.stream_keepalive_secs,
+                "FALGATE_STREAM_KEEPALIVE_SECS",
+                "stream-keepalive-secs",
+                3600,
+            )?,
         };
         let min_photos = parse_number::<u32>(
             &self.min_photos,
@@ -684,6 +697,7 @@ impl Config {
             header_timeout_secs: "10".into(),
             idle_timeout_secs: "75".into(),
             max_connections: "1024".into(),
+            stream_keepalive_secs: "15".into(),
             allowed_endpoints: None,
             shutdown_timeout_secs: "5".into(),
             no_migrate: None,

@@ -49,6 +49,9 @@ pub struct Shared {
     pub counters: Arc<PipelineCounters>,
     /// Live API keys read lately, so that authenticating is not a database read each time.
     pub api_keys: Arc<ApiKeyCache>,
+    /// Turns true when the service starts shutting down: what ends the event streams, which
+    /// would otherwise hold their connections open past it.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The parts of [`AppState`] that come from outside; the rest starts empty.
@@ -59,6 +62,7 @@ pub struct Parts {
     pub jwks: JwksCache,
     pub callbacks: Option<CallbackUrls>,
     pub blobs: Blobs,
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -70,6 +74,7 @@ impl AppState {
             jwks,
             callbacks,
             blobs,
+            stopping,
         } = parts;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let uploads = config.avatars.upload_concurrency;
@@ -87,6 +92,7 @@ impl AppState {
             http_counters: Arc::default(),
             counters: Arc::default(),
             api_keys: Arc::default(),
+            stopping,
         }))
     }
 }

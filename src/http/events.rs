@@ -89,7 +89,7 @@ pub struct ListEventsQuery {
     pub limit: Option<u32>,
 }
 
-fn sequence<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+pub(super) fn sequence<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     match <Option<i64> as Deserialize>::deserialize(d)? {
         Some(after) if after < 0 => Err(serde::de::Error::custom("must be 0 or more")),
         after => Ok(after),

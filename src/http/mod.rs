@@ -15,6 +15,7 @@ pub mod paging;
 pub mod photos;
 pub mod server;
 pub mod spec;
+pub mod streams;
 pub mod trainings;
 
 use crate::error::{ApiError, REQUEST_ID};
@@ -88,6 +89,9 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(generations::get_batch))
         .routes(routes!(events::list_events))
         .routes(routes!(events::get_event))
+        .routes(routes!(streams::all_events))
+        .routes(routes!(streams::job_events))
+        .routes(routes!(streams::batch_events))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

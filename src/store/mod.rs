@@ -114,6 +114,8 @@ pub struct Store {
     intake: std::sync::Arc<std::sync::OnceLock<intake::Queue>>,
     /// The wake-up of the task that numbers events on PostgreSQL (`sequencer.rs`).
     sequencer: std::sync::Arc<std::sync::OnceLock<sequencer::Wake>>,
+    /// Moves on whenever this process has made new events visible (see [`Store::new_events`]).
+    visible_events: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 #[derive(Clone)]
@@ -146,6 +148,7 @@ impl Store {
             pools,
             intake: Default::default(),
             sequencer: Default::default(),
+            visible_events: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -156,6 +159,7 @@ impl Store {
             pools: self.pools.clone(),
             intake: Default::default(),
             sequencer: Default::default(),
+            visible_events: self.visible_events.clone(),
         }
     }
 

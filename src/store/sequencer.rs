@@ -44,12 +44,28 @@ const NUMBER_EVENTS: &str = "WITH pending AS (\
 pub(super) type Wake = mpsc::Sender<()>;
 
 impl Store {
-    /// Called after a commit that wrote events: on PostgreSQL, wakes their numbering.
+    /// Called after a commit that wrote events: on SQLite they are visible now; on PostgreSQL
+    /// their numbering is woken, and makes them visible.
     pub(super) fn events_written(&self) {
-        if let Some(wake) = self.event_numbering() {
+        match self.event_numbering() {
             // A wake already waiting covers this one too.
-            let _ = wake.try_send(());
+            Some(wake) => drop(wake.try_send(())),
+            None => self.events_became_visible(),
         }
+    }
+
+    fn events_became_visible(&self) {
+        self.visible_events
+            .send_modify(|seen| *seen = seen.wrapping_add(1));
+    }
+
+    /// A watch that moves on whenever this process has made new events visible: what an event
+    /// stream waits on. Events made visible by another process (a replica on the same
+    /// PostgreSQL database) do not move it; a stream also looks again every little while.
+    pub fn new_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        // Numbering must be running in a process that serves streams.
+        self.event_numbering();
+        self.visible_events.subscribe()
     }
 
     /// The numbering task's wake-up, started on first use; none on SQLite, whose events are
@@ -87,8 +103,14 @@ async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
         }
         loop {
             match store.number_events().await {
-                Ok(numbered) if numbered == MOST_AT_ONCE as u64 => continue,
-                Ok(_) => break,
+                Ok(numbered) => {
+                    if numbered > 0 {
+                        store.events_became_visible();
+                    }
+                    if numbered < MOST_AT_ONCE as u64 {
+                        break;
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(%error, "numbering events failed; trying again shortly");
                     break;

@@ -17,3 +17,4 @@ mod ops;
 mod outcomes;
 mod photos;
 mod pipeline;
+mod streams;

@@ -148,6 +148,17 @@ const ANSWERS: &[(&str, &str, &[u16])] = &[
     ("get", "/v1/batches/{id}", &[200, 401, 404, 422, 500, 503]),
     ("get", "/v1/events", &[200, 401, 422, 500, 503]),
     ("get", "/v1/events/{id}", &[200, 401, 404, 422, 500, 503]),
+    ("get", "/v1/events/stream", &[200, 401, 422, 500, 503]),
+    (
+        "get",
+        "/v1/jobs/{id}/events",
+        &[200, 401, 404, 422, 500, 503],
+    ),
+    (
+        "get",
+        "/v1/batches/{id}/events",
+        &[200, 401, 404, 422, 500, 503],
+    ),
 ];
 
 /// Follows a local `$ref` (`#/components/...`) in the spec; anything else is answered as is.
