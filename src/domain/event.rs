@@ -8,7 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 use utoipa::ToSchema;
 
-/// The type of an event: `<resource>.<what happened>`.
+/// The type of an event: `<resource>.<what happened>`. A job's end is always told; the steps
+/// before it may not be, when FAL's callback arrives before its answer to the submit is
+/// recorded and the job moves from `pending` straight to its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 pub enum EventType {
     /// FAL accepted the job into its queue.

@@ -1,6 +1,7 @@
 //! Pure types and rules: no I/O, nothing of ours imported. Everything here is parsed at the edge
 //! and tested alone.
 
+pub mod address;
 pub mod api_key;
 pub mod archive;
 pub mod avatar;

@@ -122,8 +122,7 @@ async fn a_jobs_stream_follows_it_live_and_ends_after_its_last_event(app: &TestA
     let events = Reader::open(app, &path, None).await.until_it_ends().await;
 
     let kinds: Vec<&str> = events.iter().map(|(_, kind, _)| kind.as_str()).collect();
-    assert_eq!(kinds.first(), Some(&"job.submitted"), "{kinds:?}");
-    assert_eq!(kinds.last(), Some(&"job.succeeded"), "{kinds:?}");
+    assert_told_a_succeeding_job(&kinds);
     assert!(ids(&events).windows(2).all(|w| w[0] < w[1]));
     // Each message is the event as the API shows it, its id the event's sequence.
     for (sequence, kind, data) in &events {

@@ -489,3 +489,24 @@ pub async fn wait_until_serving(client: &reqwest::Client, base: &str) {
 pub fn with_callback_grace(grace: Duration) -> impl FnOnce(&mut Config) {
     move |config| config.workers.callback_grace = grace
 }
+
+/// Asserts that a job's events, in order, follow the life of a job that succeeded: `submitted`,
+/// `running`, `succeeded`, each at most once and in that order, ending with `succeeded`. FAL's
+/// callback may come before its answer to the submit is recorded (the job then moves from
+/// `pending` straight on), so `submitted` and `running` may be missing; the end never is.
+pub fn assert_told_a_succeeding_job(told: &[&str]) {
+    const LIFE: [&str; 3] = ["job.submitted", "job.running", "job.succeeded"];
+    let steps: Vec<usize> = told
+        .iter()
+        .map(|kind| {
+            LIFE.iter()
+                .position(|step| step == kind)
+                .unwrap_or_else(|| panic!("{kind} in the life of a succeeding job: {told:?}"))
+        })
+        .collect();
+    assert!(
+        steps.windows(2).all(|pair| pair[0] < pair[1]),
+        "out of order or told twice: {told:?}"
+    );
+    assert_eq!(told.last(), Some(&"job.succeeded"), "{told:?}");
+}
