@@ -103,6 +103,8 @@ impl App {
         let blobs = Blobs::open(&config.avatars.storage_dir)
             .map_err(|e| StartError::Io(std::io::Error::other(e.to_string())))?;
         let (shutdown, stopping) = watch::channel(false);
+        let webhooks = crate::webhooks::WebhookSender::new(config.webhooks.clone())
+            .map_err(|e| StartError::Io(std::io::Error::other(e)))?;
         let state = AppState::new(Parts {
             config,
             store,
@@ -111,9 +113,13 @@ impl App {
             callbacks,
             blobs,
             stopping: stopping.clone(),
+            webhooks,
         });
         let workers = if state.config.run_workers {
-            crate::worker::spawn(WorkerContext::new(&state), stopping.clone())
+            crate::worker::spawn(
+                WorkerContext::new(&state, crate::http::events::webhook_body),
+                stopping.clone(),
+            )
         } else {
             Vec::new()
         };

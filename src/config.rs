@@ -106,6 +106,32 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_NO_WORKERS", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub no_workers: Option<String>,
 
+    /// Let webhook endpoints be plain http:// URLs (always allowed in sandbox).
+    #[arg(long, env = "FALGATE_WEBHOOK_ALLOW_HTTP", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub webhook_allow_http: Option<String>,
+
+    /// Networks (CIDR, comma-separated) that webhooks may reach although they are not public,
+    /// such as a private network of your own. Sandbox adds loopback.
+    #[arg(long, env = "FALGATE_WEBHOOK_ALLOWED_NETWORKS")]
+    pub webhook_allowed_networks: Option<String>,
+
+    /// Fixed addresses for webhook host names (`name=ip,name=ip`), looked up before DNS.
+    #[arg(long, env = "FALGATE_WEBHOOK_HOSTS")]
+    pub webhook_hosts: Option<String>,
+
+    /// Seconds to wait before each webhook attempt after a failure, comma-separated; after the
+    /// last, the delivery fails. Standard Webhooks' schedule by default.
+    #[arg(
+        long,
+        env = "FALGATE_WEBHOOK_RETRY_SCHEDULE",
+        default_value = "5,300,1800,7200,18000,36000,36000"
+    )]
+    pub webhook_retry_schedule: String,
+
+    /// Seconds a webhook receiver has to answer.
+    #[arg(long, env = "FALGATE_WEBHOOK_TIMEOUT_SECS", default_value = "15")]
+    pub webhook_timeout_secs: String,
+
     /// Run against a built-in FAL emulator: no key needed, nothing reaches FAL.
     #[arg(long, env = "FALGATE_SANDBOX", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
     pub sandbox: Option<String>,
@@ -261,6 +287,21 @@ pub struct AvatarLimits {
     pub max_batch: u32,
 }
 
+/// Where and how webhooks are delivered.
+#[derive(Debug, Clone)]
+pub struct WebhookDelivery {
+    /// Plain http:// endpoints are accepted.
+    pub allow_http: bool,
+    /// Networks webhooks may reach although they are not public.
+    pub allowed_networks: Vec<crate::domain::address::Network>,
+    /// Host names with fixed addresses, looked up before DNS.
+    pub hosts: Vec<(String, std::net::IpAddr)>,
+    /// The wait before each attempt after the first; a delivery has one attempt more than
+    /// this has entries.
+    pub retry_schedule: Vec<Duration>,
+    pub timeout: Duration,
+}
+
 /// How client connections are bounded.
 #[derive(Debug, Clone)]
 pub struct ConnectionLimits {
@@ -292,6 +333,7 @@ pub struct Config {
     pub migrate_on_start: bool,
     /// Whether this process runs the dispatcher and the reconciler.
     pub run_workers: bool,
+    pub webhooks: WebhookDelivery,
 }
 
 /// A configuration value that does not parse; the message names where it came from.
@@ -604,6 +646,7 @@ impl ServeArgs {
                 "must not be empty",
             ));
         }
+        let webhooks = self.webhook_delivery(sandbox)?;
         if !sandbox && fal_key.is_none() {
             return Err(invalid(
                 "FAL_KEY",
@@ -629,6 +672,95 @@ impl ServeArgs {
             shutdown_timeout,
             migrate_on_start: !no_migrate,
             run_workers: !no_workers,
+            webhooks,
+        })
+    }
+}
+
+impl ServeArgs {
+    fn webhook_delivery(&self, sandbox: bool) -> Result<WebhookDelivery, ConfigError> {
+        let allow_http = sandbox
+            || parse_switch(
+                &self.webhook_allow_http,
+                "FALGATE_WEBHOOK_ALLOW_HTTP",
+                "webhook-allow-http",
+            )?;
+        let listed = |raw: &Option<String>| -> Vec<String> {
+            non_empty(raw)
+                .map(|raw| {
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut allowed_networks = listed(&self.webhook_allowed_networks)
+            .iter()
+            .map(|network| {
+                network.parse().map_err(|e| {
+                    invalid(
+                        "FALGATE_WEBHOOK_ALLOWED_NETWORKS",
+                        "webhook-allowed-networks",
+                        e,
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if sandbox {
+            allowed_networks.extend(["127.0.0.0/8", "::1"].map(|n| {
+                n.parse::<crate::domain::address::Network>()
+                    .expect("loopback")
+            }));
+        }
+        let hosts = listed(&self.webhook_hosts)
+            .iter()
+            .map(|pair| {
+                let refused = || {
+                    invalid(
+                        "FALGATE_WEBHOOK_HOSTS",
+                        "webhook-hosts",
+                        format!("`{pair}` is not `name=ip`"),
+                    )
+                };
+                let (name, ip) = pair.split_once('=').ok_or_else(refused)?;
+                let ip = ip.trim().parse().map_err(|_| refused())?;
+                Ok((name.trim().to_ascii_lowercase(), ip))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let retry_schedule = self
+            .webhook_retry_schedule
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|secs| {
+                secs.parse::<f64>()
+                    .ok()
+                    .filter(|secs| (0.0..=86_400.0).contains(secs))
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| {
+                        invalid(
+                            "FALGATE_WEBHOOK_RETRY_SCHEDULE",
+                            "webhook-retry-schedule",
+                            format!("`{secs}` is not a number of seconds from 0 to 86400"),
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let timeout = parse_number::<u64>(
+            &self.webhook_timeout_secs,
+            "FALGATE_WEBHOOK_TIMEOUT_SECS",
+            "webhook-timeout-secs",
+            1..=300,
+        )
+        .map(Duration::from_secs)?;
+        Ok(WebhookDelivery {
+            allow_http,
+            allowed_networks,
+            hosts,
+            retry_schedule,
+            timeout,
         })
     }
 }
@@ -702,6 +834,11 @@ impl Config {
             shutdown_timeout_secs: "5".into(),
             no_migrate: None,
             no_workers: None,
+            webhook_allow_http: None,
+            webhook_allowed_networks: None,
+            webhook_hosts: None,
+            webhook_retry_schedule: "5,300,1800,7200,18000,36000,36000".into(),
+            webhook_timeout_secs: "15".into(),
             sandbox: Some("true".into()),
             fal_queue_url: "https://queue.fal.run".into(),
             fal_rest_url: "https://rest.fal.ai".into(),

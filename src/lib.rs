@@ -10,6 +10,7 @@ pub mod fal;
 pub mod http;
 pub mod state;
 pub mod store;
+pub mod webhooks;
 pub mod worker;
 
 /// Installs the one TLS crypto provider (ring) for every TLS client in the process. Idempotent;

@@ -52,6 +52,8 @@ pub struct Shared {
     /// Turns true when the service starts shutting down: what ends the event streams, which
     /// would otherwise hold their connections open past it.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Posts webhooks to the clients' receivers (and its configuration guards their URLs).
+    pub webhooks: crate::webhooks::WebhookSender,
 }
 
 /// The parts of [`AppState`] that come from outside; the rest starts empty.
@@ -63,6 +65,7 @@ pub struct Parts {
     pub callbacks: Option<CallbackUrls>,
     pub blobs: Blobs,
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    pub webhooks: crate::webhooks::WebhookSender,
 }
 
 impl AppState {
@@ -75,6 +78,7 @@ impl AppState {
             callbacks,
             blobs,
             stopping,
+            webhooks,
         } = parts;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let uploads = config.avatars.upload_concurrency;
@@ -93,6 +97,7 @@ impl AppState {
             counters: Arc::default(),
             api_keys: Arc::default(),
             stopping,
+            webhooks,
         }))
     }
 }

@@ -61,6 +61,11 @@ impl From<Event> for EventView {
     }
 }
 
+/// An event as its webhook's body: as `GET /v1/events/{id}` shows it.
+pub fn webhook_body(event: Event) -> String {
+    serde_json::to_string(&EventView::from(event)).unwrap_or_else(|_| "{}".into())
+}
+
 /// A page of events, oldest first.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EventPage {

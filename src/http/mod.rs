@@ -17,6 +17,7 @@ pub mod server;
 pub mod spec;
 pub mod streams;
 pub mod trainings;
+pub mod webhook_endpoints;
 
 use crate::error::{ApiError, REQUEST_ID};
 use crate::state::AppState;
@@ -50,6 +51,7 @@ use utoipa_swagger_ui::SwaggerUi;
         (name = "generations", description = "Images of trained avatars, in batches."),
         (name = "jobs", description = "Every job, whatever created it."),
         (name = "events", description = "What happened to jobs, avatars and batches, in order."),
+        (name = "webhooks", description = "Where events are delivered, signed per Standard Webhooks."),
         (name = "fal", description = "Called by FAL, not by clients."),
         (name = "operations", description = "Health, readiness and metrics."),
     )
@@ -92,6 +94,18 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(streams::all_events))
         .routes(routes!(streams::job_events))
         .routes(routes!(streams::batch_events))
+        .routes(routes!(
+            webhook_endpoints::create_webhook_endpoint,
+            webhook_endpoints::list_webhook_endpoints
+        ))
+        .routes(routes!(
+            webhook_endpoints::get_webhook_endpoint,
+            webhook_endpoints::update_webhook_endpoint,
+            webhook_endpoints::delete_webhook_endpoint
+        ))
+        .routes(routes!(webhook_endpoints::rotate_webhook_secret))
+        .routes(routes!(webhook_endpoints::list_webhook_deliveries))
+        .routes(routes!(webhook_endpoints::redeliver_event))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

@@ -36,6 +36,12 @@ pub(super) struct Dialect {
     pub lock_batch: &'static str,
     /// How a tenant's events get their numbers (`events.rs`).
     pub event_numbering: EventNumbering,
+    /// Enabled webhook endpoints with events not yet planned (`$1` of them at most), passing
+    /// over those another process is planning.
+    pub endpoints_to_plan: &'static str,
+    /// Due deliveries of enabled endpoints, leased (`$1` now, `$2` the lease's end, `$3` how
+    /// many), passing over those another process is claiming.
+    pub claim_deliveries: &'static str,
 }
 
 /// How a tenant's events are numbered 1, 2, 3… so that they become visible in that order.
@@ -77,7 +83,7 @@ pub(super) enum Arg<'a> {
     Text(Option<&'a str>),
     I64(Option<i64>),
     I32(Option<i32>),
-    Bool(bool),
+    Bool(Option<bool>),
     Time(Option<DateTime<Utc>>),
     Json(Option<&'a Value>),
     Bytes(&'a [u8]),
@@ -145,6 +151,12 @@ impl From<Option<i32>> for Arg<'_> {
 
 impl From<bool> for Arg<'_> {
     fn from(value: bool) -> Self {
+        Self::Bool(Some(value))
+    }
+}
+
+impl From<Option<bool>> for Arg<'_> {
+    fn from(value: Option<bool>) -> Self {
         Self::Bool(value)
     }
 }
@@ -187,7 +199,7 @@ where
     Option<&'a str>: Encode<'a, DB> + Type<DB>,
     Option<i64>: Encode<'a, DB> + Type<DB>,
     Option<i32>: Encode<'a, DB> + Type<DB>,
-    bool: Encode<'a, DB> + Type<DB>,
+    Option<bool>: Encode<'a, DB> + Type<DB>,
     Option<DateTime<Utc>>: Encode<'a, DB> + Type<DB>,
     Option<Json<&'a Value>>: Encode<'a, DB> + Type<DB>,
     &'a [u8]: Encode<'a, DB> + Type<DB>,

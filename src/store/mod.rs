@@ -21,6 +21,8 @@ mod postgres;
 mod sequencer;
 mod sqlite;
 mod transitions;
+mod webhook_deliveries;
+mod webhook_endpoints;
 
 pub use api_key_cache::{ApiKeyCache, TRUSTED_FOR as API_KEY_TRUSTED_FOR};
 pub use api_keys::*;
@@ -34,6 +36,8 @@ pub use jobs::*;
 pub use lora_copies::*;
 pub use photos::*;
 pub use transitions::*;
+pub use webhook_deliveries::{DeliveryOutcome, DeliveryWork, WebhookAttempt};
+pub use webhook_endpoints::{EndpointChange, WebhookEndpoint};
 
 use std::time::Duration;
 

@@ -81,6 +81,16 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         WHERE id = $1",
     lock_batch: "SELECT id FROM batches WHERE id = $1",
     event_numbering: EventNumbering::WhenWritten,
+    // One writer at a time: what is read here cannot be taken meanwhile.
+    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence FROM webhook_endpoints e \
+        JOIN event_sequences s ON s.tenant = e.tenant \
+        WHERE e.enabled AND s.last_sequence >= e.next_sequence ORDER BY e.id LIMIT $1",
+    claim_deliveries: "UPDATE webhook_deliveries SET lease_until = $2, attempts = attempts + 1 \
+        WHERE id IN (SELECT d.id FROM webhook_deliveries d \
+        JOIN webhook_endpoints e ON e.id = d.endpoint_id \
+        WHERE d.status = 'pending' AND d.next_attempt_at <= $1 \
+        AND (d.lease_until IS NULL OR d.lease_until <= $1) AND e.enabled \
+        ORDER BY d.next_attempt_at LIMIT $3) RETURNING id, tenant, endpoint_id, event_id, attempts",
     get_job: format!(
         "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND ($2 IS NULL OR tenant = $2)"
     ),

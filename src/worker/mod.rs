@@ -4,6 +4,7 @@
 //! is taken over when its lease runs out. Both stop claiming on shutdown and finish what they
 //! hold.
 
+pub mod deliverer;
 pub mod dispatcher;
 pub mod keeper;
 pub mod reconciler;
@@ -14,7 +15,8 @@ use crate::domain::job::JobKind;
 use crate::fal::FalClient;
 use crate::fal::token::CallbackUrls;
 use crate::state::{AppState, FalHealth, PipelineCounters, Wake};
-use crate::store::Store;
+use crate::store::{Event, Store};
+use crate::webhooks::WebhookSender;
 use chrono::{DateTime, TimeDelta, Utc};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +39,15 @@ pub struct WorkerContext {
     pub settings: WorkerConfig,
     /// Whether FAL is the built-in emulator: a sandbox process works only sandbox jobs.
     pub sandbox: bool,
+    /// Posts webhooks to the clients' receivers.
+    pub webhooks: WebhookSender,
+    /// An event as its webhook's body: as `GET /v1/events/{id}` shows it. Given by the wiring,
+    /// since how the API shows resources is the HTTP layer's to say.
+    pub render_event: fn(Event) -> String,
 }
 
 impl WorkerContext {
-    pub fn new(state: &AppState) -> Self {
+    pub fn new(state: &AppState, render_event: fn(Event) -> String) -> Self {
         Self {
             store: state.store.clone(),
             fal: state.fal.clone(),
@@ -51,6 +58,8 @@ impl WorkerContext {
             counters: state.counters.clone(),
             settings: state.config.workers.clone(),
             sandbox: state.config.sandbox,
+            webhooks: state.webhooks.clone(),
+            render_event,
         }
     }
 }
@@ -59,6 +68,7 @@ impl WorkerContext {
 pub fn spawn(ctx: WorkerContext, stopping: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
     vec![
         tokio::spawn(dispatcher::run(ctx.clone(), stopping.clone())),
+        tokio::spawn(deliverer::run(ctx.clone(), stopping.clone())),
         tokio::spawn(keeper::run(ctx.clone(), stopping.clone())),
         tokio::spawn(reconciler::run(ctx, stopping)),
     ]

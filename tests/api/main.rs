@@ -18,3 +18,4 @@ mod outcomes;
 mod photos;
 mod pipeline;
 mod streams;
+mod webhooks;

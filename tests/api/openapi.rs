@@ -159,6 +159,42 @@ const ANSWERS: &[(&str, &str, &[u16])] = &[
         "/v1/batches/{id}/events",
         &[200, 401, 404, 422, 500, 503],
     ),
+    ("get", "/v1/webhook-endpoints", &[200, 401, 500, 503]),
+    (
+        "post",
+        "/v1/webhook-endpoints",
+        &[201, 400, 401, 413, 415, 422, 500, 503],
+    ),
+    (
+        "get",
+        "/v1/webhook-endpoints/{id}",
+        &[200, 401, 404, 422, 500, 503],
+    ),
+    (
+        "patch",
+        "/v1/webhook-endpoints/{id}",
+        &[200, 400, 401, 404, 413, 415, 422, 500, 503],
+    ),
+    (
+        "delete",
+        "/v1/webhook-endpoints/{id}",
+        &[204, 401, 404, 422, 500, 503],
+    ),
+    (
+        "post",
+        "/v1/webhook-endpoints/{id}/rotate-secret",
+        &[200, 401, 404, 422, 500, 503],
+    ),
+    (
+        "get",
+        "/v1/webhook-endpoints/{id}/deliveries",
+        &[200, 401, 404, 422, 500, 503],
+    ),
+    (
+        "post",
+        "/v1/events/{id}/redeliver",
+        &[202, 401, 404, 422, 500, 503],
+    ),
 ];
 
 /// Follows a local `$ref` (`#/components/...`) in the spec; anything else is answered as is.

@@ -1,0 +1,54 @@
+-- Webhook endpoints: where a tenant's events are delivered, signed per Standard Webhooks with
+-- the endpoint's secret (and, for a while after a rotation, the previous one too).
+-- `next_sequence` is the first of the tenant's event numbers not yet planned for delivery here:
+-- an endpoint receives the events that happen after it is made.
+CREATE TABLE webhook_endpoints (
+    id                    BLOB PRIMARY KEY NOT NULL,
+    tenant                BLOB NOT NULL REFERENCES api_keys (id),
+    url                   TEXT NOT NULL,
+    event_types           TEXT,
+    description           TEXT NOT NULL,
+    enabled               BOOLEAN NOT NULL,
+    disabled_reason       TEXT,
+    secret                TEXT NOT NULL,
+    previous_secret       TEXT,
+    previous_secret_until TEXT,
+    next_sequence         INTEGER NOT NULL,
+    created_at            TEXT NOT NULL,
+    updated_at            TEXT NOT NULL
+);
+
+CREATE INDEX webhook_endpoints_by_tenant ON webhook_endpoints (tenant, id);
+
+-- One event to send to one endpoint, until a 2xx or the last attempt.
+CREATE TABLE webhook_deliveries (
+    id              BLOB PRIMARY KEY NOT NULL,
+    tenant          BLOB NOT NULL,
+    endpoint_id     BLOB NOT NULL REFERENCES webhook_endpoints (id) ON DELETE CASCADE,
+    event_id        BLOB NOT NULL REFERENCES events (id),
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'succeeded', 'failed')),
+    attempts        INTEGER NOT NULL,
+    next_attempt_at TEXT,
+    lease_until     TEXT,
+    created_at      TEXT NOT NULL,
+    updated_at      TEXT NOT NULL
+);
+
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_by_endpoint ON webhook_deliveries (endpoint_id, id);
+
+-- Every attempt to send a delivery, with what came back.
+CREATE TABLE webhook_attempts (
+    id             BLOB PRIMARY KEY NOT NULL,
+    delivery_id    BLOB NOT NULL REFERENCES webhook_deliveries (id) ON DELETE CASCADE,
+    endpoint_id    BLOB NOT NULL,
+    event_id       BLOB NOT NULL,
+    at             TEXT NOT NULL,
+    duration_ms    INTEGER NOT NULL,
+    status_code    INTEGER,
+    error          TEXT,
+    response_start TEXT
+);
+
+CREATE INDEX webhook_attempts_by_endpoint ON webhook_attempts (endpoint_id, id);

@@ -1,0 +1,479 @@
+//! `/v1/webhook-endpoints`: where the tenant's events are delivered, signed per Standard
+//! Webhooks. The signing secret is shown when an endpoint is made and when it is rotated,
+//! never again.
+
+use super::auth::Tenant;
+use super::extract::{AcrossFields, ApiJson, ApiPathId};
+use crate::domain::event::EventType;
+use crate::error::{ApiError, ApiResult, FieldError, Problem};
+use crate::state::AppState;
+use crate::store::{EndpointChange, WebhookAttempt, WebhookEndpoint};
+use crate::webhooks::guard;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// How long a secret replaced by a rotation keeps signing deliveries beside the new one.
+const ROTATION_OVERLAP: TimeDelta = TimeDelta::hours(24);
+
+/// A webhook endpoint, without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointView {
+    pub id: Uuid,
+    pub url: String,
+    /// The event types delivered here; absent: every type.
+    pub event_types: Option<Vec<EventType>>,
+    pub description: String,
+    pub enabled: bool,
+    /// Why falgate disabled the endpoint (its receiver answered 410 Gone), if it did.
+    pub disabled_reason: Option<String>,
+    /// Until when the secret replaced by the last rotation still signs deliveries too.
+    pub previous_secret_valid_until: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<WebhookEndpoint> for WebhookEndpointView {
+    fn from(endpoint: WebhookEndpoint) -> Self {
+        let now = crate::domain::now();
+        Self {
+            previous_secret_valid_until: endpoint
+                .previous_secret_until
+                .filter(|until| *until > now),
+            id: endpoint.id,
+            url: endpoint.url,
+            event_types: endpoint.event_types,
+            description: endpoint.description,
+            enabled: endpoint.enabled,
+            disabled_reason: endpoint.disabled_reason,
+            created_at: endpoint.created_at,
+            updated_at: endpoint.updated_at,
+        }
+    }
+}
+
+/// An endpoint with its signing secret: answered once, when it is made or rotated.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointWithSecret {
+    #[serde(flatten)]
+    pub endpoint: WebhookEndpointView,
+    /// `whsec_` and the key in base64, as Standard Webhooks' libraries take it. Shown only now.
+    pub secret: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointList {
+    pub items: Vec<WebhookEndpointView>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWebhookEndpointRequest {
+    /// Where to post: https (http only where the server allows it), reaching only public
+    /// addresses unless the server allows a network.
+    pub url: String,
+    /// The event types to deliver (at least one); absent: every type.
+    pub event_types: Option<Vec<EventType>>,
+    #[serde(default)]
+    pub description: String,
+    /// Default true.
+    pub enabled: Option<bool>,
+}
+
+impl AcrossFields for CreateWebhookEndpointRequest {}
+
+/// What to change; fields left out stay as they are.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWebhookEndpointRequest {
+    pub url: Option<String>,
+    /// The event types to deliver (at least one); `null`: every type.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<EventType>>)]
+    pub event_types: Option<Option<Vec<EventType>>>,
+    pub description: Option<String>,
+    /// Enabling an endpoint falgate disabled sends it the events from then on.
+    pub enabled: Option<bool>,
+}
+
+impl AcrossFields for UpdateWebhookEndpointRequest {}
+
+/// A field that is present, even as `null` (`Some(None)`), told apart from one left out.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// One attempt to deliver an event to an endpoint.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAttemptView {
+    pub id: Uuid,
+    pub delivery_id: Uuid,
+    /// The event sent (its id is also the delivery's `webhook-id`).
+    pub event_id: Uuid,
+    pub at: DateTime<Utc>,
+    /// How long the receiver took to answer, or to fail.
+    pub duration_ms: i64,
+    /// The receiver's status code, when it answered.
+    pub status_code: Option<i32>,
+    /// Why no answer came (a refused address, a timeout, a connection failure).
+    pub error: Option<String>,
+    /// The first bytes of the receiver's answer.
+    pub response_start: Option<String>,
+    /// Where the delivery stands now: `pending` (another attempt is due), `succeeded` or
+    /// `failed`.
+    pub delivery_status: String,
+}
+
+impl From<WebhookAttempt> for WebhookAttemptView {
+    fn from(attempt: WebhookAttempt) -> Self {
+        Self {
+            id: attempt.id,
+            delivery_id: attempt.delivery_id,
+            event_id: attempt.event_id,
+            at: attempt.at,
+            duration_ms: attempt.duration_ms,
+            status_code: attempt.status_code,
+            error: attempt.error,
+            response_start: attempt.response_start,
+            delivery_status: attempt.delivery_status,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookAttemptList {
+    pub items: Vec<WebhookAttemptView>,
+}
+
+/// How many deliveries a redelivery made.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Redelivery {
+    /// One per enabled endpoint that takes the event's type.
+    pub deliveries: usize,
+}
+
+fn new_secret() -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode(key)
+    )
+}
+
+/// The URL, checked: its shape, then every address its host resolves to.
+async fn checked_url(state: &AppState, raw: &str) -> Result<String, FieldError> {
+    let url: reqwest::Url = raw
+        .parse()
+        .map_err(|e| FieldError::new("url", format!("is not a URL: {e}")))?;
+    guard::check(&url, state.webhooks.config())
+        .await
+        .map_err(|refused| FieldError::new("url", refused.to_string()))?;
+    Ok(url.to_string())
+}
+
+fn checked_types(types: Option<Vec<EventType>>) -> Result<Option<Vec<EventType>>, FieldError> {
+    match types {
+        Some(types) if types.is_empty() => Err(FieldError::new(
+            "event_types",
+            "must name at least one type (leave it out for every type)",
+        )),
+        Some(mut types) => {
+            types.sort_by_key(|kind| kind.as_str());
+            types.dedup();
+            Ok(Some(types))
+        }
+        None => Ok(None),
+    }
+}
+
+async fn find_endpoint(state: &AppState, tenant: &Tenant, id: Uuid) -> ApiResult<WebhookEndpoint> {
+    state
+        .store
+        .get_webhook_endpoint(tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no webhook endpoint {id}")))
+}
+
+/// Create a webhook endpoint
+///
+/// The tenant's events from now on are posted to `url`, signed per Standard Webhooks with the
+/// secret in the answer (shown only now).
+#[utoipa::path(
+    post,
+    path = "/v1/webhook-endpoints",
+    tag = "webhooks",
+    request_body = CreateWebhookEndpointRequest,
+    responses(
+        (status = 201, description = "The endpoint, with its secret.", body = WebhookEndpointWithSecret),
+        (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the size limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not sent as JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid; a URL that reaches an address webhooks may not (loopback, private, link-local, …) is refused naming it.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id))]
+pub async fn create_webhook_endpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    body: ApiJson<CreateWebhookEndpointRequest>,
+) -> ApiResult<Response> {
+    let request = body.value;
+    let url = checked_url(&state, &request.url).await;
+    let types = checked_types(request.event_types);
+    let (url, event_types) = match (url, types) {
+        (Ok(url), Ok(types)) => (url, types),
+        (url, types) => {
+            let errors = [url.err(), types.err()].into_iter().flatten().collect();
+            return Err(ApiError::Validation(errors));
+        }
+    };
+    let now = crate::domain::now();
+    let endpoint = WebhookEndpoint {
+        id: Uuid::now_v7(),
+        tenant: tenant.id,
+        url,
+        event_types,
+        description: request.description,
+        enabled: request.enabled.unwrap_or(true),
+        disabled_reason: None,
+        secret: new_secret(),
+        previous_secret: None,
+        previous_secret_until: None,
+        created_at: now,
+        updated_at: now,
+    };
+    state.store.create_webhook_endpoint(&endpoint).await?;
+    let secret = endpoint.secret.clone();
+    let created = WebhookEndpointWithSecret {
+        endpoint: endpoint.into(),
+        secret,
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+/// List webhook endpoints
+#[utoipa::path(
+    get,
+    path = "/v1/webhook-endpoints",
+    tag = "webhooks",
+    responses(
+        (status = 200, description = "Every endpoint of this API key, oldest first.", body = WebhookEndpointList),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_webhook_endpoints(
+    State(state): State<AppState>,
+    tenant: Tenant,
+) -> ApiResult<Json<WebhookEndpointList>> {
+    let endpoints = state.store.list_webhook_endpoints(tenant.id).await?;
+    Ok(Json(WebhookEndpointList {
+        items: endpoints.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Get a webhook endpoint
+#[utoipa::path(
+    get,
+    path = "/v1/webhook-endpoints/{id}",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "The endpoint, without its secret.", body = WebhookEndpointView),
+        (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get_webhook_endpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Json<WebhookEndpointView>> {
+    Ok(Json(find_endpoint(&state, &tenant, id).await?.into()))
+}
+
+/// Change a webhook endpoint
+#[utoipa::path(
+    patch,
+    path = "/v1/webhook-endpoints/{id}",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint's id.")),
+    request_body = UpdateWebhookEndpointRequest,
+    responses(
+        (status = 200, description = "The endpoint as it is now.", body = WebhookEndpointView),
+        (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the size limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not sent as JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid; nothing was changed.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id, endpoint = %id))]
+pub async fn update_webhook_endpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+    body: ApiJson<UpdateWebhookEndpointRequest>,
+) -> ApiResult<Json<WebhookEndpointView>> {
+    let request = body.value;
+    find_endpoint(&state, &tenant, id).await?;
+    let mut errors = Vec::new();
+    let url = match request.url {
+        Some(raw) => checked_url(&state, &raw)
+            .await
+            .map_err(|e| errors.push(e))
+            .ok(),
+        None => None,
+    };
+    let event_types = match request.event_types {
+        Some(types) => checked_types(types).map_err(|e| errors.push(e)).ok(),
+        None => None,
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let change = EndpointChange {
+        url,
+        event_types,
+        description: request.description,
+        enabled: request.enabled,
+    };
+    state
+        .store
+        .update_webhook_endpoint(tenant.id, id, &change, crate::domain::now())
+        .await?
+        .map(|endpoint| Json(endpoint.into()))
+        .ok_or_else(|| ApiError::NotFound(format!("no webhook endpoint {id}")))
+}
+
+/// Delete a webhook endpoint
+///
+/// Its deliveries not yet made are dropped.
+#[utoipa::path(
+    delete,
+    path = "/v1/webhook-endpoints/{id}",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 204, description = "Deleted."),
+        (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_webhook_endpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<StatusCode> {
+    if state.store.delete_webhook_endpoint(tenant.id, id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no webhook endpoint {id}")))
+    }
+}
+
+/// Rotate an endpoint's secret
+///
+/// Answers the new secret (shown only now). For the next 24 hours deliveries are signed with
+/// both, so a receiver can switch when it is ready.
+#[utoipa::path(
+    post,
+    path = "/v1/webhook-endpoints/{id}/rotate-secret",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "The endpoint, with its new secret.", body = WebhookEndpointWithSecret),
+        (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id, endpoint = %id))]
+pub async fn rotate_webhook_secret(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Json<WebhookEndpointWithSecret>> {
+    let secret = new_secret();
+    let now = crate::domain::now();
+    let endpoint = state
+        .store
+        .rotate_webhook_secret(tenant.id, id, &secret, now, now + ROTATION_OVERLAP)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no webhook endpoint {id}")))?;
+    Ok(Json(WebhookEndpointWithSecret {
+        endpoint: endpoint.into(),
+        secret,
+    }))
+}
+
+/// List an endpoint's delivery attempts
+///
+/// The latest 100 attempts, newest first, with what the receiver answered.
+#[utoipa::path(
+    get,
+    path = "/v1/webhook-endpoints/{id}/deliveries",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "The attempts, newest first.", body = WebhookAttemptList),
+        (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_webhook_deliveries(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Json<WebhookAttemptList>> {
+    find_endpoint(&state, &tenant, id).await?;
+    let attempts = state.store.list_webhook_attempts(id, 100).await?;
+    Ok(Json(WebhookAttemptList {
+        items: attempts.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Send an event again
+///
+/// A new delivery to each enabled endpoint that takes the event's type, with the same
+/// `webhook-id` as before (a receiver that already has it may drop it).
+#[utoipa::path(
+    post,
+    path = "/v1/events/{id}/redeliver",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The event's id.")),
+    responses(
+        (status = 202, description = "The deliveries made.", body = Redelivery),
+        (status = 404, description = "No such event for this API key.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id, event = %id))]
+pub async fn redeliver_event(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<Response> {
+    let event = state
+        .store
+        .get_event(tenant.id, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no event {id}")))?;
+    let deliveries = state
+        .store
+        .redeliver_event(&event, crate::domain::now())
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(Redelivery { deliveries })).into_response())
+}

@@ -1,0 +1,397 @@
+//! Webhooks to the clients' receivers: signed per Standard Webhooks (checked here with the
+//! `standardwebhooks` crate, not with falgate's own code), retried, filtered, rotated,
+//! redelivered, disabled by a 410, and never sent where they may not go.
+
+use crate::backend_tests;
+use crate::support::*;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode as AxumStatus};
+use falgate::config::Config;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One post a receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).expect("a JSON body")
+    }
+
+    fn webhook_id(&self) -> &str {
+        self.headers["webhook-id"].to_str().unwrap()
+    }
+
+    /// Whether the `standardwebhooks` crate accepts it as signed with `secret`.
+    fn verifies_with(&self, secret: &str) -> bool {
+        standardwebhooks::Webhook::new(secret)
+            .expect("a whsec_ secret")
+            .verify(self.body.as_bytes(), &self.headers)
+            .is_ok()
+    }
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    received: Arc<Mutex<Vec<Received>>>,
+    /// The statuses to answer, in turn; 200 once they run out.
+    answers: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Receiver {
+    /// A receiver on loopback; answers its URL (by a host name the test configuration maps to
+    /// loopback).
+    async fn start(answers: &[u16]) -> (Self, String) {
+        let receiver = Self::default();
+        receiver.answers.lock().unwrap().extend(answers);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(receiver.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (receiver, format!("http://receiver.test:{port}/hook"))
+    }
+
+    fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds of what was received; answers it.
+    async fn until(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        eventually(what)
+            .until(async || {
+                let received = self.received();
+                done(&received).then_some(received)
+            })
+            .await
+    }
+}
+
+async fn receive(State(receiver): State<Receiver>, headers: HeaderMap, body: String) -> AxumStatus {
+    receiver
+        .received
+        .lock()
+        .unwrap()
+        .push(Received { headers, body });
+    let status = receiver.answers.lock().unwrap().pop_front().unwrap_or(200);
+    AxumStatus::from_u16(status).unwrap()
+}
+
+/// Webhooks may reach the test receiver (loopback, by name) and are retried at once.
+fn to_test_receivers(config: &mut Config) {
+    config.webhooks.allow_http = true;
+    config.webhooks.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+    config.webhooks.hosts = vec![("receiver.test".into(), "127.0.0.1".parse().unwrap())];
+    config.webhooks.retry_schedule = vec![Duration::from_millis(100); 3];
+}
+
+async fn create_endpoint(app: &TestApp, body: Value) -> Value {
+    let response = app.post_json("/v1/webhook-endpoints", &body).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.unwrap()
+}
+
+fn types_of(received: &[Received]) -> Vec<String> {
+    received
+        .iter()
+        .map(|r| r.json()["type"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn ended(received: &[Received], job: &str) -> bool {
+    received
+        .iter()
+        .any(|r| r.json()["type"] == "job.succeeded" && r.json()["data"]["id"] == job)
+}
+
+backend_tests!(
+    a_jobs_events_arrive_signed_in_order_as_the_api_shows_them,
+    to_test_receivers
+);
+async fn a_jobs_events_arrive_signed_in_order_as_the_api_shows_them(app: &TestApp) {
+    let (receiver, url) = Receiver::start(&[]).await;
+    let endpoint = create_endpoint(app, json!({"url": url, "description": "all"})).await;
+    let secret = endpoint["secret"].as_str().unwrap();
+    assert!(secret.starts_with("whsec_"), "{endpoint}");
+    // The secret is shown once.
+    let shown = app
+        .get_json(&format!("/v1/webhook-endpoints/{}", id_of(&endpoint)))
+        .await;
+    assert!(shown.get("secret").is_none(), "{shown}");
+    assert_eq!(shown["url"], url.as_str());
+
+    let job = submit_raw(app, json!({"prompt": "told"})).await;
+    let received = receiver
+        .until("the job's end delivered", |r| ended(r, &job))
+        .await;
+    let kinds = types_of(&received);
+    assert_told_a_succeeding_job(&kinds.iter().map(String::as_str).collect::<Vec<_>>());
+    for delivery in &received {
+        assert!(delivery.verifies_with(secret), "{:?}", delivery.headers);
+        assert!(!delivery.verifies_with("whsec_c2VjcmV0IHRoYXQgaXMgbm90IGl0"));
+        let event = delivery.json();
+        assert_eq!(delivery.webhook_id(), event["id"].as_str().unwrap());
+        assert_eq!(delivery.headers["content-type"], "application/json");
+        // The body is the event as the API shows it.
+        assert_eq!(
+            event,
+            app.get_json(&format!("/v1/events/{}", event["id"].as_str().unwrap()))
+                .await
+        );
+    }
+    let sequences: Vec<i64> = received
+        .iter()
+        .map(|r| r.json()["sequence"].as_i64().unwrap())
+        .collect();
+    assert!(sequences.windows(2).all(|w| w[0] < w[1]), "{sequences:?}");
+}
+
+backend_tests!(
+    a_receiver_that_fails_twice_gets_the_event_three_times_with_one_id,
+    to_test_receivers
+);
+async fn a_receiver_that_fails_twice_gets_the_event_three_times_with_one_id(app: &TestApp) {
+    let (receiver, url) = Receiver::start(&[500, 503]).await;
+    let endpoint =
+        create_endpoint(app, json!({"url": url, "event_types": ["job.succeeded"]})).await;
+    let job = submit_raw(app, json!({"prompt": "retried"})).await;
+    let received = receiver.until("three attempts", |r| r.len() >= 3).await;
+    assert_eq!(received.len(), 3, "{:?}", types_of(&received));
+    assert!(
+        received
+            .iter()
+            .all(|r| r.webhook_id() == received[0].webhook_id())
+    );
+    assert!(
+        received
+            .iter()
+            .all(|r| r.json()["data"]["id"] == job.as_str())
+    );
+    assert!(
+        received
+            .iter()
+            .all(|r| r.verifies_with(endpoint["secret"].as_str().unwrap()))
+    );
+
+    let attempts = eventually("the third attempt recorded")
+        .until(async || {
+            let page = app
+                .get_json(&format!(
+                    "/v1/webhook-endpoints/{}/deliveries",
+                    id_of(&endpoint)
+                ))
+                .await;
+            let items = page["items"].as_array().unwrap().clone();
+            (items.len() == 3 && items[0]["delivery_status"] == "succeeded").then_some(items)
+        })
+        .await;
+    let codes: Vec<i64> = attempts
+        .iter()
+        .map(|a| a["status_code"].as_i64().unwrap())
+        .collect();
+    assert_eq!(codes, [200, 503, 500], "newest first");
+    // A receiver gone for good fails the delivery after the schedule's last attempt.
+    drop(receiver);
+}
+
+backend_tests!(
+    filters_rotation_redelivery_and_gone_receivers,
+    to_test_receivers
+);
+async fn filters_rotation_redelivery_and_gone_receivers(app: &TestApp) {
+    let (only_ends, only_ends_url) = Receiver::start(&[]).await;
+    let (everything, everything_url) = Receiver::start(&[]).await;
+    let (gone, gone_url) = Receiver::start(&[410]).await;
+    create_endpoint(
+        app,
+        json!({"url": only_ends_url, "event_types": ["job.succeeded"]}),
+    )
+    .await;
+    let all = create_endpoint(app, json!({"url": everything_url})).await;
+    let gone_endpoint = create_endpoint(app, json!({"url": gone_url})).await;
+    let old_secret = all["secret"].as_str().unwrap().to_owned();
+
+    // The secret is rotated: for a day, deliveries carry both signatures.
+    let rotated = app
+        .post(&format!(
+            "/v1/webhook-endpoints/{}/rotate-secret",
+            id_of(&all)
+        ))
+        .await;
+    assert_eq!(rotated.status(), StatusCode::OK);
+    let rotated: Value = rotated.json().await.unwrap();
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(new_secret, old_secret);
+    assert!(
+        rotated["previous_secret_valid_until"].is_string(),
+        "{rotated}"
+    );
+
+    let job = submit_raw(app, json!({"prompt": "filtered"})).await;
+    let ends = only_ends.until("the end", |r| ended(r, &job)).await;
+    assert_eq!(types_of(&ends), ["job.succeeded"]);
+    let told = everything.until("the end", |r| ended(r, &job)).await;
+    assert!(told.len() >= ends.len());
+    for delivery in &told {
+        assert!(delivery.verifies_with(&new_secret));
+        assert!(delivery.verifies_with(&old_secret));
+    }
+
+    // A 410 disables its endpoint, which then receives nothing more.
+    let disabled = eventually("the gone endpoint disabled")
+        .until(async || {
+            let endpoint = app
+                .get_json(&format!("/v1/webhook-endpoints/{}", id_of(&gone_endpoint)))
+                .await;
+            (endpoint["enabled"] == false).then_some(endpoint)
+        })
+        .await;
+    assert!(
+        disabled["disabled_reason"]
+            .as_str()
+            .unwrap()
+            .contains("410"),
+        "{disabled}"
+    );
+    assert_eq!(gone.received().len(), 1);
+
+    // A redelivery sends the event again, with its id, to each endpoint that takes it.
+    let event_id = ends[0].webhook_id().to_owned();
+    let response = app.post(&format!("/v1/events/{event_id}/redeliver")).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    assert_eq!(response.json::<Value>().await.unwrap()["deliveries"], 2);
+    only_ends
+        .until("the redelivery", |r| r.len() == ends.len() + 1)
+        .await;
+    assert_eq!(only_ends.received().last().unwrap().webhook_id(), event_id);
+    assert_eq!(gone.received().len(), 1, "a disabled endpoint gets nothing");
+}
+
+backend_tests!(
+    urls_that_reach_what_is_not_public_are_refused_naming_why,
+    |config: &mut Config| {
+        config.webhooks.allow_http = false;
+        config.webhooks.allowed_networks = Vec::new();
+        config.webhooks.hosts = [
+            ("loopback.test", "127.0.0.1"),
+            ("private.test", "192.168.1.10"),
+            ("metadata.test", "169.254.169.254"),
+            ("cgnat.test", "100.100.0.1"),
+            ("v6.test", "fd12::1"),
+            ("public.test", "93.184.215.14"),
+        ]
+        .iter()
+        .map(|(name, ip)| (name.to_string(), ip.parse().unwrap()))
+        .collect();
+    }
+);
+async fn urls_that_reach_what_is_not_public_are_refused_naming_why(app: &TestApp) {
+    let table = [
+        ("https://loopback.test/hook", "loopback"),
+        ("https://private.test/hook", "private"),
+        ("https://metadata.test/hook", "link-local"),
+        ("https://cgnat.test/hook", "carrier-grade NAT"),
+        ("https://v6.test/hook", "private"),
+        ("https://[::1]/hook", "loopback"),
+        ("https://10.0.0.1/hook", "private"),
+        ("http://public.test/hook", "https"),
+        ("https://user:pw@public.test/hook", "password"),
+        ("not a url", "not a URL"),
+    ];
+    for (url, reason) in table {
+        let response = app
+            .post_json("/v1/webhook-endpoints", &json!({"url": url}))
+            .await;
+        let problem = validation_problem(response).await;
+        assert_eq!(fields(&problem), ["url"], "{url}");
+        let message = problem["errors"][0]["message"].as_str().unwrap();
+        assert!(message.contains(reason), "{url}: {message}");
+    }
+    let empty_types = app
+        .post_json(
+            "/v1/webhook-endpoints",
+            &json!({"url": "https://public.test/hook", "event_types": []}),
+        )
+        .await;
+    assert_eq!(
+        fields(&validation_problem(empty_types).await),
+        ["event_types"]
+    );
+    let unknown_type = app
+        .post_json(
+            "/v1/webhook-endpoints",
+            &json!({"url": "https://public.test/hook", "event_types": ["job.pending"]}),
+        )
+        .await;
+    assert_eq!(
+        fields(&validation_problem(unknown_type).await),
+        ["event_types[0]"]
+    );
+    // Nothing was made.
+    let list = app.get_json("/v1/webhook-endpoints").await;
+    assert_eq!(items(&list).len(), 0);
+
+    // A public host passes; changing it to one that is not is refused, and changes nothing.
+    let endpoint = create_endpoint(app, json!({"url": "https://public.test/hook"})).await;
+    let path = format!("/v1/webhook-endpoints/{}", id_of(&endpoint));
+    let refused = app
+        .request(reqwest::Method::PATCH, &path)
+        .json(&json!({"url": "https://metadata.test/", "description": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fields(&validation_problem(refused).await), ["url"]);
+    let unchanged = app.get_json(&path).await;
+    assert_eq!(unchanged["url"], "https://public.test/hook");
+    assert_eq!(unchanged["description"], "");
+}
+
+backend_tests!(
+    endpoints_are_the_tenants_own_and_can_be_changed_and_deleted,
+    to_test_receivers
+);
+async fn endpoints_are_the_tenants_own_and_can_be_changed_and_deleted(app: &TestApp) {
+    let (_receiver, url) = Receiver::start(&[]).await;
+    let endpoint = create_endpoint(app, json!({"url": url, "event_types": ["job.failed"]})).await;
+    let path = format!("/v1/webhook-endpoints/{}", id_of(&endpoint));
+    let other = app.new_key("other").await;
+    problem(
+        app.get_as(&other, &path).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
+    let listed: Value = app
+        .get_as(&other, "/v1/webhook-endpoints")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(items(&listed).len(), 0);
+
+    let changed: Value = app
+        .request(reqwest::Method::PATCH, &path)
+        .json(&json!({"event_types": null, "description": "every type", "enabled": false}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(changed["event_types"], Value::Null);
+    assert_eq!(changed["description"], "every type");
+    assert_eq!(changed["enabled"], false);
+    assert_eq!(app.get_json(&path).await, changed);
+
+    assert_eq!(app.delete(&path).await.status(), StatusCode::NO_CONTENT);
+    problem(app.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+    problem(app.delete(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+}
