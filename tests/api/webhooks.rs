@@ -49,15 +49,21 @@ impl Receiver {
     /// A receiver on loopback; answers its URL (by a host name the test configuration maps to
     /// loopback).
     async fn start(answers: &[u16]) -> (Self, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let receiver = Self::serve(listener, answers);
+        let port = receiver.1;
+        (receiver.0, format!("http://receiver.test:{port}/hook"))
+    }
+
+    fn serve(listener: tokio::net::TcpListener, answers: &[u16]) -> (Self, u16) {
         let receiver = Self::default();
         receiver.answers.lock().unwrap().extend(answers);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(receive))
             .with_state(receiver.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        (receiver, format!("http://receiver.test:{port}/hook"))
+        (receiver, port)
     }
 
     fn received(&self) -> Vec<Received> {
@@ -394,4 +400,77 @@ async fn endpoints_are_the_tenants_own_and_can_be_changed_and_deleted(app: &Test
     assert_eq!(app.delete(&path).await.status(), StatusCode::NO_CONTENT);
     problem(app.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
     problem(app.delete(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+backend_tests!(
+    two_replicas_deliver_each_event_once_to_a_receiver_back_from_an_outage,
+    |config: &mut Config| {
+        to_test_receivers(config);
+        config.webhooks.retry_schedule = vec![Duration::from_millis(200); 30];
+    }
+);
+async fn two_replicas_deliver_each_event_once_to_a_receiver_back_from_an_outage(app: &TestApp) {
+    // The receiver is down at first: its port is taken and let go, so connections are refused.
+    let port = free_port();
+    let url = format!("http://receiver.test:{port}/hook");
+    create_endpoint(app, json!({"url": url, "event_types": ["job.succeeded"]})).await;
+    // A second process on the same database, delivering too.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut config = config_for(&app.database_url);
+    point_at_emulator(&mut config, &app.fal, listener.local_addr().unwrap());
+    to_test_receivers(&mut config);
+    config.webhooks.retry_schedule = vec![Duration::from_millis(200); 30];
+    let replica = falgate::app::App::build(config, listener).await.unwrap();
+
+    let jobs: Vec<String> = futures_util::future::join_all(
+        (0..8).map(|n| submit_raw(app, json!({"prompt": format!("outage {n}")}))),
+    )
+    .await;
+    for job in &jobs {
+        app.wait_for_status(job, "succeeded").await;
+    }
+    // Attempts fail while the receiver is down; then it comes back.
+    eventually("failed attempts recorded")
+        .until(async || {
+            let endpoints = app.get_json("/v1/webhook-endpoints").await;
+            let id = items(&endpoints)[0]["id"].as_str().unwrap().to_owned();
+            let attempts = app
+                .get_json(&format!("/v1/webhook-endpoints/{id}/deliveries"))
+                .await;
+            (items(&attempts).len() >= 8).then_some(())
+        })
+        .await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (receiver, _) = Receiver::serve(listener, &[]);
+    let received = receiver
+        .until("every job's end delivered", |r| {
+            jobs.iter().all(|job| ended(r, job))
+        })
+        .await;
+    // Each event once: the two processes never sent the same delivery.
+    let mut ids: Vec<&str> = received.iter().map(Received::webhook_id).collect();
+    ids.sort_unstable();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "an event delivered twice");
+    assert_eq!(ids.len(), jobs.len());
+    // And the attempts say so: one success per event.
+    let endpoints = app.get_json("/v1/webhook-endpoints").await;
+    let id = items(&endpoints)[0]["id"].as_str().unwrap().to_owned();
+    eventually("every success recorded")
+        .until(async || {
+            let attempts = app
+                .get_json(&format!("/v1/webhook-endpoints/{id}/deliveries"))
+                .await;
+            let succeeded = items(&attempts)
+                .iter()
+                .filter(|a| a["status_code"] == 200)
+                .count();
+            assert!(succeeded <= jobs.len(), "more successes than events");
+            (succeeded == jobs.len()).then_some(())
+        })
+        .await;
+    replica.shutdown().await;
 }
