@@ -38,6 +38,9 @@ pub enum EventType {
     /// Every job of a generation batch has finished.
     #[serde(rename = "batch.completed")]
     BatchCompleted,
+    /// Asked for by a client to try its endpoint; delivered to that endpoint alone.
+    #[serde(rename = "webhook_endpoint.test")]
+    WebhookEndpointTest,
 }
 
 /// The kind of resource an event carries in its `data`.
@@ -46,10 +49,11 @@ pub enum EventResource {
     Job,
     Avatar,
     Batch,
+    WebhookEndpoint,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         Self::JobSubmitted,
         Self::JobRunning,
         Self::JobSucceeded,
@@ -59,6 +63,7 @@ impl EventType {
         Self::AvatarReady,
         Self::AvatarFailed,
         Self::BatchCompleted,
+        Self::WebhookEndpointTest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -72,6 +77,7 @@ impl EventType {
             Self::AvatarReady => "avatar.ready",
             Self::AvatarFailed => "avatar.failed",
             Self::BatchCompleted => "batch.completed",
+            Self::WebhookEndpointTest => "webhook_endpoint.test",
         }
     }
 
@@ -86,6 +92,7 @@ impl EventType {
                 EventResource::Avatar
             }
             Self::BatchCompleted => EventResource::Batch,
+            Self::WebhookEndpointTest => EventResource::WebhookEndpoint,
         }
     }
 

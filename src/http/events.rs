@@ -29,7 +29,8 @@ pub struct EventView {
     pub sequence: i64,
     pub created_at: DateTime<Utc>,
     /// The resource as it was when the event happened, shown as its own endpoint shows it: a
-    /// job for `job.*`, an avatar for `avatar.*`, a batch with its jobs for `batch.*`.
+    /// job for `job.*`, an avatar for `avatar.*`, a batch with its jobs for `batch.*`, the
+    /// endpoint tried for `webhook_endpoint.test`.
     pub data: EventData,
 }
 
@@ -40,6 +41,15 @@ pub enum EventData {
     Job(Box<JobView>),
     Avatar(Box<AvatarView>),
     Batch(Box<BatchView>),
+    WebhookEndpoint(WebhookEndpointTested),
+}
+
+/// The endpoint a `webhook_endpoint.test` event tries.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WebhookEndpointTested {
+    pub id: Uuid,
+    pub url: String,
+    pub description: String,
 }
 
 impl From<Event> for EventView {
@@ -49,6 +59,13 @@ impl From<Event> for EventView {
             EventSnapshot::Avatar(avatar) => EventData::Avatar(Box::new(AvatarView::from(*avatar))),
             EventSnapshot::Batch { batch, jobs } => {
                 EventData::Batch(Box::new(BatchView::new(batch, jobs)))
+            }
+            EventSnapshot::WebhookEndpoint(endpoint) => {
+                EventData::WebhookEndpoint(WebhookEndpointTested {
+                    id: endpoint.id,
+                    url: endpoint.url,
+                    description: endpoint.description,
+                })
             }
         };
         Self {

@@ -104,6 +104,7 @@ fn api_router() -> OpenApiRouter<AppState> {
             webhook_endpoints::delete_webhook_endpoint
         ))
         .routes(routes!(webhook_endpoints::rotate_webhook_secret))
+        .routes(routes!(webhook_endpoints::test_webhook_endpoint))
         .routes(routes!(webhook_endpoints::list_webhook_deliveries))
         .routes(routes!(webhook_endpoints::redeliver_event))
         .routes(routes!(ops::healthz))

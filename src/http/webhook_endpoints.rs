@@ -7,7 +7,7 @@ use super::extract::{AcrossFields, ApiJson, ApiPathId};
 use crate::domain::event::EventType;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
-use crate::store::{EndpointChange, WebhookAttempt, WebhookEndpoint};
+use crate::store::{EndpointChange, EndpointSnapshot, WebhookAttempt, WebhookEndpoint};
 use crate::webhooks::guard;
 use axum::Json;
 use axum::extract::State;
@@ -476,4 +476,45 @@ pub async fn redeliver_event(
         .redeliver_event(&event, crate::domain::now())
         .await?;
     Ok((StatusCode::ACCEPTED, Json(Redelivery { deliveries })).into_response())
+}
+
+/// Send a test event
+///
+/// Writes a `webhook_endpoint.test` event, delivered to this endpoint alone (and listed with
+/// the other events), to try a receiver and its signature check.
+#[utoipa::path(
+    post,
+    path = "/v1/webhook-endpoints/{id}/test",
+    tag = "webhooks",
+    params(("id" = Uuid, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 202, description = "The test event was written and will be delivered."),
+        (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The endpoint is disabled; enable it first.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id, endpoint = %id))]
+pub async fn test_webhook_endpoint(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiPathId(id): ApiPathId,
+) -> ApiResult<StatusCode> {
+    let endpoint = find_endpoint(&state, &tenant, id).await?;
+    if !endpoint.enabled {
+        return Err(ApiError::ConflictCode {
+            code: "endpoint_disabled",
+            detail: format!("webhook endpoint {id} is disabled; enable it first"),
+        });
+    }
+    let tested = EndpointSnapshot {
+        id: endpoint.id,
+        url: endpoint.url,
+        description: endpoint.description,
+    };
+    state
+        .store
+        .write_test_event(tenant.id, tested, crate::domain::now())
+        .await?;
+    Ok(StatusCode::ACCEPTED)
 }

@@ -40,7 +40,20 @@ pub struct Event {
 pub enum EventSnapshot {
     Job(Box<Job>),
     Avatar(Box<Avatar>),
-    Batch { batch: Batch, jobs: Vec<Job> },
+    Batch {
+        batch: Batch,
+        jobs: Vec<Job>,
+    },
+    /// The endpoint a test event is for (never its secrets).
+    WebhookEndpoint(EndpointSnapshot),
+}
+
+/// A webhook endpoint as a test event carries it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EndpointSnapshot {
+    pub id: Uuid,
+    pub url: String,
+    pub description: String,
 }
 
 /// Which of a tenant's events to list.
@@ -145,6 +158,26 @@ impl super::Store {
     }
 }
 
+impl super::Store {
+    /// Writes a `webhook_endpoint.test` event for `endpoint`, which alone receives it.
+    pub async fn write_test_event(
+        &self,
+        tenant: Uuid,
+        endpoint: EndpointSnapshot,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer().begin().await?;
+        let test = NewEvent {
+            kind: EventType::WebhookEndpointTest,
+            snapshot: EventSnapshot::WebhookEndpoint(endpoint),
+        };
+        insert_events(&mut tx, tenant, at, &[test]).await?;
+        tx.commit().await?;
+        self.events_written();
+        Ok(())
+    }
+}
+
 /// An event to write: its type and the resource it tells of.
 pub(super) struct NewEvent {
     pub kind: EventType,
@@ -157,13 +190,14 @@ impl NewEvent {
             EventSnapshot::Job(job) => job.id,
             EventSnapshot::Avatar(avatar) => avatar.id,
             EventSnapshot::Batch { batch, .. } => batch.id,
+            EventSnapshot::WebhookEndpoint(endpoint) => endpoint.id,
         }
     }
 
     fn batch_id(&self) -> Option<Uuid> {
         match &self.snapshot {
             EventSnapshot::Job(job) => job.batch_id,
-            EventSnapshot::Avatar(_) => None,
+            EventSnapshot::Avatar(_) | EventSnapshot::WebhookEndpoint(_) => None,
             EventSnapshot::Batch { batch, .. } => Some(batch.id),
         }
     }

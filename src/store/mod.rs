@@ -29,7 +29,7 @@ pub use api_keys::*;
 pub use avatars::*;
 pub use batches::*;
 pub use callbacks::*;
-pub use events::{Event, EventFilter, EventSnapshot};
+pub use events::{EndpointSnapshot, Event, EventFilter, EventSnapshot};
 pub use history::*;
 pub use idempotency::*;
 pub use jobs::*;

@@ -108,19 +108,21 @@ impl Store {
         for (endpoint_id, tenant, types, next_sequence) in endpoints {
             let wanted: Option<Vec<EventType>> =
                 types.map(|joined| joined.split(',').filter_map(|t| t.parse().ok()).collect());
-            let events: Vec<(Uuid, String, i64)> = tx
+            let events: Vec<(Uuid, String, i64, Uuid)> = tx
                 .conn()
                 .fetch_all(
-                    "SELECT id, type, sequence FROM events WHERE tenant = $1 \
+                    "SELECT id, type, sequence, resource_id FROM events WHERE tenant = $1 \
                      AND sequence >= $2 ORDER BY sequence LIMIT $3",
                     &[tenant.into(), next_sequence.into(), EVENTS_PER_PLAN.into()],
                 )
                 .await?;
-            let Some(last) = events.last().map(|(_, _, sequence)| *sequence) else {
+            let Some(last) = events.last().map(|(_, _, sequence, _)| *sequence) else {
                 continue;
             };
-            for (event_id, kind, _) in &events {
+            for (event_id, kind, _, resource) in &events {
                 let wants = match (&wanted, kind.parse::<EventType>()) {
+                    // A test event goes to the endpoint it tests alone.
+                    (_, Ok(EventType::WebhookEndpointTest)) => *resource == endpoint_id,
                     (None, _) => true,
                     (Some(wanted), Ok(kind)) => wanted.contains(&kind),
                     (Some(_), Err(_)) => false,
@@ -147,10 +149,11 @@ impl Store {
         let endpoints = self.list_webhook_endpoints(event.tenant).await?;
         let mut tx = self.writer().begin().await?;
         let mut planned = 0;
-        for endpoint in endpoints
-            .iter()
-            .filter(|e| e.enabled && e.wants(event.kind))
-        {
+        let takes = |endpoint: &&WebhookEndpoint| match event.kind {
+            EventType::WebhookEndpointTest => endpoint.id == event.resource_id,
+            kind => endpoint.wants(kind),
+        };
+        for endpoint in endpoints.iter().filter(|e| e.enabled).filter(takes) {
             insert_delivery(&mut tx, event.tenant, endpoint.id, event.id, now).await?;
             planned += 1;
         }

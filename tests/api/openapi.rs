@@ -186,6 +186,11 @@ const ANSWERS: &[(&str, &str, &[u16])] = &[
         &[200, 401, 404, 422, 500, 503],
     ),
     (
+        "post",
+        "/v1/webhook-endpoints/{id}/test",
+        &[202, 401, 404, 409, 422, 500, 503],
+    ),
+    (
         "get",
         "/v1/webhook-endpoints/{id}/deliveries",
         &[200, 401, 404, 422, 500, 503],

@@ -474,3 +474,56 @@ async fn two_replicas_deliver_each_event_once_to_a_receiver_back_from_an_outage(
         .await;
     replica.shutdown().await;
 }
+
+backend_tests!(
+    a_test_event_reaches_the_endpoint_tested_alone,
+    to_test_receivers
+);
+async fn a_test_event_reaches_the_endpoint_tested_alone(app: &TestApp) {
+    let (tested, tested_url) = Receiver::start(&[]).await;
+    let (other, other_url) = Receiver::start(&[]).await;
+    // Its filter does not hold a test back.
+    let endpoint = create_endpoint(
+        app,
+        json!({"url": tested_url, "event_types": ["job.failed"], "description": "tried"}),
+    )
+    .await;
+    create_endpoint(app, json!({"url": other_url})).await;
+    let path = format!("/v1/webhook-endpoints/{}/test", id_of(&endpoint));
+    assert_eq!(app.post(&path).await.status(), StatusCode::ACCEPTED);
+
+    let received = tested.until("the test event", |r| !r.is_empty()).await;
+    let event = received[0].json();
+    assert_eq!(event["type"], "webhook_endpoint.test");
+    assert_eq!(event["data"]["id"], endpoint["id"]);
+    assert_eq!(event["data"]["description"], "tried");
+    assert!(event["data"].get("secret").is_none(), "{event}");
+    assert!(received[0].verifies_with(endpoint["secret"].as_str().unwrap()));
+    // Listed with the other events; the other endpoint got nothing.
+    let listed = app.get_json("/v1/events?type=webhook_endpoint.test").await;
+    assert_eq!(items(&listed).len(), 1);
+    let job = submit_raw(app, json!({"prompt": "after the test"})).await;
+    other.until("the job's end", |r| ended(r, &job)).await;
+    assert!(
+        other
+            .received()
+            .iter()
+            .all(|r| r.json()["type"] != "webhook_endpoint.test")
+    );
+
+    // A disabled endpoint is not tried.
+    app.request(
+        reqwest::Method::PATCH,
+        &format!("/v1/webhook-endpoints/{}", id_of(&endpoint)),
+    )
+    .json(&json!({"enabled": false}))
+    .send()
+    .await
+    .unwrap();
+    problem(
+        app.post(&path).await,
+        StatusCode::CONFLICT,
+        "endpoint_disabled",
+    )
+    .await;
+}
