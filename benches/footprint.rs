@@ -87,7 +87,7 @@ async fn add_jobs(store: &Store, pool: &Pool, tenant: Uuid, count: usize, status
         let now = left.min(1_000);
         let jobs = new_jobs(tenant, now);
         let ids: Vec<Uuid> = jobs.iter().map(|job| job.id).collect();
-        store.create_jobs(jobs, None).await.unwrap();
+        store.create_jobs(jobs, None, None).await.unwrap();
         set_state(pool, &ids, status, finished).await;
         left -= now;
     }

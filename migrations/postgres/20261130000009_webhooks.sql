@@ -1,5 +1,7 @@
 -- Webhook endpoints: where a tenant's events are delivered, signed per Standard Webhooks with
--- the endpoint's secret (and, for a while after a rotation, the previous one too).
+-- the endpoint's secret (and, for a while after a rotation, the previous one too). An endpoint
+-- with a `resource_id` was given with the request that made that job or batch, and receives
+-- its events alone, until the resource has ended (`finished`).
 -- `next_sequence` is the first of the tenant's event numbers not yet planned for delivery here:
 -- an endpoint receives the events that happen after it is made.
 CREATE TABLE webhook_endpoints (
@@ -14,6 +16,10 @@ CREATE TABLE webhook_endpoints (
     previous_secret       TEXT,
     previous_secret_until TIMESTAMPTZ,
     next_sequence         BIGINT NOT NULL,
+    resource_id           UUID,
+    -- Set once the resource of an endpoint given with a request has ended: nothing more is
+    -- planned for it (what was planned is still delivered).
+    finished              BOOLEAN NOT NULL DEFAULT FALSE,
     created_at            TIMESTAMPTZ NOT NULL,
     updated_at            TIMESTAMPTZ NOT NULL
 );
@@ -52,3 +58,10 @@ CREATE TABLE webhook_attempts (
 );
 
 CREATE INDEX webhook_attempts_by_endpoint ON webhook_attempts (endpoint_id, id);
+
+-- The secret that signs the webhooks given with a request, one per tenant, made on first use.
+CREATE TABLE webhook_default_secrets (
+    tenant     UUID PRIMARY KEY REFERENCES api_keys (id),
+    secret     TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL
+);

@@ -7,6 +7,7 @@ use super::extract::{ApiJson, ApiPathId};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
 use super::spec;
+use super::webhook_endpoints::{RequestWebhook, check_request_webhook};
 use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{
     Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_image_size,
@@ -73,6 +74,8 @@ pub struct CreateGenerationRequest {
     /// Taken by neither endpoint: always refused, never silently dropped.
     #[serde(default, deserialize_with = "negative_prompt")]
     pub negative_prompt: Option<String>,
+    /// A webhook for this batch's events alone (its jobs' and its completion).
+    pub webhook: Option<RequestWebhook>,
 }
 
 impl super::extract::AcrossFields for CreateGenerationRequest {
@@ -316,6 +319,11 @@ pub async fn create_generation(
         raw: request.raw,
         negative_prompt: request.negative_prompt.clone(),
     };
+    let mut problems = Vec::new();
+    let webhook = check_request_webhook(&state, request.webhook.clone(), &mut problems).await;
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
     let avatar = find_avatar(&state, &tenant, request.avatar_id).await?;
     let store = state.store.clone();
     idempotency::run_once(
@@ -386,9 +394,18 @@ pub async fn create_generation(
                 jobs.iter().map(NewJob::to_pending_job).collect(),
             );
             let response = Replayable::new(StatusCode::ACCEPTED, &view)?;
+            let webhook = match webhook {
+                Some(webhook) => Some(webhook.for_resource(&state, tenant.id, batch.id).await?),
+                None => None,
+            };
             state
                 .store
-                .create_batch(&batch, &jobs, scope.completion(&response)?.as_ref())
+                .create_batch(
+                    &batch,
+                    &jobs,
+                    scope.completion(&response)?.as_ref(),
+                    webhook.as_ref(),
+                )
                 .await?;
             state.wake.dispatcher.notify_one();
             Ok(response)

@@ -4,6 +4,7 @@ use super::auth::Tenant;
 use super::extract::{ApiJson, ApiPathId, ApiQuery};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::paging::Keyset;
+use super::webhook_endpoints::{RequestWebhook, check_request_webhook};
 use crate::domain::endpoint::EndpointId;
 use crate::domain::job::{Decision, EventSource, JobEvent, JobKind, JobStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
@@ -29,6 +30,8 @@ pub struct CreateJobRequest {
     #[schema(value_type = Object, example = json!({"prompt": "a lighthouse at dawn"}))]
     #[serde(deserialize_with = "json_object")]
     pub input: Value,
+    /// A webhook for this job's events alone.
+    pub webhook: Option<RequestWebhook>,
 }
 
 impl super::extract::AcrossFields for CreateJobRequest {
@@ -282,8 +285,14 @@ pub async fn create_job(
         value: request,
         canonical,
     } = body;
+    let mut problems = Vec::new();
     let endpoint = parse_allowed_endpoint(&state, &request.endpoint)
-        .map_err(|error| ApiError::Validation(vec![error]))?;
+        .map_err(|error| problems.push(error))
+        .ok();
+    let webhook = check_request_webhook(&state, request.webhook, &mut problems).await;
+    let Some(endpoint) = endpoint.filter(|_| problems.is_empty()) else {
+        return Err(ApiError::Validation(problems));
+    };
     let store = state.store.clone();
     idempotency::run_once(
         &store,
@@ -306,9 +315,13 @@ pub async fn create_job(
             };
             let response =
                 Replayable::new(StatusCode::ACCEPTED, &JobView::from(new.to_pending_job()))?;
+            let webhook = match webhook {
+                Some(webhook) => Some(webhook.for_resource(&state, tenant.id, new.id).await?),
+                None => None,
+            };
             state
                 .store
-                .create_jobs(vec![new], scope.completion(&response)?)
+                .create_jobs(vec![new], scope.completion(&response)?, webhook)
                 .await?;
             state.wake.dispatcher.notify_one();
             Ok(response)

@@ -107,6 +107,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(webhook_endpoints::test_webhook_endpoint))
         .routes(routes!(webhook_endpoints::list_webhook_deliveries))
         .routes(routes!(webhook_endpoints::redeliver_event))
+        .routes(routes!(webhook_endpoints::default_webhook_secret))
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
         .routes(routes!(ops::metrics))

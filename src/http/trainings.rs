@@ -7,6 +7,7 @@ use super::avatars::find_avatar;
 use super::extract::{ApiJson, ApiPathId};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
+use super::webhook_endpoints::{RequestWebhook, check_request_webhook};
 use crate::domain::archive::{Entry, zip};
 use crate::domain::avatar::{TrainerChoice, TrainingPreset, TrainingSpec, training_input};
 use crate::domain::job::JobKind;
@@ -38,6 +39,8 @@ pub struct StartTrainingRequest {
     /// A public http(s) URL of a ZIP of photos; without it the avatar's uploaded photos are used.
     #[schema(pattern = "^[Hh][Tt][Tt][Pp][Ss]?://[^/?#]+")]
     pub images_data_url: Option<String>,
+    /// A webhook for the training job's events alone.
+    pub webhook: Option<RequestWebhook>,
 }
 
 impl super::extract::AcrossFields for StartTrainingRequest {}
@@ -102,6 +105,7 @@ pub async fn start_training(
                 .map(|p| FieldError::new(p.field, p.message)),
         );
     }
+    let webhook = check_request_webhook(&state, request.webhook.clone(), &mut errors).await;
     // The avatar's state is looked at only once the request is known to be right.
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
@@ -156,9 +160,18 @@ pub async fn start_training(
             };
             let response =
                 Replayable::new(StatusCode::ACCEPTED, &JobView::from(new.to_pending_job()))?;
+            let webhook = match webhook {
+                Some(webhook) => Some(webhook.for_resource(&state, tenant.id, new.id).await?),
+                None => None,
+            };
             match state
                 .store
-                .start_training(tenant.id, &new, scope.completion(&response)?.as_ref())
+                .start_training(
+                    tenant.id,
+                    &new,
+                    scope.completion(&response)?.as_ref(),
+                    webhook.as_ref(),
+                )
                 .await?
             {
                 TrainingStart::Started(_) => {

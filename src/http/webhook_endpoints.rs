@@ -252,6 +252,7 @@ pub async fn create_webhook_endpoint(
         secret: new_secret(),
         previous_secret: None,
         previous_secret_until: None,
+        resource_id: None,
         created_at: now,
         updated_at: now,
     };
@@ -517,4 +518,119 @@ pub async fn test_webhook_endpoint(
         .write_test_event(tenant.id, tested, crate::domain::now())
         .await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// A webhook for the resource a request makes alone (its job, or its batch and the batch's
+/// jobs), signed with the API key's default secret (`GET /v1/webhooks/default-secret`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestWebhook {
+    /// Where to post, under the same rules as an endpoint's URL.
+    pub url: String,
+    /// The event types to deliver (at least one); absent: every type.
+    pub event_types: Option<Vec<EventType>>,
+}
+
+/// A request's webhook, checked before anything is stored.
+pub struct CheckedWebhook {
+    url: String,
+    event_types: Option<Vec<EventType>>,
+}
+
+impl RequestWebhook {
+    /// Checks the URL (resolving its host) and the types; errors name `webhook.url` and
+    /// `webhook.event_types`.
+    pub async fn check(self, state: &AppState) -> Result<CheckedWebhook, Vec<FieldError>> {
+        let url = checked_url(state, &self.url).await;
+        let types = checked_types(self.event_types);
+        let inside = |mut error: FieldError| {
+            error.field = format!("webhook.{}", error.field);
+            error
+        };
+        match (url, types) {
+            (Ok(url), Ok(event_types)) => Ok(CheckedWebhook { url, event_types }),
+            (url, types) => Err([url.err(), types.err()]
+                .into_iter()
+                .flatten()
+                .map(inside)
+                .collect()),
+        }
+    }
+}
+
+impl CheckedWebhook {
+    /// The endpoint to store with `resource`, signed with the tenant's default secret.
+    pub async fn for_resource(
+        self,
+        state: &AppState,
+        tenant: Uuid,
+        resource: Uuid,
+    ) -> ApiResult<WebhookEndpoint> {
+        let secret = state
+            .store
+            .default_webhook_secret(tenant, &new_secret())
+            .await?;
+        let now = crate::domain::now();
+        Ok(WebhookEndpoint {
+            id: Uuid::now_v7(),
+            tenant,
+            url: self.url,
+            event_types: self.event_types,
+            description: String::new(),
+            enabled: true,
+            disabled_reason: None,
+            secret,
+            previous_secret: None,
+            previous_secret_until: None,
+            resource_id: Some(resource),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+}
+
+/// Checks a request's optional webhook, adding its problems to `problems`.
+pub async fn check_request_webhook(
+    state: &AppState,
+    webhook: Option<RequestWebhook>,
+    problems: &mut Vec<FieldError>,
+) -> Option<CheckedWebhook> {
+    match webhook?.check(state).await {
+        Ok(checked) => Some(checked),
+        Err(found) => {
+            problems.extend(found);
+            None
+        }
+    }
+}
+
+/// The default webhook secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DefaultWebhookSecret {
+    /// `whsec_` and the key in base64: what signs the webhooks given with requests.
+    pub secret: String,
+}
+
+/// Get the default webhook secret
+///
+/// The secret that signs the webhooks given with a request (the `webhook` field of a job,
+/// training or generation), made on first use.
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/default-secret",
+    tag = "webhooks",
+    responses(
+        (status = 200, description = "The secret.", body = DefaultWebhookSecret),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn default_webhook_secret(
+    State(state): State<AppState>,
+    tenant: Tenant,
+) -> ApiResult<Json<DefaultWebhookSecret>> {
+    let secret = state
+        .store
+        .default_webhook_secret(tenant.id, &new_secret())
+        .await?;
+    Ok(Json(DefaultWebhookSecret { secret }))
 }

@@ -5,6 +5,7 @@ use super::events::{EventSnapshot, NewEvent, avatar_snapshot, insert_events};
 use super::idempotency::complete_idempotency;
 use super::jobs::insert_jobs;
 use super::photos::PHOTO_COLUMNS;
+use super::webhook_endpoints::{WebhookEndpoint, insert_endpoint};
 use super::{IdempotencyCompletion, Job, LoraCopy, NewJob, Photo, Store, StoreError, StoreResult};
 use crate::domain::avatar::{AvatarKind, AvatarStatus, TrainedArtifact};
 use crate::domain::event::EventType;
@@ -254,6 +255,7 @@ impl Store {
         tenant: Uuid,
         job: &NewJob,
         idempotency: Option<&IdempotencyCompletion>,
+        webhook: Option<&WebhookEndpoint>,
     ) -> StoreResult<TrainingStart> {
         let mut tx = self.writer().begin().await?;
         let avatar_id = job.avatar_id.unwrap_or_default();
@@ -281,6 +283,9 @@ impl Store {
             return Ok(TrainingStart::Busy);
         }
         let mut created = insert_jobs(&mut tx, std::slice::from_ref(job), idempotency).await?;
+        if let Some(webhook) = webhook {
+            insert_endpoint(&mut tx, webhook).await?;
+        }
         let avatar = avatar_snapshot(&mut tx, tenant, avatar_id).await?;
         let started = NewEvent {
             kind: EventType::AvatarTrainingStarted,

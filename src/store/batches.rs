@@ -1,6 +1,7 @@
 //! Generation batches: several jobs made by one request, read back together.
 
 use super::jobs::{JOB_COLUMNS, insert_jobs, jobs_from_rows};
+use super::webhook_endpoints::{WebhookEndpoint, insert_endpoint};
 use super::{IdempotencyCompletion, Job, NewJob, Store, StoreResult};
 use chrono::{DateTime, Utc};
 use std::sync::LazyLock;
@@ -26,6 +27,7 @@ impl Store {
         batch: &Batch,
         jobs: &[NewJob],
         idempotency: Option<&IdempotencyCompletion>,
+        webhook: Option<&WebhookEndpoint>,
     ) -> StoreResult<Vec<Job>> {
         let mut tx = self.writer().begin().await?;
         tx.conn()
@@ -40,6 +42,9 @@ impl Store {
             )
             .await?;
         let created = insert_jobs(&mut tx, jobs, idempotency).await?;
+        if let Some(webhook) = webhook {
+            insert_endpoint(&mut tx, webhook).await?;
+        }
         tx.commit().await?;
         Ok(created)
     }

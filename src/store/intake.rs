@@ -17,6 +17,7 @@
 
 use super::idempotency::complete_idempotency;
 use super::jobs::{insert_new_jobs, insert_new_jobs_in_one_statement};
+use super::webhook_endpoints::{WebhookEndpoint, insert_endpoint};
 use super::{IdempotencyCompletion, NewJob, Store, StoreError, StoreResult};
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,6 +37,8 @@ const POSTGRES_LANES: usize = 4;
 pub(super) struct Submission {
     jobs: Vec<NewJob>,
     idempotency: Option<IdempotencyCompletion>,
+    /// The webhook given with the request, stored with its jobs.
+    webhook: Option<WebhookEndpoint>,
     answer: oneshot::Sender<StoreResult<()>>,
 }
 
@@ -51,11 +54,13 @@ impl Store {
         &self,
         jobs: Vec<NewJob>,
         idempotency: Option<IdempotencyCompletion>,
+        webhook: Option<WebhookEndpoint>,
     ) -> StoreResult<()> {
         let (answer, answered) = oneshot::channel();
         let submission = Submission {
             jobs,
             idempotency,
+            webhook,
             answer,
         };
         let gone = || StoreError::Unavailable("the job intake has stopped".into());
@@ -87,18 +92,24 @@ impl Store {
     }
 
     /// Stores one request's jobs in a transaction of their own.
-    async fn create_jobs_alone(
-        &self,
-        jobs: &[NewJob],
-        idempotency: Option<&IdempotencyCompletion>,
-    ) -> StoreResult<()> {
+    async fn create_jobs_alone(&self, submission: &Submission) -> StoreResult<()> {
+        let Submission {
+            jobs,
+            idempotency,
+            webhook,
+            ..
+        } = submission;
         if idempotency.is_none()
+            && webhook.is_none()
             && insert_new_jobs_in_one_statement(self, &jobs.iter().collect::<Vec<_>>()).await?
         {
             return Ok(());
         }
         let mut tx = self.writer().begin().await?;
         insert_new_jobs(&mut tx, jobs).await?;
+        if let Some(webhook) = webhook {
+            insert_endpoint(&mut tx, webhook).await?;
+        }
         if let Some(done) = idempotency {
             complete_idempotency(&mut tx, done).await?;
         }
@@ -111,7 +122,10 @@ impl Store {
         &self,
         submissions: &[Submission],
     ) -> StoreResult<Vec<StoreResult<()>>> {
-        if submissions.iter().all(|s| s.idempotency.is_none()) {
+        if submissions
+            .iter()
+            .all(|s| s.idempotency.is_none() && s.webhook.is_none())
+        {
             let jobs: Vec<&NewJob> = submissions.iter().flat_map(|s| &s.jobs).collect();
             if insert_new_jobs_in_one_statement(self, &jobs).await? {
                 return Ok(submissions.iter().map(|_| Ok(())).collect());
@@ -137,6 +151,15 @@ impl Store {
             .flat_map(|(submission, _)| &submission.jobs)
             .collect();
         insert_new_jobs(&mut tx, accepted).await?;
+        for (submission, _) in submissions
+            .iter()
+            .zip(&turned_away)
+            .filter(|(_, refused)| refused.is_none())
+        {
+            if let Some(webhook) = &submission.webhook {
+                insert_endpoint(&mut tx, webhook).await?;
+            }
+        }
         tx.commit().await?;
         Ok(turned_away
             .into_iter()
@@ -185,9 +208,7 @@ async fn group_commit(
         // wire elsewhere, and it may carry an Idempotency-Key a retry will replay).
         if batch.len() == 1 {
             let one = batch.pop().expect("one submission");
-            let result = store
-                .create_jobs_alone(&one.jobs, one.idempotency.as_ref())
-                .await;
+            let result = store.create_jobs_alone(&one).await;
             let _ = one.answer.send(result);
             continue;
         }
@@ -201,9 +222,7 @@ async fn group_commit(
                 tracing::debug!(error = %shared, requests = batch.len(),
                     "a shared intake transaction failed; storing its requests one by one");
                 for submission in batch.drain(..) {
-                    let result = store
-                        .create_jobs_alone(&submission.jobs, submission.idempotency.as_ref())
-                        .await;
+                    let result = store.create_jobs_alone(&submission).await;
                     let _ = submission.answer.send(result);
                 }
             }
@@ -237,6 +256,7 @@ mod tests {
         Submission {
             jobs,
             idempotency,
+            webhook: None,
             answer: oneshot::channel().0,
         }
     }

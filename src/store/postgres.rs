@@ -35,9 +35,11 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         WHERE id = $1 FOR UPDATE",
     lock_batch: "SELECT id FROM batches WHERE id = $1 FOR UPDATE",
     event_numbering: EventNumbering::AfterCommit,
-    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence FROM webhook_endpoints e \
+    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence, e.resource_id \
+        FROM webhook_endpoints e \
         JOIN event_sequences s ON s.tenant = e.tenant \
-        WHERE e.enabled AND s.last_sequence >= e.next_sequence ORDER BY e.id LIMIT $1 \
+        WHERE e.enabled AND NOT e.finished AND s.last_sequence >= e.next_sequence \
+        ORDER BY e.id LIMIT $1 \
         FOR UPDATE OF e SKIP LOCKED",
     claim_deliveries: "UPDATE webhook_deliveries SET lease_until = $2, attempts = attempts + 1 \
         WHERE id IN (SELECT d.id FROM webhook_deliveries d \

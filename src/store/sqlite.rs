@@ -82,9 +82,11 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
     lock_batch: "SELECT id FROM batches WHERE id = $1",
     event_numbering: EventNumbering::WhenWritten,
     // One writer at a time: what is read here cannot be taken meanwhile.
-    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence FROM webhook_endpoints e \
+    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence, e.resource_id \
+        FROM webhook_endpoints e \
         JOIN event_sequences s ON s.tenant = e.tenant \
-        WHERE e.enabled AND s.last_sequence >= e.next_sequence ORDER BY e.id LIMIT $1",
+        WHERE e.enabled AND NOT e.finished AND s.last_sequence >= e.next_sequence \
+        ORDER BY e.id LIMIT $1",
     claim_deliveries: "UPDATE webhook_deliveries SET lease_until = $2, attempts = attempts + 1 \
         WHERE id IN (SELECT d.id FROM webhook_deliveries d \
         JOIN webhook_endpoints e ON e.id = d.endpoint_id \

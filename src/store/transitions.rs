@@ -663,7 +663,7 @@ mod tests {
             created_at: crate::domain::now(),
         };
         let job = new.to_pending_job();
-        store.create_jobs(vec![new], None).await.unwrap();
+        store.create_jobs(vec![new], None, None).await.unwrap();
         (store, job, path)
     }
 

@@ -4,7 +4,7 @@
 
 use super::db::Tx;
 use super::events::Event;
-use super::webhook_endpoints::WebhookEndpoint;
+use super::webhook_endpoints::{WebhookEndpoint, endpoint_by_id};
 use super::{Store, StoreResult};
 use crate::domain::event::EventType;
 use chrono::{DateTime, Utc};
@@ -13,6 +13,10 @@ use uuid::Uuid;
 /// Endpoints planned by one transaction at most, and events planned per endpoint.
 const ENDPOINTS_PER_PLAN: i64 = 16;
 const EVENTS_PER_PLAN: i64 = 500;
+
+/// An endpoint with events to plan: its id, tenant, types, next event number, and the
+/// resource it was given for, if it was given with a request.
+type EndpointToPlan = (Uuid, Uuid, Option<String>, i64, Option<Uuid>);
 
 /// A claimed delivery with what sending it needs.
 #[derive(Debug, Clone)]
@@ -97,7 +101,7 @@ impl Store {
     /// passed over.
     pub async fn plan_webhook_deliveries(&self, now: DateTime<Utc>) -> StoreResult<usize> {
         let mut tx = self.writer().begin().await?;
-        let endpoints: Vec<(Uuid, Uuid, Option<String>, i64)> = tx
+        let endpoints: Vec<EndpointToPlan> = tx
             .conn()
             .fetch_all(
                 self.dialect().endpoints_to_plan,
@@ -105,22 +109,32 @@ impl Store {
             )
             .await?;
         let mut planned = 0;
-        for (endpoint_id, tenant, types, next_sequence) in endpoints {
+        for (endpoint_id, tenant, types, next_sequence, bound_to) in endpoints {
             let wanted: Option<Vec<EventType>> =
                 types.map(|joined| joined.split(',').filter_map(|t| t.parse().ok()).collect());
-            let events: Vec<(Uuid, String, i64, Uuid)> = tx
+            let events: Vec<(Uuid, String, i64, Uuid, Option<Uuid>)> = tx
                 .conn()
                 .fetch_all(
-                    "SELECT id, type, sequence, resource_id FROM events WHERE tenant = $1 \
+                    "SELECT id, type, sequence, resource_id, batch_id FROM events \
+                     WHERE tenant = $1 \
                      AND sequence >= $2 ORDER BY sequence LIMIT $3",
                     &[tenant.into(), next_sequence.into(), EVENTS_PER_PLAN.into()],
                 )
                 .await?;
-            let Some(last) = events.last().map(|(_, _, sequence, _)| *sequence) else {
+            let Some(last) = events.last().map(|(_, _, sequence, _, _)| *sequence) else {
                 continue;
             };
-            for (event_id, kind, _, resource) in &events {
-                let wants = match (&wanted, kind.parse::<EventType>()) {
+            let mut resource_ended = false;
+            for (event_id, kind, _, resource, batch) in &events {
+                let kind = kind.parse::<EventType>();
+                // An endpoint given with a request takes its resource's events alone.
+                if let Some(bound) = bound_to {
+                    if *resource != bound && *batch != Some(bound) {
+                        continue;
+                    }
+                    resource_ended |= *resource == bound && kind.as_ref().is_ok_and(ends_resource);
+                }
+                let wants = match (&wanted, kind) {
                     // A test event goes to the endpoint it tests alone.
                     (_, Ok(EventType::WebhookEndpointTest)) => *resource == endpoint_id,
                     (None, _) => true,
@@ -132,10 +146,13 @@ impl Store {
                     planned += 1;
                 }
             }
+            // An endpoint given with a request is finished once its resource has ended: nothing
+            // more will come for it, and planning need not look at it again.
             tx.conn()
                 .execute(
-                    "UPDATE webhook_endpoints SET next_sequence = $2 WHERE id = $1",
-                    &[endpoint_id.into(), (last + 1).into()],
+                    "UPDATE webhook_endpoints SET next_sequence = $2, \
+                     finished = finished OR $3 WHERE id = $1",
+                    &[endpoint_id.into(), (last + 1).into(), resource_ended.into()],
                 )
                 .await?;
         }
@@ -185,8 +202,7 @@ impl Store {
         for row in claimed {
             let (Some(event), Some(endpoint)) = (
                 self.get_event(row.tenant, row.event_id).await?,
-                self.get_webhook_endpoint(row.tenant, row.endpoint_id)
-                    .await?,
+                endpoint_by_id(self, row.endpoint_id).await?,
             ) else {
                 // Deleted meanwhile: nothing to send.
                 continue;
@@ -301,4 +317,15 @@ async fn insert_delivery(
         )
         .await?;
     Ok(())
+}
+
+/// Whether an event of this type is the last its resource has.
+fn ends_resource(kind: &EventType) -> bool {
+    matches!(
+        kind,
+        EventType::JobSucceeded
+            | EventType::JobFailed
+            | EventType::JobCanceled
+            | EventType::BatchCompleted
+    )
 }

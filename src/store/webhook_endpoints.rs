@@ -1,6 +1,7 @@
 //! Webhook endpoints: where a tenant's events are delivered. An endpoint receives the events
 //! numbered after it was made (`next_sequence`), those of the types it asks for.
 
+use super::db::Tx;
 use super::{Store, StoreError, StoreResult};
 use crate::domain::event::EventType;
 use chrono::{DateTime, Utc};
@@ -23,6 +24,9 @@ pub struct WebhookEndpoint {
     /// The secret before the last rotation, still signing until `previous_secret_until`.
     pub previous_secret: Option<String>,
     pub previous_secret_until: Option<DateTime<Utc>>,
+    /// For an endpoint given with a request: the job or batch it made, whose events alone it
+    /// receives. Such endpoints are not listed.
+    pub resource_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -80,12 +84,14 @@ pub(super) struct EndpointRow {
     secret: String,
     previous_secret: Option<String>,
     previous_secret_until: Option<DateTime<Utc>>,
+    resource_id: Option<Uuid>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 
 pub(super) const ENDPOINT_COLUMNS: &str = "id, tenant, url, event_types, description, enabled, \
-    disabled_reason, secret, previous_secret, previous_secret_until, created_at, updated_at";
+    disabled_reason, secret, previous_secret, previous_secret_until, resource_id, created_at, \
+    updated_at";
 
 impl TryFrom<EndpointRow> for WebhookEndpoint {
     type Error = StoreError;
@@ -112,6 +118,7 @@ impl TryFrom<EndpointRow> for WebhookEndpoint {
             secret: row.secret,
             previous_secret: row.previous_secret,
             previous_secret_until: row.previous_secret_until,
+            resource_id: row.resource_id,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
@@ -129,41 +136,17 @@ fn joined_types(types: &Option<Vec<EventType>>) -> Option<String> {
 }
 
 static GET_ENDPOINT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1 AND tenant = $2")
+    format!(
+        "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1 AND tenant = $2 \
+         AND resource_id IS NULL"
+    )
 });
 
 impl Store {
     /// Stores a new endpoint; it receives the tenant's events from the next one on.
     pub async fn create_webhook_endpoint(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
         let mut tx = self.writer().begin().await?;
-        let last: Option<(i64,)> = tx
-            .conn()
-            .fetch_optional(
-                "SELECT last_sequence FROM event_sequences WHERE tenant = $1",
-                &[endpoint.tenant.into()],
-            )
-            .await?;
-        let next_sequence = last.map_or(0, |(last,)| last) + 1;
-        let types = joined_types(&endpoint.event_types);
-        tx.conn()
-            .execute(
-                "INSERT INTO webhook_endpoints (id, tenant, url, event_types, description, \
-                 enabled, disabled_reason, secret, previous_secret, previous_secret_until, \
-                 next_sequence, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, NULL, NULL, $8, $9, $9)",
-                &[
-                    endpoint.id.into(),
-                    endpoint.tenant.into(),
-                    endpoint.url.as_str().into(),
-                    types.as_deref().into(),
-                    endpoint.description.as_str().into(),
-                    endpoint.enabled.into(),
-                    endpoint.secret.as_str().into(),
-                    next_sequence.into(),
-                    endpoint.created_at.into(),
-                ],
-            )
-            .await?;
+        insert_endpoint(&mut tx, endpoint).await?;
         tx.commit().await
     }
 
@@ -181,7 +164,8 @@ impl Store {
     pub async fn list_webhook_endpoints(&self, tenant: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
         static LIST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             format!(
-                "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE tenant = $1 ORDER BY id"
+                "SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE tenant = $1 \
+                 AND resource_id IS NULL ORDER BY id"
             )
         });
         let rows: Vec<EndpointRow> = self.fetch_all(&LIST, &[tenant.into()]).await?;
@@ -209,7 +193,7 @@ impl Store {
                  next_sequence = CASE WHEN $7 AND NOT enabled THEN COALESCE((SELECT \
                  last_sequence FROM event_sequences WHERE tenant = $2), 0) + 1 \
                  ELSE next_sequence END, \
-                 updated_at = $8 WHERE id = $1 AND tenant = $2",
+                 updated_at = $8 WHERE id = $1 AND tenant = $2 AND resource_id IS NULL",
                 &[
                     id.into(),
                     tenant.into(),
@@ -233,7 +217,8 @@ impl Store {
         let deleted = self
             .writer()
             .execute(
-                "DELETE FROM webhook_endpoints WHERE id = $1 AND tenant = $2",
+                "DELETE FROM webhook_endpoints WHERE id = $1 AND tenant = $2 \
+                 AND resource_id IS NULL",
                 &[id.into(), tenant.into()],
             )
             .await?;
@@ -254,7 +239,8 @@ impl Store {
             .writer()
             .execute(
                 "UPDATE webhook_endpoints SET previous_secret = secret, secret = $3, \
-                 previous_secret_until = $4, updated_at = $5 WHERE id = $1 AND tenant = $2",
+                 previous_secret_until = $4, updated_at = $5 WHERE id = $1 AND tenant = $2 \
+                 AND resource_id IS NULL",
                 &[
                     id.into(),
                     tenant.into(),
@@ -269,4 +255,70 @@ impl Store {
         }
         self.get_webhook_endpoint(tenant, id).await
     }
+
+    /// The tenant's secret for the webhooks given with requests, made on first use (with
+    /// `new`).
+    pub async fn default_webhook_secret(&self, tenant: Uuid, new: &str) -> StoreResult<String> {
+        self.writer()
+            .execute(
+                "INSERT INTO webhook_default_secrets (tenant, secret, created_at) \
+                 VALUES ($1, $2, $3) ON CONFLICT (tenant) DO NOTHING",
+                &[tenant.into(), new.into(), crate::domain::now().into()],
+            )
+            .await?;
+        let (secret,): (String,) = self
+            .fetch_one(
+                "SELECT secret FROM webhook_default_secrets WHERE tenant = $1",
+                &[tenant.into()],
+            )
+            .await?;
+        Ok(secret)
+    }
+}
+
+/// Inserts an endpoint inside the caller's transaction (with the job or batch it is given for,
+/// when it comes with a request); it receives the tenant's events from the next one on.
+pub(super) async fn insert_endpoint(tx: &mut Tx, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+    let last: Option<(i64,)> = tx
+        .conn()
+        .fetch_optional(
+            "SELECT last_sequence FROM event_sequences WHERE tenant = $1",
+            &[endpoint.tenant.into()],
+        )
+        .await?;
+    let next_sequence = last.map_or(0, |(last,)| last) + 1;
+    let types = joined_types(&endpoint.event_types);
+    tx.conn()
+        .execute(
+            "INSERT INTO webhook_endpoints (id, tenant, url, event_types, description, \
+             enabled, disabled_reason, secret, previous_secret, previous_secret_until, \
+             next_sequence, resource_id, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, NULL, NULL, $8, $10, $9, $9)",
+            &[
+                endpoint.id.into(),
+                endpoint.tenant.into(),
+                endpoint.url.as_str().into(),
+                types.as_deref().into(),
+                endpoint.description.as_str().into(),
+                endpoint.enabled.into(),
+                endpoint.secret.as_str().into(),
+                next_sequence.into(),
+                endpoint.created_at.into(),
+                endpoint.resource_id.into(),
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Any endpoint by its id, one given with a request too: what a delivery is sent to.
+pub(super) async fn endpoint_by_id(
+    store: &Store,
+    id: Uuid,
+) -> StoreResult<Option<WebhookEndpoint>> {
+    static BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!("SELECT {ENDPOINT_COLUMNS} FROM webhook_endpoints WHERE id = $1")
+    });
+    let row: Option<EndpointRow> = store.fetch_optional(&BY_ID, &[id.into()]).await?;
+    row.map(WebhookEndpoint::try_from).transpose()
 }

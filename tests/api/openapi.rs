@@ -195,6 +195,7 @@ const ANSWERS: &[(&str, &str, &[u16])] = &[
         "/v1/webhook-endpoints/{id}/deliveries",
         &[200, 401, 404, 422, 500, 503],
     ),
+    ("get", "/v1/webhooks/default-secret", &[200, 401, 500, 503]),
     (
         "post",
         "/v1/events/{id}/redeliver",

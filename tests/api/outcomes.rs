@@ -446,7 +446,10 @@ async fn a_sandbox_job_in_a_shared_database_never_reaches_the_real_fal(app: &Tes
         created_at: falgate::domain::now(),
     };
     let left_id = left.id;
-    app.store().create_jobs(vec![left], None).await.unwrap();
+    app.store()
+        .create_jobs(vec![left], None, None)
+        .await
+        .unwrap();
     let real = submit_raw(app, json!({"prompt": "made for real"})).await;
     app.wait_for_status(&real, "succeeded").await;
     assert_eq!(app.job(&left_id.to_string()).await["status"], "pending");

@@ -527,3 +527,69 @@ async fn a_test_event_reaches_the_endpoint_tested_alone(app: &TestApp) {
     )
     .await;
 }
+
+backend_tests!(
+    a_webhook_given_with_a_request_tells_of_that_resource_alone,
+    to_test_receivers
+);
+async fn a_webhook_given_with_a_request_tells_of_that_resource_alone(app: &TestApp) {
+    let secret = app.get_json("/v1/webhooks/default-secret").await["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(secret.starts_with("whsec_"));
+    let (receiver, url) = Receiver::start(&[]).await;
+    let response = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "mine"},
+                    "webhook": {"url": url}}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job = id_of(&response.json().await.unwrap());
+    let unwatched = submit_raw(app, json!({"prompt": "not watched"})).await;
+    app.wait_for_status(&unwatched, "succeeded").await;
+    let received = receiver.until("the job's end", |r| ended(r, &job)).await;
+    assert!(
+        received
+            .iter()
+            .all(|r| r.json()["data"]["id"] == job.as_str())
+    );
+    assert!(received.iter().all(|r| r.verifies_with(&secret)));
+    // It is not one of the endpoints a client manages.
+    assert_eq!(items(&app.get_json("/v1/webhook-endpoints").await).len(), 0);
+
+    // A generation's webhook, filtered to the batch's completion.
+    let (avatar, _) = crate::avatars::trained_with_lora_copy(app).await;
+    let (batch_receiver, batch_url) = Receiver::start(&[]).await;
+    let batch = generate(
+        app,
+        json!({"avatar_id": avatar, "prompts": ["one", "two"],
+               "webhook": {"url": batch_url, "event_types": ["batch.completed"]}}),
+    )
+    .await;
+    let told = batch_receiver
+        .until("the batch's completion", |r| !r.is_empty())
+        .await;
+    let done = wait_for_batch(app, &id_of(&batch)).await;
+    assert_eq!(types_of(&told), ["batch.completed"]);
+    assert_eq!(told[0].json()["data"], done);
+
+    // A webhook URL that may not be reached is refused with the rest of the request, and
+    // nothing is made.
+    let before = items(&app.get_json("/v1/jobs?limit=100").await).len();
+    let response = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "x"},
+                    "webhook": {"url": "https://10.0.0.1/hook", "event_types": []}}),
+        )
+        .await;
+    let problem = validation_problem(response).await;
+    assert_eq!(fields(&problem), ["webhook.url", "webhook.event_types"]);
+    assert_eq!(
+        items(&app.get_json("/v1/jobs?limit=100").await).len(),
+        before
+    );
+}
