@@ -297,3 +297,94 @@ async fn killed_during_a_submit(backend: Backend) {
 }
 
 backend_tests!(killed_during_a_submit(Backend));
+
+backend_tests!(a_receiver_down_across_a_kill_gets_every_event_once_it_is_back(Backend));
+
+/// Killed while a receiver is down and its deliveries are failing: after the restart, and once
+/// the receiver is back, every event reaches it once, signed.
+async fn a_receiver_down_across_a_kill_gets_every_event_once_it_is_back(backend: Backend) {
+    use crate::webhooks::{Receiver, ended};
+    let Some((database, key)) = migrated_database(backend).await else {
+        return;
+    };
+    let fal = fast_emulator().await;
+    let (port, base, client) = address_and_client();
+    // Nothing listens here until the receiver comes back.
+    let receiver_port = free_port();
+    let schedule = vec!["0.2"; 50].join(",");
+    let settings = [
+        ("FALGATE_WEBHOOK_ALLOW_HTTP", "true"),
+        ("FALGATE_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8"),
+        ("FALGATE_WEBHOOK_HOSTS", "receiver.test=127.0.0.1"),
+        ("FALGATE_WEBHOOK_RETRY_SCHEDULE", schedule.as_str()),
+    ];
+    let mut server = start_server_with(&database.url, &fal, port, &settings);
+    wait_until_serving(&client, &base).await;
+    let endpoint: Value = client
+        .post(format!("{base}/v1/webhook-endpoints"))
+        .bearer_auth(&key)
+        .json(
+            &json!({"url": format!("http://receiver.test:{receiver_port}/hook"),
+                      "event_types": ["job.succeeded"]}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = endpoint["secret"].as_str().expect("a secret").to_owned();
+    let mut jobs = Vec::new();
+    for n in 0..6 {
+        let job: Value = client
+            .post(format!("{base}/v1/jobs"))
+            .bearer_auth(&key)
+            .json(
+                &json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": format!("kept {n}")}}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        jobs.push(job["id"].as_str().unwrap().to_owned());
+    }
+    let deliveries = format!(
+        "/v1/webhook-endpoints/{}/deliveries",
+        endpoint["id"].as_str().unwrap()
+    );
+    eventually("every job's end failing to reach the receiver")
+        .until(async || {
+            let attempts = get_json(&client, &base, &key, &deliveries).await;
+            let failing: std::collections::HashSet<String> = items(&attempts)
+                .iter()
+                .map(|a| a["event_id"].as_str().unwrap().to_owned())
+                .collect();
+            (failing.len() == jobs.len()).then_some(())
+        })
+        .await;
+    server.kill().await.expect("SIGKILL");
+    server.wait().await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", receiver_port))
+        .await
+        .unwrap();
+    let (receiver, _) = Receiver::serve(listener, &[]);
+    let mut server = start_server_with(&database.url, &fal, port, &settings);
+    wait_until_serving(&client, &base).await;
+    let received = receiver
+        .until("every job's end delivered", |r| {
+            jobs.iter().all(|job| ended(r, job))
+        })
+        .await;
+    let mut ids: Vec<&str> = received.iter().map(|r| r.webhook_id()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), received.len(), "an event delivered twice");
+    assert_eq!(received.len(), jobs.len());
+    assert!(received.iter().all(|r| r.verifies_with(&secret)));
+    server.kill().await.expect("SIGKILL");
+    fal.shutdown().await;
+    database.drop_database().await;
+}

@@ -15,22 +15,22 @@ use std::time::Duration;
 
 /// One post a receiver got.
 #[derive(Debug, Clone)]
-struct Received {
+pub(crate) struct Received {
     headers: HeaderMap,
     body: String,
 }
 
 impl Received {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body).expect("a JSON body")
     }
 
-    fn webhook_id(&self) -> &str {
+    pub(crate) fn webhook_id(&self) -> &str {
         self.headers["webhook-id"].to_str().unwrap()
     }
 
     /// Whether the `standardwebhooks` crate accepts it as signed with `secret`.
-    fn verifies_with(&self, secret: &str) -> bool {
+    pub(crate) fn verifies_with(&self, secret: &str) -> bool {
         standardwebhooks::Webhook::new(secret)
             .expect("a whsec_ secret")
             .verify(self.body.as_bytes(), &self.headers)
@@ -39,7 +39,7 @@ impl Received {
 }
 
 #[derive(Clone, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     received: Arc<Mutex<Vec<Received>>>,
     /// The statuses to answer, in turn; 200 once they run out.
     answers: Arc<Mutex<VecDeque<u16>>>,
@@ -55,7 +55,7 @@ impl Receiver {
         (receiver.0, format!("http://receiver.test:{port}/hook"))
     }
 
-    fn serve(listener: tokio::net::TcpListener, answers: &[u16]) -> (Self, u16) {
+    pub(crate) fn serve(listener: tokio::net::TcpListener, answers: &[u16]) -> (Self, u16) {
         let receiver = Self::default();
         receiver.answers.lock().unwrap().extend(answers);
         let port = listener.local_addr().unwrap().port();
@@ -71,7 +71,11 @@ impl Receiver {
     }
 
     /// Waits until `done` holds of what was received; answers it.
-    async fn until(&self, what: &str, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+    pub(crate) async fn until(
+        &self,
+        what: &str,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
         eventually(what)
             .until(async || {
                 let received = self.received();
@@ -112,7 +116,7 @@ fn types_of(received: &[Received]) -> Vec<String> {
         .collect()
 }
 
-fn ended(received: &[Received], job: &str) -> bool {
+pub(crate) fn ended(received: &[Received], job: &str) -> bool {
     received
         .iter()
         .any(|r| r.json()["type"] == "job.succeeded" && r.json()["data"]["id"] == job)
