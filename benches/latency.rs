@@ -8,7 +8,11 @@
 //!   (the 202 is sent in between; "202 → submit" itself is also printed);
 //! - callback: the emulator sends the signed callback → falgate answers 200, which it does only
 //!   after the job is `succeeded` in the database;
-//! - baseline: the client sends `POST /bare` → 200 after one `INSERT`.
+//! - baseline: the client sends `POST /bare` → 200 after one `INSERT`;
+//! - told: from the emulator sending the callback to a webhook receiver on loopback having the
+//!   `job.succeeded` event, and to a client of `GET /v1/events/stream` having it;
+//! - deliveries: every `job.succeeded` event redelivered to ten endpoints of a fast receiver,
+//!   and the deliveries per second until the receiver has them all.
 
 use axum::Router;
 use axum::extract::State;
@@ -22,6 +26,59 @@ mod support;
 
 const WARMUP: usize = 20;
 const RUNS: usize = 300;
+/// Endpoints the deliveries phase sends each event to.
+const ENDPOINTS: usize = 10;
+
+/// When each `job.succeeded` event reached a listener, by job id.
+type Arrivals =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<SystemTime>>>>;
+
+fn note_arrival(arrivals: &Arrivals, event: &serde_json::Value) {
+    if event["type"] == "job.succeeded"
+        && let Some(job) = event["data"]["id"].as_str()
+    {
+        arrivals
+            .lock()
+            .unwrap()
+            .entry(job.to_owned())
+            .or_default()
+            .push(SystemTime::now());
+    }
+}
+
+async fn receive_webhook(State(arrivals): State<Arrivals>, body: String) -> &'static str {
+    let event: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    note_arrival(&arrivals, &event);
+    "ok"
+}
+
+/// Follows the tenant's event stream, noting each arrival.
+async fn follow_stream(client: reqwest::Client, url: String, key: String, arrivals: Arrivals) {
+    let mut response = client.get(url).bearer_auth(key).send().await.unwrap();
+    let mut buffer = String::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let block: String = buffer.drain(..end + 2).collect();
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data: ")) {
+                let event: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
+                note_arrival(&arrivals, &event);
+            }
+        }
+    }
+}
+
+/// Waits until `arrivals` holds `count` arrivals for `job`; answers the first.
+async fn arrived(arrivals: &Arrivals, job: &str, count: usize) -> SystemTime {
+    loop {
+        if let Some(times) = arrivals.lock().unwrap().get(job)
+            && times.len() >= count
+        {
+            return times[0];
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -107,6 +164,30 @@ async fn run() {
     let app = App::build(config, listener).await.unwrap();
     let (_, key) = app.store().issue_api_key("bench").await.unwrap();
 
+    // A webhook receiver and a stream client, each noting when a job's end reaches it.
+    let webhooks: Arrivals = Default::default();
+    let receiver_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver_addr = receiver_listener.local_addr().unwrap();
+    let receiver = Router::new()
+        .route("/hook", post(receive_webhook))
+        .with_state(webhooks.clone());
+    tokio::spawn(async move { axum::serve(receiver_listener, receiver).await });
+    let endpoint = client
+        .post(format!("http://{addr}/v1/webhook-endpoints"))
+        .bearer_auth(&key.secret)
+        .json(&serde_json::json!({"url": format!("http://{receiver_addr}/hook"), "event_types": ["job.succeeded"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(endpoint.status().as_u16(), 201);
+    let streamed: Arrivals = Default::default();
+    tokio::spawn(follow_stream(
+        client.clone(),
+        format!("http://{addr}/v1/events/stream"),
+        key.secret.clone(),
+        streamed.clone(),
+    ));
+
     let mut baseline = Vec::new();
     for i in 0..WARMUP + RUNS {
         let started = Instant::now();
@@ -124,6 +205,9 @@ async fn run() {
     let mut sent_to_submit = Vec::new();
     let mut accepted_to_submit = Vec::new();
     let mut callback = Vec::new();
+    let mut to_webhook = Vec::new();
+    let mut to_stream = Vec::new();
+    let mut ended = Vec::new();
     for i in 0..WARMUP + RUNS {
         let sent = SystemTime::now();
         let response = client
@@ -155,12 +239,25 @@ async fn run() {
             .into_iter()
             .find(|s| s.webhook.as_deref().is_some_and(|w| w.contains(&id)))
             .unwrap();
+        let webhook_at = arrived(&webhooks, &id, 1).await;
+        let stream_at = arrived(&streamed, &id, 1).await;
+        ended.push(id.clone());
         if i >= WARMUP {
             sent_to_submit.push(submit.at.duration_since(sent).unwrap_or_default());
             accepted_to_submit.push(submit.at.duration_since(accepted).unwrap_or_default());
             callback.push(
                 attempt
                     .at
+                    .duration_since(attempt.sent_at)
+                    .unwrap_or_default(),
+            );
+            to_webhook.push(
+                webhook_at
+                    .duration_since(attempt.sent_at)
+                    .unwrap_or_default(),
+            );
+            to_stream.push(
+                stream_at
                     .duration_since(attempt.sent_at)
                     .unwrap_or_default(),
             );
@@ -176,6 +273,61 @@ async fn run() {
     );
     report("202 received -> FAL submit", accepted_to_submit, None);
     report("callback -> job succeeded (200)", callback, Some(base));
+    report("callback -> webhook received", to_webhook, None);
+    report("callback -> stream client has it", to_stream, None);
+
+    // Deliveries per second: every job's end sent again to ten endpoints of the receiver.
+    for _ in 1..ENDPOINTS {
+        client
+            .post(format!("http://{addr}/v1/webhook-endpoints"))
+            .bearer_auth(&key.secret)
+            .json(&serde_json::json!({"url": format!("http://{receiver_addr}/hook"), "event_types": ["job.succeeded"]}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let page =
+        |after: i64| format!("http://{addr}/v1/events?type=job.succeeded&limit=100&after={after}");
+    let mut events = Vec::new();
+    let mut after = 0;
+    loop {
+        let listed: serde_json::Value = client
+            .get(page(after))
+            .bearer_auth(&key.secret)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let items = listed["items"].as_array().unwrap();
+        events.extend(items.iter().map(|e| e["id"].as_str().unwrap().to_owned()));
+        after = items
+            .last()
+            .map_or(after, |e| e["sequence"].as_i64().unwrap());
+        if listed["has_more"] != true {
+            break;
+        }
+    }
+    let started = Instant::now();
+    for event in &events {
+        client
+            .post(format!("http://{addr}/v1/events/{event}/redeliver"))
+            .bearer_auth(&key.secret)
+            .send()
+            .await
+            .unwrap();
+    }
+    for job in &ended {
+        arrived(&webhooks, job, 1 + ENDPOINTS).await;
+    }
+    let took = started.elapsed();
+    let deliveries = events.len() * ENDPOINTS;
+    println!(
+        "deliveries to a fast receiver: {deliveries} in {:.2} s, {:.0} per second",
+        took.as_secs_f64(),
+        deliveries as f64 / took.as_secs_f64()
+    );
 
     app.shutdown().await;
     fal.shutdown().await;
