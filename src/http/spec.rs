@@ -250,6 +250,7 @@ fn declare(operation: &mut Operation, name: &str) {
 /// `prompts`). Applied to the document as committed and as served.
 pub fn complete(spec: &mut OpenApi, config: &Config) {
     with_limits(spec, config);
+    spec.webhooks = Some(webhooks());
     spec.components
         .get_or_insert_with(Default::default)
         .responses
@@ -338,4 +339,65 @@ fn complete_operation(path: &str, operation: &mut Operation) {
     if path_ids {
         declare(operation, "BadPathId");
     }
+}
+
+/// What falgate posts to a client's webhook endpoint (OpenAPI 3.1's `webhooks`), so that a
+/// generated client has the type of every delivery.
+fn webhooks() -> utoipa::openapi::Paths {
+    use utoipa::openapi::path::{HttpMethod, OperationBuilder, ParameterBuilder, PathItem};
+    use utoipa::openapi::request_body::RequestBodyBuilder;
+    use utoipa::openapi::{PathsBuilder, Required};
+    let header = |name: &str, description: &str| {
+        ParameterBuilder::new()
+            .name(name)
+            .parameter_in(ParameterIn::Header)
+            .required(Required::True)
+            .description(Some(description))
+            .schema(Some(ObjectBuilder::new().schema_type(Type::String)))
+            .build()
+    };
+    let delivery = OperationBuilder::new()
+        .summary(Some("An event, delivered"))
+        .description(Some(
+            "Posted to each enabled webhook endpoint whose `event_types` take the event, and to \
+             the `webhook` given with the request that made its job or batch. Signed per \
+             Standard Webhooks: `webhook-signature` holds `v1,` and the base64 HMAC-SHA256 of \
+             `{webhook-id}.{webhook-timestamp}.{body}` under the endpoint's secret (during a \
+             rotation, one such signature per secret, space-separated). Any 2xx is success; \
+             410 disables the endpoint; anything else is tried again later.",
+        ))
+        .parameter(header(
+            "webhook-id",
+            "The event's id: the same on every attempt and redelivery.",
+        ))
+        .parameter(header(
+            "webhook-timestamp",
+            "When this attempt was signed, in Unix seconds.",
+        ))
+        .parameter(header(
+            "webhook-signature",
+            "`v1,<base64>` signatures, space-separated.",
+        ))
+        .request_body(Some(
+            RequestBodyBuilder::new()
+                .description(Some("The event, as `GET /v1/events/{id}` shows it."))
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("EventView")))
+                        .build(),
+                )
+                .required(Some(Required::True))
+                .build(),
+        ))
+        .response(
+            "2XX",
+            ResponseBuilder::new()
+                .description("The receiver took the event.")
+                .build(),
+        )
+        .build();
+    PathsBuilder::new()
+        .path("event", PathItem::new(HttpMethod::Post, delivery))
+        .build()
 }

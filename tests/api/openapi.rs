@@ -774,3 +774,33 @@ async fn every_creating_post_declares_the_body_errors_it_answers(app: &TestApp) 
         assert_valid(&spec, "post", route, &status.to_string(), &body);
     }
 }
+
+#[test]
+fn deliveries_are_described_as_webhooks_a_generator_can_type() {
+    let spec: Value = serde_json::from_str(COMMITTED).unwrap();
+    let delivery = &spec["webhooks"]["event"]["post"];
+    assert_eq!(
+        delivery["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/EventView"
+    );
+    let headers: Vec<&str> = delivery["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        headers,
+        ["webhook-id", "webhook-timestamp", "webhook-signature"]
+    );
+    // Every event type is named in the schema the body refers to.
+    let types = &spec["components"]["schemas"]["EventType"]["enum"];
+    for kind in [
+        "job.succeeded",
+        "avatar.ready",
+        "batch.completed",
+        "webhook_endpoint.test",
+    ] {
+        assert!(types.as_array().unwrap().contains(&json!(kind)), "{kind}");
+    }
+}
