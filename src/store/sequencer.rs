@@ -7,6 +7,10 @@
 //!
 //! A process that dies between a commit and its numbering leaves events unnumbered; every
 //! process's numbering task also runs once a [`SWEEP`], and takes them up.
+//!
+//! A numbering that made events visible says so on the channel [`VISIBLE_CHANNEL`] (NOTIFY,
+//! sent at its commit); every process listens, so that streams and deliveries served by any
+//! replica learn of another's events at once rather than at their next look.
 
 use super::{Pools, Store, StoreResult};
 use std::time::Duration;
@@ -39,6 +43,9 @@ const NUMBER_EVENTS: &str = "WITH pending AS (\
         FROM pending p JOIN counted c ON c.tenant = p.tenant \
         JOIN advanced a ON a.tenant = p.tenant) \
     UPDATE events SET sequence = numbered.sequence FROM numbered WHERE events.id = numbered.id";
+
+/// The channel on which a numbering tells every process that events became visible.
+const VISIBLE_CHANNEL: &str = "falgate_events";
 
 /// The way to wake the numbering task; it ends when every store that could wake it is gone.
 pub(super) type Wake = mpsc::Sender<()>;
@@ -91,15 +98,35 @@ impl Store {
             .conn()
             .execute(NUMBER_EVENTS, &[MOST_AT_ONCE.into()])
             .await?;
+        if numbered > 0 {
+            // Sent when the numbering commits, to every process listening (this one too).
+            tx.conn()
+                .execute("SELECT pg_notify($1, '')", &[VISIBLE_CHANNEL.into()])
+                .await?;
+        }
         tx.commit().await?;
         Ok(numbered)
     }
 }
 
 async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
+    let mut listener = listen(&store).await;
     loop {
-        if let Ok(None) = tokio::time::timeout(SWEEP, woken.recv()).await {
-            return;
+        tokio::select! {
+            wake = tokio::time::timeout(SWEEP, woken.recv()) => {
+                if let Ok(None) = wake {
+                    return;
+                }
+            }
+            heard = next_notification(&mut listener) => {
+                if heard {
+                    store.events_became_visible();
+                } else {
+                    tracing::warn!("listening for other processes' events failed; streams and deliveries fall back to looking again every little while");
+                    listener = None;
+                }
+                continue;
+            }
         }
         loop {
             match store.number_events().await {
@@ -117,5 +144,26 @@ async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
                 }
             }
         }
+    }
+}
+
+/// A listener on [`VISIBLE_CHANNEL`]; none if it cannot be had (events are then noticed at the
+/// next look).
+async fn listen(store: &Store) -> Option<sqlx::postgres::PgListener> {
+    let Pools::Postgres(pool) = &store.pools else {
+        return None;
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await.ok()?;
+    listener.listen(VISIBLE_CHANNEL).await.ok()?;
+    Some(listener)
+}
+
+/// Waits for the next notification: `true` when one came, `false` when the listener failed
+/// (it reconnects by itself on a lost connection; this is what it could not recover from).
+/// Without a listener, waits forever.
+async fn next_notification(listener: &mut Option<sqlx::postgres::PgListener>) -> bool {
+    match listener {
+        Some(listener) => listener.recv().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
