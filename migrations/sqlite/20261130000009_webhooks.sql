@@ -58,6 +58,7 @@ CREATE TABLE webhook_attempts (
 );
 
 CREATE INDEX webhook_attempts_by_endpoint ON webhook_attempts (endpoint_id, id);
+CREATE INDEX webhook_attempts_by_delivery ON webhook_attempts (delivery_id);
 
 -- The secret that signs the webhooks given with a request, one per tenant, made on first use.
 CREATE TABLE webhook_default_secrets (

@@ -31,8 +31,9 @@ const LOOK_AGAIN: Duration = Duration::from_millis(500);
 const PAGE: u32 = 100;
 
 /// How long after a job or batch ended without an event telling so (it ended before events
-/// were kept) its stream stops waiting for one.
-const NO_LAST_EVENT_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+/// were kept) its stream stops waiting for one. Far longer than numbering takes, so that a
+/// stream does not end before the last event of a resource that just ended.
+const NO_LAST_EVENT_GRACE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]

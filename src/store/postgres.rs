@@ -39,7 +39,7 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         FROM webhook_endpoints e \
         JOIN event_sequences s ON s.tenant = e.tenant \
         WHERE e.enabled AND NOT e.finished AND s.last_sequence >= e.next_sequence \
-        ORDER BY e.id LIMIT $1 \
+        ORDER BY e.next_sequence LIMIT $1 \
         FOR UPDATE OF e SKIP LOCKED",
     claim_deliveries: "UPDATE webhook_deliveries SET lease_until = $2, attempts = attempts + 1 \
         WHERE id IN (SELECT d.id FROM webhook_deliveries d \

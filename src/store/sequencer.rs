@@ -44,6 +44,9 @@ const NUMBER_EVENTS: &str = "WITH pending AS (\
         JOIN advanced a ON a.tenant = p.tenant) \
     UPDATE events SET sequence = numbered.sequence FROM numbered WHERE events.id = numbered.id";
 
+/// How long the numbering task tries to start listening before it goes on without.
+const LISTEN_WITHIN: Duration = Duration::from_secs(3);
+
 /// The channel on which a numbering tells every process that events became visible.
 const VISIBLE_CHANNEL: &str = "falgate_events";
 
@@ -153,9 +156,25 @@ async fn listen(store: &Store) -> Option<sqlx::postgres::PgListener> {
     let Pools::Postgres(pool) = &store.pools else {
         return None;
     };
-    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await.ok()?;
-    listener.listen(VISIBLE_CHANNEL).await.ok()?;
-    Some(listener)
+    // A connection of its own, not one of the pool's: a listener keeps its connection for
+    // good, and the pool may be as small as one.
+    let options = (*pool.connect_options()).clone();
+    let connect = async {
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_with(options)
+            .await
+            .ok()?;
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own).await.ok()?;
+        listener.listen(VISIBLE_CHANNEL).await.ok()?;
+        Some(listener)
+    };
+    tokio::time::timeout(LISTEN_WITHIN, connect)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Waits for the next notification: `true` when one came, `false` when the listener failed

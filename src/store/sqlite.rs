@@ -86,7 +86,7 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         FROM webhook_endpoints e \
         JOIN event_sequences s ON s.tenant = e.tenant \
         WHERE e.enabled AND NOT e.finished AND s.last_sequence >= e.next_sequence \
-        ORDER BY e.id LIMIT $1",
+        ORDER BY e.next_sequence LIMIT $1",
     claim_deliveries: "UPDATE webhook_deliveries SET lease_until = $2, attempts = attempts + 1 \
         WHERE id IN (SELECT d.id FROM webhook_deliveries d \
         JOIN webhook_endpoints e ON e.id = d.endpoint_id \

@@ -97,9 +97,9 @@ struct ClaimedRow {
 
 impl Store {
     /// Plans deliveries for the events that became visible since each endpoint was last
-    /// planned; answers how many it made. Endpoints being planned by another process are
-    /// passed over.
-    pub async fn plan_webhook_deliveries(&self, now: DateTime<Utc>) -> StoreResult<usize> {
+    /// planned, for a page of endpoints; answers whether the page was full (more endpoints may
+    /// be waiting). Endpoints being planned by another process are passed over.
+    pub async fn plan_webhook_deliveries(&self, now: DateTime<Utc>) -> StoreResult<bool> {
         let mut tx = self.writer().begin().await?;
         let endpoints: Vec<EndpointToPlan> = tx
             .conn()
@@ -108,7 +108,7 @@ impl Store {
                 &[ENDPOINTS_PER_PLAN.into()],
             )
             .await?;
-        let mut planned = 0;
+        let full = endpoints.len() as i64 == ENDPOINTS_PER_PLAN;
         for (endpoint_id, tenant, types, next_sequence, bound_to) in endpoints {
             let wanted: Option<Vec<EventType>> =
                 types.map(|joined| joined.split(',').filter_map(|t| t.parse().ok()).collect());
@@ -143,7 +143,6 @@ impl Store {
                 };
                 if wants {
                     insert_delivery(&mut tx, tenant, endpoint_id, *event_id, now).await?;
-                    planned += 1;
                 }
             }
             // An endpoint given with a request is finished once its resource has ended: nothing
@@ -157,7 +156,7 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
-        Ok(planned)
+        Ok(full)
     }
 
     /// Sends `event` again to every enabled endpoint of its tenant that takes its type, as new
@@ -251,12 +250,14 @@ impl Store {
         tx.conn()
             .execute(
                 "UPDATE webhook_deliveries SET status = $2, next_attempt_at = $3, \
-                 lease_until = NULL, updated_at = $4 WHERE id = $1 AND status = 'pending'",
+                 lease_until = NULL, updated_at = $4 \
+                 WHERE id = $1 AND status = 'pending' AND attempts = $5",
                 &[
                     work.id.into(),
                     status.into(),
                     next_attempt_at.into(),
                     attempt.at.into(),
+                    work.attempt.into(),
                 ],
             )
             .await?;
@@ -272,6 +273,7 @@ impl Store {
                     ],
                 )
                 .await?;
+            fail_pending_deliveries(&mut tx, work.endpoint.id, attempt.at).await?;
         }
         tx.commit().await
     }
@@ -328,4 +330,21 @@ fn ends_resource(kind: &EventType) -> bool {
             | EventType::JobCanceled
             | EventType::BatchCompleted
     )
+}
+
+/// Fails the deliveries an endpoint still had to make, as it is disabled: they are not sent
+/// later (an endpoint enabled again takes the events from then on), and no claim walks them.
+pub(super) async fn fail_pending_deliveries(
+    tx: &mut Tx,
+    endpoint_id: Uuid,
+    at: DateTime<Utc>,
+) -> StoreResult<()> {
+    tx.conn()
+        .execute(
+            "UPDATE webhook_deliveries SET status = 'failed', next_attempt_at = NULL, \
+             lease_until = NULL, updated_at = $2 WHERE endpoint_id = $1 AND status = 'pending'",
+            &[endpoint_id.into(), at.into()],
+        )
+        .await?;
+    Ok(())
 }

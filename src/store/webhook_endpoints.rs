@@ -2,6 +2,7 @@
 //! numbered after it was made (`next_sequence`), those of the types it asks for.
 
 use super::db::Tx;
+use super::webhook_deliveries::fail_pending_deliveries;
 use super::{Store, StoreError, StoreResult};
 use crate::domain::event::EventType;
 use chrono::{DateTime, Utc};
@@ -183,8 +184,9 @@ impl Store {
         at: DateTime<Utc>,
     ) -> StoreResult<Option<WebhookEndpoint>> {
         let types = change.event_types.as_ref().map(joined_types);
-        let written = self
-            .writer()
+        let mut tx = self.writer().begin().await?;
+        let written = tx
+            .conn()
             .execute(
                 "UPDATE webhook_endpoints SET url = COALESCE($3, url), \
                  event_types = CASE WHEN $4 THEN $5 ELSE event_types END, \
@@ -209,6 +211,10 @@ impl Store {
         if written == 0 {
             return Ok(None);
         }
+        if change.enabled == Some(false) {
+            fail_pending_deliveries(&mut tx, id, at).await?;
+        }
+        tx.commit().await?;
         self.get_webhook_endpoint(tenant, id).await
     }
 

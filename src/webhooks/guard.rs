@@ -12,7 +12,11 @@ use reqwest::Url;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-/// Why a webhook URL is refused; its text is what the client is told.
+/// How long a host name may take to resolve.
+const LOOKUP_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a webhook URL is refused; its text is what the client is told (never the address a
+/// name resolved to: that would map the network falgate sees for whoever asks).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("must be an https:// URL")]
@@ -23,13 +27,13 @@ pub enum Refusal {
     Credentials,
     #[error("must name a host")]
     NoHost,
-    #[error("`{host}` resolves to {ip}, a {class} address, which webhooks may not reach")]
+    #[error("`{host}` resolves to a {class} address, which webhooks may not reach")]
     NotPublic {
         host: String,
         ip: IpAddr,
         class: &'static str,
     },
-    #[error("`{0}` does not resolve to any address")]
+    #[error("`{0}` does not resolve to any address (within 5 s)")]
     Unresolvable(String),
 }
 
@@ -83,9 +87,11 @@ pub async fn resolve(
     } else if let Some((_, ip)) = config.hosts.iter().find(|(known, _)| *known == name) {
         vec![*ip]
     } else {
-        tokio::net::lookup_host((bare, port))
+        tokio::time::timeout(LOOKUP_WITHIN, tokio::net::lookup_host((bare, port)))
             .await
-            .map_err(|_| Refusal::Unresolvable(host.to_owned()))?
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| Refusal::Unresolvable(host.to_owned()))?
             .map(|address| address.ip())
             .collect()
     };

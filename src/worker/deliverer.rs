@@ -7,12 +7,18 @@
 use super::{WorkerContext, after};
 use crate::store::{DeliveryOutcome, DeliveryWork, WebhookAttempt};
 use rand::Rng;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use uuid::Uuid;
 
-/// Deliveries claimed at once (and sent side by side).
-const CLAIM: i64 = 32;
+/// Deliveries under way at once in this process.
+const SENDING: usize = 32;
+
+/// Pages of endpoints planned in one round at most.
+const MOST_PAGES: usize = 64;
 
 /// How long the deliverer waits when nothing wakes it: the bound on how late a retry falls
 /// due or an event from another process is planned.
@@ -20,32 +26,71 @@ const LOOK_AGAIN: Duration = Duration::from_millis(200);
 
 pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
     let mut new_events = ctx.store.new_events();
+    // Each delivery is sent by a task of its own, so that a receiver slow to answer holds up
+    // its own deliveries and no others; no more are under way than `SENDING`.
+    let permits = Arc::new(Semaphore::new(SENDING));
+    let mut sending = JoinSet::new();
     loop {
         if *stopping.borrow() {
-            return;
+            break;
         }
         new_events.borrow_and_update();
-        let now = crate::domain::now();
-        if let Err(error) = ctx.store.plan_webhook_deliveries(now).await {
-            tracing::warn!(%error, "planning webhook deliveries failed");
-        }
-        let claimed = ctx
-            .store
-            .claim_webhook_deliveries(now, after(now, ctx.settings.lease), CLAIM)
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(%error, "claiming webhook deliveries failed");
-                Vec::new()
+        plan(&ctx).await;
+        let free = permits.available_permits();
+        let claimed = if free == 0 {
+            Vec::new()
+        } else {
+            let now = crate::domain::now();
+            ctx.store
+                .claim_webhook_deliveries(now, after(now, lease(&ctx)), free as i64)
+                .await
+                .unwrap_or_else(|error| {
+                    tracing::warn!(%error, "claiming webhook deliveries failed");
+                    Vec::new()
+                })
+        };
+        let claimed_any = !claimed.is_empty();
+        for work in claimed {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let ctx = ctx.clone();
+            sending.spawn(async move {
+                deliver(&ctx, work).await;
+                drop(permit);
             });
-        if !claimed.is_empty() {
-            futures_util::future::join_all(claimed.into_iter().map(|work| deliver(&ctx, work)))
-                .await;
+        }
+        while sending.try_join_next().is_some() {}
+        if claimed_any && permits.available_permits() > 0 {
             continue;
         }
         tokio::select! {
             _ = new_events.changed() => {}
             () = tokio::time::sleep(LOOK_AGAIN) => {}
             _ = stopping.changed() => {}
+            Some(_) = sending.join_next(), if !sending.is_empty() => {}
+        }
+    }
+    // Deliveries under way are finished (each bounded by the receiver's timeout); what is not
+    // sent by then goes to the next process once its lease runs out.
+    while sending.join_next().await.is_some() {}
+}
+
+/// Plans the deliveries of every endpoint with new events, a page at a time, up to
+/// [`MOST_PAGES`] pages a round.
+async fn plan(ctx: &WorkerContext) {
+    for _ in 0..MOST_PAGES {
+        match ctx
+            .store
+            .plan_webhook_deliveries(crate::domain::now())
+            .await
+        {
+            Ok(true) => continue,
+            Ok(false) => return,
+            Err(error) => {
+                tracing::warn!(%error, "planning webhook deliveries failed");
+                return;
+            }
         }
     }
 }
@@ -99,4 +144,12 @@ async fn deliver(ctx: &WorkerContext, work: DeliveryWork) {
 /// back at the same moment.
 fn with_jitter(wait: Duration) -> Duration {
     wait.mul_f64(1.0 + rand::rng().random_range(0.0..0.1))
+}
+
+/// How long a claimed delivery is held: past the receiver's whole time to answer, with room
+/// to record the attempt, so that no other process sends it meanwhile.
+fn lease(ctx: &WorkerContext) -> Duration {
+    ctx.settings
+        .lease
+        .max(ctx.webhooks.config().timeout + Duration::from_secs(30))
 }
