@@ -244,6 +244,10 @@ async fn two_replicas_number_every_event_once_and_in_each_jobs_order(app: &TestA
     point_at_emulator(&mut config, &app.fal, listener.local_addr().unwrap());
     let replica = falgate::app::App::build(config, listener).await.unwrap();
     let replica_base = format!("http://{}", replica.local_addr());
+    // A client follows the tenant's stream on the other process.
+    let mut stream =
+        crate::streams::Reader::open_at(app, &format!("{replica_base}/v1/events/stream"), None)
+            .await;
 
     let posts = (0..24).map(|n| {
         let url = match n % 2 {
@@ -302,5 +306,13 @@ async fn two_replicas_number_every_event_once_and_in_each_jobs_order(app: &TestA
         .await
         .unwrap();
     assert_eq!(items(&page), &events[..100.min(events.len())].to_vec());
+    // The stream on the other process told every event, once, in order.
+    let mut streamed = Vec::new();
+    while streamed.len() < events.len() {
+        let (sequence, _, data) = stream.next_event().await.expect("the stream goes on");
+        assert_eq!(data["sequence"], sequence);
+        streamed.push(data);
+    }
+    assert_eq!(streamed, events);
     replica.shutdown().await;
 }

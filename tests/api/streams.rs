@@ -19,16 +19,21 @@ enum Message {
 }
 
 /// Reads a `text/event-stream` response message by message.
-struct Reader {
+pub(crate) struct Reader {
     response: reqwest::Response,
     buffer: String,
 }
 
 impl Reader {
     async fn open(app: &TestApp, path: &str, last_event_id: Option<&str>) -> Self {
+        Self::open_at(app, &app.url(path), last_event_id).await
+    }
+
+    /// [`Reader::open`] at a full URL (another process's, say), with the test's key.
+    pub(crate) async fn open_at(app: &TestApp, url: &str, last_event_id: Option<&str>) -> Self {
         let mut request = app
             .client
-            .get(app.url(path))
+            .get(url)
             .bearer_auth(&app.key)
             // Streams outlive the client's usual request timeout.
             .timeout(Duration::from_secs(600));
@@ -67,7 +72,7 @@ impl Reader {
     }
 
     /// The next event, passing over keep-alives; `None` once the stream has ended.
-    async fn next_event(&mut self) -> Option<(i64, String, Value)> {
+    pub(crate) async fn next_event(&mut self) -> Option<(i64, String, Value)> {
         loop {
             match self.next().await? {
                 Message::Event { id, kind, data } => return Some((id, kind, data)),
