@@ -278,6 +278,23 @@ impl Store {
         tx.commit().await
     }
 
+    /// Gives back a claimed delivery unsent, due at `due`, its claim not counted as an attempt.
+    pub async fn put_back_webhook_delivery(
+        &self,
+        work: &DeliveryWork,
+        due: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        self.writer()
+            .execute(
+                "UPDATE webhook_deliveries SET lease_until = NULL, next_attempt_at = $3, \
+                 attempts = attempts - 1 \
+                 WHERE id = $1 AND status = 'pending' AND attempts = $2",
+                &[work.id.into(), work.attempt.into(), due.into()],
+            )
+            .await?;
+        Ok(())
+    }
+
     /// The endpoint's latest attempts, newest first.
     pub async fn list_webhook_attempts(
         &self,

@@ -7,7 +7,8 @@
 use super::{WorkerContext, after};
 use crate::store::{DeliveryOutcome, DeliveryWork, WebhookAttempt};
 use rand::Rng;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::sync::watch;
@@ -16,6 +17,14 @@ use uuid::Uuid;
 
 /// Deliveries under way at once in this process.
 const SENDING: usize = 32;
+
+/// Deliveries under way at once to one endpoint in this process: a receiver that hangs holds
+/// this many sending slots at most, and the others go on serving every other endpoint.
+const SENDING_PER_ENDPOINT: usize = 8;
+
+/// How long a delivery claimed while its endpoint had its fill waits before it is claimed
+/// again.
+const ENDPOINT_BUSY_WAIT: Duration = Duration::from_secs(1);
 
 /// Pages of endpoints planned in one round at most.
 const MOST_PAGES: usize = 64;
@@ -29,6 +38,7 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
     // Each delivery is sent by a task of its own, so that a receiver slow to answer holds up
     // its own deliveries and no others; no more are under way than `SENDING`.
     let permits = Arc::new(Semaphore::new(SENDING));
+    let per_endpoint: Arc<Mutex<HashMap<Uuid, usize>>> = Arc::default();
     let mut sending = JoinSet::new();
     loop {
         if *stopping.borrow() {
@@ -51,12 +61,30 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
         };
         let claimed_any = !claimed.is_empty();
         for work in claimed {
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                break;
+            let endpoint = work.endpoint.id;
+            let has_room = {
+                let mut under_way = per_endpoint.lock().expect("not poisoned");
+                let count = under_way.entry(endpoint).or_default();
+                (*count < SENDING_PER_ENDPOINT)
+                    .then(|| *count += 1)
+                    .is_some()
+            };
+            let permit = match permits.clone().try_acquire_owned() {
+                Ok(permit) if has_room => permit,
+                other => {
+                    if has_room {
+                        leave(&per_endpoint, endpoint);
+                    }
+                    drop(other);
+                    put_back(&ctx, &work).await;
+                    continue;
+                }
             };
             let ctx = ctx.clone();
+            let per_endpoint = per_endpoint.clone();
             sending.spawn(async move {
                 deliver(&ctx, work).await;
+                leave(&per_endpoint, endpoint);
                 drop(permit);
             });
         }
@@ -152,4 +180,25 @@ fn lease(ctx: &WorkerContext) -> Duration {
     ctx.settings
         .lease
         .max(ctx.webhooks.config().timeout + Duration::from_secs(30))
+}
+
+/// One delivery to `endpoint` is no longer under way.
+fn leave(per_endpoint: &Mutex<HashMap<Uuid, usize>>, endpoint: Uuid) {
+    let mut under_way = per_endpoint.lock().expect("not poisoned");
+    if let Some(count) = under_way.get_mut(&endpoint) {
+        *count -= 1;
+        if *count == 0 {
+            under_way.remove(&endpoint);
+        }
+    }
+}
+
+/// Gives back a delivery claimed while its endpoint had its fill, due again a little later,
+/// without counting an attempt.
+async fn put_back(ctx: &WorkerContext, work: &DeliveryWork) {
+    let later = after(crate::domain::now(), ENDPOINT_BUSY_WAIT);
+    if let Err(error) = ctx.store.put_back_webhook_delivery(work, later).await {
+        // Its lease runs out and it is claimed again then.
+        tracing::warn!(%error, delivery = %work.id, "giving back a webhook delivery failed");
+    }
 }

@@ -597,3 +597,56 @@ async fn a_webhook_given_with_a_request_tells_of_that_resource_alone(app: &TestA
         before
     );
 }
+
+/// A receiver that takes every post and never answers; counts the posts under way.
+async fn hanging_receiver() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let under_way = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let counted = under_way.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://receiver.test:{port}/hook"), under_way)
+}
+
+backend_tests!(
+    a_receiver_that_never_answers_holds_up_no_other,
+    |config: &mut Config| {
+        to_test_receivers(config);
+        // Longer than the test: without a bound per endpoint, the other receiver would wait.
+        config.webhooks.timeout = Duration::from_secs(120);
+    }
+);
+async fn a_receiver_that_never_answers_holds_up_no_other(app: &TestApp) {
+    let (hanging_url, hanging) = hanging_receiver().await;
+    let (receiver, url) = Receiver::start(&[]).await;
+    create_endpoint(
+        app,
+        json!({"url": hanging_url, "event_types": ["job.succeeded"]}),
+    )
+    .await;
+    create_endpoint(app, json!({"url": url, "event_types": ["job.succeeded"]})).await;
+    let jobs: Vec<String> = futures_util::future::join_all(
+        (0..40).map(|n| submit_raw(app, json!({"prompt": format!("crowd {n}")}))),
+    )
+    .await;
+    receiver
+        .until("every job's end at the answering receiver", |r| {
+            jobs.iter().all(|job| ended(r, job))
+        })
+        .await;
+    let held = hanging.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=8).contains(&held),
+        "{held} posts held by the hanging receiver"
+    );
+}
