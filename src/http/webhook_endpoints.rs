@@ -18,6 +18,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+/// Endpoints one API key may have: each event is sent to each, so a key must not be able to
+/// make falgate post to a third party thousands of times per event.
+pub const MOST_ENDPOINTS: usize = 50;
+
 /// How long a secret replaced by a rotation keeps signing deliveries beside the new one.
 const ROTATION_OVERLAP: TimeDelta = TimeDelta::hours(24);
 
@@ -220,7 +224,7 @@ async fn find_endpoint(state: &AppState, tenant: &Tenant, id: Uuid) -> ApiResult
         (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is over the size limit.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not sent as JSON.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A field is invalid; a URL that reaches an address webhooks may not (loopback, private, link-local, …) is refused naming it.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is invalid (a URL that reaches an address webhooks may not, such as loopback, private or link-local, is refused naming it), or the key has as many endpoints as it may (`too_many_endpoints`).", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -240,6 +244,14 @@ pub async fn create_webhook_endpoint(
             return Err(ApiError::Validation(errors));
         }
     };
+    if state.store.list_webhook_endpoints(tenant.id).await?.len() >= MOST_ENDPOINTS {
+        return Err(ApiError::Unprocessable {
+            code: "too_many_endpoints",
+            detail: format!(
+                "an API key may have {MOST_ENDPOINTS} webhook endpoints; delete one first"
+            ),
+        });
+    }
     let now = crate::domain::now();
     let endpoint = WebhookEndpoint {
         id: Uuid::now_v7(),

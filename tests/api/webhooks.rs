@@ -404,6 +404,28 @@ async fn endpoints_are_the_tenants_own_and_can_be_changed_and_deleted(app: &Test
     assert_eq!(app.delete(&path).await.status(), StatusCode::NO_CONTENT);
     problem(app.get(&path).await, StatusCode::NOT_FOUND, "not_found").await;
     problem(app.delete(&path).await, StatusCode::NOT_FOUND, "not_found").await;
+
+    // A key has fifty endpoints at most; another is refused, and made once one is deleted.
+    let mut made = Vec::new();
+    for _ in 0..50 {
+        made.push(create_endpoint(app, json!({"url": url})).await);
+    }
+    let refused = app
+        .post_json("/v1/webhook-endpoints", &json!({"url": url}))
+        .await;
+    problem(
+        refused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "too_many_endpoints",
+    )
+    .await;
+    assert_eq!(
+        items(&app.get_json("/v1/webhook-endpoints").await).len(),
+        50
+    );
+    let first = format!("/v1/webhook-endpoints/{}", id_of(&made[0]));
+    assert_eq!(app.delete(&first).await.status(), StatusCode::NO_CONTENT);
+    create_endpoint(app, json!({"url": url})).await;
 }
 
 backend_tests!(
