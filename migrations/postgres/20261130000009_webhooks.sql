@@ -24,7 +24,12 @@ CREATE TABLE webhook_endpoints (
     updated_at            TIMESTAMPTZ NOT NULL
 );
 
-CREATE INDEX webhook_endpoints_by_tenant ON webhook_endpoints (tenant, id);
+-- The endpoints a client manages (not those given with a request), by tenant.
+CREATE INDEX webhook_endpoints_by_tenant ON webhook_endpoints (tenant, id)
+    WHERE resource_id IS NULL;
+-- What planning looks through: endpoints that may still take events.
+CREATE INDEX webhook_endpoints_to_plan ON webhook_endpoints (next_sequence)
+    WHERE enabled AND NOT finished;
 
 -- One event to send to one endpoint, until a 2xx or the last attempt.
 CREATE TABLE webhook_deliveries (

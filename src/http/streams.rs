@@ -10,7 +10,7 @@ use super::extract::{ApiPathId, ApiQuery};
 use crate::domain::event::EventType;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
-use crate::store::{Event, EventFilter, Store};
+use crate::store::{Event, EventFilter, NewEvents, Store};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{self, KeepAlive, Sse};
@@ -23,9 +23,10 @@ use tokio::sync::watch;
 use utoipa::IntoParams;
 use uuid::Uuid;
 
-/// How often a stream with nothing new looks again unasked: the bound on how late it sees an
-/// event made visible by another process (a replica on the same PostgreSQL database).
-const LOOK_AGAIN: Duration = Duration::from_millis(500);
+/// How often a stream with nothing new looks again unasked. It is woken at once for its
+/// tenant's events, made visible in this process or (told by NOTIFY) in another; this bounds
+/// how late it is should that news fail.
+const LOOK_AGAIN: Duration = Duration::from_secs(2);
 
 /// Events read at a time.
 const PAGE: u32 = 100;
@@ -121,7 +122,7 @@ struct Follow {
     filter: EventFilter,
     end: End,
     unsent: VecDeque<Event>,
-    visible: watch::Receiver<u64>,
+    visible: NewEvents,
     stopping: watch::Receiver<bool>,
     finished: bool,
 }
@@ -142,7 +143,7 @@ impl Follow {
                 return None;
             }
             // Marked seen before reading, so that events made visible meanwhile wake the wait.
-            self.visible.borrow_and_update();
+            self.visible.mark_seen();
             match self.store.list_events(self.tenant, &self.filter).await {
                 Ok(events) if !events.is_empty() => {
                     self.unsent.extend(events);
@@ -165,7 +166,7 @@ impl Follow {
                 Err(_) => return None,
             }
             tokio::select! {
-                _ = self.visible.changed() => {}
+                () = self.visible.changed(Some(self.tenant)) => {}
                 _ = self.stopping.changed() => {}
                 _ = tokio::time::sleep(LOOK_AGAIN) => {}
             }

@@ -293,7 +293,7 @@ impl Store {
         };
         insert_events(&mut tx, tenant, job.created_at, &[started]).await?;
         tx.commit().await?;
-        self.events_written();
+        self.events_written(tenant);
         Ok(TrainingStart::Started(Box::new(created.remove(0))))
     }
 }

@@ -173,7 +173,7 @@ impl super::Store {
         };
         insert_events(&mut tx, tenant, at, &[test]).await?;
         tx.commit().await?;
-        self.events_written();
+        self.events_written(tenant);
         Ok(())
     }
 }

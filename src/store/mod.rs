@@ -35,6 +35,7 @@ pub use idempotency::*;
 pub use jobs::*;
 pub use lora_copies::*;
 pub use photos::*;
+pub use sequencer::NewEvents;
 pub use transitions::*;
 pub use webhook_deliveries::{DeliveryOutcome, DeliveryWork, WebhookAttempt};
 pub use webhook_endpoints::{EndpointChange, WebhookEndpoint};
@@ -118,8 +119,9 @@ pub struct Store {
     intake: std::sync::Arc<std::sync::OnceLock<intake::Queue>>,
     /// The wake-up of the task that numbers events on PostgreSQL (`sequencer.rs`).
     sequencer: std::sync::Arc<std::sync::OnceLock<sequencer::Wake>>,
-    /// Moves on whenever this process has made new events visible (see [`Store::new_events`]).
-    visible_events: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+    /// The tenants whose events this process has just seen become visible (see
+    /// [`Store::new_events`]).
+    visible_events: std::sync::Arc<tokio::sync::broadcast::Sender<uuid::Uuid>>,
 }
 
 #[derive(Clone)]
@@ -152,7 +154,9 @@ impl Store {
             pools,
             intake: Default::default(),
             sequencer: Default::default(),
-            visible_events: std::sync::Arc::new(tokio::sync::watch::Sender::new(0)),
+            visible_events: std::sync::Arc::new(tokio::sync::broadcast::Sender::new(
+                sequencer::NEWS_BACKLOG,
+            )),
         })
     }
 

@@ -14,7 +14,9 @@
 
 use super::{Pools, Store, StoreResult};
 use std::time::Duration;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 use tokio::sync::mpsc;
+use uuid::Uuid;
 
 /// How often the numbering runs unasked, for events another process left unnumbered.
 const SWEEP: Duration = Duration::from_secs(1);
@@ -42,7 +44,8 @@ const NUMBER_EVENTS: &str = "WITH pending AS (\
             + ROW_NUMBER() OVER (PARTITION BY p.tenant ORDER BY p.position) AS sequence \
         FROM pending p JOIN counted c ON c.tenant = p.tenant \
         JOIN advanced a ON a.tenant = p.tenant) \
-    UPDATE events SET sequence = numbered.sequence FROM numbered WHERE events.id = numbered.id";
+    UPDATE events SET sequence = numbered.sequence FROM numbered WHERE events.id = numbered.id \
+    RETURNING events.tenant";
 
 /// How long the numbering task tries to start listening before it goes on without.
 const LISTEN_WITHIN: Duration = Duration::from_secs(3);
@@ -50,32 +53,72 @@ const LISTEN_WITHIN: Duration = Duration::from_secs(3);
 /// The channel on which a numbering tells every process that events became visible.
 const VISIBLE_CHANNEL: &str = "falgate_events";
 
+/// News of tenants' events kept for a listener that has not read them yet; one that falls
+/// further behind is told "anything may have changed".
+pub(super) const NEWS_BACKLOG: usize = 1024;
+
+/// Tenants named in one notification at most; more make it say "any tenant".
+const MOST_TENANTS_NAMED: usize = 100;
+
+/// A listener's news of events becoming visible, by tenant.
+pub struct NewEvents {
+    news: broadcast::Receiver<Uuid>,
+}
+
+impl NewEvents {
+    /// Forgets what was heard so far, so that what comes next is news: called before reading
+    /// the events, so that none made visible meanwhile goes unnoticed.
+    pub fn mark_seen(&mut self) {
+        while !matches!(
+            self.news.try_recv(),
+            Err(TryRecvError::Empty | TryRecvError::Closed)
+        ) {}
+    }
+
+    /// Waits until events of `tenant` (of any tenant, for `None`) may have become visible.
+    pub async fn changed(&mut self, tenant: Option<Uuid>) {
+        loop {
+            match self.news.recv().await {
+                Ok(of) if of.is_nil() || tenant.is_none_or(|tenant| tenant == of) => return,
+                Ok(_) => continue,
+                Err(RecvError::Lagged(_)) => return,
+                Err(RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    }
+}
+
 /// The way to wake the numbering task; it ends when every store that could wake it is gone.
 pub(super) type Wake = mpsc::Sender<()>;
 
 impl Store {
     /// Called after a commit that wrote events: on SQLite they are visible now; on PostgreSQL
     /// their numbering is woken, and makes them visible.
-    pub(super) fn events_written(&self) {
+    pub(super) fn events_written(&self, tenant: Uuid) {
         match self.event_numbering() {
             // A wake already waiting covers this one too.
             Some(wake) => drop(wake.try_send(())),
-            None => self.events_became_visible(),
+            None => self.events_became_visible(&[tenant]),
         }
     }
 
-    fn events_became_visible(&self) {
-        self.visible_events
-            .send_modify(|seen| *seen = seen.wrapping_add(1));
+    /// Tells this process's listeners that events of `tenants` became visible (`Uuid::nil()`:
+    /// of any tenant).
+    fn events_became_visible(&self, tenants: &[Uuid]) {
+        for tenant in tenants {
+            // No one listening is no one to tell.
+            let _ = self.visible_events.send(*tenant);
+        }
     }
 
-    /// A watch that moves on whenever this process has made new events visible: what an event
-    /// stream waits on. Events made visible by another process (a replica on the same
-    /// PostgreSQL database) do not move it; a stream also looks again every little while.
-    pub fn new_events(&self) -> tokio::sync::watch::Receiver<u64> {
+    /// News of events becoming visible, in this process or (on PostgreSQL) any other: what
+    /// event streams and the webhook deliverer wait on.
+    pub fn new_events(&self) -> NewEvents {
         // Numbering must be running in a process that serves streams.
         self.event_numbering();
-        self.visible_events.subscribe()
+        NewEvents {
+            news: self.visible_events.subscribe(),
+        }
     }
 
     /// The numbering task's wake-up, started on first use; none on SQLite, whose events are
@@ -91,24 +134,40 @@ impl Store {
         }))
     }
 
-    /// One numbering transaction; answers how many events it numbered.
-    pub(super) async fn number_events(&self) -> StoreResult<u64> {
+    /// One numbering transaction; answers how many events it numbered, and their tenants.
+    pub(super) async fn number_events(&self) -> StoreResult<(usize, Vec<Uuid>)> {
         let mut tx = self.writer().begin().await?;
         tx.conn()
             .execute("SELECT pg_advisory_xact_lock($1)", &[NUMBERING_LOCK.into()])
             .await?;
-        let numbered = tx
+        let rows: Vec<(Uuid,)> = tx
             .conn()
-            .execute(NUMBER_EVENTS, &[MOST_AT_ONCE.into()])
+            .fetch_all(NUMBER_EVENTS, &[MOST_AT_ONCE.into()])
             .await?;
+        let numbered = rows.len();
+        let mut tenants: Vec<Uuid> = rows.into_iter().map(|(tenant,)| tenant).collect();
+        tenants.sort_unstable();
+        tenants.dedup();
         if numbered > 0 {
-            // Sent when the numbering commits, to every process listening (this one too).
+            // Sent when the numbering commits, to every process listening (this one too): the
+            // tenants, or nothing for "any tenant" when they are many.
+            let payload = match tenants.len() <= MOST_TENANTS_NAMED {
+                true => tenants
+                    .iter()
+                    .map(Uuid::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                false => String::new(),
+            };
             tx.conn()
-                .execute("SELECT pg_notify($1, '')", &[VISIBLE_CHANNEL.into()])
+                .execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[VISIBLE_CHANNEL.into(), payload.as_str().into()],
+                )
                 .await?;
         }
         tx.commit().await?;
-        Ok(numbered)
+        Ok((numbered, tenants))
     }
 }
 
@@ -122,8 +181,8 @@ async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
                 }
             }
             heard = next_notification(&mut listener) => {
-                if heard {
-                    store.events_became_visible();
+                if let Some(tenants) = heard {
+                    store.events_became_visible(&tenants);
                 } else {
                     tracing::warn!("listening for other processes' events failed; streams and deliveries fall back to looking again every little while");
                     listener = None;
@@ -133,11 +192,9 @@ async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
         }
         loop {
             match store.number_events().await {
-                Ok(numbered) => {
-                    if numbered > 0 {
-                        store.events_became_visible();
-                    }
-                    if numbered < MOST_AT_ONCE as u64 {
+                Ok((numbered, tenants)) => {
+                    store.events_became_visible(&tenants);
+                    if numbered < MOST_AT_ONCE as usize {
                         break;
                     }
                 }
@@ -177,12 +234,21 @@ async fn listen(store: &Store) -> Option<sqlx::postgres::PgListener> {
         .flatten()
 }
 
-/// Waits for the next notification: `true` when one came, `false` when the listener failed
-/// (it reconnects by itself on a lost connection; this is what it could not recover from).
-/// Without a listener, waits forever.
-async fn next_notification(listener: &mut Option<sqlx::postgres::PgListener>) -> bool {
-    match listener {
-        Some(listener) => listener.recv().await.is_ok(),
-        None => std::future::pending().await,
-    }
+/// Waits for the next notification: the tenants it names (`Uuid::nil()` for any), or `None`
+/// when the listener failed (it reconnects by itself on a lost connection; this is what it
+/// could not recover from). Without a listener, waits forever.
+async fn next_notification(listener: &mut Option<sqlx::postgres::PgListener>) -> Option<Vec<Uuid>> {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    let notification = listener.recv().await.ok()?;
+    let named: Vec<Uuid> = notification
+        .payload()
+        .split(',')
+        .filter_map(|tenant| tenant.parse().ok())
+        .collect();
+    Some(match named.is_empty() {
+        true => vec![Uuid::nil()],
+        false => named,
+    })
 }

@@ -124,12 +124,13 @@ impl JobUpdate {
 
 /// Writes the events a job's update tells clients of: the job's new status, what its end did
 /// to its avatar, and its batch's completion when it was the batch's last job to finish.
+/// Answers whether it wrote any.
 async fn tell_clients(
     tx: &mut Tx,
     update: &JobUpdate,
     job: &Job,
     avatar_moved: bool,
-) -> StoreResult<()> {
+) -> StoreResult<bool> {
     let moved = update.status != update.expect_status;
     let mut events = Vec::new();
     if let Some(kind) = EventType::of_job_status(job.status).filter(|_| moved) {
@@ -158,7 +159,8 @@ async fn tell_clients(
             snapshot,
         });
     }
-    insert_events(tx, job.tenant, update.at, &events).await
+    insert_events(tx, job.tenant, update.at, &events).await?;
+    Ok(!events.is_empty())
 }
 
 impl Store {
@@ -290,9 +292,11 @@ impl Store {
             .fetch_one(&SELECT_JOB_BY_ID, &[update.job_id.into()])
             .await?;
         let job = Job::try_from(row)?;
-        tell_clients(&mut tx, update, &job, avatar_moved).await?;
+        let told = tell_clients(&mut tx, update, &job, avatar_moved).await?;
         tx.commit().await?;
-        self.events_written();
+        if told {
+            self.events_written(job.tenant);
+        }
         Ok(Some(job))
     }
 

@@ -44,7 +44,7 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
         if *stopping.borrow() {
             break;
         }
-        new_events.borrow_and_update();
+        new_events.mark_seen();
         plan(&ctx).await;
         let free = permits.available_permits();
         let claimed = if free == 0 {
@@ -93,7 +93,7 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
             continue;
         }
         tokio::select! {
-            _ = new_events.changed() => {}
+            () = new_events.changed(None) => {}
             () = tokio::time::sleep(LOOK_AGAIN) => {}
             _ = stopping.changed() => {}
             Some(_) = sending.join_next(), if !sending.is_empty() => {}
