@@ -55,6 +55,14 @@ enum End {
 }
 
 impl End {
+    /// The job or batch whose events the stream follows; `None`: all of the tenant's.
+    fn resource(self) -> Option<Uuid> {
+        match self {
+            Self::Never => None,
+            Self::AfterJob(id) | Self::AfterBatch(id) => Some(id),
+        }
+    }
+
     /// Whether `event` is the last this stream sends.
     fn is_last(self, event: &Event) -> bool {
         match self {
@@ -202,7 +210,6 @@ fn start_after(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
 fn follow(
     state: &AppState,
     tenant: Uuid,
-    resource: Option<Uuid>,
     end: End,
     after: i64,
 ) -> Sse<impl Stream<Item = Result<sse::Event, Infallible>> + use<>> {
@@ -211,7 +218,7 @@ fn follow(
         tenant,
         filter: EventFilter {
             kind: None,
-            resource_id: resource,
+            resource_id: end.resource(),
             after,
             limit: PAGE,
         },
@@ -260,13 +267,7 @@ pub async fn job_events(
         .get_job(tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-    Ok(follow(
-        &state,
-        tenant.id,
-        Some(id),
-        End::AfterJob(id),
-        after,
-    ))
+    Ok(follow(&state, tenant.id, End::AfterJob(id), after))
 }
 
 /// Follow a batch
@@ -302,13 +303,7 @@ pub async fn batch_events(
         .get_batch(tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
-    Ok(follow(
-        &state,
-        tenant.id,
-        Some(id),
-        End::AfterBatch(id),
-        after,
-    ))
+    Ok(follow(&state, tenant.id, End::AfterBatch(id), after))
 }
 
 /// Follow every event
@@ -336,5 +331,5 @@ pub async fn all_events(
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>> {
     let after = start_after(&headers, &query)?;
-    Ok(follow(&state, tenant.id, None, End::Never, after))
+    Ok(follow(&state, tenant.id, End::Never, after))
 }

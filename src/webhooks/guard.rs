@@ -28,11 +28,7 @@ pub enum Refusal {
     #[error("must name a host")]
     NoHost,
     #[error("`{host}` resolves to a {class} address, which webhooks may not reach")]
-    NotPublic {
-        host: String,
-        ip: IpAddr,
-        class: &'static str,
-    },
+    NotPublic { host: String, class: &'static str },
     #[error("`{0}` does not resolve to any address (within 5 s)")]
     Unresolvable(String),
 }
@@ -101,7 +97,6 @@ pub async fn resolve(
     for ip in &addresses {
         allowed(*ip, config).map_err(|class| Refusal::NotPublic {
             host: host.to_owned(),
-            ip: *ip,
             class: class.as_str(),
         })?;
     }
