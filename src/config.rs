@@ -90,6 +90,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_STREAM_KEEPALIVE_SECS", default_value = "15")]
     pub stream_keepalive_secs: String,
 
+    /// Milliseconds between two reads of FAL's status (queue position and logs) for a job
+    /// that an event stream follows.
+    #[arg(long, env = "FALGATE_STREAM_PROGRESS_MS", default_value = "1000")]
+    pub stream_progress_ms: String,
+
     /// FAL endpoints that raw jobs may call, comma-separated.
     #[arg(long, env = "FALGATE_ALLOWED_ENDPOINTS")]
     pub allowed_endpoints: Option<String>,
@@ -310,6 +315,8 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Time between an event stream's keep-alive comments.
     pub stream_keep_alive: Duration,
+    /// Time between two reads of FAL's status for a job an event stream follows.
+    pub stream_progress: Duration,
 }
 
 /// The validated configuration of a running service.
@@ -591,6 +598,12 @@ impl ServeArgs {
                 "stream-keepalive-secs",
                 3600,
             )?,
+            stream_progress: Duration::from_millis(parse_number::<u64>(
+                &self.stream_progress_ms,
+                "FALGATE_STREAM_PROGRESS_MS",
+                "stream-progress-ms",
+                50..=60_000,
+            )?),
         };
         let min_photos = parse_number::<u32>(
             &self.min_photos,
@@ -830,6 +843,7 @@ impl Config {
             idle_timeout_secs: "75".into(),
             max_connections: "1024".into(),
             stream_keepalive_secs: "15".into(),
+            stream_progress_ms: "1000".into(),
             allowed_endpoints: None,
             shutdown_timeout_secs: "5".into(),
             no_migrate: None,

@@ -84,6 +84,10 @@ pub enum ApiError {
     Unprocessable { code: &'static str, detail: String },
     #[error("{0}")]
     ServiceUnavailable(String),
+    /// This client holds as much of something as it may (open streams, say); it may try
+    /// again once it holds less.
+    #[error("{detail}")]
+    TooMany { code: &'static str, detail: String },
     /// Too much of one kind of work is under way; the client may try again after
     /// `retry_after_secs` (sent as `Retry-After`).
     #[error("{detail}")]
@@ -117,6 +121,7 @@ impl ApiError {
             Self::Validation(_) | Self::PartlyRefused { .. } | Self::Unprocessable { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
+            Self::TooMany { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::ServiceUnavailable(_) | Self::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -129,7 +134,9 @@ impl ApiError {
             Self::Unauthorized => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
-            Self::ConflictCode { code, .. } | Self::Unprocessable { code, .. } => code,
+            Self::ConflictCode { code, .. }
+            | Self::Unprocessable { code, .. }
+            | Self::TooMany { code, .. } => code,
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::Validation(_) | Self::PartlyRefused { .. } => "validation_failed",
@@ -150,6 +157,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::Validation(_) | Self::PartlyRefused { .. } => "Validation failed",
             Self::Unprocessable { .. } => "Unprocessable request",
+            Self::TooMany { .. } => "Too many requests",
             Self::ServiceUnavailable(_) => "Service unavailable",
             Self::Busy { .. } => "Busy",
             Self::Internal(_) => "Internal server error",

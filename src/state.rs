@@ -5,6 +5,7 @@
 use crate::blobs::Blobs;
 use crate::config::Config;
 use crate::fal::client::FalClient;
+use crate::fal::progress::ProgressReader;
 use crate::fal::signature::JwksCache;
 use crate::fal::token::CallbackUrls;
 use crate::store::{ApiKeyCache, Store};
@@ -54,6 +55,10 @@ pub struct Shared {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// Posts webhooks to the clients' receivers (and its configuration guards their URLs).
     pub webhooks: crate::webhooks::WebhookSender,
+    /// Reads FAL's queue position and logs of the jobs that event streams follow.
+    pub progress: Arc<ProgressReader>,
+    /// The event streams open in this process, by API key.
+    pub streams: StreamSeats,
 }
 
 /// The parts of [`AppState`] that come from outside; the rest starts empty.
@@ -82,6 +87,7 @@ impl AppState {
         } = parts;
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let uploads = config.avatars.upload_concurrency;
+        let progress = ProgressReader::new(fal.clone(), config.connections.stream_progress);
         Self(Arc::new(Shared {
             store,
             fal,
@@ -98,6 +104,8 @@ impl AppState {
             api_keys: Arc::default(),
             stopping,
             webhooks,
+            progress,
+            streams: StreamSeats::default(),
         }))
     }
 }
@@ -112,6 +120,63 @@ impl Shared {
     pub fn callback_url(&self, job_id: uuid::Uuid) -> Option<reqwest::Url> {
         Some(self.callbacks.as_ref()?.url_for(job_id))
     }
+}
+
+/// The most event streams one API key may hold open in one process: each holds a connection
+/// and, for a job's or a batch's, reads FAL's status of its running jobs.
+pub const MOST_STREAMS_PER_KEY: usize = 32;
+
+/// The event streams open, by API key.
+#[derive(Default)]
+pub struct StreamSeats {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>,
+}
+
+/// One open stream; its seat is given back when it is dropped (the stream ended, or its
+/// client went away).
+pub struct StreamSeat {
+    open: Arc<std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>>,
+    tenant: uuid::Uuid,
+}
+
+impl StreamSeats {
+    /// A seat for one more stream of `tenant`'s; `None` when it holds the most already.
+    pub fn take(&self, tenant: uuid::Uuid) -> Option<StreamSeat> {
+        let mut open = lock(&self.open);
+        let count = open.entry(tenant).or_default();
+        if *count >= MOST_STREAMS_PER_KEY {
+            return None;
+        }
+        *count += 1;
+        Some(StreamSeat {
+            open: self.open.clone(),
+            tenant,
+        })
+    }
+
+    /// How many streams are open in all.
+    pub fn open(&self) -> usize {
+        lock(&self.open).values().sum()
+    }
+}
+
+impl Drop for StreamSeat {
+    fn drop(&mut self) {
+        let mut open = lock(&self.open);
+        if let Some(count) = open.get_mut(&self.tenant) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counts stay whole whatever panicked while holding them.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Decisions of the pipeline worth watching, since this process started.

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod error;
 pub mod outcome;
+pub mod progress;
 pub mod queue;
 pub mod retry;
 pub mod secret;

@@ -3,24 +3,32 @@
 //! `id` is its `sequence`, so a client that reconnects with the last id it saw misses nothing
 //! and sees nothing twice. A job's stream ends after the job's last event; a batch's after
 //! `batch.completed`; the tenant's does not end.
+//!
+//! A job's and a batch's stream also carry, between the events, what FAL tells of their jobs
+//! while they wait and run: `job.progress` messages with the queue position and new log
+//! lines. These are not events: they have no `id` (so `Last-Event-ID` stays on the last event),
+//! are not kept, and are read from FAL only while a stream follows the job.
 
 use super::auth::Tenant;
 use super::events::EventView;
 use super::extract::{ApiPathId, ApiQuery};
 use crate::domain::event::EventType;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
-use crate::state::AppState;
-use crate::store::{Event, EventFilter, NewEvents, Store};
+use crate::fal::progress::{Progress, ProgressReader};
+use crate::fal::wire::QueueState;
+use crate::state::{AppState, MOST_STREAMS_PER_KEY, StreamSeat};
+use crate::store::{Event, EventFilter, EventSnapshot, Job, NewEvents, Store};
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{self, KeepAlive, Sse};
 use futures_util::Stream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use utoipa::IntoParams;
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 /// How often a stream with nothing new looks again unasked. It is woken at once for its
@@ -30,6 +38,9 @@ const LOOK_AGAIN: Duration = Duration::from_secs(2);
 
 /// Events read at a time.
 const PAGE: u32 = 100;
+
+/// The most jobs whose progress one stream follows at once (a batch's first ones).
+const MOST_FOLLOWED: usize = 16;
 
 /// How long after a job or batch ended without an event telling so (it ended before events
 /// were kept) its stream stops waiting for one. Far longer than numbering takes, so that a
@@ -123,7 +134,7 @@ impl End {
     }
 }
 
-/// A stream's progress: what it has read and not yet sent, and where it is.
+/// A stream's state: what it has read and not yet sent, and where it is.
 struct Follow {
     store: Store,
     tenant: Uuid,
@@ -133,14 +144,181 @@ struct Follow {
     visible: NewEvents,
     stopping: watch::Receiver<bool>,
     finished: bool,
+    /// FAL's word on the stream's running jobs.
+    progress: RunningJobs,
+    /// Held while the stream is open.
+    _seat: StreamSeat,
+}
+
+/// What a stream reads of FAL's progress of its jobs.
+struct RunningJobs {
+    reader: Arc<ProgressReader>,
+    /// False for the tenant's stream, which would read every running job of the key's.
+    enabled: bool,
+    /// Whether this process talks to the emulator: it reads only the jobs sent there.
+    sandbox: bool,
+    followed: Vec<Followed>,
+    unsent: VecDeque<sse::Event>,
+}
+
+/// One job whose progress a stream follows, and what it has told of it.
+struct Followed {
+    job: Uuid,
+    progress: watch::Receiver<Progress>,
+    lines_sent: usize,
+    told: (Option<QueueState>, Option<u64>),
+    /// False once FAL said the request completed: there is no more to read, and the job is
+    /// not read again (its log would be told twice).
+    reading: bool,
+}
+
+impl RunningJobs {
+    /// Follows or stops following `job`, as it now stands.
+    fn consider(&mut self, job: &Job) {
+        if !self.enabled {
+            return;
+        }
+        let followed = self.followed.iter().position(|f| f.job == job.id);
+        let status_url = job
+            .status_url
+            .as_deref()
+            .filter(|_| job.sandbox == self.sandbox);
+        match (followed, status_url) {
+            (Some(at), _) if job.status.is_terminal() => {
+                self.followed.swap_remove(at);
+            }
+            (None, Some(url))
+                if !job.status.is_terminal() && self.followed.len() < MOST_FOLLOWED =>
+            {
+                self.followed.push(Followed {
+                    job: job.id,
+                    progress: self.reader.follow(job.id, url),
+                    lines_sent: 0,
+                    told: (None, None),
+                    reading: true,
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Takes what is new from FAL into `unsent`.
+    fn take_news(&mut self) {
+        for followed in self.followed.iter_mut().filter(|f| f.reading) {
+            if let Some(news) = followed.news() {
+                let data = serde_json::to_string(&StreamMessage::Progress(news))
+                    .unwrap_or_else(|_| "{}".into());
+                self.unsent
+                    .push_back(sse::Event::default().event(JOB_PROGRESS).data(data));
+            }
+            followed.reading = followed.progress.has_changed().is_ok();
+        }
+    }
+
+    /// Waits until FAL's word on some followed job changes (forever when none is read).
+    async fn changed(&mut self) {
+        let changes: Vec<_> = self
+            .followed
+            .iter_mut()
+            .filter(|followed| followed.reading)
+            .map(|followed| Box::pin(followed.progress.changed()))
+            .collect();
+        if changes.is_empty() {
+            return std::future::pending().await;
+        }
+        let _ = futures_util::future::select_all(changes).await;
+    }
+}
+
+impl Followed {
+    /// What the stream has not yet told of the job, if anything.
+    fn news(&mut self) -> Option<JobProgress> {
+        let progress = self.progress.borrow_and_update();
+        let state = progress.state.clone()?;
+        let told = (Some(state.clone()), progress.queue_position);
+        let (lines, skipped) = progress.lines_from(self.lines_sent);
+        if lines.is_empty() && told == self.told {
+            return None;
+        }
+        let news = JobProgress {
+            job_id: self.job,
+            fal_status: state.as_str().to_ascii_lowercase(),
+            queue_position: progress.queue_position,
+            logs: lines
+                .iter()
+                .map(|line| LogLineView {
+                    timestamp: line.timestamp.clone(),
+                    level: line.level.clone(),
+                    message: line.message.clone(),
+                })
+                .collect(),
+            logs_skipped: skipped,
+        };
+        self.lines_sent = progress.lines_read;
+        self.told = told;
+        Some(news)
+    }
+}
+
+/// The SSE `event` of a progress message.
+const JOB_PROGRESS: &str = "job.progress";
+
+/// What FAL tells of a job while it waits and runs: the `data` of a `job.progress` message
+/// of a job's or a batch's stream. Not an event: it has no `id`, is not kept, and is not
+/// sent to webhooks.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobProgress {
+    pub job_id: Uuid,
+    /// FAL's word for the request, in lower case: `in_queue`, `in_progress` or `completed`
+    /// (FAL's request is done; the job's outcome comes as its event).
+    #[schema(example = "in_queue")]
+    pub fal_status: String,
+    /// The job's place in FAL's queue (0 is next), while it waits there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    /// The log lines FAL gave since this stream's last message for the job; a stream's first
+    /// message for a job carries the log so far.
+    pub logs: Vec<LogLineView>,
+    /// Lines left out before `logs` because more came than falgate keeps (the last 1,000
+    /// of a job) while this stream was behind.
+    pub logs_skipped: usize,
+}
+
+/// The `data` of a message of a job's or a batch's stream: an event (the SSE `event` is its
+/// type and the SSE `id` its `sequence`), or FAL's progress of one of the jobs (SSE `event`
+/// `job.progress`, no `id`).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StreamMessage {
+    Event(EventView),
+    Progress(JobProgress),
+}
+
+/// One line of a job's log at FAL, as FAL gave it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LogLineView {
+    /// When FAL wrote the line, as FAL gave it (it sends no time zone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    pub message: String,
 }
 
 impl Follow {
-    /// The next event to send, waiting for one if need be; `None` ends the stream.
+    /// The next message to send, waiting for one if need be; `None` ends the stream.
     async fn next(mut self) -> Option<(Result<sse::Event, Infallible>, Self)> {
         loop {
+            // What FAL said goes before the events read with it: a job's last log lines come
+            // before the event that ends it.
+            if let Some(message) = self.progress.unsent.pop_front() {
+                return Some((Ok(message), self));
+            }
             if let Some(event) = self.unsent.pop_front() {
                 self.filter.after = event.sequence;
+                if let EventSnapshot::Job(job) = &event.snapshot {
+                    self.progress.consider(job);
+                }
                 if self.end.is_last(&event) {
                     self.finished = true;
                     self.unsent.clear();
@@ -150,6 +328,7 @@ impl Follow {
             if self.finished || *self.stopping.borrow() {
                 return None;
             }
+            self.progress.take_news();
             // Marked seen before reading, so that events made visible meanwhile wake the wait.
             self.visible.mark_seen();
             match self.store.list_events(self.tenant, &self.filter).await {
@@ -157,6 +336,7 @@ impl Follow {
                     self.unsent.extend(events);
                     continue;
                 }
+                Ok(_) if !self.progress.unsent.is_empty() => continue,
                 Ok(_) => {}
                 Err(error) => {
                     // The client reconnects with the last id it saw, and loses nothing.
@@ -176,6 +356,7 @@ impl Follow {
             tokio::select! {
                 () = self.visible.changed(Some(self.tenant)) => {}
                 _ = self.stopping.changed() => {}
+                () = self.progress.changed() => {}
                 _ = tokio::time::sleep(LOOK_AGAIN) => {}
             }
         }
@@ -185,8 +366,8 @@ impl Follow {
 fn sse_event(event: Event) -> sse::Event {
     let id = event.sequence.to_string();
     let kind = event.kind.as_str();
-    let view = EventView::from(event);
-    let data = serde_json::to_string(&view).unwrap_or_else(|_| "{}".into());
+    let message = StreamMessage::Event(EventView::from(event));
+    let data = serde_json::to_string(&message).unwrap_or_else(|_| "{}".into());
     sse::Event::default().id(id).event(kind).data(data)
 }
 
@@ -207,12 +388,31 @@ fn start_after(headers: &HeaderMap, query: &StreamQuery) -> ApiResult<i64> {
         })
 }
 
+/// The stream of `tenant`'s events after `after` that `end` selects; `running` are the jobs
+/// whose progress it reads from the start (more are followed as their events pass).
 fn follow(
     state: &AppState,
     tenant: Uuid,
     end: End,
     after: i64,
-) -> Sse<impl Stream<Item = Result<sse::Event, Infallible>> + use<>> {
+    running: &[Job],
+) -> ApiResult<Sse<impl Stream<Item = Result<sse::Event, Infallible>> + use<>>> {
+    let seat = state.streams.take(tenant).ok_or_else(|| ApiError::TooMany {
+        code: "too_many_streams",
+        detail: format!(
+            "this API key has {MOST_STREAMS_PER_KEY} event streams open here already; close one first"
+        ),
+    })?;
+    let mut progress = RunningJobs {
+        reader: state.progress.clone(),
+        enabled: end.resource().is_some(),
+        sandbox: state.sandbox(),
+        followed: Vec::new(),
+        unsent: VecDeque::new(),
+    };
+    for job in running {
+        progress.consider(job);
+    }
     let start = Follow {
         store: state.store.clone(),
         tenant,
@@ -227,9 +427,11 @@ fn follow(
         visible: state.store.new_events(),
         stopping: state.stopping.clone(),
         finished: false,
+        progress,
+        _seat: seat,
     };
-    Sse::new(futures_util::stream::unfold(start, Follow::next))
-        .keep_alive(KeepAlive::new().interval(state.config.connections.stream_keep_alive))
+    Ok(Sse::new(futures_util::stream::unfold(start, Follow::next))
+        .keep_alive(KeepAlive::new().interval(state.config.connections.stream_keep_alive)))
 }
 
 /// Follow a job
@@ -238,6 +440,11 @@ fn follow(
 /// each as it happens, with keep-alive comments between. Each SSE event has the event's
 /// `sequence` as its `id`, its type as its `event`, and the event (as `GET /v1/events/{id}`
 /// shows it) as its `data`. The stream ends after the job's last event.
+///
+/// While the job waits and runs at FAL, `job.progress` messages come between the events: its
+/// place in FAL's queue and its new log lines, as FAL tells them (read about every
+/// `FALGATE_STREAM_PROGRESS_MS`). They have no `id` and are not kept; a stream's first one
+/// carries the job's log so far.
 #[utoipa::path(
     get,
     path = "/v1/jobs/{id}/events",
@@ -248,8 +455,9 @@ fn follow(
         StreamQuery,
     ),
     responses(
-        (status = 200, description = "A stream of events; each `data` is an event.", body = EventView, content_type = "text/event-stream"),
+        (status = 200, description = "A stream of events and progress messages.", body = StreamMessage, content_type = "text/event-stream"),
         (status = 404, description = "No such job for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This API key has 32 streams open in this process already.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -262,18 +470,18 @@ pub async fn job_events(
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>> {
     let after = start_after(&headers, &query)?;
-    state
+    let job = state
         .store
         .get_job(tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
-    Ok(follow(&state, tenant.id, End::AfterJob(id), after))
+    follow(&state, tenant.id, End::AfterJob(id), after, &[job])
 }
 
 /// Follow a batch
 ///
-/// The events of the batch and of its jobs, as for a job's stream; ends after
-/// `batch.completed`.
+/// The events of the batch and of its jobs, as for a job's stream, with the `job.progress`
+/// of its running jobs (the first 16 followed at once); ends after `batch.completed`.
 #[utoipa::path(
     get,
     path = "/v1/batches/{id}/events",
@@ -284,8 +492,9 @@ pub async fn job_events(
         StreamQuery,
     ),
     responses(
-        (status = 200, description = "A stream of events; each `data` is an event.", body = EventView, content_type = "text/event-stream"),
+        (status = 200, description = "A stream of events and progress messages.", body = StreamMessage, content_type = "text/event-stream"),
         (status = 404, description = "No such batch for this API key.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This API key has 32 streams open in this process already.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -298,17 +507,18 @@ pub async fn batch_events(
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>> {
     let after = start_after(&headers, &query)?;
-    state
+    let (_, jobs) = state
         .store
         .get_batch(tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
-    Ok(follow(&state, tenant.id, End::AfterBatch(id), after))
+    follow(&state, tenant.id, End::AfterBatch(id), after, &jobs)
 }
 
 /// Follow every event
 ///
-/// All of the tenant's events, as for a job's stream; the stream does not end.
+/// All of the tenant's events, as for a job's stream (without `job.progress`: follow a job
+/// or a batch for that); the stream does not end.
 #[utoipa::path(
     get,
     path = "/v1/events/stream",
@@ -320,6 +530,7 @@ pub async fn batch_events(
     responses(
         (status = 200, description = "A stream of events; each `data` is an event.", body = EventView, content_type = "text/event-stream"),
         (status = 422, description = "`after` or `Last-Event-ID` is not an event's sequence.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This API key has 32 streams open in this process already.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -331,5 +542,5 @@ pub async fn all_events(
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<sse::Event, Infallible>>>> {
     let after = start_after(&headers, &query)?;
-    Ok(follow(&state, tenant.id, End::Never, after))
+    follow(&state, tenant.id, End::Never, after, &[])
 }

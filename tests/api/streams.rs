@@ -2,6 +2,7 @@
 
 use crate::backend_tests;
 use crate::support::*;
+use falgate::emulator::Durations;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -14,6 +15,8 @@ enum Message {
         kind: String,
         data: Value,
     },
+    /// FAL's progress of a job: a message with a type and no id, not an event.
+    Progress(Value),
     /// A comment line (a keep-alive).
     Comment,
 }
@@ -71,12 +74,23 @@ impl Reader {
         }
     }
 
-    /// The next event, passing over keep-alives; `None` once the stream has ended.
+    /// The next event, passing over keep-alives and progress; `None` once the stream has
+    /// ended.
     pub(crate) async fn next_event(&mut self) -> Option<(i64, String, Value)> {
         loop {
             match self.next().await? {
                 Message::Event { id, kind, data } => return Some((id, kind, data)),
+                Message::Progress(_) | Message::Comment => continue,
+            }
+        }
+    }
+
+    /// The next event or progress message, passing over keep-alives.
+    async fn next_told(&mut self) -> Option<Message> {
+        loop {
+            match self.next().await? {
                 Message::Comment => continue,
+                told => return Some(told),
             }
         }
     }
@@ -106,13 +120,17 @@ fn parse(block: &str) -> Message {
             other => panic!("unexpected field {other} in {block:?}"),
         }
     }
-    match id {
-        Some(id) => Message::Event {
+    match (id, kind) {
+        (Some(id), kind) => Message::Event {
             id,
             kind: kind.expect("an event type"),
             data: serde_json::from_str(&data).expect("JSON data"),
         },
-        None => Message::Comment,
+        (None, Some(kind)) => {
+            assert_eq!(kind, "job.progress", "{block:?}");
+            Message::Progress(serde_json::from_str(&data).expect("JSON data"))
+        }
+        (None, None) => Message::Comment,
     }
 }
 
@@ -302,4 +320,250 @@ async fn streams_refuse_what_they_cannot_follow(app: &TestApp) {
         ],
     )
     .await;
+}
+
+/// Reads FAL's status every tenth of a second for followed jobs.
+fn reading_progress_often(config: &mut falgate::config::Config) {
+    config.connections.stream_progress = Duration::from_millis(100);
+}
+
+backend_tests!(
+    a_jobs_stream_tells_its_place_in_fals_queue_and_its_log_lines,
+    reading_progress_often
+);
+async fn a_jobs_stream_tells_its_place_in_fals_queue_and_its_log_lines(app: &TestApp) {
+    app.fal.set_all_durations(Durations::new(600_000, 600_000));
+    // Two requests ahead of it in FAL's queue, sent one after the other.
+    let mut ahead = Vec::new();
+    for prompt in ["first", "second"] {
+        let id = submit_raw(app, json!({"prompt": prompt})).await;
+        ahead.push(app.wait_for_status(&id, "submitted").await);
+    }
+    let id = submit_raw(app, json!({"prompt": "third"})).await;
+    let job = app.wait_for_status(&id, "submitted").await;
+    let request = job["fal_request_id"].as_str().unwrap().to_owned();
+    let mut stream = Reader::open(app, &format!("/v1/jobs/{id}/events"), None).await;
+
+    let mut told: Vec<Value> = Vec::new();
+    // Reads until a progress message satisfies `until`, keeping every one.
+    async fn progress_until(
+        stream: &mut Reader,
+        told: &mut Vec<Value>,
+        until: impl Fn(&Value) -> bool,
+    ) {
+        loop {
+            match stream.next_told().await.expect("the stream goes on") {
+                Message::Progress(progress) => {
+                    let done = until(&progress);
+                    told.push(progress);
+                    if done {
+                        return;
+                    }
+                }
+                Message::Event { kind, .. } => assert_eq!(kind, "job.submitted"),
+                Message::Comment => unreachable!(),
+            }
+        }
+    }
+    progress_until(&mut stream, &mut told, |p| {
+        p["fal_status"] == "in_queue" && p["queue_position"] == 2
+    })
+    .await;
+    // The first request ahead finishes: one place forward.
+    let first_request = ahead[0]["fal_request_id"].as_str().unwrap();
+    app.fal
+        .set_request_durations(first_request, Durations::new(0, 0));
+    progress_until(&mut stream, &mut told, |p| p["queue_position"] == 1).await;
+    // Its turn: it runs, and its log starts.
+    app.fal
+        .set_request_durations(&request, Durations::new(0, 600_000));
+    progress_until(&mut stream, &mut told, |p| {
+        p["fal_status"] == "in_progress"
+            && p["logs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|line| line["message"] == "Request started")
+    })
+    .await;
+    // It finishes: the stream ends with the job's last event.
+    app.fal
+        .set_request_durations(&request, Durations::new(0, 0));
+    let mut last = None;
+    while let Some(message) = stream.next_told().await {
+        match message {
+            Message::Progress(progress) => told.push(progress),
+            Message::Event { kind, .. } => last = Some(kind),
+            Message::Comment => unreachable!(),
+        }
+    }
+    assert_eq!(last.as_deref(), Some("job.succeeded"));
+
+    for progress in &told {
+        assert_eq!(progress["job_id"], id.as_str());
+        assert_eq!(progress["logs_skipped"], 0);
+        // A place in the queue is told only while the job waits there.
+        assert_eq!(
+            progress.get("queue_position").is_some(),
+            progress["fal_status"] == "in_queue",
+            "{progress}"
+        );
+    }
+    // The places only go forward.
+    let places: Vec<u64> = told
+        .iter()
+        .filter_map(|p| p.get("queue_position").and_then(Value::as_u64))
+        .collect();
+    assert!(places.windows(2).all(|w| w[0] >= w[1]), "{places:?}");
+    // Each of FAL's log lines is told once, in FAL's order: all of them, or all but those FAL
+    // wrote as the job ended (when its end was recorded before they were read).
+    let lines: Vec<&str> = told
+        .iter()
+        .flat_map(|p| p["logs"].as_array().unwrap())
+        .map(|line| line["message"].as_str().unwrap())
+        .collect();
+    let fals_log = ["Request started", "Running inference", "Request completed"];
+    assert!(
+        !lines.is_empty() && fals_log.starts_with(&lines),
+        "told {lines:?} of {fals_log:?}"
+    );
+    for line in told.iter().flat_map(|p| p["logs"].as_array().unwrap()) {
+        assert!(line["timestamp"].is_string(), "{line}");
+    }
+}
+
+backend_tests!(
+    a_batchs_stream_tells_the_progress_of_its_jobs,
+    reading_progress_often
+);
+async fn a_batchs_stream_tells_the_progress_of_its_jobs(app: &TestApp) {
+    let (avatar, _) = crate::avatars::trained_with_lora_copy(app).await;
+    app.fal.set_all_durations(Durations::new(0, 600_000));
+    let batch = generate(app, json!({"avatar_id": avatar, "prompts": ["one", "two"]})).await;
+    let batch_id = id_of(&batch);
+    let jobs: Vec<String> = batch["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut stream = Reader::open(app, &format!("/v1/batches/{batch_id}/events"), None).await;
+    // Each running job's log is told.
+    let mut started = std::collections::HashSet::new();
+    while started.len() < jobs.len() {
+        if let Message::Progress(progress) = stream.next_told().await.expect("the stream goes on")
+            && progress["fal_status"] == "in_progress"
+            && !progress["logs"].as_array().unwrap().is_empty()
+        {
+            started.insert(progress["job_id"].as_str().unwrap().to_owned());
+        }
+    }
+    let mut expected: Vec<String> = jobs.clone();
+    expected.sort();
+    let mut started: Vec<String> = started.into_iter().collect();
+    started.sort();
+    assert_eq!(started, expected);
+    app.fal.set_all_durations(Durations::new(0, 0));
+    let rest = stream.until_it_ends().await;
+    assert_eq!(rest.last().unwrap().1, "batch.completed");
+}
+
+backend_tests!(
+    the_tenants_stream_carries_events_only,
+    reading_progress_often
+);
+async fn the_tenants_stream_carries_events_only(app: &TestApp) {
+    app.fal.set_all_durations(Durations::new(0, 2_000));
+    let mut stream = Reader::open(app, "/v1/events/stream", None).await;
+    let id = submit_raw(app, json!({"prompt": "quiet"})).await;
+    loop {
+        match stream.next_told().await.expect("the stream goes on") {
+            Message::Progress(progress) => panic!("progress on the tenant's stream: {progress}"),
+            Message::Event { kind, data, .. } => {
+                if kind == "job.succeeded" && data["data"]["id"] == id.as_str() {
+                    break;
+                }
+            }
+            Message::Comment => unreachable!(),
+        }
+    }
+}
+
+backend_tests!(
+    an_api_key_may_hold_thirty_two_streams_open_and_one_more_once_one_closes,
+    |config: &mut falgate::config::Config| {
+        // Closed connections are noticed at the next keep-alive.
+        config.connections.stream_keep_alive = Duration::from_millis(200);
+    }
+);
+async fn an_api_key_may_hold_thirty_two_streams_open_and_one_more_once_one_closes(app: &TestApp) {
+    let mut open = Vec::new();
+    for _ in 0..32 {
+        open.push(Reader::open(app, "/v1/events/stream", None).await);
+    }
+    let id = submit_raw(app, json!({"prompt": "busy"})).await;
+    for path in [
+        "/v1/events/stream".to_owned(),
+        format!("/v1/jobs/{id}/events"),
+    ] {
+        let refused = problem(
+            app.get(&path).await,
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_streams",
+        )
+        .await;
+        assert!(
+            refused["detail"].as_str().unwrap().contains("32"),
+            "{refused}"
+        );
+    }
+    // Another key is not held back by this one's.
+    let other = app.new_key("other").await;
+    let response = app.get_as(&other, "/v1/events/stream").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    drop(response);
+    // Once a stream closes, its place is free again.
+    drop(open.pop());
+    eventually("a place for one more stream")
+        .until(async || {
+            let response = app.get("/v1/events/stream").await;
+            (response.status() == StatusCode::OK).then_some(())
+        })
+        .await;
+}
+
+backend_tests!(
+    fal_is_asked_once_per_job_however_many_follow_it_and_not_after_they_leave,
+    |config: &mut falgate::config::Config| {
+        reading_progress_often(config);
+        // Closed connections are noticed at the next keep-alive.
+        config.connections.stream_keep_alive = Duration::from_millis(200);
+    }
+);
+async fn fal_is_asked_once_per_job_however_many_follow_it_and_not_after_they_leave(app: &TestApp) {
+    app.fal.set_all_durations(Durations::new(0, 600_000));
+    let id = submit_raw(app, json!({"prompt": "watched"})).await;
+    app.wait_for_status(&id, "submitted").await;
+    let path = format!("/v1/jobs/{id}/events");
+    let mut streams = vec![
+        Reader::open(app, &path, None).await,
+        Reader::open(app, &path, None).await,
+    ];
+    for stream in &mut streams {
+        // Each is told the job's log so far.
+        loop {
+            if let Message::Progress(progress) = stream.next_told().await.unwrap()
+                && progress["fal_status"] == "in_progress"
+            {
+                assert_eq!(progress["logs"][0]["message"], "Request started");
+                break;
+            }
+        }
+    }
+    let progress = &app.app.state().progress;
+    assert_eq!(progress.reading(), 1);
+    drop(streams);
+    eventually("FAL's status no longer read")
+        .until(async || (progress.reading() == 0).then_some(()))
+        .await;
 }
