@@ -226,6 +226,11 @@ pub struct ServeArgs {
     )]
     pub unconfirmed_training_wait_secs: String,
 
+    /// Days an event is kept (with its webhook deliveries and their attempts) before it is
+    /// removed; one still being delivered is kept until its delivery ends.
+    #[arg(long, env = "FALGATE_EVENT_RETENTION_DAYS", default_value = "30")]
+    pub event_retention_days: String,
+
     /// Longest wait between two looks at one job.
     #[arg(long, env = "FALGATE_POLL_MAX_SECS", default_value = "30")]
     pub poll_max_secs: String,
@@ -276,6 +281,8 @@ pub struct WorkerConfig {
     /// again: generations and raw jobs, then trainings.
     pub unconfirmed_submit_wait: Duration,
     pub unconfirmed_training_wait: Duration,
+    /// How long events are kept.
+    pub event_retention: Duration,
 }
 
 /// The avatar features' limits.
@@ -572,6 +579,15 @@ impl ServeArgs {
                 "unconfirmed-training-wait-secs",
                 7 * 86_400,
             )?,
+            event_retention: Duration::from_secs(
+                86_400
+                    * parse_number::<u64>(
+                        &self.event_retention_days,
+                        "FALGATE_EVENT_RETENTION_DAYS",
+                        "event-retention-days",
+                        1..=3650,
+                    )?,
+            ),
         };
         let connections = ConnectionLimits {
             header_timeout: secs(
@@ -874,6 +890,7 @@ impl Config {
             callback_grace_secs: "30".into(),
             unconfirmed_submit_wait_secs: "600".into(),
             unconfirmed_training_wait_secs: "3600".into(),
+            event_retention_days: "30".into(),
             poll_max_secs: "30".into(),
             generation_deadline_secs: "1800".into(),
             training_deadline_secs: "10800".into(),

@@ -35,7 +35,8 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         WHERE id = $1 FOR UPDATE",
     lock_batch: "SELECT id FROM batches WHERE id = $1 FOR UPDATE",
     event_numbering: EventNumbering::AfterCommit,
-    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence, e.resource_id \
+    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence, e.resource_id, \
+        s.last_sequence \
         FROM webhook_endpoints e \
         JOIN event_sequences s ON s.tenant = e.tenant \
         WHERE e.enabled AND NOT e.finished AND s.last_sequence >= e.next_sequence \

@@ -82,7 +82,8 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
     lock_batch: "SELECT id FROM batches WHERE id = $1",
     event_numbering: EventNumbering::WhenWritten,
     // One writer at a time: what is read here cannot be taken meanwhile.
-    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence, e.resource_id \
+    endpoints_to_plan: "SELECT e.id, e.tenant, e.event_types, e.next_sequence, e.resource_id, \
+        s.last_sequence \
         FROM webhook_endpoints e \
         JOIN event_sequences s ON s.tenant = e.tenant \
         WHERE e.enabled AND NOT e.finished AND s.last_sequence >= e.next_sequence \

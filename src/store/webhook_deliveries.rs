@@ -14,9 +14,12 @@ use uuid::Uuid;
 const ENDPOINTS_PER_PLAN: i64 = 16;
 const EVENTS_PER_PLAN: i64 = 500;
 
-/// An endpoint with events to plan: its id, tenant, types, next event number, and the
-/// resource it was given for, if it was given with a request.
-type EndpointToPlan = (Uuid, Uuid, Option<String>, i64, Option<Uuid>);
+/// An endpoint with events to plan: its id, tenant, types, next event number, the resource it
+/// was given for (if it was given with a request), and its tenant's last event number.
+type EndpointToPlan = (Uuid, Uuid, Option<String>, i64, Option<Uuid>, i64);
+
+/// An event as planning reads it: id, type, sequence, resource, batch.
+type EventToPlan = (Uuid, String, i64, Uuid, Option<Uuid>);
 
 /// A claimed delivery with what sending it needs.
 #[derive(Debug, Clone)]
@@ -109,20 +112,49 @@ impl Store {
             )
             .await?;
         let full = endpoints.len() as i64 == ENDPOINTS_PER_PLAN;
-        for (endpoint_id, tenant, types, next_sequence, bound_to) in endpoints {
+        for (endpoint_id, tenant, types, next_sequence, bound_to, last_sequence) in endpoints {
             let wanted: Option<Vec<EventType>> =
                 types.map(|joined| joined.split(',').filter_map(|t| t.parse().ok()).collect());
-            let events: Vec<(Uuid, String, i64, Uuid, Option<Uuid>)> = tx
-                .conn()
-                .fetch_all(
-                    "SELECT id, type, sequence, resource_id, batch_id FROM events \
-                     WHERE tenant = $1 \
-                     AND sequence >= $2 ORDER BY sequence LIMIT $3",
-                    &[tenant.into(), next_sequence.into(), EVENTS_PER_PLAN.into()],
-                )
-                .await?;
-            let Some(last) = events.last().map(|(_, _, sequence, _, _)| *sequence) else {
-                continue;
+            // An endpoint given with a request reads its resource's events alone (by index),
+            // not every event of its tenant's since it was made.
+            let events: Vec<EventToPlan> = match bound_to {
+                None => {
+                    tx.conn()
+                        .fetch_all(
+                            "SELECT id, type, sequence, resource_id, batch_id FROM events \
+                             WHERE tenant = $1 AND sequence >= $2 AND sequence <= $3 \
+                             ORDER BY sequence LIMIT $4",
+                            &[
+                                tenant.into(),
+                                next_sequence.into(),
+                                last_sequence.into(),
+                                EVENTS_PER_PLAN.into(),
+                            ],
+                        )
+                        .await?
+                }
+                Some(resource) => {
+                    tx.conn()
+                        .fetch_all(
+                            "SELECT id, type, sequence, resource_id, batch_id FROM events \
+                             WHERE (resource_id = $1 OR batch_id = $1) \
+                             AND sequence >= $2 AND sequence <= $3 \
+                             ORDER BY sequence LIMIT $4",
+                            &[
+                                resource.into(),
+                                next_sequence.into(),
+                                last_sequence.into(),
+                                EVENTS_PER_PLAN.into(),
+                            ],
+                        )
+                        .await?
+                }
+            };
+            // Every event up to the tenant's last number was visible when it was read (a number
+            // is given and shown in one commit), so a page that is not full covers them all.
+            let planned_to = match events.last() {
+                Some((_, _, sequence, _, _)) if events.len() as i64 == EVENTS_PER_PLAN => *sequence,
+                _ => last_sequence,
             };
             let mut resource_ended = false;
             for (event_id, kind, _, resource, batch) in &events {
@@ -151,7 +183,11 @@ impl Store {
                 .execute(
                     "UPDATE webhook_endpoints SET next_sequence = $2, \
                      finished = finished OR $3 WHERE id = $1",
-                    &[endpoint_id.into(), (last + 1).into(), resource_ended.into()],
+                    &[
+                        endpoint_id.into(),
+                        (planned_to + 1).into(),
+                        resource_ended.into(),
+                    ],
                 )
                 .await?;
         }

@@ -2,11 +2,13 @@
 //! jobs at FAL when callbacks are late, passes cancels on, and enforces deadlines. Both claim
 //! work under a lease in the database, so several replicas share it and a dead process's work
 //! is taken over when its lease runs out. Both stop claiming on shutdown and finish what they
-//! hold.
+//! hold. Beside them: the deliverer sends webhooks, the keeper keeps LoRA files, and the pruner
+//! removes events past their retention.
 
 pub mod deliverer;
 pub mod dispatcher;
 pub mod keeper;
+pub mod pruner;
 pub mod reconciler;
 
 use crate::blobs::Blobs;
@@ -70,6 +72,7 @@ pub fn spawn(ctx: WorkerContext, stopping: watch::Receiver<bool>) -> Vec<JoinHan
         tokio::spawn(dispatcher::run(ctx.clone(), stopping.clone())),
         tokio::spawn(deliverer::run(ctx.clone(), stopping.clone())),
         tokio::spawn(keeper::run(ctx.clone(), stopping.clone())),
+        tokio::spawn(pruner::run(ctx.clone(), stopping.clone())),
         tokio::spawn(reconciler::run(ctx, stopping)),
     ]
 }

@@ -672,3 +672,104 @@ async fn a_receiver_that_never_answers_holds_up_no_other(app: &TestApp) {
         "{held} posts held by the hanging receiver"
     );
 }
+
+backend_tests!(
+    events_past_their_retention_go_unless_still_being_delivered_and_numbering_goes_on,
+    |config: &mut Config| {
+        to_test_receivers(config);
+        // A failed attempt waits long for the next: its delivery is still under way.
+        config.webhooks.retry_schedule = vec![Duration::from_secs(600)];
+    }
+);
+async fn events_past_their_retention_go_unless_still_being_delivered_and_numbering_goes_on(
+    app: &TestApp,
+) {
+    let (everything, everything_url) = Receiver::start(&[]).await;
+    let all = create_endpoint(app, json!({"url": everything_url})).await;
+    // Fails the first attempt of both jobs' ends.
+    let (failing, failing_url) = Receiver::start(&[500, 500]).await;
+    let retried = create_endpoint(
+        app,
+        json!({"url": failing_url, "event_types": ["job.succeeded"]}),
+    )
+    .await;
+    let first = submit_raw(app, json!({"prompt": "its end is being sent"})).await;
+    let (given, given_url) = Receiver::start(&[]).await;
+    let response = app
+        .post_json(
+            "/v1/jobs",
+            &json!({"endpoint": "fal-ai/flux-lora", "input": {"prompt": "with a webhook"},
+                    "webhook": {"url": given_url}}),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let with_webhook = id_of(&response.json().await.unwrap());
+    everything
+        .until("both jobs' ends", |r| {
+            ended(r, &first) && ended(r, &with_webhook)
+        })
+        .await;
+    given
+        .until("its job's end", |r| ended(r, &with_webhook))
+        .await;
+    failing.until("two attempts", |r| r.len() == 2).await;
+    let deliveries =
+        |endpoint: &Value| format!("/v1/webhook-endpoints/{}/deliveries", id_of(endpoint));
+    eventually("every attempt recorded")
+        .until(async || {
+            let told = items(&app.get_json(&deliveries(&all)).await).len();
+            let failed = items(&app.get_json(&deliveries(&retried)).await).len();
+            (told == everything.received().len() && failed == 2).then_some(())
+        })
+        .await;
+    let before: Vec<Value> = items(&app.get_json("/v1/events?limit=100").await).clone();
+    let last_sequence = before
+        .iter()
+        .map(|e| e["sequence"].as_i64().unwrap())
+        .max()
+        .unwrap();
+
+    let cutoff = chrono::Utc::now();
+    let pruned = app.store().prune_events(cutoff).await.unwrap();
+    // The endpoint given with the finished job goes; so does every event and delivery but
+    // those still being retried, and their events.
+    assert_eq!(pruned.endpoints, 1);
+    assert_eq!(pruned.events as usize, before.len() - 2);
+    let kept = items(&app.get_json("/v1/events?limit=100").await).clone();
+    let mut ends: Vec<&str> = kept
+        .iter()
+        .inspect(|event| assert_eq!(event["type"], "job.succeeded"))
+        .map(|event| event["data"]["id"].as_str().unwrap())
+        .collect();
+    ends.sort();
+    let mut jobs = [first.as_str(), with_webhook.as_str()];
+    jobs.sort();
+    assert_eq!(ends, jobs);
+    for gone in before.iter().filter(|e| !kept.contains(e)) {
+        problem(
+            app.get(&format!("/v1/events/{}", gone["id"].as_str().unwrap()))
+                .await,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        )
+        .await;
+    }
+    assert!(items(&app.get_json(&deliveries(&all)).await).is_empty());
+    let retrying = items(&app.get_json(&deliveries(&retried)).await).clone();
+    assert_eq!(retrying.len(), 2);
+    assert!(retrying.iter().all(|a| a["delivery_status"] == "pending"));
+    // Nothing more is old enough.
+    assert_eq!(
+        app.store().prune_events(cutoff).await.unwrap(),
+        Default::default()
+    );
+
+    // Numbers are never given twice: the next event follows the last removed one.
+    let next = submit_raw(app, json!({"prompt": "after"})).await;
+    app.wait_for_status(&next, "succeeded").await;
+    let page = app
+        .get_json(&format!("/v1/events?resource_id={next}"))
+        .await;
+    let first = items(&page)[0]["sequence"].as_i64().unwrap();
+    assert_eq!(first, last_sequence + 1);
+}
