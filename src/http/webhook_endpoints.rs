@@ -158,11 +158,18 @@ pub struct WebhookAttemptList {
     pub items: Vec<WebhookAttemptView>,
 }
 
+/// The least time between two test events to one endpoint: each is an event kept and a
+/// delivery made, and a test is for a person trying a receiver, not for a loop.
+const TEST_EVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
+
 /// How many deliveries a redelivery made.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Redelivery {
-    /// One per enabled endpoint that takes the event's type.
+    /// One per enabled endpoint that takes the event's type and is not being sent it already.
     pub deliveries: usize,
+    /// Endpoints passed over because the event is being sent to them already (an event is
+    /// sent to an endpoint once at a time).
+    pub already_under_way: usize,
 }
 
 fn new_secret() -> String {
@@ -461,7 +468,8 @@ pub async fn list_webhook_deliveries(
 /// Send an event again
 ///
 /// A new delivery to each enabled endpoint that takes the event's type, with the same
-/// `webhook-id` as before (a receiver that already has it may drop it).
+/// `webhook-id` as before (a receiver that already has it may drop it). An endpoint the
+/// event is still being sent to (its delivery waits for a retry) is passed over.
 #[utoipa::path(
     post,
     path = "/v1/events/{id}/redeliver",
@@ -484,17 +492,21 @@ pub async fn redeliver_event(
         .get_event(tenant.id, id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no event {id}")))?;
-    let deliveries = state
+    let (deliveries, already_under_way) = state
         .store
         .redeliver_event(&event, crate::domain::now())
         .await?;
-    Ok((StatusCode::ACCEPTED, Json(Redelivery { deliveries })).into_response())
+    let made = Redelivery {
+        deliveries,
+        already_under_way,
+    };
+    Ok((StatusCode::ACCEPTED, Json(made)).into_response())
 }
 
 /// Send a test event
 ///
 /// Writes a `webhook_endpoint.test` event, delivered to this endpoint alone (and listed with
-/// the other events), to try a receiver and its signature check.
+/// the other events), to try a receiver and its signature check. One a second at most.
 #[utoipa::path(
     post,
     path = "/v1/webhook-endpoints/{id}/test",
@@ -504,6 +516,7 @@ pub async fn redeliver_event(
         (status = 202, description = "The test event was written and will be delivered."),
         (status = 404, description = "No such endpoint for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The endpoint is disabled; enable it first.", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The endpoint was sent a test event less than a second ago.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -520,15 +533,25 @@ pub async fn test_webhook_endpoint(
             detail: format!("webhook endpoint {id} is disabled; enable it first"),
         });
     }
+    let now = crate::domain::now();
+    let last = state.store.last_test_event_at(tenant.id, id).await?;
+    if let Some(wait) = last.and_then(|at| (at + TEST_EVERY - now).to_std().ok())
+        && !wait.is_zero()
+    {
+        return Err(ApiError::TooMany {
+            code: "too_many_tests",
+            detail: format!(
+                "webhook endpoint {id} was sent a test event less than a second ago; try again \
+                 in a second"
+            ),
+        });
+    }
     let tested = EndpointSnapshot {
         id: endpoint.id,
         url: endpoint.url,
         description: endpoint.description,
     };
-    state
-        .store
-        .write_test_event(tenant.id, tested, crate::domain::now())
-        .await?;
+    state.store.write_test_event(tenant.id, tested, now).await?;
     Ok(StatusCode::ACCEPTED)
 }
 

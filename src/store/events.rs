@@ -159,6 +159,27 @@ impl super::Store {
 }
 
 impl super::Store {
+    /// When the last `webhook_endpoint.test` event for `endpoint` was written, numbered yet or
+    /// not.
+    pub async fn last_test_event_at(
+        &self,
+        tenant: Uuid,
+        endpoint: Uuid,
+    ) -> StoreResult<Option<DateTime<Utc>>> {
+        let row: Option<(DateTime<Utc>,)> = self
+            .fetch_optional(
+                "SELECT created_at FROM events WHERE resource_id = $1 AND tenant = $2 \
+                 AND type = $3 ORDER BY id DESC LIMIT 1",
+                &[
+                    endpoint.into(),
+                    tenant.into(),
+                    EventType::WebhookEndpointTest.as_str().into(),
+                ],
+            )
+            .await?;
+        Ok(row.map(|(at,)| at))
+    }
+
     /// Writes a `webhook_endpoint.test` event for `endpoint`, which alone receives it.
     pub async fn write_test_event(
         &self,

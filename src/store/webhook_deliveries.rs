@@ -196,21 +196,30 @@ impl Store {
     }
 
     /// Sends `event` again to every enabled endpoint of its tenant that takes its type, as new
-    /// deliveries (with the event's id as their `webhook-id`, as before); answers how many.
-    pub async fn redeliver_event(&self, event: &Event, now: DateTime<Utc>) -> StoreResult<usize> {
+    /// deliveries (with the event's id as their `webhook-id`, as before); answers how many
+    /// were made, and how many endpoints were passed over because the event is being sent to
+    /// them already.
+    pub async fn redeliver_event(
+        &self,
+        event: &Event,
+        now: DateTime<Utc>,
+    ) -> StoreResult<(usize, usize)> {
         let endpoints = self.list_webhook_endpoints(event.tenant).await?;
         let mut tx = self.writer().begin().await?;
-        let mut planned = 0;
+        let (mut planned, mut under_way) = (0, 0);
         let takes = |endpoint: &&WebhookEndpoint| match event.kind {
             EventType::WebhookEndpointTest => endpoint.id == event.resource_id,
             kind => endpoint.wants(kind),
         };
         for endpoint in endpoints.iter().filter(|e| e.enabled).filter(takes) {
-            insert_delivery(&mut tx, event.tenant, endpoint.id, event.id, now).await?;
-            planned += 1;
+            if insert_delivery(&mut tx, event.tenant, endpoint.id, event.id, now).await? {
+                planned += 1;
+            } else {
+                under_way += 1;
+            }
         }
         tx.commit().await?;
-        Ok(planned)
+        Ok((planned, under_way))
     }
 
     /// Claims up to `limit` due deliveries of enabled endpoints until `lease_until`, counting
@@ -350,18 +359,22 @@ impl Store {
     }
 }
 
+/// Plans the delivery of an event to an endpoint; `false` when one is already under way (an
+/// event is being sent to an endpoint once at most).
 async fn insert_delivery(
     tx: &mut Tx,
     tenant: Uuid,
     endpoint_id: Uuid,
     event_id: Uuid,
     now: DateTime<Utc>,
-) -> StoreResult<()> {
-    tx.conn()
+) -> StoreResult<bool> {
+    let inserted = tx
+        .conn()
         .execute(
             "INSERT INTO webhook_deliveries (id, tenant, endpoint_id, event_id, status, \
              attempts, next_attempt_at, lease_until, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, 'pending', 0, $5, NULL, $5, $5)",
+             VALUES ($1, $2, $3, $4, 'pending', 0, $5, NULL, $5, $5) \
+             ON CONFLICT DO NOTHING",
             &[
                 Uuid::now_v7().into(),
                 tenant.into(),
@@ -371,7 +384,7 @@ async fn insert_delivery(
             ],
         )
         .await?;
-    Ok(())
+    Ok(inserted == 1)
 }
 
 /// Whether an event of this type is the last its resource has.

@@ -516,7 +516,13 @@ async fn a_test_event_reaches_the_endpoint_tested_alone(app: &TestApp) {
     .await;
     create_endpoint(app, json!({"url": other_url})).await;
     let path = format!("/v1/webhook-endpoints/{}/test", id_of(&endpoint));
+    let sent = std::time::Instant::now();
     assert_eq!(app.post(&path).await.status(), StatusCode::ACCEPTED);
+    // One test a second at most.
+    let again = app.post(&path).await;
+    if sent.elapsed() < Duration::from_secs(1) {
+        problem(again, StatusCode::TOO_MANY_REQUESTS, "too_many_tests").await;
+    }
 
     let received = tested.until("the test event", |r| !r.is_empty()).await;
     let event = received[0].json();
@@ -762,6 +768,31 @@ async fn events_past_their_retention_go_unless_still_being_delivered_and_numberi
     assert_eq!(
         app.store().prune_events(cutoff).await.unwrap(),
         Default::default()
+    );
+
+    // A redelivery passes over the endpoint the event is still being sent to.
+    let again: Value = app
+        .post(&format!(
+            "/v1/events/{}/redeliver",
+            kept[0]["id"].as_str().unwrap()
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again, json!({"deliveries": 1, "already_under_way": 1}));
+    let told_before = everything.received().len();
+    let resent = everything
+        .until("the event again", |r| r.len() > told_before)
+        .await;
+    assert_eq!(
+        resent.last().unwrap().webhook_id(),
+        kept[0]["id"].as_str().unwrap()
+    );
+    assert_eq!(
+        items(&app.get_json(&deliveries(&retried)).await).len(),
+        2,
+        "no new attempt to the endpoint still retrying"
     );
 
     // Numbers are never given twice: the next event follows the last removed one.
