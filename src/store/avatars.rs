@@ -43,6 +43,9 @@ pub enum AvatarOutcome {
 }
 
 /// An avatar as stored.
+///
+/// Events keep it as their snapshot (`store/events.rs`), and read it back for weeks: a field
+/// added here needs `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Avatar {
     pub id: Uuid,

@@ -11,6 +11,9 @@ pub(super) static JOBS_OF_BATCH: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE batch_id = $1 ORDER BY id"));
 
 /// A generation batch.
+///
+/// Events keep it as their snapshot (`store/events.rs`), and read it back for weeks: a field
+/// added here needs `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize, serde::Deserialize)]
 pub struct Batch {
     pub id: Uuid,

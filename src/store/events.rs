@@ -331,3 +331,60 @@ pub(super) async fn completed_batch(
         .all(|job| job.status.is_terminal())
         .then_some(EventSnapshot::Batch { batch, jobs }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::avatar::AvatarStatus;
+    use crate::domain::job::{JobKind, JobStatus};
+
+    /// Snapshots as an earlier falgate stored them (from a sandbox's walkthrough). Events
+    /// are kept for weeks, so every later falgate must read them: a field added to a stored
+    /// type needs a default.
+    fn written_before(name: &str) -> EventSnapshot {
+        let text = match name {
+            "job" => include_str!("../../tests/fixtures/event-snapshots/job.json"),
+            "training-job" => {
+                include_str!("../../tests/fixtures/event-snapshots/training-job.json")
+            }
+            "avatar" => include_str!("../../tests/fixtures/event-snapshots/avatar.json"),
+            "batch" => include_str!("../../tests/fixtures/event-snapshots/batch.json"),
+            _ => unreachable!(),
+        };
+        let snapshot: EventSnapshot = serde_json::from_str(text)
+            .unwrap_or_else(|error| panic!("a stored {name} snapshot no longer reads: {error}"));
+        // And what is read is written back the same way.
+        let again = serde_json::to_string(&snapshot).unwrap();
+        assert_eq!(
+            serde_json::from_str::<EventSnapshot>(&again).unwrap(),
+            snapshot
+        );
+        snapshot
+    }
+
+    #[test]
+    fn snapshots_stored_by_an_earlier_version_are_read() {
+        let EventSnapshot::Job(job) = written_before("job") else {
+            panic!("not a job")
+        };
+        assert_eq!(
+            (job.kind, job.status),
+            (JobKind::Generation, JobStatus::Succeeded)
+        );
+        assert!(job.batch_id.is_some() && job.result.is_some());
+        let EventSnapshot::Job(training) = written_before("training-job") else {
+            panic!("not a job")
+        };
+        assert_eq!(training.kind, JobKind::Training);
+        let EventSnapshot::Avatar(avatar) = written_before("avatar") else {
+            panic!("not an avatar")
+        };
+        assert_eq!(avatar.status, AvatarStatus::Ready);
+        assert!(avatar.lora_url.is_some());
+        let EventSnapshot::Batch { batch, jobs } = written_before("batch") else {
+            panic!("not a batch")
+        };
+        assert_eq!(jobs.len(), 2);
+        assert!(jobs.iter().all(|job| job.batch_id == Some(batch.id)));
+    }
+}

@@ -25,6 +25,9 @@ pub(super) static SELECT_JOB_BY_ID: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"));
 
 /// A job as stored.
+///
+/// Events keep it as their snapshot (`store/events.rs`), and read it back for weeks: a field
+/// added here needs `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Job {
     pub id: Uuid,
