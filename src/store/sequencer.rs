@@ -50,6 +50,9 @@ const NUMBER_EVENTS: &str = "WITH pending AS (\
 /// How long the numbering task tries to start listening before it goes on without.
 const LISTEN_WITHIN: Duration = Duration::from_secs(3);
 
+/// How long after listening failed the numbering task tries again.
+const LISTEN_AGAIN: Duration = Duration::from_secs(5);
+
 /// The channel on which a numbering tells every process that events became visible.
 const VISIBLE_CHANNEL: &str = "falgate_events";
 
@@ -173,6 +176,7 @@ impl Store {
 
 async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
     let mut listener = listen(&store).await;
+    let mut listen_again_at = tokio::time::Instant::now() + LISTEN_AGAIN;
     loop {
         tokio::select! {
             wake = tokio::time::timeout(SWEEP, woken.recv()) => {
@@ -181,13 +185,27 @@ async fn number_when_woken(store: Store, mut woken: mpsc::Receiver<()>) {
                 }
             }
             heard = next_notification(&mut listener) => {
-                if let Some(tenants) = heard {
-                    store.events_became_visible(&tenants);
-                } else {
-                    tracing::warn!("listening for other processes' events failed; streams and deliveries fall back to looking again every little while");
-                    listener = None;
+                match heard {
+                    Heard::Tenants(tenants) => store.events_became_visible(&tenants),
+                    Heard::Lost => {
+                        // What was sent meanwhile is lost: every stream looks again now.
+                        tracing::info!("the connection listening for events was lost; listening again");
+                        store.events_became_visible(&[Uuid::nil()]);
+                    }
+                    Heard::Failed => {
+                        tracing::warn!("listening for other processes' events failed; streams and deliveries look again every little while until listening is back");
+                        listener = None;
+                        listen_again_at = tokio::time::Instant::now() + LISTEN_AGAIN;
+                    }
                 }
                 continue;
+            }
+        }
+        if listener.is_none() && tokio::time::Instant::now() >= listen_again_at {
+            listener = listen(&store).await;
+            listen_again_at = tokio::time::Instant::now() + LISTEN_AGAIN;
+            if listener.is_some() {
+                store.events_became_visible(&[Uuid::nil()]);
             }
         }
         loop {
@@ -234,20 +252,32 @@ async fn listen(store: &Store) -> Option<sqlx::postgres::PgListener> {
         .flatten()
 }
 
-/// Waits for the next notification: the tenants it names (`Uuid::nil()` for any), or `None`
-/// when the listener failed (it reconnects by itself on a lost connection; this is what it
-/// could not recover from). Without a listener, waits forever.
-async fn next_notification(listener: &mut Option<sqlx::postgres::PgListener>) -> Option<Vec<Uuid>> {
+/// What the listener heard.
+enum Heard {
+    /// Events of these tenants (`Uuid::nil()`: of any) became visible.
+    Tenants(Vec<Uuid>),
+    /// Its connection was lost; it connects again when asked next.
+    Lost,
+    /// It cannot go on.
+    Failed,
+}
+
+/// Waits for what the listener hears next. Without a listener, waits forever.
+async fn next_notification(listener: &mut Option<sqlx::postgres::PgListener>) -> Heard {
     let Some(listener) = listener else {
         return std::future::pending().await;
     };
-    let notification = listener.recv().await.ok()?;
+    let notification = match listener.try_recv().await {
+        Ok(Some(notification)) => notification,
+        Ok(None) => return Heard::Lost,
+        Err(_) => return Heard::Failed,
+    };
     let named: Vec<Uuid> = notification
         .payload()
         .split(',')
         .filter_map(|tenant| tenant.parse().ok())
         .collect();
-    Some(match named.is_empty() {
+    Heard::Tenants(match named.is_empty() {
         true => vec![Uuid::nil()],
         false => named,
     })

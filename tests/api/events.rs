@@ -316,3 +316,67 @@ async fn two_replicas_number_every_event_once_and_in_each_jobs_order(app: &TestA
     assert_eq!(streamed, events);
     replica.shutdown().await;
 }
+
+/// Runs `sql` (a query answering one count) on the test's PostgreSQL database.
+async fn count_on(app: &TestApp, sql: &'static str) -> i64 {
+    let pool = sqlx::PgPool::connect(&app.database_url).await.unwrap();
+    let count: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    count
+}
+
+/// The connections listening for events, each process's own.
+const LISTENING: &str = "SELECT count(*) FROM pg_stat_activity \
+    WHERE datname = current_database() AND query ILIKE 'LISTEN%'";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(falgate_postgres_tests),
+    ignore = "set FALGATE_TEST_POSTGRES_URL to run it"
+)]
+async fn replicas_listen_again_after_their_listening_connections_are_cut() {
+    with_app(
+        Backend::Postgres,
+        |_| {},
+        async |app: &TestApp| {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut config = config_for(&app.database_url);
+            point_at_emulator(&mut config, &app.fal, listener.local_addr().unwrap());
+            let replica = falgate::app::App::build(config, listener).await.unwrap();
+            let replica_base = format!("http://{}", replica.local_addr());
+            let mut stream = crate::streams::Reader::open_at(
+                app,
+                &format!("{replica_base}/v1/events/stream"),
+                None,
+            )
+            .await;
+            let told_end = async |stream: &mut crate::streams::Reader, job: &str| loop {
+                let (_, kind, data) = stream.next_event().await.expect("the stream goes on");
+                if kind == "job.succeeded" && data["data"]["id"] == job {
+                    return;
+                }
+            };
+            let before = submit_raw(app, json!({"prompt": "before the cut"})).await;
+            told_end(&mut stream, &before).await;
+            eventually("both processes listening")
+                .until(async || (count_on(app, LISTENING).await == 2).then_some(()))
+                .await;
+
+            let cut = count_on(
+                app,
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query ILIKE 'LISTEN%') AS cut",
+            )
+            .await;
+            assert_eq!(cut, 2);
+            // Each listens again by itself, and the stream on the other process goes on.
+            eventually("both processes listening again")
+                .until(async || (count_on(app, LISTENING).await == 2).then_some(()))
+                .await;
+            let after = submit_raw(app, json!({"prompt": "after the cut"})).await;
+            told_end(&mut stream, &after).await;
+            replica.shutdown().await;
+        },
+    )
+    .await;
+}
