@@ -320,7 +320,7 @@ pub async fn create_generation(
         negative_prompt: request.negative_prompt.clone(),
     };
     let mut problems = Vec::new();
-    let webhook = check_request_webhook(&state, request.webhook.clone(), &mut problems).await;
+    let webhook = check_request_webhook(&state, request.webhook.clone(), &mut problems).await?;
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }

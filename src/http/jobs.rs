@@ -289,7 +289,7 @@ pub async fn create_job(
     let endpoint = parse_allowed_endpoint(&state, &request.endpoint)
         .map_err(|error| problems.push(error))
         .ok();
-    let webhook = check_request_webhook(&state, request.webhook, &mut problems).await;
+    let webhook = check_request_webhook(&state, request.webhook, &mut problems).await?;
     let Some(endpoint) = endpoint.filter(|_| problems.is_empty()) else {
         return Err(ApiError::Validation(problems));
     };

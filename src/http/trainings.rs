@@ -105,7 +105,7 @@ pub async fn start_training(
                 .map(|p| FieldError::new(p.field, p.message)),
         );
     }
-    let webhook = check_request_webhook(&state, request.webhook.clone(), &mut errors).await;
+    let webhook = check_request_webhook(&state, request.webhook.clone(), &mut errors).await?;
     // The avatar's state is looked at only once the request is known to be right.
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));

@@ -183,15 +183,20 @@ fn new_secret() -> String {
     )
 }
 
-/// The URL, checked: its shape, then every address its host resolves to.
-async fn checked_url(state: &AppState, raw: &str) -> Result<String, FieldError> {
-    let url: reqwest::Url = raw
-        .parse()
-        .map_err(|e| FieldError::new("url", format!("is not a URL: {e}")))?;
-    guard::check(&url, state.webhooks.config())
-        .await
-        .map_err(|refused| FieldError::new("url", refused.to_string()))?;
-    Ok(url.to_string())
+/// The URL, checked: its shape, then every address its host resolves to. The outer error is
+/// an outage (the name could not be looked up in time), the inner one the URL's fault.
+async fn checked_url(state: &AppState, raw: &str) -> ApiResult<Result<String, FieldError>> {
+    let url: reqwest::Url = match raw.parse() {
+        Ok(url) => url,
+        Err(e) => return Ok(Err(FieldError::new("url", format!("is not a URL: {e}")))),
+    };
+    match guard::check(&url, state.webhooks.config()).await {
+        Ok(()) => Ok(Ok(url.to_string())),
+        Err(refused @ guard::Refusal::LookupTimedOut(_)) => Err(ApiError::ServiceUnavailable(
+            format!("the webhook URL's host {refused}; try again shortly"),
+        )),
+        Err(refused) => Ok(Err(FieldError::new("url", refused.to_string()))),
+    }
 }
 
 fn checked_types(types: Option<Vec<EventType>>) -> Result<Option<Vec<EventType>>, FieldError> {
@@ -242,7 +247,7 @@ pub async fn create_webhook_endpoint(
     body: ApiJson<CreateWebhookEndpointRequest>,
 ) -> ApiResult<Response> {
     let request = body.value;
-    let url = checked_url(&state, &request.url).await;
+    let url = checked_url(&state, &request.url).await?;
     let types = checked_types(request.event_types);
     let (url, event_types) = match (url, types) {
         (Ok(url), Ok(types)) => (url, types),
@@ -353,7 +358,7 @@ pub async fn update_webhook_endpoint(
     let mut errors = Vec::new();
     let url = match request.url {
         Some(raw) => checked_url(&state, &raw)
-            .await
+            .await?
             .map_err(|e| errors.push(e))
             .ok(),
         None => None,
@@ -575,21 +580,24 @@ pub struct CheckedWebhook {
 impl RequestWebhook {
     /// Checks the URL (resolving its host) and the types; errors name `webhook.url` and
     /// `webhook.event_types`.
-    pub async fn check(self, state: &AppState) -> Result<CheckedWebhook, Vec<FieldError>> {
-        let url = checked_url(state, &self.url).await;
+    pub async fn check(
+        self,
+        state: &AppState,
+    ) -> ApiResult<Result<CheckedWebhook, Vec<FieldError>>> {
+        let url = checked_url(state, &self.url).await?;
         let types = checked_types(self.event_types);
         let inside = |mut error: FieldError| {
             error.field = format!("webhook.{}", error.field);
             error
         };
-        match (url, types) {
+        Ok(match (url, types) {
             (Ok(url), Ok(event_types)) => Ok(CheckedWebhook { url, event_types }),
             (url, types) => Err([url.err(), types.err()]
                 .into_iter()
                 .flatten()
                 .map(inside)
                 .collect()),
-        }
+        })
     }
 }
 
@@ -629,14 +637,17 @@ pub async fn check_request_webhook(
     state: &AppState,
     webhook: Option<RequestWebhook>,
     problems: &mut Vec<FieldError>,
-) -> Option<CheckedWebhook> {
-    match webhook?.check(state).await {
+) -> ApiResult<Option<CheckedWebhook>> {
+    let Some(webhook) = webhook else {
+        return Ok(None);
+    };
+    Ok(match webhook.check(state).await? {
         Ok(checked) => Some(checked),
         Err(found) => {
             problems.extend(found);
             None
         }
-    }
+    })
 }
 
 /// The default webhook secret.

@@ -29,8 +29,11 @@ pub enum Refusal {
     NoHost,
     #[error("`{host}` resolves to a {class} address, which webhooks may not reach")]
     NotPublic { host: String, class: &'static str },
-    #[error("`{0}` does not resolve to any address (within 5 s)")]
+    #[error("`{0}` does not resolve to any address")]
     Unresolvable(String),
+    /// The lookup took too long: an outage of the resolver, not a fault of the URL's.
+    #[error("`{0}` could not be looked up within 5 s")]
+    LookupTimedOut(String),
 }
 
 impl Refusal {
@@ -85,9 +88,8 @@ pub async fn resolve(
     } else {
         tokio::time::timeout(LOOKUP_WITHIN, tokio::net::lookup_host((bare, port)))
             .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| Refusal::Unresolvable(host.to_owned()))?
+            .map_err(|_| Refusal::LookupTimedOut(host.to_owned()))?
+            .map_err(|_| Refusal::Unresolvable(host.to_owned()))?
             .map(|address| address.ip())
             .collect()
     };
