@@ -175,12 +175,16 @@ fn with_jitter(wait: Duration) -> Duration {
 }
 
 /// How long a claimed delivery is held: past the receiver's whole time to answer, with room
-/// to record the attempt, so that no other process sends it meanwhile.
+/// to record the attempt, so that no other process sends it meanwhile. No longer than that: a
+/// killed process's deliveries wait out their lease before another process sends them.
 fn lease(ctx: &WorkerContext) -> Duration {
     ctx.settings
         .lease
-        .max(ctx.webhooks.config().timeout + Duration::from_secs(30))
+        .max(ctx.webhooks.config().timeout + RECORD_ROOM)
 }
+
+/// Time allowed to record an attempt once its answer is in.
+const RECORD_ROOM: Duration = Duration::from_secs(5);
 
 /// One delivery to `endpoint` is no longer under way.
 fn leave(per_endpoint: &Mutex<HashMap<Uuid, usize>>, endpoint: Uuid) {

@@ -317,6 +317,8 @@ async fn a_receiver_down_across_a_kill_gets_every_event_once_it_is_back(backend:
         ("FALGATE_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.0/8"),
         ("FALGATE_WEBHOOK_HOSTS", "receiver.test=127.0.0.1"),
         ("FALGATE_WEBHOOK_RETRY_SCHEDULE", schedule.as_str()),
+        // A delivery under way at the kill waits out its lease (the timeout and a little).
+        ("FALGATE_WEBHOOK_TIMEOUT_SECS", "2"),
     ];
     let mut server = start_server_with(&database.url, &fal, port, &settings);
     wait_until_serving(&client, &base).await;
