@@ -1,6 +1,7 @@
 //! Avatars and their training: kinds, trigger phrases, the trainer each kind gets, and the
 //! exact preset values of each trainer (seed-features.md §1).
 
+use super::trainers::{FieldRule, TrainerEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
@@ -143,19 +144,22 @@ impl TrainerChoice {
 
 impl Trainer {
     pub fn endpoint(self) -> &'static str {
-        match self {
-            Self::Portrait => "fal-ai/flux-lora-portrait-trainer",
-            Self::Pro => "fal-ai/flux-pro-trainer",
-            Self::FastLora => "fal-ai/flux-lora-fast-training",
-        }
+        self.entry().endpoint
     }
 
     /// The input field that carries the training ZIP's URL.
     fn data_field(self) -> &'static str {
-        match self {
-            Self::Pro => "data_url",
-            Self::Portrait | Self::FastLora => "images_data_url",
-        }
+        self.entry().fields.zip
+    }
+
+    /// Its entry in the trainer registry.
+    pub fn entry(self) -> &'static TrainerEntry {
+        let id = match self {
+            Self::Portrait => "portrait",
+            Self::Pro => "pro",
+            Self::FastLora => "fast_lora",
+        };
+        super::trainers::by_id(id).expect("every trainer is in the registry")
     }
 }
 
@@ -174,68 +178,8 @@ pub fn default_trigger_phrase(avatar_id: Uuid) -> String {
     format!("TOK_{}", &avatar_id.simple().to_string()[..8])
 }
 
-/// One field of a trainer that a client may override, with the values FAL takes.
-#[derive(Debug, Clone, Copy)]
-enum FieldRule {
-    Int { min: i64, max: i64 },
-    Float { min: f64, max: f64 },
-    Bool,
-    OneOf(&'static [&'static str]),
-}
-
 fn overridable(trainer: Trainer) -> &'static [(&'static str, FieldRule)] {
-    use FieldRule::*;
-    match trainer {
-        Trainer::Portrait => &[
-            (
-                "steps",
-                Int {
-                    min: 1,
-                    max: 10_000,
-                },
-            ),
-            (
-                "learning_rate",
-                Float {
-                    min: 1e-7,
-                    max: 1e-2,
-                },
-            ),
-            ("multiresolution_training", Bool),
-            ("subject_crop", Bool),
-            ("create_masks", Bool),
-        ],
-        Trainer::Pro => &[
-            (
-                "iterations",
-                Int {
-                    min: 100,
-                    max: 10_000,
-                },
-            ),
-            (
-                "learning_rate",
-                Float {
-                    min: 1e-7,
-                    max: 1e-2,
-                },
-            ),
-            ("priority", OneOf(&["speed", "quality", "high_res_only"])),
-            ("captioning", Bool),
-            ("lora_rank", OneOf(&["16", "32"])),
-        ],
-        Trainer::FastLora => &[
-            (
-                "steps",
-                Int {
-                    min: 1,
-                    max: 10_000,
-                },
-            ),
-            ("create_masks", Bool),
-            ("is_style", Bool),
-        ],
-    }
+    trainer.entry().overridable
 }
 
 pub use super::FieldProblem;
@@ -341,32 +285,12 @@ fn check(rule: &FieldRule, value: &Value) -> Result<Value, String> {
 
 /// The seed's preset table, exactly.
 fn preset_values(trainer: Trainer, preset: TrainingPreset) -> Value {
-    use TrainingPreset::*;
-    match (trainer, preset) {
-        (Trainer::Portrait, Fast) => {
-            json!({"steps": 500, "learning_rate": 0.0003, "subject_crop": true})
-        }
-        (Trainer::Portrait, Balanced) => json!({
-            "steps": 1500, "learning_rate": 0.00015, "subject_crop": true, "create_masks": true
-        }),
-        (Trainer::Portrait, Quality) => json!({
-            "steps": 2500, "learning_rate": 0.0001, "subject_crop": true, "create_masks": true,
-            "multiresolution_training": true
-        }),
-        (Trainer::Pro, Fast) => {
-            json!({"iterations": 200, "learning_rate": 0.0002, "priority": "speed"})
-        }
-        (Trainer::Pro, Balanced) => json!({
-            "iterations": 600, "learning_rate": 0.00008, "priority": "quality", "lora_rank": 32
-        }),
-        (Trainer::Pro, Quality) => json!({
-            "iterations": 1000, "learning_rate": 0.00005, "priority": "quality", "lora_rank": 32
-        }),
-        // The fast LoRA trainer has steps only; the portrait trainer's step counts carry over.
-        (Trainer::FastLora, Fast) => json!({"steps": 500}),
-        (Trainer::FastLora, Balanced) => json!({"steps": 1500, "create_masks": true}),
-        (Trainer::FastLora, Quality) => json!({"steps": 2500, "create_masks": true}),
-    }
+    let fields = trainer.entry().preset(preset).iter();
+    Value::Object(
+        fields
+            .map(|(name, value)| ((*name).to_owned(), value.to_json()))
+            .collect(),
+    )
 }
 
 #[cfg(test)]

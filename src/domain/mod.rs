@@ -11,6 +11,7 @@ pub mod generation;
 pub mod idempotency;
 pub mod job;
 pub mod photo;
+pub mod trainers;
 
 use chrono::{DateTime, SubsecRound, Utc};
 

@@ -16,6 +16,7 @@ pub mod photos;
 pub mod server;
 pub mod spec;
 pub mod streams;
+pub mod trainers;
 pub mod trainings;
 pub mod webhook_endpoints;
 
@@ -87,6 +88,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(photos::upload_photos, photos::list_photos))
         .routes(routes!(photos::get_photo, photos::delete_photo))
         .routes(routes!(trainings::start_training))
+        .routes(routes!(trainers::list_trainers))
         .routes(routes!(generations::create_generation))
         .routes(routes!(generations::get_batch))
         .routes(routes!(events::list_events))

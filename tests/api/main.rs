@@ -18,4 +18,5 @@ mod outcomes;
 mod photos;
 mod pipeline;
 mod streams;
+mod trainers;
 mod webhooks;
