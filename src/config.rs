@@ -192,6 +192,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FALGATE_MAX_BATCH", default_value = "10")]
     pub max_batch: String,
 
+    /// Let a training name a trainer FAL has deprecated (refused otherwise, naming its
+    /// replacement).
+    #[arg(long, env = "FALGATE_ALLOW_DEPRECATED_TRAINERS", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_deprecated_trainers: Option<String>,
+
     /// Submits to FAL in flight at once.
     #[arg(long, env = "FALGATE_DISPATCH_CONCURRENCY", default_value = "8")]
     pub dispatch_concurrency: String,
@@ -297,6 +302,8 @@ pub struct AvatarLimits {
     /// Photo uploads processed at once.
     pub upload_concurrency: usize,
     pub max_batch: u32,
+    /// Whether a training may name a trainer FAL has deprecated.
+    pub allow_deprecated_trainers: bool,
 }
 
 /// Where and how webhooks are delivered.
@@ -667,6 +674,11 @@ impl ServeArgs {
                 "max-batch",
                 1..=100,
             )?,
+            allow_deprecated_trainers: parse_switch(
+                &self.allow_deprecated_trainers,
+                "FALGATE_ALLOW_DEPRECATED_TRAINERS",
+                "allow-deprecated-trainers",
+            )?,
         };
         if avatars.storage_dir.as_os_str().is_empty() {
             return Err(invalid(
@@ -884,6 +896,7 @@ impl Config {
             max_upload_bytes: None,
             upload_concurrency: "4".into(),
             max_batch: "10".into(),
+            allow_deprecated_trainers: None,
             dispatch_concurrency: "8".into(),
             submit_deadline_secs: "900".into(),
             lease_secs: "60".into(),

@@ -120,20 +120,28 @@ pub enum Trainer {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainerChoice {
-    /// Chosen by the avatar's kind: characters get `portrait`, the others `pro`.
+    /// Chosen by the avatar's kind, never a deprecated trainer: characters get `portrait`,
+    /// the other kinds `fast_lora` (with `is_style` for a style).
     #[default]
     Auto,
     Portrait,
+    /// Deprecated by FAL: refused unless `FALGATE_ALLOW_DEPRECATED_TRAINERS` is set.
     Pro,
     FastLora,
 }
 
 impl TrainerChoice {
+    /// The trainer this choice names for an avatar of `kind`.
+    ///
+    /// `auto` sends styles, products and general avatars to the fast LoRA trainer: FAL names it
+    /// as the replacement of its retired general trainer, it has a style mode and a subject mode
+    /// (captions and masks of its own), and its LoRAs are FLUX.1 [dev] weights, which generate on
+    /// `fal-ai/flux-lora` like a character's, with the same quality presets.
     pub fn resolve(self, kind: AvatarKind) -> Trainer {
         match self {
             Self::Auto => match kind {
                 AvatarKind::Character => Trainer::Portrait,
-                AvatarKind::Style | AvatarKind::Product | AvatarKind::General => Trainer::Pro,
+                AvatarKind::Style | AvatarKind::Product | AvatarKind::General => Trainer::FastLora,
             },
             Self::Portrait => Trainer::Portrait,
             Self::Pro => Trainer::Pro,
@@ -322,7 +330,12 @@ mod tests {
             Trainer::Portrait
         );
         for kind in [AvatarKind::Style, AvatarKind::Product, AvatarKind::General] {
-            assert_eq!(TrainerChoice::Auto.resolve(kind), Trainer::Pro);
+            let chosen = TrainerChoice::Auto.resolve(kind);
+            assert_eq!(chosen, Trainer::FastLora);
+            assert!(
+                chosen.entry().is_current(),
+                "auto never picks a deprecated trainer"
+            );
         }
         assert_eq!(
             TrainerChoice::FastLora.resolve(AvatarKind::Character),

@@ -11,6 +11,7 @@ use super::webhook_endpoints::{RequestWebhook, check_request_webhook};
 use crate::domain::archive::{Entry, zip};
 use crate::domain::avatar::{TrainerChoice, TrainingPreset, TrainingSpec, training_input};
 use crate::domain::job::JobKind;
+use crate::domain::trainers::TrainerStatus;
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
 use crate::store::{NewJob, TrainingStart};
@@ -25,8 +26,9 @@ use uuid::Uuid;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartTrainingRequest {
-    /// The trainer: `auto` (characters get `portrait`, the other kinds `pro`), `portrait`,
-    /// `pro`, or `fast_lora`.
+    /// The trainer: `auto` (characters get `portrait`, the other kinds `fast_lora`),
+    /// `portrait`, `fast_lora`, or `pro` (deprecated by FAL: refused unless the server allows
+    /// deprecated trainers). `GET /v1/trainers` describes each.
     #[serde(default)]
     pub model: TrainerChoice,
     /// `fast`, `balanced` (default) or `quality`.
@@ -86,6 +88,18 @@ pub async fn start_training(
         }
     }
     let trainer = request.model.resolve(avatar.kind);
+    if let TrainerStatus::Deprecated { replacement } = trainer.entry().status
+        && !state.config.avatars.allow_deprecated_trainers
+    {
+        errors.push(FieldError::new(
+            "model",
+            format!(
+                "FAL has deprecated {} and no longer trains with it; use `{replacement}` \
+                 (avatars trained on it before keep generating)",
+                trainer.entry().endpoint
+            ),
+        ));
+    }
     // Check the request in full before anything is uploaded.
     let placeholder = "https://example.invalid/photos.zip";
     let check = TrainingSpec {

@@ -239,10 +239,17 @@ async fn a_ready_avatar_refuses_what_its_endpoint_does_not_take_and_bad_values(a
     .await;
 }
 
-backend_tests!(a_style_is_finetuned_and_generates_on_the_finetune_endpoint);
-async fn a_style_is_finetuned_and_generates_on_the_finetune_endpoint(app: &TestApp) {
+backend_tests!(
+    a_style_finetuned_on_the_deprecated_pro_trainer_generates_on_the_finetune_endpoint,
+    |config| {
+        config.avatars.allow_deprecated_trainers = true;
+    }
+);
+async fn a_style_finetuned_on_the_deprecated_pro_trainer_generates_on_the_finetune_endpoint(
+    app: &TestApp,
+) {
     let id = &trainable_avatar(app, "style").await;
-    let job = train_json(app, id, json!({"preset": "fast"})).await;
+    let job = train_json(app, id, json!({"preset": "fast", "model": "pro"})).await;
     assert_eq!(job["endpoint"], "fal-ai/flux-pro-trainer");
     let input = &job["input"];
     assert_eq!(input["mode"], "style");
@@ -822,4 +829,43 @@ fn stored_files(archive: Vec<u8>) -> BTreeSet<Vec<u8>> {
             bytes
         })
         .collect()
+}
+
+backend_tests!(auto_trains_every_kind_on_a_current_trainer_and_the_retired_one_is_refused);
+async fn auto_trains_every_kind_on_a_current_trainer_and_the_retired_one_is_refused(app: &TestApp) {
+    for (kind, endpoint, is_style) in [
+        ("character", "fal-ai/flux-lora-portrait-trainer", None),
+        ("style", "fal-ai/flux-lora-fast-training", Some(true)),
+        ("product", "fal-ai/flux-lora-fast-training", Some(false)),
+        ("general", "fal-ai/flux-lora-fast-training", Some(false)),
+    ] {
+        let id = &trainable_avatar(app, kind).await;
+        if kind == "style" {
+            // The retired trainer is refused, naming its replacement, and nothing starts.
+            let refused = train(app, id, json!({"model": "pro"})).await;
+            let problem = validation_problem(refused).await;
+            assert_eq!(fields(&problem), ["model"]);
+            let message = problem["errors"][0]["message"].as_str().unwrap();
+            assert!(
+                message.contains("fal-ai/flux-pro-trainer") && message.contains("`fast_lora`"),
+                "{message}"
+            );
+            assert_eq!(
+                app.get_json(&format!("/v1/avatars/{id}")).await["status"],
+                "draft"
+            );
+        }
+        let job = train_json(app, id, json!({})).await;
+        assert_eq!(job["endpoint"], endpoint, "{kind}");
+        let input = &job["input"];
+        assert_eq!(
+            input.get("is_style").and_then(Value::as_bool),
+            is_style,
+            "{kind}"
+        );
+        // The fast trainer takes the portrait trainer's balanced step count.
+        assert_eq!(input["steps"], 1500, "{kind}");
+        let ready = wait_for_avatar(app, id, "ready").await;
+        assert!(ready["artifact"]["lora_url"].is_string(), "{kind}: {ready}");
+    }
 }
