@@ -1,7 +1,7 @@
 //! Avatars and their training: kinds, trigger phrases, the trainer each kind gets, and the
 //! exact preset values of each trainer (seed-features.md §1).
 
-use super::trainers::{FieldRule, TrainerEntry};
+use super::trainers::{Captions, FieldRule, Output, TrainerEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
@@ -90,13 +90,18 @@ pub enum TrainedArtifact {
     },
 }
 
-/// The artifact in a trainer's output, if the output holds one.
+/// The artifact in a trainer's output, if the output holds one, where the registry says the
+/// trainer at `endpoint` keeps it (a trainer it does not know: `diffusers_lora_file`).
 pub fn artifact_from_output(endpoint: &str, output: &Value) -> Option<TrainedArtifact> {
     let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
-    if endpoint == Trainer::Pro.endpoint() {
-        return text(output.get("finetune_id")?).map(|id| TrainedArtifact::Finetune { id });
-    }
-    let url = text(output.get("diffusers_lora_file")?.get("url")?)?;
+    let field = match super::trainers::by_endpoint(endpoint).map(|entry| entry.output) {
+        Some(Output::Finetune) => {
+            return text(output.get("finetune_id")?).map(|id| TrainedArtifact::Finetune { id });
+        }
+        Some(Output::Lora { field, .. }) => field,
+        None => "diffusers_lora_file",
+    };
+    let url = text(output.get(field)?.get("url")?)?;
     let config_url = output
         .get("config_file")
         .and_then(|f| f.get("url"))
@@ -104,16 +109,35 @@ pub fn artifact_from_output(endpoint: &str, output: &Value) -> Option<TrainedArt
     Some(TrainedArtifact::Lora { url, config_url })
 }
 
-/// Which FAL trainer runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Trainer {
+/// Which FAL trainer runs: an entry of the registry (`domain::trainers`), by its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trainer(&'static str);
+
+impl Trainer {
     /// `fal-ai/flux-lora-portrait-trainer`: a LoRA of a person.
-    Portrait,
-    /// `fal-ai/flux-pro-trainer`: a FLUX pro finetune (FAL marks it deprecated).
-    Pro,
+    pub const PORTRAIT: Self = Self("portrait");
+    /// `fal-ai/flux-pro-trainer`: a FLUX pro finetune (deprecated by FAL).
+    pub const PRO: Self = Self("pro");
     /// `fal-ai/flux-lora-fast-training`: a LoRA, `is_style` for styles.
-    FastLora,
+    pub const FAST_LORA: Self = Self("fast_lora");
+
+    /// The trainer with this registry id.
+    pub fn from_id(id: &str) -> Option<Self> {
+        super::trainers::by_id(id).map(|entry| Self(entry.id))
+    }
+
+    /// Its entry in the trainer registry.
+    pub fn entry(self) -> &'static TrainerEntry {
+        super::trainers::by_id(self.0).expect("every trainer is in the registry")
+    }
+
+    pub fn id(self) -> &'static str {
+        self.0
+    }
+
+    pub fn endpoint(self) -> &'static str {
+        self.entry().endpoint
+    }
 }
 
 /// The client's choice of trainer.
@@ -140,34 +164,13 @@ impl TrainerChoice {
     pub fn resolve(self, kind: AvatarKind) -> Trainer {
         match self {
             Self::Auto => match kind {
-                AvatarKind::Character => Trainer::Portrait,
-                AvatarKind::Style | AvatarKind::Product | AvatarKind::General => Trainer::FastLora,
+                AvatarKind::Character => Trainer::PORTRAIT,
+                AvatarKind::Style | AvatarKind::Product | AvatarKind::General => Trainer::FAST_LORA,
             },
-            Self::Portrait => Trainer::Portrait,
-            Self::Pro => Trainer::Pro,
-            Self::FastLora => Trainer::FastLora,
+            Self::Portrait => Trainer::PORTRAIT,
+            Self::Pro => Trainer::PRO,
+            Self::FastLora => Trainer::FAST_LORA,
         }
-    }
-}
-
-impl Trainer {
-    pub fn endpoint(self) -> &'static str {
-        self.entry().endpoint
-    }
-
-    /// The input field that carries the training ZIP's URL.
-    fn data_field(self) -> &'static str {
-        self.entry().fields.zip
-    }
-
-    /// Its entry in the trainer registry.
-    pub fn entry(self) -> &'static TrainerEntry {
-        let id = match self {
-            Self::Portrait => "portrait",
-            Self::Pro => "pro",
-            Self::FastLora => "fast_lora",
-        };
-        super::trainers::by_id(id).expect("every trainer is in the registry")
     }
 }
 
@@ -208,28 +211,46 @@ pub struct TrainingSpec<'a> {
 /// The exact FAL input of a training: the preset's values, the fixed fields, then the client's
 /// overrides, each checked against what FAL takes. Fields not named keep FAL's default.
 pub fn training_input(spec: &TrainingSpec<'_>) -> Result<Value, Vec<FieldProblem>> {
+    let entry = spec.trainer.entry();
     let mut input = preset_values(spec.trainer, spec.preset);
     let fields = input.as_object_mut().expect("presets are objects");
-    fields.insert(spec.trainer.data_field().into(), json!(spec.data_url));
-    match spec.trainer {
-        Trainer::Portrait => {
-            fields.insert("trigger_phrase".into(), json!(spec.trigger_phrase));
-        }
-        Trainer::Pro => {
+    fields.insert(entry.fields.zip.into(), json!(spec.data_url));
+    if let Some((trigger, _)) = entry.fields.trigger {
+        fields.insert(trigger.into(), json!(spec.trigger_phrase));
+    }
+    // The ZIP falgate makes has a caption per photo; a client's own ZIP may not, and these
+    // trainers fail without one.
+    if let Captions::Required {
+        default_caption_field,
+    } = entry.captions
+    {
+        fields.insert(default_caption_field.into(), json!(spec.trigger_phrase));
+    }
+    let style = spec.kind == AvatarKind::Style;
+    // Each trainer's own switch between a subject and a style.
+    match entry.id {
+        "pro" => {
             fields.insert("mode".into(), json!(spec.kind.as_str()));
             fields.insert("finetune_type".into(), json!("lora"));
             fields.insert("captioning".into(), json!(true));
-            fields.insert("trigger_word".into(), json!(spec.trigger_phrase));
             let name: String = spec.avatar_name.chars().take(30).collect();
             fields.insert(
                 "finetune_comment".into(),
                 json!(format!("{name} ({})", spec.avatar_id)),
             );
         }
-        Trainer::FastLora => {
-            fields.insert("trigger_word".into(), json!(spec.trigger_phrase));
-            fields.insert("is_style".into(), json!(spec.kind == AvatarKind::Style));
+        "fast_lora" | "wan_22_image" => {
+            fields.insert("is_style".into(), json!(style));
         }
+        "turbo_flux" => {
+            let mode = if style { "style" } else { "subject" };
+            fields.insert("training_style".into(), json!(mode));
+        }
+        "z_image" => {
+            let mode = if style { "style" } else { "content" };
+            fields.insert("training_type".into(), json!(mode));
+        }
+        _ => {}
     }
     let rules = overridable(spec.trainer);
     let mut problems = Vec::new();
@@ -241,7 +262,7 @@ pub fn training_input(spec: &TrainingSpec<'_>) -> Result<Value, Vec<FieldProblem
                 field,
                 message: format!(
                     "`{name}` cannot be set for the {} trainer; it takes: {}",
-                    spec.trainer.endpoint(),
+                    entry.endpoint,
                     known.join(", ")
                 ),
             });
@@ -327,11 +348,11 @@ mod tests {
     fn auto_chooses_by_kind() {
         assert_eq!(
             TrainerChoice::Auto.resolve(AvatarKind::Character),
-            Trainer::Portrait
+            Trainer::PORTRAIT
         );
         for kind in [AvatarKind::Style, AvatarKind::Product, AvatarKind::General] {
             let chosen = TrainerChoice::Auto.resolve(kind);
-            assert_eq!(chosen, Trainer::FastLora);
+            assert_eq!(chosen, Trainer::FAST_LORA);
             assert!(
                 chosen.entry().is_current(),
                 "auto never picks a deprecated trainer"
@@ -339,7 +360,7 @@ mod tests {
         }
         assert_eq!(
             TrainerChoice::FastLora.resolve(AvatarKind::Character),
-            Trainer::FastLora
+            Trainer::FAST_LORA
         );
     }
 
@@ -353,7 +374,7 @@ mod tests {
     fn portrait_balanced_is_the_seed_preset_exactly() {
         let none = Map::new();
         let input = training_input(&spec(
-            Trainer::Portrait,
+            Trainer::PORTRAIT,
             TrainingPreset::Balanced,
             AvatarKind::Character,
             &none,
@@ -372,7 +393,7 @@ mod tests {
     fn every_preset_of_the_seed_table() {
         let none = Map::new();
         let get = |t, p| training_input(&spec(t, p, AvatarKind::Style, &none)).unwrap();
-        let fast = get(Trainer::Portrait, TrainingPreset::Fast);
+        let fast = get(Trainer::PORTRAIT, TrainingPreset::Fast);
         assert_eq!(
             (fast["steps"].clone(), fast["learning_rate"].clone()),
             (json!(500), json!(0.0003))
@@ -381,13 +402,13 @@ mod tests {
             fast.get("create_masks").is_none(),
             "unnamed fields keep FAL's default"
         );
-        let quality = get(Trainer::Portrait, TrainingPreset::Quality);
+        let quality = get(Trainer::PORTRAIT, TrainingPreset::Quality);
         assert_eq!(quality["steps"], 2500);
         assert_eq!(quality["multiresolution_training"], true);
-        let pro_fast = get(Trainer::Pro, TrainingPreset::Fast);
+        let pro_fast = get(Trainer::PRO, TrainingPreset::Fast);
         assert_eq!(pro_fast["iterations"], 200);
         assert_eq!(pro_fast["priority"], "speed");
-        let pro_quality = get(Trainer::Pro, TrainingPreset::Quality);
+        let pro_quality = get(Trainer::PRO, TrainingPreset::Quality);
         assert_eq!(pro_quality["iterations"], 1000);
         assert_eq!(pro_quality["learning_rate"], 0.00005);
         assert_eq!(pro_quality["lora_rank"], 32);
@@ -397,7 +418,7 @@ mod tests {
     fn pro_trainer_gets_its_fixed_fields() {
         let none = Map::new();
         let input = training_input(&spec(
-            Trainer::Pro,
+            Trainer::PRO,
             TrainingPreset::Balanced,
             AvatarKind::Product,
             &none,
@@ -418,7 +439,7 @@ mod tests {
     fn fast_lora_sets_is_style_for_styles() {
         let none = Map::new();
         let style = training_input(&spec(
-            Trainer::FastLora,
+            Trainer::FAST_LORA,
             TrainingPreset::Fast,
             AvatarKind::Style,
             &none,
@@ -426,7 +447,7 @@ mod tests {
         .unwrap();
         assert_eq!(style["is_style"], true);
         let person = training_input(&spec(
-            Trainer::FastLora,
+            Trainer::FAST_LORA,
             TrainingPreset::Fast,
             AvatarKind::Character,
             &none,
@@ -440,7 +461,7 @@ mod tests {
         let mut overrides = Map::new();
         overrides.insert("steps".into(), json!(800));
         let input = training_input(&spec(
-            Trainer::Portrait,
+            Trainer::PORTRAIT,
             TrainingPreset::Balanced,
             AvatarKind::Character,
             &overrides,
@@ -453,7 +474,7 @@ mod tests {
         bad.insert("iterations".into(), json!(300));
         bad.insert("subject_crop".into(), json!("yes"));
         let problems = training_input(&spec(
-            Trainer::Portrait,
+            Trainer::PORTRAIT,
             TrainingPreset::Balanced,
             AvatarKind::Character,
             &bad,
@@ -472,7 +493,7 @@ mod tests {
         let mut rank = Map::new();
         rank.insert("lora_rank".into(), json!(16));
         let input = training_input(&spec(
-            Trainer::Pro,
+            Trainer::PRO,
             TrainingPreset::Fast,
             AvatarKind::Style,
             &rank,
@@ -482,7 +503,7 @@ mod tests {
         rank.insert("lora_rank".into(), json!(64));
         assert!(
             training_input(&spec(
-                Trainer::Pro,
+                Trainer::PRO,
                 TrainingPreset::Fast,
                 AvatarKind::Style,
                 &rank

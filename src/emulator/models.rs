@@ -143,6 +143,73 @@ const PRO_TRAINER: &[Field] = &[
     opt("finetune_type", Kind::Lit(&["full", "lora"])),
 ];
 
+const TURBO_FLUX_TRAINER: &[Field] = &[
+    req("images_data_url", Kind::Str),
+    null("trigger_phrase", Kind::Str),
+    opt("steps", Kind::Int(Some(1), Some(10000))),
+    opt("learning_rate", Kind::Float(Some(1e-7), Some(0.01))),
+    null("training_style", Kind::Lit(&["subject", "style"])),
+    opt("face_crop", Kind::Bool),
+];
+
+const FLUX_2_TRAINER: &[Field] = &[
+    req("image_data_url", Kind::Str),
+    opt("steps", Kind::Int(Some(100), Some(10000))),
+    opt("learning_rate", Kind::Float(Some(0.0), None)),
+    null("default_caption", Kind::Str),
+    opt("output_lora_format", Kind::Lit(&["fal", "comfy"])),
+];
+
+const QWEN_IMAGE_2512_TRAINER: &[Field] = &[
+    req("image_data_url", Kind::Str),
+    opt("steps", Kind::Int(Some(100), Some(30000))),
+    opt("learning_rate", Kind::Float(Some(0.0), None)),
+    null("default_caption", Kind::Str),
+];
+
+const Z_IMAGE_TRAINER: &[Field] = &[
+    req("image_data_url", Kind::Str),
+    opt("steps", Kind::Int(Some(100), Some(10000))),
+    opt("learning_rate", Kind::Float(Some(0.0), None)),
+    null("default_caption", Kind::Str),
+    opt(
+        "training_type",
+        Kind::Lit(&["content", "style", "balanced"]),
+    ),
+];
+
+const KREA_2_TRAINER: &[Field] = &[
+    req("images_data_url", Kind::Str),
+    opt("trigger_phrase", Kind::Str),
+    opt("steps", Kind::Int(Some(1), None)),
+    opt("learning_rate", Kind::Float(Some(0.0), None)),
+    opt("resolution", Kind::IntLit(&[768, 1024])),
+    opt(
+        "auto_captioning",
+        Kind::Lit(&["Off", "Object/Character", "Style", "Custom"]),
+    ),
+    opt("debug_dataset", Kind::Bool),
+];
+
+const WAN_22_IMAGE_TRAINER: &[Field] = &[
+    req("training_data_url", Kind::Str),
+    req("trigger_phrase", Kind::Str),
+    opt("include_synthetic_captions", Kind::Bool),
+    opt("use_face_detection", Kind::Bool),
+    opt("use_face_cropping", Kind::Bool),
+    opt("use_masks", Kind::Bool),
+    opt("steps", Kind::Int(Some(10), Some(6000))),
+    opt("learning_rate", Kind::Float(Some(0.000001), Some(0.1))),
+    opt("is_style", Kind::Bool),
+];
+
+/// Trainers that fail when a photo has no caption file and no `default_caption` is given.
+const CAPTIONS_REQUIRED: &[&str] = &[
+    "fal-ai/flux-2-trainer",
+    "fal-ai/qwen-image-2512-trainer",
+    "fal-ai/z-image-trainer",
+];
+
 const ULTRA_FINETUNED: &[Field] = &[
     req("prompt", Kind::Str),
     req("finetune_id", Kind::Str),
@@ -170,6 +237,12 @@ fn schema(endpoint: &str) -> Option<&'static [Field]> {
         "fal-ai/flux-lora-portrait-trainer" => PORTRAIT_TRAINER,
         "fal-ai/flux-pro-trainer" => PRO_TRAINER,
         "fal-ai/flux-pro/v1.1-ultra-finetuned" => ULTRA_FINETUNED,
+        "fal-ai/turbo-flux-trainer" => TURBO_FLUX_TRAINER,
+        "fal-ai/flux-2-trainer" => FLUX_2_TRAINER,
+        "fal-ai/qwen-image-2512-trainer" => QWEN_IMAGE_2512_TRAINER,
+        "fal-ai/z-image-trainer" => Z_IMAGE_TRAINER,
+        "fal-ai/krea-2-trainer" => KREA_2_TRAINER,
+        "fal-ai/wan-22-image-trainer" => WAN_22_IMAGE_TRAINER,
         _ => return None,
     })
 }
@@ -537,9 +610,14 @@ pub(crate) async fn run(state: &EmulatorState, req: &RequestSnapshot) -> Outcome
             let (w, h) = ultra_size(input.get("aspect_ratio").and_then(Value::as_str));
             generate(state, &input, w, h)
         }
-        "fal-ai/flux-lora-fast-training" | "fal-ai/flux-lora-portrait-trainer" => {
-            train_lora(state, req, &input).await
-        }
+        "fal-ai/flux-lora-fast-training"
+        | "fal-ai/flux-lora-portrait-trainer"
+        | "fal-ai/turbo-flux-trainer"
+        | "fal-ai/flux-2-trainer"
+        | "fal-ai/qwen-image-2512-trainer"
+        | "fal-ai/z-image-trainer"
+        | "fal-ai/krea-2-trainer"
+        | "fal-ai/wan-22-image-trainer" => train_lora(state, req, &input).await,
         "fal-ai/flux-pro-trainer" => train_pro(state, req, &input).await,
         other => Outcome::ok(json!({
             "endpoint": other,
@@ -744,42 +822,101 @@ async fn train_lora(
     req: &RequestSnapshot,
     input: &Map<String, Value>,
 ) -> Outcome {
-    let url = input
-        .get("images_data_url")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    // FAL's trainers spell the archive's field three ways.
+    let zip_field = ["images_data_url", "image_data_url", "training_data_url"]
+        .into_iter()
+        .find(|field| input.contains_key(*field))
+        .unwrap_or("images_data_url");
+    let url = input.get(zip_field).and_then(Value::as_str).unwrap_or("");
     let data = match download(state, &req.id, url).await {
         Ok(d) => d,
-        Err(why) => return download_failed(&[json!("images_data_url")], url, &why),
+        Err(why) => return download_failed(&[json!(zip_field)], url, &why),
     };
+    if CAPTIONS_REQUIRED.contains(&req.endpoint.as_str()) {
+        let default_caption = input
+            .get("default_caption")
+            .and_then(Value::as_str)
+            .filter(|caption| !caption.is_empty());
+        if default_caption.is_none()
+            && let Some(image) = uncaptioned_image(&data)
+        {
+            return unprocessable(vec![error(
+                loc(&[json!(zip_field)]),
+                "value_error",
+                format!(
+                    "No caption file for {image} and no default_caption: the training cannot \
+                     caption it"
+                ),
+                None,
+                None,
+            )]);
+        }
+    }
     let trigger = input
         .get("trigger_word")
         .or_else(|| input.get("trigger_phrase"))
         .and_then(Value::as_str)
         .unwrap_or("");
     let digest = hex::encode(Sha256::digest(&data));
-    let weights = safetensors(format!("{}{digest}", req.id).as_bytes(), trigger);
-    let weights_size = weights.len();
-    let weights_url = state.store_file(
-        "pytorch_lora_weights.safetensors",
-        "application/octet-stream",
-        weights,
-    );
+    let lora = |name: &str, salt: &str| {
+        let weights = safetensors(format!("{}{digest}{salt}", req.id).as_bytes(), trigger);
+        let size = weights.len();
+        let url = state.store_file(name, "application/octet-stream", weights);
+        file_json(url, name, "application/octet-stream", size)
+    };
     let config = serde_json::to_vec_pretty(&json!({
         "endpoint": req.endpoint,
         "trigger": trigger,
         "steps": input.get("steps").cloned().unwrap_or(json!(if req.endpoint.ends_with("portrait-trainer") { 2500 } else { 1000 })),
-        "images_data_url": url,
+        zip_field: url,
         "training_data_bytes": data.len(),
         "training_data_sha256": digest,
     }))
     .unwrap_or_default();
     let config_size = config.len();
     let config_url = state.store_file("config.json", "application/octet-stream", config);
-    Outcome::ok(json!({
-        "diffusers_lora_file": file_json(weights_url, "pytorch_lora_weights.safetensors", "application/octet-stream", weights_size),
-        "config_file": file_json(config_url, "config.json", "application/octet-stream", config_size),
-    }))
+    let config_file = file_json(
+        config_url,
+        "config.json",
+        "application/octet-stream",
+        config_size,
+    );
+    Outcome::ok(match req.endpoint.as_str() {
+        // Krea 2 names its weights `lora_file`.
+        "fal-ai/krea-2-trainer" => json!({
+            "lora_file": lora("lora.safetensors", ""),
+            "config_file": config_file,
+        }),
+        // Wan 2.2 trains two: the low-noise file where the others put theirs, and a high-noise one.
+        "fal-ai/wan-22-image-trainer" => json!({
+            "diffusers_lora_file": lora("low_noise_lora.safetensors", "low"),
+            "high_noise_lora": lora("high_noise_lora.safetensors", "high"),
+            "config_file": config_file,
+        }),
+        _ => json!({
+            "diffusers_lora_file": lora("pytorch_lora_weights.safetensors", ""),
+            "config_file": config_file,
+        }),
+    })
+}
+
+/// The first image in a ZIP with no caption file (`name.txt`) beside it, if any.
+fn uncaptioned_image(archive: &[u8]) -> Option<String> {
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(archive)).ok()?;
+    let names: Vec<String> = (0..zip.len())
+        .filter_map(|i| {
+            let entry = zip.by_index(i).ok()?;
+            entry.name().ok().map(|name| name.into_owned())
+        })
+        .collect();
+    names.iter().find_map(|name| {
+        let (stem, extension) = name.rsplit_once('.')?;
+        let image = matches!(
+            extension.to_ascii_lowercase().as_str(),
+            "png" | "jpg" | "jpeg" | "webp"
+        );
+        (image && !names.contains(&format!("{stem}.txt"))).then(|| name.clone())
+    })
 }
 
 async fn train_pro(

@@ -9,9 +9,9 @@ use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
 use super::webhook_endpoints::{RequestWebhook, check_request_webhook};
 use crate::domain::archive::{Entry, zip};
-use crate::domain::avatar::{TrainerChoice, TrainingPreset, TrainingSpec, training_input};
+use crate::domain::avatar::{Trainer, TrainerChoice, TrainingPreset, TrainingSpec, training_input};
 use crate::domain::job::JobKind;
-use crate::domain::trainers::TrainerStatus;
+use crate::domain::trainers::{self, Captions, TrainerStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
 use crate::store::{NewJob, TrainingStart};
@@ -31,6 +31,10 @@ pub struct StartTrainingRequest {
     /// deprecated trainers). `GET /v1/trainers` describes each.
     #[serde(default)]
     pub model: TrainerChoice,
+    /// A trainer by its id in `GET /v1/trainers` (any of them, the newer model families'
+    /// included), instead of `model`.
+    #[schema(example = "flux_2")]
+    pub trainer: Option<String>,
     /// `fast`, `balanced` (default) or `quality`.
     #[serde(default)]
     pub preset: TrainingPreset,
@@ -87,12 +91,35 @@ pub async fn start_training(
             errors.push(FieldError::new("images_data_url", "must be an http(s) URL"));
         }
     }
-    let trainer = request.model.resolve(avatar.kind);
+    let (trainer, named_by) = match (&request.trainer, request.model) {
+        (None, model) => (model.resolve(avatar.kind), "model"),
+        (Some(_), model) if model != TrainerChoice::Auto => {
+            errors.push(FieldError::new(
+                "trainer",
+                "name the trainer by `trainer` or by `model`, not both",
+            ));
+            return Err(ApiError::Validation(errors));
+        }
+        (Some(id), _) => match Trainer::from_id(id) {
+            Some(trainer) => (trainer, "trainer"),
+            None => {
+                let known: Vec<&str> = trainers::all().iter().map(|t| t.id).collect();
+                errors.push(FieldError::new(
+                    "trainer",
+                    format!(
+                        "no trainer `{id}`; `GET /v1/trainers` lists them: {}",
+                        known.join(", ")
+                    ),
+                ));
+                return Err(ApiError::Validation(errors));
+            }
+        },
+    };
     if let TrainerStatus::Deprecated { replacement } = trainer.entry().status
         && !state.config.avatars.allow_deprecated_trainers
     {
         errors.push(FieldError::new(
-            "model",
+            named_by,
             format!(
                 "FAL has deprecated {} and no longer trains with it; use `{replacement}` \
                  (avatars trained on it before keep generating)",
@@ -151,7 +178,7 @@ pub async fn start_training(
                             ),
                         });
                     }
-                    upload_photos(&state, id, &photos).await?
+                    upload_photos(&state, id, &photos, trainer, check.trigger_phrase).await?
                 }
             };
             let spec = TrainingSpec {
@@ -213,6 +240,8 @@ async fn upload_photos(
     state: &AppState,
     avatar_id: Uuid,
     photos: &[crate::store::Photo],
+    trainer: Trainer,
+    trigger_phrase: &str,
 ) -> ApiResult<String> {
     let mut files = Vec::with_capacity(photos.len());
     for (i, photo) in photos.iter().enumerate() {
@@ -225,6 +254,11 @@ async fn upload_photos(
         })?;
         let extension = photo.storage_key.rsplit('.').next().unwrap_or("jpg");
         files.push((format!("{:02}.{extension}", i + 1), bytes));
+        // A trainer that needs captions gets one per photo, beside it: `01.txt` for `01.jpg`.
+        if let Captions::Required { .. } = trainer.entry().captions {
+            let caption = trigger_phrase.as_bytes().to_vec();
+            files.push((format!("{:02}.txt", i + 1), caption.into()));
+        }
     }
     let entries: Vec<Entry<'_>> = files
         .iter()
