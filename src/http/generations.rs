@@ -15,6 +15,7 @@ use crate::domain::generation::{
     negative_prompt_refusal,
 };
 use crate::domain::job::{JobKind, JobStatus};
+use crate::domain::trainers::{self, BaseFamily};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
 use crate::store::{Batch, Job, NewJob};
@@ -348,6 +349,7 @@ pub async fn create_generation(
                     });
                 }
             };
+            refuse_families_not_generated_yet(&state, &avatar, &artifact).await?;
             let mut inputs = Vec::with_capacity(prompts.len());
             let mut problems = Vec::new();
             for (field, prompt) in &prompts {
@@ -439,4 +441,36 @@ pub async fn get_batch(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no batch {id}")))?;
     Ok(Json(BatchView::new(batch, jobs)))
+}
+
+/// Refuses a LoRA of a family whose generation endpoint falgate does not call yet: sending it
+/// to `fal-ai/flux-lora` would load weights of another model. The family is read from the
+/// trainer of the avatar's training.
+async fn refuse_families_not_generated_yet(
+    state: &AppState,
+    avatar: &crate::store::Avatar,
+    artifact: &Artifact,
+) -> ApiResult<()> {
+    let (Artifact::Lora { .. }, Some(job_id)) = (artifact, avatar.training_job_id) else {
+        return Ok(());
+    };
+    let trained_on = state.store.get_job(avatar.tenant, job_id).await?;
+    let Some(trainer) = trained_on.and_then(|job| trainers::by_endpoint(&job.endpoint)) else {
+        return Ok(());
+    };
+    if trainer.base == BaseFamily::Flux1Dev {
+        return Ok(());
+    }
+    Err(ApiError::Unprocessable {
+        code: "generation_unavailable",
+        detail: format!(
+            "avatar {} was trained on {} ({} weights, which generate on {}); falgate does not \
+             generate there yet. Its LoRA file is at GET /v1/avatars/{}/lora",
+            avatar.id,
+            trainer.endpoint,
+            trainer.base.as_str(),
+            trainer.base.generation_endpoint(),
+            avatar.id
+        ),
+    })
 }

@@ -257,7 +257,7 @@ async fn upload_photos(
         // A trainer that needs captions gets one per photo, beside it: `01.txt` for `01.jpg`.
         if let Captions::Required { .. } = trainer.entry().captions {
             let caption = trigger_phrase.as_bytes().to_vec();
-            files.push((format!("{:02}.txt", i + 1), caption.into()));
+            files.push((format!("{:02}.txt", i + 1), caption));
         }
     }
     let entries: Vec<Entry<'_>> = files

@@ -2,6 +2,7 @@
 
 use crate::backend_tests;
 use crate::support::*;
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 backend_tests!(the_trainer_list_shows_every_trainer_as_the_spec_describes_it);
@@ -235,6 +236,27 @@ async fn every_current_trainer_trains_with_its_own_field_names_and_presets(app: 
             ready["artifact"]["lora_url"], trained["result"][field]["url"],
             "{trainer}"
         );
+        // FLUX.1 [dev] weights generate on fal-ai/flux-lora; another family's are not sent
+        // there, and the refusal names where they belong.
+        let generation = app
+            .post_json(
+                "/v1/generations",
+                &json!({"avatar_id": id, "prompt": "a portrait"}),
+            )
+            .await;
+        if entry["base_family"] == "flux-1-dev" {
+            assert_eq!(generation.status(), StatusCode::ACCEPTED, "{trainer}");
+        } else {
+            let refused = problem(
+                generation,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "generation_unavailable",
+            )
+            .await;
+            let detail = refused["detail"].as_str().unwrap();
+            let endpoint = entry["generation_endpoint"].as_str().unwrap();
+            assert!(detail.contains(endpoint), "{trainer}: {detail}");
+        }
     }
 }
 
