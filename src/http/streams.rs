@@ -146,6 +146,10 @@ struct Follow {
     finished: bool,
     /// FAL's word on the stream's running jobs.
     progress: RunningJobs,
+    /// Woken by FAL's progress alone: there is no new event to look for.
+    woken_by_progress: bool,
+    /// When the stream last looked for events.
+    looked_at: tokio::time::Instant,
     /// Held while the stream is open.
     _seat: StreamSeat,
 }
@@ -329,37 +333,49 @@ impl Follow {
                 return None;
             }
             self.progress.take_news();
-            // Marked seen before reading, so that events made visible meanwhile wake the wait.
-            self.visible.mark_seen();
-            match self.store.list_events(self.tenant, &self.filter).await {
-                Ok(events) if !events.is_empty() => {
-                    self.unsent.extend(events);
+            let progress_only = std::mem::take(&mut self.woken_by_progress);
+            if progress_only && self.looked_at.elapsed() < LOOK_AGAIN {
+                // News of events that came meanwhile is still unseen, and wakes the wait below.
+                if !self.progress.unsent.is_empty() {
                     continue;
                 }
-                Ok(_) if !self.progress.unsent.is_empty() => continue,
-                Ok(_) => {}
-                Err(error) => {
-                    // The client reconnects with the last id it saw, and loses nothing.
-                    tracing::warn!(%error, "an event stream could not read; ending it");
-                    return None;
-                }
-            }
-            match self
-                .end
-                .passed(&self.store, self.tenant, self.filter.after)
-                .await
-            {
-                Ok(true) => return None,
-                Ok(false) => {}
-                Err(_) => return None,
+            } else if !self.look_for_events().await {
+                return None;
+            } else if !self.unsent.is_empty() || !self.progress.unsent.is_empty() {
+                continue;
             }
             tokio::select! {
                 () = self.visible.changed(Some(self.tenant)) => {}
                 _ = self.stopping.changed() => {}
-                () = self.progress.changed() => {}
+                () = self.progress.changed() => self.woken_by_progress = true,
                 _ = tokio::time::sleep(LOOK_AGAIN) => {}
             }
         }
+    }
+
+    /// Reads the events that became visible into `unsent`; false when the stream ends (its
+    /// resource has passed, or the events could not be read).
+    async fn look_for_events(&mut self) -> bool {
+        // Marked seen before reading, so that events made visible meanwhile wake the wait.
+        self.visible.mark_seen();
+        self.looked_at = tokio::time::Instant::now();
+        match self.store.list_events(self.tenant, &self.filter).await {
+            Ok(events) if !events.is_empty() => {
+                self.unsent.extend(events);
+                return true;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                // The client reconnects with the last id it saw, and loses nothing.
+                tracing::warn!(%error, "an event stream could not read; ending it");
+                return false;
+            }
+        }
+        let passed = self
+            .end
+            .passed(&self.store, self.tenant, self.filter.after)
+            .await;
+        matches!(passed, Ok(false))
     }
 }
 
@@ -428,6 +444,8 @@ fn follow(
         stopping: state.stopping.clone(),
         finished: false,
         progress,
+        woken_by_progress: false,
+        looked_at: tokio::time::Instant::now(),
         _seat: seat,
     };
     Ok(Sse::new(futures_util::stream::unfold(start, Follow::next))
