@@ -1400,3 +1400,82 @@ async fn rated_model_and_callback_faults_apply_and_bad_rates_are_refused() {
     assert_eq!(record[0].request_id, sub.request_id);
     assert_eq!(record[0].verdict, RequestEnd::ModelError { status: 422 });
 }
+
+/// A ZIP holding `files` (name, bytes), as a trainer downloads it.
+fn archive_of(files: &[(&str, &[u8])]) -> Bytes {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, bytes) in files {
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        writer.start_file(*name, options).unwrap();
+        writer.write_all(bytes).unwrap();
+    }
+    Bytes::from(writer.finish().unwrap().into_inner())
+}
+
+#[tokio::test]
+async fn newer_trainers_need_captions_or_a_default_and_answer_in_their_own_shapes() {
+    let e = env().await;
+    let uncaptioned = archive_of(&[("01.png", b"one"), ("02.png", b"two"), ("02.txt", b"TOK")]);
+    let url = e
+        .fal
+        .upload(uncaptioned, "application/zip", "photos.zip")
+        .await
+        .unwrap();
+    // FLUX.2 fails on a photo with no caption file and no default caption, naming the photo.
+    match e
+        .run_to_result("fal-ai/flux-2-trainer", &json!({"image_data_url": url}))
+        .await
+    {
+        ModelResult::ModelError {
+            status: 422, body, ..
+        } => {
+            assert_eq!(body["detail"][0]["loc"], json!(["body", "image_data_url"]));
+            let message = body["detail"][0]["msg"].as_str().unwrap();
+            assert!(message.contains("01.png"), "{message}");
+        }
+        other => panic!("expected a 422, got {other:?}"),
+    }
+    // With a default caption it trains.
+    let out = e
+        .run_to_output(
+            "fal-ai/flux-2-trainer",
+            &json!({"image_data_url": url, "default_caption": "TOK"}),
+        )
+        .await;
+    assert!(out["diffusers_lora_file"]["url"].is_string());
+    // Krea 2 answers `lora_file`; Wan 2.2 two files, low noise and high noise, unlike each other.
+    let krea = e
+        .run_to_output("fal-ai/krea-2-trainer", &json!({"images_data_url": url}))
+        .await;
+    assert!(krea["lora_file"]["url"].is_string() && krea.get("diffusers_lora_file").is_none());
+    let wan = e
+        .run_to_output(
+            "fal-ai/wan-22-image-trainer",
+            &json!({"training_data_url": url, "trigger_phrase": "TOK"}),
+        )
+        .await;
+    let low = e
+        .get_bytes(wan["diffusers_lora_file"]["url"].as_str().unwrap())
+        .await;
+    let high = e
+        .get_bytes(wan["high_noise_lora"]["url"].as_str().unwrap())
+        .await;
+    assert_ne!(low, high);
+    // Wan requires its trigger phrase.
+    match e
+        .run_to_result(
+            "fal-ai/wan-22-image-trainer",
+            &json!({"training_data_url": url}),
+        )
+        .await
+    {
+        ModelResult::ModelError {
+            status: 422, body, ..
+        } => {
+            assert_eq!(body["detail"][0]["loc"], json!(["body", "trigger_phrase"]));
+        }
+        other => panic!("expected a 422, got {other:?}"),
+    }
+}
