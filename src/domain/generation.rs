@@ -1,7 +1,10 @@
 //! Generation: the six quality presets, the exact aspect-ratio mapping, and the FAL input for
-//! each of the two paths (a LoRA on `fal-ai/flux-lora`, a finetune on
-//! `fal-ai/flux-pro/v1.1-ultra-finetuned`), seed-features.md §2.
+//! each of the two paths: a LoRA on its family's endpoint (`fal-ai/flux-lora` for FLUX.1
+//! [dev], `fal-ai/flux-2/lora`, …), a finetune on `fal-ai/flux-pro/v1.1-ultra-finetuned`.
+//! A preset's steps and guidance go to an endpoint within its ranges, and not at all to one
+//! that does not take them.
 
+use super::trainers::{BaseFamily, LoraGeneration};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
@@ -103,14 +106,30 @@ pub fn with_trigger(prompt: &str, trigger: &str) -> String {
 /// What an avatar was trained into.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Artifact {
-    Lora { url: String },
-    Finetune { id: String },
+    /// A LoRA file, and the endpoint of its model family.
+    Lora {
+        url: String,
+        to: LoraGeneration,
+    },
+    Finetune {
+        id: String,
+    },
 }
 
 impl Artifact {
+    /// A FLUX.1 [dev] LoRA (the portrait, fast and turbo trainers' weights).
+    pub fn flux_lora(url: impl Into<String>) -> Self {
+        Self::Lora {
+            url: url.into(),
+            to: BaseFamily::Flux1Dev
+                .lora_generation()
+                .expect("FLUX.1 [dev] LoRAs generate"),
+        }
+    }
+
     pub fn endpoint(&self) -> &'static str {
         match self {
-            Self::Lora { .. } => LORA_ENDPOINT,
+            Self::Lora { to, .. } => to.endpoint,
             Self::Finetune { .. } => FINETUNE_ENDPOINT,
         }
     }
@@ -150,9 +169,11 @@ fn problem(field: &str, message: impl Into<String>) -> FieldProblem {
     }
 }
 
-/// Why no generation endpoint takes a negative prompt.
+/// Why a negative prompt is refused: falgate passes none.
 pub fn negative_prompt_refusal() -> String {
-    format!("neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes a negative prompt")
+    format!(
+        "falgate passes no negative prompt: neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes one"
+    )
 }
 
 pub fn check_num_images(n: u32) -> Result<(), String> {
@@ -232,7 +253,8 @@ pub fn generation_input(
     let mut input = json!({"prompt": with_trigger(prompt, trigger)});
     let fields = input.as_object_mut().expect("an object");
     match artifact {
-        Artifact::Lora { url } => {
+        Artifact::Lora { url, to } => {
+            let endpoint = to.endpoint;
             for (field, given) in [
                 ("safety_tolerance", options.safety_tolerance.is_some()),
                 ("raw", options.raw.is_some()),
@@ -240,9 +262,7 @@ pub fn generation_input(
                 if given {
                     problems.push(problem(
                         field,
-                        format!(
-                            "{LORA_ENDPOINT} does not take `{field}`; it is for finetuned avatars"
-                        ),
+                        format!("{endpoint} does not take `{field}`; it is for finetuned avatars"),
                     ));
                 }
             }
@@ -257,11 +277,14 @@ pub fn generation_input(
                 "loras".into(),
                 json!([{"path": url, "scale": preset.lora_scale}]),
             );
-            fields.insert(
-                "num_inference_steps".into(),
-                json!(preset.num_inference_steps),
-            );
-            fields.insert("guidance_scale".into(), json!(preset.guidance_scale));
+            if let Some((least, most)) = to.steps {
+                let steps = preset.num_inference_steps.clamp(least, most);
+                fields.insert("num_inference_steps".into(), json!(steps));
+            }
+            if let Some((least, most)) = to.guidance {
+                let guidance = preset.guidance_scale.clamp(least, most);
+                fields.insert("guidance_scale".into(), json!(guidance));
+            }
             if let Some(size) = image_size {
                 fields.insert("image_size".into(), size);
             }
@@ -345,9 +368,7 @@ mod tests {
     use super::*;
 
     fn lora() -> Artifact {
-        Artifact::Lora {
-            url: "https://files.example/lora.safetensors".into(),
-        }
+        Artifact::flux_lora("https://files.example/lora.safetensors")
     }
 
     fn finetune() -> Artifact {
@@ -520,5 +541,44 @@ mod tests {
             generation_input(&lora(), "", "x", &explicit).unwrap()["image_size"],
             json!({"width": 640, "height": 960})
         );
+    }
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::*;
+
+    fn of(family: BaseFamily) -> Artifact {
+        Artifact::Lora {
+            url: "https://files.example/lora.safetensors".into(),
+            to: family.lora_generation().unwrap(),
+        }
+    }
+
+    #[test]
+    fn presets_go_to_each_endpoint_within_what_it_takes() {
+        let quality = GenerationOptions {
+            preset: GenerationPreset::Quality,
+            ..GenerationOptions::default()
+        };
+        let input = |family| generation_input(&of(family), "TOK", "x", &quality).unwrap();
+        // FLUX.2: the preset's 50 steps, and its guidance 4.0 within 0–20.
+        let flux_2 = input(BaseFamily::Flux2);
+        assert_eq!(of(BaseFamily::Flux2).endpoint(), "fal-ai/flux-2/lora");
+        assert_eq!(
+            (&flux_2["num_inference_steps"], &flux_2["guidance_scale"]),
+            (&json!(50), &json!(4.0))
+        );
+        // Z-Image turbo: eight steps at most, no guidance.
+        let z_image = input(BaseFamily::ZImageTurbo);
+        assert_eq!(z_image["num_inference_steps"], 8);
+        assert!(z_image.get("guidance_scale").is_none());
+        // Krea 2 turbo: neither.
+        let krea = input(BaseFamily::Krea2);
+        assert!(krea.get("num_inference_steps").is_none() && krea.get("guidance_scale").is_none());
+        assert_eq!(krea["loras"][0]["scale"], 1.2);
+        // Wan 2.2's two files are not generated with yet; a finetune is no LoRA.
+        assert!(BaseFamily::Wan22.lora_generation().is_none());
+        assert!(BaseFamily::Flux1ProFinetune.lora_generation().is_none());
     }
 }

@@ -70,6 +70,28 @@ impl BaseFamily {
         }
     }
 
+    /// What falgate sends a LoRA of this family to, and the ranges of that endpoint's steps
+    /// and guidance (`None` where it has no such field); `None` where falgate does not
+    /// generate with this family's LoRAs: Wan 2.2's take two files (not kept yet), and a pro
+    /// finetune is no LoRA.
+    pub fn lora_generation(self) -> Option<LoraGeneration> {
+        let (steps, guidance) = match self {
+            Self::Flux1Dev => (Some((1, 50)), Some((0.0, 35.0))),
+            Self::Flux2 => (Some((4, 50)), Some((0.0, 20.0))),
+            Self::QwenImage2512 => (Some((1, 50)), Some((0.0, 20.0))),
+            // A distilled model: eight steps at most, and no guidance.
+            Self::ZImageTurbo => (Some((1, 8)), None),
+            // Neither steps nor guidance: the turbo endpoint fixes both.
+            Self::Krea2 => (None, None),
+            Self::Wan22 | Self::Flux1ProFinetune => return None,
+        };
+        Some(LoraGeneration {
+            endpoint: self.generation_endpoint(),
+            steps,
+            guidance,
+        })
+    }
+
     /// FAL's endpoint that generates with weights of this family.
     pub fn generation_endpoint(self) -> &'static str {
         match self {
@@ -82,6 +104,16 @@ impl BaseFamily {
             Self::Wan22 => "fal-ai/wan/v2.2-a14b/text-to-image/lora",
         }
     }
+}
+
+/// A generation endpoint that takes a LoRA, with what it takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraGeneration {
+    pub endpoint: &'static str,
+    /// `num_inference_steps`' range, if the endpoint takes it.
+    pub steps: Option<(u32, u32)>,
+    /// `guidance_scale`'s range, if the endpoint takes it.
+    pub guidance: Option<(f64, f64)>,
 }
 
 /// What a trainer needs by way of captions.

@@ -100,6 +100,68 @@ const FLUX_LORA: &[Field] = &[
     opt("acceleration", Kind::Lit(&["none", "regular"])),
 ];
 
+const OUTPUT_FORMAT_WEBP: &[&str] = &["jpeg", "png", "webp"];
+const ACCELERATION: &[&str] = &["none", "regular", "high"];
+
+const FLUX_2_LORA: &[Field] = &[
+    req("prompt", Kind::Str),
+    opt("guidance_scale", Kind::Float(Some(0.0), Some(20.0))),
+    null("seed", Kind::AnyInt),
+    opt("num_inference_steps", Kind::Int(Some(4), Some(50))),
+    opt("image_size", Kind::ImageSize),
+    opt("num_images", Kind::Int(Some(1), Some(4))),
+    opt("acceleration", Kind::Lit(ACCELERATION)),
+    opt("enable_prompt_expansion", Kind::Bool),
+    opt("sync_mode", Kind::Bool),
+    opt("enable_safety_checker", Kind::Bool),
+    opt("output_format", Kind::Lit(OUTPUT_FORMAT_WEBP)),
+    opt("loras", Kind::Loras),
+];
+
+const QWEN_IMAGE_2512_LORA: &[Field] = &[
+    req("prompt", Kind::Str),
+    opt("negative_prompt", Kind::Str),
+    opt("image_size", Kind::ImageSize),
+    opt("num_inference_steps", Kind::Int(Some(1), Some(50))),
+    opt("guidance_scale", Kind::Float(Some(0.0), Some(20.0))),
+    null("seed", Kind::AnyInt),
+    opt("sync_mode", Kind::Bool),
+    opt("num_images", Kind::Int(Some(1), Some(4))),
+    opt("enable_safety_checker", Kind::Bool),
+    opt("output_format", Kind::Lit(OUTPUT_FORMAT_WEBP)),
+    opt("acceleration", Kind::Lit(ACCELERATION)),
+    opt("loras", Kind::Loras),
+];
+
+/// No `guidance_scale`: the turbo model is distilled.
+const Z_IMAGE_TURBO_LORA: &[Field] = &[
+    req("prompt", Kind::Str),
+    opt("image_size", Kind::ImageSize),
+    opt("num_inference_steps", Kind::Int(Some(1), Some(8))),
+    null("seed", Kind::AnyInt),
+    opt("sync_mode", Kind::Bool),
+    opt("num_images", Kind::Int(Some(1), Some(4))),
+    opt("enable_safety_checker", Kind::Bool),
+    opt("output_format", Kind::Lit(OUTPUT_FORMAT_WEBP)),
+    opt("acceleration", Kind::Lit(ACCELERATION)),
+    opt("enable_prompt_expansion", Kind::Bool),
+    opt("loras", Kind::Loras),
+];
+
+/// Neither steps nor guidance.
+const KREA_2_TURBO_LORA: &[Field] = &[
+    req("prompt", Kind::Str),
+    opt("image_size", Kind::ImageSize),
+    opt("num_images", Kind::Int(Some(1), Some(4))),
+    null("seed", Kind::AnyInt),
+    opt("output_format", Kind::Lit(OUTPUT_FORMAT)),
+    opt("acceleration", Kind::Lit(&["none", "regular"])),
+    opt("enable_prompt_expansion", Kind::Bool),
+    opt("enable_safety_checker", Kind::Bool),
+    opt("sync_mode", Kind::Bool),
+    opt("loras", Kind::Loras),
+];
+
 const FAST_TRAINING: &[Field] = &[
     req("images_data_url", Kind::Str),
     null("trigger_word", Kind::Str),
@@ -237,6 +299,10 @@ fn schema(endpoint: &str) -> Option<&'static [Field]> {
         "fal-ai/flux-lora-portrait-trainer" => PORTRAIT_TRAINER,
         "fal-ai/flux-pro-trainer" => PRO_TRAINER,
         "fal-ai/flux-pro/v1.1-ultra-finetuned" => ULTRA_FINETUNED,
+        "fal-ai/flux-2/lora" => FLUX_2_LORA,
+        "fal-ai/qwen-image-2512/lora" => QWEN_IMAGE_2512_LORA,
+        "fal-ai/z-image/turbo/lora" => Z_IMAGE_TURBO_LORA,
+        "fal-ai/krea-2/turbo/lora" => KREA_2_TURBO_LORA,
         "fal-ai/turbo-flux-trainer" => TURBO_FLUX_TRAINER,
         "fal-ai/flux-2-trainer" => FLUX_2_TRAINER,
         "fal-ai/qwen-image-2512-trainer" => QWEN_IMAGE_2512_TRAINER,
@@ -592,7 +658,11 @@ pub(crate) async fn run(state: &EmulatorState, req: &RequestSnapshot) -> Outcome
     }
     let input = req.input.as_object().cloned().unwrap_or_default();
     match req.endpoint.as_str() {
-        "fal-ai/flux-lora" => {
+        "fal-ai/flux-lora"
+        | "fal-ai/flux-2/lora"
+        | "fal-ai/qwen-image-2512/lora"
+        | "fal-ai/z-image/turbo/lora"
+        | "fal-ai/krea-2/turbo/lora" => {
             // The runner loads every LoRA before it draws: one it cannot fetch fails the request.
             let loras = input.get("loras").and_then(Value::as_array).cloned();
             for (i, lora) in loras.unwrap_or_default().iter().enumerate() {

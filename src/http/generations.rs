@@ -15,7 +15,7 @@ use crate::domain::generation::{
     negative_prompt_refusal,
 };
 use crate::domain::job::{JobKind, JobStatus};
-use crate::domain::trainers::{self, BaseFamily};
+use crate::domain::trainers::{self, BaseFamily, LoraGeneration};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
 use crate::store::{Batch, Job, NewJob};
@@ -336,7 +336,10 @@ pub async fn create_generation(
         // A replay answers before the avatar's current state is looked at.
         |scope| async move {
             let artifact = match (&avatar.status, &avatar.lora_url, &avatar.finetune_id) {
-                (AvatarStatus::Ready, Some(url), _) => Artifact::Lora { url: url.clone() },
+                (AvatarStatus::Ready, Some(url), _) => Artifact::Lora {
+                    url: url.clone(),
+                    to: lora_generation(&state, &avatar).await?,
+                },
                 (AvatarStatus::Ready, None, Some(id)) => Artifact::Finetune { id: id.clone() },
                 (status, _, _) => {
                     return Err(ApiError::ConflictCode {
@@ -349,7 +352,6 @@ pub async fn create_generation(
                     });
                 }
             };
-            refuse_families_not_generated_yet(&state, &avatar, &artifact).await?;
             let mut inputs = Vec::with_capacity(prompts.len());
             let mut problems = Vec::new();
             for (field, prompt) in &prompts {
@@ -443,34 +445,31 @@ pub async fn get_batch(
     Ok(Json(BatchView::new(batch, jobs)))
 }
 
-/// Refuses a LoRA of a family whose generation endpoint falgate does not call yet: sending it
-/// to `fal-ai/flux-lora` would load weights of another model. The family is read from the
-/// trainer of the avatar's training.
-async fn refuse_families_not_generated_yet(
+/// Where the avatar's LoRA generates: its family's endpoint, read from the trainer of its
+/// training (FLUX.1 [dev] for an avatar whose training is not found). A family falgate does not
+/// generate with yet is a 422 naming where its weights belong.
+async fn lora_generation(
     state: &AppState,
     avatar: &crate::store::Avatar,
-    artifact: &Artifact,
-) -> ApiResult<()> {
-    let (Artifact::Lora { .. }, Some(job_id)) = (artifact, avatar.training_job_id) else {
-        return Ok(());
+) -> ApiResult<LoraGeneration> {
+    let trained_on = match avatar.training_job_id {
+        Some(job) => state.store.get_job(avatar.tenant, job).await?,
+        None => None,
     };
-    let trained_on = state.store.get_job(avatar.tenant, job_id).await?;
-    let Some(trainer) = trained_on.and_then(|job| trainers::by_endpoint(&job.endpoint)) else {
-        return Ok(());
-    };
-    if trainer.base == BaseFamily::Flux1Dev {
-        return Ok(());
-    }
-    Err(ApiError::Unprocessable {
-        code: "generation_unavailable",
-        detail: format!(
-            "avatar {} was trained on {} ({} weights, which generate on {}); falgate does not \
-             generate there yet. Its LoRA file is at GET /v1/avatars/{}/lora",
-            avatar.id,
-            trainer.endpoint,
-            trainer.base.as_str(),
-            trainer.base.generation_endpoint(),
-            avatar.id
-        ),
-    })
+    let family = trained_on
+        .and_then(|job| trainers::by_endpoint(&job.endpoint))
+        .map_or(BaseFamily::Flux1Dev, |trainer| trainer.base);
+    family
+        .lora_generation()
+        .ok_or_else(|| ApiError::Unprocessable {
+            code: "generation_unavailable",
+            detail: format!(
+                "avatar {} holds {} weights, which generate on {}; falgate does not generate there \
+             yet. Its LoRA file is at GET /v1/avatars/{}/lora",
+                avatar.id,
+                family.as_str(),
+                family.generation_endpoint(),
+                avatar.id
+            ),
+        })
 }
