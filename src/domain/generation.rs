@@ -169,13 +169,6 @@ fn problem(field: &str, message: impl Into<String>) -> FieldProblem {
     }
 }
 
-/// Why a negative prompt is refused: falgate passes none.
-pub fn negative_prompt_refusal() -> String {
-    format!(
-        "falgate passes no negative prompt: neither {LORA_ENDPOINT} nor {FINETUNE_ENDPOINT} takes one"
-    )
-}
-
 pub fn check_num_images(n: u32) -> Result<(), String> {
     if (1..=4).contains(&n) {
         Ok(())
@@ -193,13 +186,20 @@ pub fn check_safety_tolerance(tolerance: &str) -> Result<(), String> {
     }
 }
 
+/// The output formats of any generation endpoint: which one an avatar's takes is checked
+/// once the avatar is known.
+pub const OUTPUT_FORMATS: [&str; 3] = ["jpeg", "png", "webp"];
+
 pub fn check_output_format(format: &str) -> Result<(), String> {
-    if matches!(format, "jpeg" | "png") {
+    if OUTPUT_FORMATS.contains(&format) {
         Ok(())
     } else {
-        Err("must be `jpeg` or `png`".into())
+        Err(format!("must be one of {}", OUTPUT_FORMATS.join(", ")))
     }
 }
+
+/// The finetune endpoint's output formats.
+const FINETUNE_OUTPUT_FORMATS: &[&str] = &["jpeg", "png"];
 
 pub fn check_aspect_ratio(ratio: &str) -> Result<(), String> {
     if ASPECT_RATIOS.contains(&ratio) {
@@ -213,9 +213,6 @@ pub fn check_aspect_ratio(ratio: &str) -> Result<(), String> {
 /// the request alone, before the avatar is looked at.
 pub fn option_problems(options: &GenerationOptions) -> Vec<FieldProblem> {
     let mut problems = Vec::new();
-    if options.negative_prompt.is_some() {
-        problems.push(problem("negative_prompt", negative_prompt_refusal()));
-    }
     let checks = [
         ("num_images", options.num_images.map(check_num_images)),
         (
@@ -324,6 +321,29 @@ pub fn generation_input(
                 fields.insert("raw".into(), json!(raw));
             }
         }
+    }
+    let (endpoint, formats, takes_negative_prompt) = match artifact {
+        Artifact::Lora { to, .. } => (to.endpoint, to.output_formats, to.negative_prompt),
+        Artifact::Finetune { .. } => (FINETUNE_ENDPOINT, FINETUNE_OUTPUT_FORMATS, false),
+    };
+    if let Some(format) = &options.output_format
+        && check_output_format(format).is_ok()
+        && !formats.contains(&format.as_str())
+    {
+        problems.push(problem(
+            "output_format",
+            format!("{endpoint} offers {}", formats.join(", ")),
+        ));
+    }
+    match (&options.negative_prompt, takes_negative_prompt) {
+        (Some(negative), true) => {
+            fields.insert("negative_prompt".into(), json!(negative));
+        }
+        (Some(_), false) => problems.push(problem(
+            "negative_prompt",
+            format!("{endpoint} takes no negative prompt"),
+        )),
+        (None, _) => {}
     }
     if let Some(n) = options.num_images {
         fields.insert("num_images".into(), json!(n));

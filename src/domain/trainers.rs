@@ -75,20 +75,24 @@ impl BaseFamily {
     /// generate with this family's LoRAs: Wan 2.2's take two files (not kept yet), and a pro
     /// finetune is no LoRA.
     pub fn lora_generation(self) -> Option<LoraGeneration> {
-        let (steps, guidance) = match self {
-            Self::Flux1Dev => (Some((1, 50)), Some((0.0, 35.0))),
-            Self::Flux2 => (Some((4, 50)), Some((0.0, 20.0))),
-            Self::QwenImage2512 => (Some((1, 50)), Some((0.0, 20.0))),
+        const JPEG_PNG: &[&str] = &["jpeg", "png"];
+        const WITH_WEBP: &[&str] = &["jpeg", "png", "webp"];
+        let (steps, guidance, output_formats) = match self {
+            Self::Flux1Dev => (Some((1, 50)), Some((0.0, 35.0)), JPEG_PNG),
+            Self::Flux2 => (Some((4, 50)), Some((0.0, 20.0)), WITH_WEBP),
+            Self::QwenImage2512 => (Some((1, 50)), Some((0.0, 20.0)), WITH_WEBP),
             // A distilled model: eight steps at most, and no guidance.
-            Self::ZImageTurbo => (Some((1, 8)), None),
+            Self::ZImageTurbo => (Some((1, 8)), None, WITH_WEBP),
             // Neither steps nor guidance: the turbo endpoint fixes both.
-            Self::Krea2 => (None, None),
+            Self::Krea2 => (None, None, JPEG_PNG),
             Self::Wan22 | Self::Flux1ProFinetune => return None,
         };
         Some(LoraGeneration {
             endpoint: self.generation_endpoint(),
             steps,
             guidance,
+            output_formats,
+            negative_prompt: self == Self::QwenImage2512,
         })
     }
 
@@ -114,6 +118,10 @@ pub struct LoraGeneration {
     pub steps: Option<(u32, u32)>,
     /// `guidance_scale`'s range, if the endpoint takes it.
     pub guidance: Option<(f64, f64)>,
+    /// The `output_format`s it offers.
+    pub output_formats: &'static [&'static str],
+    /// Whether it takes a `negative_prompt`.
+    pub negative_prompt: bool,
 }
 
 /// What a trainer needs by way of captions.

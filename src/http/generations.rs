@@ -12,7 +12,6 @@ use crate::domain::avatar::AvatarStatus;
 use crate::domain::generation::{
     Artifact, GenerationOptions, GenerationPreset, check_aspect_ratio, check_image_size,
     check_num_images, check_output_format, check_safety_tolerance, generation_input,
-    negative_prompt_refusal,
 };
 use crate::domain::job::{JobKind, JobStatus};
 use crate::domain::trainers::{self, BaseFamily, LoraGeneration};
@@ -60,7 +59,8 @@ pub struct CreateGenerationRequest {
     #[serde(default, deserialize_with = "deserialize_seed")]
     #[schema(schema_with = spec::seed_request)]
     pub seed: Option<u64>,
-    /// `jpeg` or `png`.
+    /// `jpeg` or `png`, and `webp` where the avatar's endpoint offers it (FLUX.2, Qwen-Image,
+    /// Z-Image).
     #[schema(schema_with = spec::output_format)]
     #[serde(default, deserialize_with = "output_format")]
     pub output_format: Option<String>,
@@ -72,7 +72,7 @@ pub struct CreateGenerationRequest {
     pub safety_tolerance: Option<String>,
     /// Finetuned avatars only: a less processed look.
     pub raw: Option<bool>,
-    /// Taken by neither endpoint: always refused, never silently dropped.
+    /// Taken by the Qwen-Image endpoint alone; refused for every other avatar, never dropped.
     #[serde(default, deserialize_with = "negative_prompt")]
     pub negative_prompt: Option<String>,
     /// A webhook for this batch's events alone (its jobs' and its completion).
@@ -216,7 +216,13 @@ fn output_format<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String
 }
 
 fn negative_prompt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked(d, |_: &String| Err(negative_prompt_refusal()))
+    checked(d, |negative: &String| {
+        if negative.trim().is_empty() {
+            Err("must not be empty".into())
+        } else {
+            Ok(())
+        }
+    })
 }
 
 /// A set of generations made by one request.

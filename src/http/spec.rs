@@ -79,7 +79,7 @@ pub fn aspect_ratio() -> Schema {
 }
 
 pub fn output_format() -> Schema {
-    nullable_string_enum(["jpeg", "png"]).into()
+    nullable_string_enum(crate::domain::generation::OUTPUT_FORMATS).into()
 }
 
 pub fn safety_tolerance() -> Schema {
