@@ -131,10 +131,6 @@ impl Trainer {
         super::trainers::by_id(self.0).expect("every trainer is in the registry")
     }
 
-    pub fn id(self) -> &'static str {
-        self.0
-    }
-
     pub fn endpoint(self) -> &'static str {
         self.entry().endpoint
     }

@@ -4,12 +4,11 @@
 //! A preset's steps and guidance go to an endpoint within its ranges, and not at all to one
 //! that does not take them.
 
-use super::trainers::{BaseFamily, LoraGeneration};
+use super::trainers::LoraGeneration;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-pub const LORA_ENDPOINT: &str = "fal-ai/flux-lora";
 pub const FINETUNE_ENDPOINT: &str = "fal-ai/flux-pro/v1.1-ultra-finetuned";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
@@ -117,16 +116,6 @@ pub enum Artifact {
 }
 
 impl Artifact {
-    /// A FLUX.1 [dev] LoRA (the portrait, fast and turbo trainers' weights).
-    pub fn flux_lora(url: impl Into<String>) -> Self {
-        Self::Lora {
-            url: url.into(),
-            to: BaseFamily::Flux1Dev
-                .lora_generation()
-                .expect("FLUX.1 [dev] LoRAs generate"),
-        }
-    }
-
     pub fn endpoint(&self) -> &'static str {
         match self {
             Self::Lora { to, .. } => to.endpoint,
@@ -386,9 +375,14 @@ pub fn check_image_size(size: &Value) -> Result<Value, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::trainers::BaseFamily;
 
+    /// A FLUX.1 [dev] LoRA (the portrait, fast and turbo trainers' weights).
     fn lora() -> Artifact {
-        Artifact::flux_lora("https://files.example/lora.safetensors")
+        Artifact::Lora {
+            url: "https://files.example/lora.safetensors".into(),
+            to: BaseFamily::Flux1Dev.lora_generation().unwrap(),
+        }
     }
 
     fn finetune() -> Artifact {
@@ -567,6 +561,7 @@ mod tests {
 #[cfg(test)]
 mod family_tests {
     use super::*;
+    use crate::domain::trainers::BaseFamily;
 
     fn of(family: BaseFamily) -> Artifact {
         Artifact::Lora {
