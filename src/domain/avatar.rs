@@ -310,12 +310,7 @@ fn check(rule: &FieldRule, value: &Value) -> Result<Value, String> {
 
 /// The seed's preset table, exactly.
 fn preset_values(trainer: Trainer, preset: TrainingPreset) -> Value {
-    let fields = trainer.entry().preset(preset).iter();
-    Value::Object(
-        fields
-            .map(|(name, value)| ((*name).to_owned(), value.to_json()))
-            .collect(),
-    )
+    Value::Object(trainer.entry().preset_json(preset))
 }
 
 #[cfg(test)]

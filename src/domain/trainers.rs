@@ -229,6 +229,17 @@ impl TrainerEntry {
         }
     }
 
+    /// A preset's fields and values as a JSON object: the start of a training's input.
+    pub fn preset_json(
+        &self,
+        preset: TrainingPreset,
+    ) -> serde_json::Map<String, serde_json::Value> {
+        self.preset(preset)
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.to_json()))
+            .collect()
+    }
+
     pub fn is_current(&self) -> bool {
         self.status == TrainerStatus::Current
     }

@@ -4,6 +4,7 @@
 //! what it makes, where that generates, and what FAL charges.
 
 use super::auth::Tenant;
+use crate::domain::avatar::TrainingPreset;
 use crate::domain::trainers::{
     self, Captions, FieldRule, Output, Price, TrainerEntry, TrainerStatus,
 };
@@ -147,12 +148,6 @@ impl From<&TrainerEntry> for TrainerView {
                 ("deprecated", Some(replacement.to_owned()))
             }
         };
-        let preset = |n: usize| -> Map<String, Value> {
-            entry.presets[n]
-                .iter()
-                .map(|(name, value)| ((*name).to_owned(), value.to_json()))
-                .collect()
-        };
         let (captions, default_caption) = match entry.captions {
             Captions::Optional => ("optional", None),
             Captions::Required {
@@ -180,9 +175,9 @@ impl From<&TrainerEntry> for TrainerView {
                 default_caption,
             },
             presets: TrainerPresets {
-                fast: preset(0),
-                balanced: preset(1),
-                quality: preset(2),
+                fast: entry.preset_json(TrainingPreset::Fast),
+                balanced: entry.preset_json(TrainingPreset::Balanced),
+                quality: entry.preset_json(TrainingPreset::Quality),
             },
             overridable: entry
                 .overridable
