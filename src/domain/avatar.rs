@@ -1,7 +1,7 @@
 //! Avatars and their training: kinds, trigger phrases, the trainer each kind gets, and the
 //! exact preset values of each trainer (seed-features.md §1).
 
-use super::trainers::{Captions, FieldRule, Output, TrainerEntry};
+use super::trainers::{BaseFamily, Captions, FieldRule, Output, TrainerEntry};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use utoipa::ToSchema;
@@ -84,29 +84,68 @@ pub enum TrainedArtifact {
     Lora {
         url: String,
         config_url: Option<String>,
+        /// Wan 2.2's second file, for its high-noise transformer.
+        high_noise_url: Option<String>,
     },
     Finetune {
         id: String,
     },
 }
 
-/// The artifact in a trainer's output, if the output holds one, where the registry says the
-/// trainer at `endpoint` keeps it (a trainer it does not know: `diffusers_lora_file`).
-pub fn artifact_from_output(endpoint: &str, output: &Value) -> Option<TrainedArtifact> {
+/// The caption file a photo gets beside it in a training's ZIP (`01.txt` for `01.jpg`): the
+/// trigger phrase, then the client's caption of the photo if it gave one. Trainers that need
+/// captions get one for every photo; the others only for photos the client captioned.
+pub fn caption_file(entry: &TrainerEntry, trigger: &str, caption: Option<&str>) -> Option<String> {
+    match (caption, entry.captions) {
+        (Some(caption), _) => Some(format!("{trigger}, {caption}")),
+        (None, Captions::Required { .. }) => Some(trigger.to_owned()),
+        (None, Captions::Optional) => None,
+    }
+}
+
+/// A training's artifact, with the trainer that made it and the family its weights belong to:
+/// what the avatar records, since it decides where the weights generate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trained {
+    /// The registry id of the trainer; `None` for an endpoint the registry does not know.
+    pub trainer: Option<&'static str>,
+    pub base: BaseFamily,
+    pub artifact: TrainedArtifact,
+}
+
+/// The artifact in a trainer's output, if the output holds all of it, where the registry says
+/// the trainer at `endpoint` keeps it (a trainer it does not know: `diffusers_lora_file`, a
+/// FLUX.1 [dev] LoRA). A trainer that makes two files made nothing usable without both.
+pub fn artifact_from_output(endpoint: &str, output: &Value) -> Option<Trained> {
     let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_owned);
-    let field = match super::trainers::by_endpoint(endpoint).map(|entry| entry.output) {
+    let file_url = |field: &str| text(output.get(field)?.get("url")?);
+    let entry = super::trainers::by_endpoint(endpoint);
+    let (field, high_noise_field) = match entry.map(|entry| entry.output) {
         Some(Output::Finetune) => {
-            return text(output.get("finetune_id")?).map(|id| TrainedArtifact::Finetune { id });
+            return Some(Trained {
+                trainer: entry.map(|entry| entry.id),
+                base: BaseFamily::Flux1ProFinetune,
+                artifact: TrainedArtifact::Finetune {
+                    id: text(output.get("finetune_id")?)?,
+                },
+            });
         }
-        Some(Output::Lora { field, .. }) => field,
-        None => "diffusers_lora_file",
+        Some(Output::Lora { field, high_noise }) => (field, high_noise),
+        None => ("diffusers_lora_file", None),
     };
-    let url = text(output.get(field)?.get("url")?)?;
-    let config_url = output
-        .get("config_file")
-        .and_then(|f| f.get("url"))
-        .and_then(text);
-    Some(TrainedArtifact::Lora { url, config_url })
+    let high_noise_url = match high_noise_field {
+        Some(field) => Some(file_url(field)?),
+        None => None,
+    };
+    Some(Trained {
+        trainer: entry.map(|entry| entry.id),
+        base: entry.map_or(BaseFamily::Flux1Dev, |entry| entry.base),
+        artifact: TrainedArtifact::Lora {
+            url: file_url(field)?,
+            config_url: file_url("config_file"),
+            high_noise_url,
+        },
+    })
 }
 
 /// Which FAL trainer runs: an entry of the registry (`domain::trainers`), by its id.
@@ -513,14 +552,23 @@ mod artifact_tests {
         let lora = json!({"diffusers_lora_file": {"url": "https://x/w.safetensors"}, "config_file": {"url": "https://x/c.json"}});
         assert_eq!(
             artifact_from_output("fal-ai/flux-lora-portrait-trainer", &lora),
-            Some(TrainedArtifact::Lora {
-                url: "https://x/w.safetensors".into(),
-                config_url: Some("https://x/c.json".into())
+            Some(Trained {
+                trainer: Some("portrait"),
+                base: BaseFamily::Flux1Dev,
+                artifact: TrainedArtifact::Lora {
+                    url: "https://x/w.safetensors".into(),
+                    config_url: Some("https://x/c.json".into()),
+                    high_noise_url: None,
+                }
             })
         );
         assert_eq!(
             artifact_from_output("fal-ai/flux-pro-trainer", &json!({"finetune_id": "ft-1"})),
-            Some(TrainedArtifact::Finetune { id: "ft-1".into() })
+            Some(Trained {
+                trainer: Some("pro"),
+                base: BaseFamily::Flux1ProFinetune,
+                artifact: TrainedArtifact::Finetune { id: "ft-1".into() }
+            })
         );
         // A request id is never an artifact, and an empty output makes none.
         assert_eq!(
@@ -530,6 +578,37 @@ mod artifact_tests {
         assert_eq!(
             artifact_from_output("fal-ai/flux-lora-fast-training", &json!({})),
             None
+        );
+    }
+
+    #[test]
+    fn wan_weights_are_both_files_or_none() {
+        let low = json!({"url": "https://x/low.safetensors"});
+        let high = json!({"url": "https://x/high.safetensors"});
+        let both = json!({"diffusers_lora_file": low, "high_noise_lora": high});
+        let trained = artifact_from_output("fal-ai/wan-22-image-trainer", &both).unwrap();
+        assert_eq!(trained.trainer, Some("wan_22_image"));
+        assert_eq!(trained.base, BaseFamily::Wan22);
+        assert_eq!(
+            trained.artifact,
+            TrainedArtifact::Lora {
+                url: "https://x/low.safetensors".into(),
+                config_url: None,
+                high_noise_url: Some("https://x/high.safetensors".into()),
+            }
+        );
+        // Half of Wan's weights generate nothing: no artifact, and the training fails.
+        let low_only = json!({"diffusers_lora_file": low});
+        assert_eq!(
+            artifact_from_output("fal-ai/wan-22-image-trainer", &low_only),
+            None
+        );
+        // Krea keeps its file under `lora_file`.
+        let krea = json!({"lora_file": {"url": "https://x/k.safetensors"}});
+        let trained = artifact_from_output("fal-ai/krea-2-trainer", &krea).unwrap();
+        assert_eq!(trained.base, BaseFamily::Krea2);
+        assert!(
+            matches!(trained.artifact, TrainedArtifact::Lora { url, .. } if url == "https://x/k.safetensors")
         );
     }
 }

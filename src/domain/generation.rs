@@ -105,9 +105,11 @@ pub fn with_trigger(prompt: &str, trigger: &str) -> String {
 /// What an avatar was trained into.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Artifact {
-    /// A LoRA file, and the endpoint of its model family.
+    /// A LoRA file (two for Wan 2.2: `high_noise_url` is its high-noise transformer's), and
+    /// the endpoint of its model family.
     Lora {
         url: String,
+        high_noise_url: Option<String>,
         to: LoraGeneration,
     },
     Finetune {
@@ -239,7 +241,11 @@ pub fn generation_input(
     let mut input = json!({"prompt": with_trigger(prompt, trigger)});
     let fields = input.as_object_mut().expect("an object");
     match artifact {
-        Artifact::Lora { url, to } => {
+        Artifact::Lora {
+            url,
+            high_noise_url,
+            to,
+        } => {
             let endpoint = to.endpoint;
             for (field, given) in [
                 ("safety_tolerance", options.safety_tolerance.is_some()),
@@ -259,10 +265,32 @@ pub fn generation_input(
                 (None, Some(ratio)) => lora_image_size(ratio),
                 (None, None) => Some(json!(preset.image_size)),
             };
-            fields.insert(
-                "loras".into(),
-                json!([{"path": url, "scale": preset.lora_scale}]),
-            );
+            let scale = preset.lora_scale;
+            let loras = match (to.two_transformers, high_noise_url) {
+                (true, Some(high)) => json!([
+                    {"path": high, "scale": scale, "transformer": "high"},
+                    {"path": url, "scale": scale, "transformer": "low"},
+                ]),
+                (true, None) => {
+                    problems.push(problem(
+                        "avatar_id",
+                        format!(
+                            "{endpoint} needs the avatar's two LoRA files, and it holds one: \
+                             train it again"
+                        ),
+                    ));
+                    json!([])
+                }
+                (false, _) => json!([{"path": url, "scale": scale}]),
+            };
+            fields.insert("loras".into(), loras);
+            match options.num_images {
+                Some(n) if n > 1 && !to.num_images => problems.push(problem(
+                    "num_images",
+                    format!("{endpoint} draws one image a request: send several prompts instead"),
+                )),
+                _ => {}
+            }
             if let Some((least, most)) = to.steps {
                 let steps = preset.num_inference_steps.clamp(least, most);
                 fields.insert("num_inference_steps".into(), json!(steps));
@@ -311,9 +339,22 @@ pub fn generation_input(
             }
         }
     }
-    let (endpoint, formats, takes_negative_prompt) = match artifact {
-        Artifact::Lora { to, .. } => (to.endpoint, to.output_formats, to.negative_prompt),
-        Artifact::Finetune { .. } => (FINETUNE_ENDPOINT, FINETUNE_OUTPUT_FORMATS, false),
+    let (endpoint, formats, format_field, takes_num_images, takes_negative_prompt) = match artifact
+    {
+        Artifact::Lora { to, .. } => (
+            to.endpoint,
+            to.output_formats,
+            to.output_format_field,
+            to.num_images,
+            to.negative_prompt,
+        ),
+        Artifact::Finetune { .. } => (
+            FINETUNE_ENDPOINT,
+            FINETUNE_OUTPUT_FORMATS,
+            "output_format",
+            true,
+            false,
+        ),
     };
     if let Some(format) = &options.output_format
         && check_output_format(format).is_ok()
@@ -334,14 +375,14 @@ pub fn generation_input(
         )),
         (None, _) => {}
     }
-    if let Some(n) = options.num_images {
+    if let Some(n) = options.num_images.filter(|_| takes_num_images) {
         fields.insert("num_images".into(), json!(n));
     }
     if let Some(seed) = options.seed {
         fields.insert("seed".into(), json!(seed));
     }
     if let Some(format) = &options.output_format {
-        fields.insert("output_format".into(), json!(format));
+        fields.insert(format_field.into(), json!(format));
     }
     if problems.is_empty() {
         Ok(input)
@@ -381,6 +422,7 @@ mod tests {
     fn lora() -> Artifact {
         Artifact::Lora {
             url: "https://files.example/lora.safetensors".into(),
+            high_noise_url: None,
             to: BaseFamily::Flux1Dev.lora_generation().unwrap(),
         }
     }
@@ -566,6 +608,8 @@ mod family_tests {
     fn of(family: BaseFamily) -> Artifact {
         Artifact::Lora {
             url: "https://files.example/lora.safetensors".into(),
+            high_noise_url: (family == BaseFamily::Wan22)
+                .then(|| "https://files.example/high.safetensors".into()),
             to: family.lora_generation().unwrap(),
         }
     }
@@ -592,8 +636,56 @@ mod family_tests {
         let krea = input(BaseFamily::Krea2);
         assert!(krea.get("num_inference_steps").is_none() && krea.get("guidance_scale").is_none());
         assert_eq!(krea["loras"][0]["scale"], 1.2);
-        // Wan 2.2's two files are not generated with yet; a finetune is no LoRA.
-        assert!(BaseFamily::Wan22.lora_generation().is_none());
+        // A finetune is no LoRA.
         assert!(BaseFamily::Flux1ProFinetune.lora_generation().is_none());
+    }
+
+    #[test]
+    fn wan_takes_both_files_one_image_and_its_own_format_field() {
+        let options = GenerationOptions {
+            preset: GenerationPreset::Quality,
+            output_format: Some("png".into()),
+            num_images: Some(1),
+            negative_prompt: Some("blur".into()),
+            ..GenerationOptions::default()
+        };
+        let wan = of(BaseFamily::Wan22);
+        assert_eq!(wan.endpoint(), "fal-ai/wan/v2.2-a14b/text-to-image/lora");
+        let input = generation_input(&wan, "TOK", "x", &options).unwrap();
+        assert_eq!(
+            input["loras"],
+            json!([
+                {"path": "https://files.example/high.safetensors", "scale": 1.2, "transformer": "high"},
+                {"path": "https://files.example/lora.safetensors", "scale": 1.2, "transformer": "low"},
+            ])
+        );
+        // The quality preset's 50 steps within Wan's 2–40.
+        assert_eq!(input["num_inference_steps"], 40);
+        assert_eq!(input["guidance_scale"], 4.0);
+        assert_eq!(input["image_format"], "png");
+        assert_eq!(input["negative_prompt"], "blur");
+        assert!(input.get("output_format").is_none() && input.get("num_images").is_none());
+        let four = GenerationOptions {
+            num_images: Some(4),
+            output_format: Some("webp".into()),
+            ..GenerationOptions::default()
+        };
+        let fields: Vec<String> = generation_input(&wan, "", "x", &four)
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
+        assert_eq!(fields, ["num_images", "output_format"]);
+        // A Wan avatar without its high-noise file cannot generate, and is told why.
+        let half = Artifact::Lora {
+            url: "https://files.example/lora.safetensors".into(),
+            high_noise_url: None,
+            to: BaseFamily::Wan22.lora_generation().unwrap(),
+        };
+        let problems = generation_input(&half, "", "x", &GenerationOptions::default()).unwrap_err();
+        assert!(
+            problems[0].message.contains("train it again"),
+            "{problems:?}"
+        );
     }
 }

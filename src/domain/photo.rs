@@ -633,3 +633,41 @@ mod tests {
         );
     }
 }
+
+/// The longest caption a photo may have, in characters.
+pub const MAX_CAPTION_CHARS: usize = 500;
+
+/// A client's caption of a photo, trimmed: one line of printable text, 1 to
+/// [`MAX_CAPTION_CHARS`] characters.
+pub fn parse_caption(text: &str) -> Result<String, String> {
+    let caption = text.trim();
+    if caption.is_empty() {
+        return Err("a caption must not be empty".into());
+    }
+    if caption.chars().count() > MAX_CAPTION_CHARS {
+        return Err(format!(
+            "a caption has at most {MAX_CAPTION_CHARS} characters"
+        ));
+    }
+    if caption.chars().any(char::is_control) {
+        return Err("a caption is one line of text, without control characters".into());
+    }
+    Ok(caption.to_owned())
+}
+
+#[cfg(test)]
+mod caption_tests {
+    use super::*;
+
+    #[test]
+    fn captions_are_one_trimmed_line_of_bounded_length() {
+        assert_eq!(
+            parse_caption("  in a red coat \n").unwrap(),
+            "in a red coat"
+        );
+        assert!(parse_caption("   ").is_err());
+        assert!(parse_caption("two\nlines").is_err());
+        assert!(parse_caption(&"x".repeat(MAX_CAPTION_CHARS)).is_ok());
+        assert!(parse_caption(&"é".repeat(MAX_CAPTION_CHARS + 1)).is_err());
+    }
+}

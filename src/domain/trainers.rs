@@ -58,6 +58,21 @@ pub enum BaseFamily {
 }
 
 impl BaseFamily {
+    pub const ALL: [BaseFamily; 7] = [
+        Self::Flux1Dev,
+        Self::Flux1ProFinetune,
+        Self::Flux2,
+        Self::QwenImage2512,
+        Self::ZImageTurbo,
+        Self::Krea2,
+        Self::Wan22,
+    ];
+
+    /// The family named `name` (as [`as_str`](Self::as_str) writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|family| family.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Flux1Dev => "flux-1-dev",
@@ -70,10 +85,8 @@ impl BaseFamily {
         }
     }
 
-    /// What falgate sends a LoRA of this family to, and the ranges of that endpoint's steps
-    /// and guidance (`None` where it has no such field); `None` where falgate does not
-    /// generate with this family's LoRAs: Wan 2.2's take two files (not kept yet), and a pro
-    /// finetune is no LoRA.
+    /// What falgate sends a LoRA of this family to, and what that endpoint takes; `None` for
+    /// a pro finetune, which is no LoRA.
     pub fn lora_generation(self) -> Option<LoraGeneration> {
         const JPEG_PNG: &[&str] = &["jpeg", "png"];
         const WITH_WEBP: &[&str] = &["jpeg", "png", "webp"];
@@ -85,14 +98,20 @@ impl BaseFamily {
             Self::ZImageTurbo => (Some((1, 8)), None, WITH_WEBP),
             // Neither steps nor guidance: the turbo endpoint fixes both.
             Self::Krea2 => (None, None, JPEG_PNG),
-            Self::Wan22 | Self::Flux1ProFinetune => return None,
+            Self::Wan22 => (Some((2, 40)), Some((1.0, 10.0)), JPEG_PNG),
+            Self::Flux1ProFinetune => return None,
         };
+        let wan = self == Self::Wan22;
         Some(LoraGeneration {
             endpoint: self.generation_endpoint(),
             steps,
             guidance,
             output_formats,
-            negative_prompt: self == Self::QwenImage2512,
+            // Wan's endpoint names it `image_format`, and draws one image a request.
+            output_format_field: if wan { "image_format" } else { "output_format" },
+            num_images: !wan,
+            negative_prompt: matches!(self, Self::QwenImage2512 | Self::Wan22),
+            two_transformers: wan,
         })
     }
 
@@ -118,10 +137,17 @@ pub struct LoraGeneration {
     pub steps: Option<(u32, u32)>,
     /// `guidance_scale`'s range, if the endpoint takes it.
     pub guidance: Option<(f64, f64)>,
-    /// The `output_format`s it offers.
+    /// The output formats it offers.
     pub output_formats: &'static [&'static str],
+    /// The field that takes the output format.
+    pub output_format_field: &'static str,
+    /// Whether it takes `num_images` (else it draws one image a request).
+    pub num_images: bool,
     /// Whether it takes a `negative_prompt`.
     pub negative_prompt: bool,
+    /// Whether the model has two transformers (high-noise and low-noise), each given its own
+    /// LoRA file (`transformer: high | low`).
+    pub two_transformers: bool,
 }
 
 /// What a trainer needs by way of captions.

@@ -26,6 +26,8 @@ enum Kind {
     AnyInt,
     ImageSize,
     Loras,
+    /// Wan 2.2's LoRAs: each also says which of its two transformers it loads into.
+    WanLoras,
     AspectRatio,
 }
 
@@ -160,6 +162,25 @@ const KREA_2_TURBO_LORA: &[Field] = &[
     opt("enable_safety_checker", Kind::Bool),
     opt("sync_mode", Kind::Bool),
     opt("loras", Kind::Loras),
+];
+
+/// Wan 2.2 A14B text-to-image with LoRAs: one image a request, its format in `image_format`,
+/// and each LoRA loaded into the high-noise transformer, the low-noise one or both.
+const WAN_22_T2I_LORA: &[Field] = &[
+    req("prompt", Kind::Str),
+    opt("negative_prompt", Kind::Str),
+    null("seed", Kind::AnyInt),
+    opt("image_size", Kind::ImageSize),
+    opt("num_inference_steps", Kind::Int(Some(2), Some(40))),
+    opt("guidance_scale", Kind::Float(Some(1.0), Some(10.0))),
+    opt("guidance_scale_2", Kind::Float(Some(1.0), Some(10.0))),
+    opt("shift", Kind::Float(Some(1.0), Some(10.0))),
+    opt("enable_safety_checker", Kind::Bool),
+    opt("enable_output_safety_checker", Kind::Bool),
+    opt("enable_prompt_expansion", Kind::Bool),
+    opt("acceleration", Kind::Lit(&["none", "regular"])),
+    opt("image_format", Kind::Lit(OUTPUT_FORMAT)),
+    opt("loras", Kind::WanLoras),
 ];
 
 const FAST_TRAINING: &[Field] = &[
@@ -303,6 +324,7 @@ fn schema(endpoint: &str) -> Option<&'static [Field]> {
         "fal-ai/qwen-image-2512/lora" => QWEN_IMAGE_2512_LORA,
         "fal-ai/z-image/turbo/lora" => Z_IMAGE_TURBO_LORA,
         "fal-ai/krea-2/turbo/lora" => KREA_2_TURBO_LORA,
+        "fal-ai/wan/v2.2-a14b/text-to-image/lora" => WAN_22_T2I_LORA,
         "fal-ai/turbo-flux-trainer" => TURBO_FLUX_TRAINER,
         "fal-ai/flux-2-trainer" => FLUX_2_TRAINER,
         "fal-ai/qwen-image-2512-trainer" => QWEN_IMAGE_2512_TRAINER,
@@ -563,7 +585,7 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
                 ));
             }
         }
-        Kind::Loras => match v {
+        Kind::Loras | Kind::WanLoras => match v {
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let p = child(path, json!(i));
@@ -588,6 +610,9 @@ fn check(kind: Kind, path: &[Value], v: &Value, out: &mut Vec<Value>) {
                     field("path", Kind::Str, true);
                     field("scale", Kind::Float(None, None), false);
                     field("force", Kind::Bool, false);
+                    if matches!(kind, Kind::WanLoras) {
+                        field("transformer", Kind::Lit(&["high", "low", "both"]), false);
+                    }
                 }
             }
             _ => out.push(error(
@@ -663,18 +688,23 @@ pub(crate) async fn run(state: &EmulatorState, req: &RequestSnapshot) -> Outcome
         | "fal-ai/qwen-image-2512/lora"
         | "fal-ai/z-image/turbo/lora"
         | "fal-ai/krea-2/turbo/lora" => {
-            // The runner loads every LoRA before it draws: one it cannot fetch fails the request.
-            let loras = input.get("loras").and_then(Value::as_array).cloned();
-            for (i, lora) in loras.unwrap_or_default().iter().enumerate() {
-                let Some(path) = lora.get("path").and_then(Value::as_str) else {
-                    continue;
-                };
-                if let Err(why) = download(state, &req.id, path).await {
-                    return download_failed(&[json!("loras"), json!(i), json!("path")], path, &why);
-                }
+            if let Err(failed) = load_loras(state, req, &input).await {
+                return failed;
             }
             let (w, h) = flux_lora_size(input.get("image_size"));
             generate(state, &input, w, h)
+        }
+        "fal-ai/wan/v2.2-a14b/text-to-image/lora" => {
+            if let Err(failed) = load_loras(state, req, &input).await {
+                return failed;
+            }
+            let mut input = input;
+            if let Some(format) = input.remove("image_format") {
+                input.insert("output_format".into(), format);
+            }
+            input.remove("num_images");
+            let (w, h) = flux_lora_size(input.get("image_size"));
+            one_image(generate(state, &input, w, h))
         }
         "fal-ai/flux-pro/v1.1-ultra-finetuned" => {
             let (w, h) = ultra_size(input.get("aspect_ratio").and_then(Value::as_str));
@@ -695,6 +725,47 @@ pub(crate) async fn run(state: &EmulatorState, req: &RequestSnapshot) -> Outcome
             "seed": rand::rng().random::<u64>(),
         })),
     }
+}
+
+/// Loads every LoRA before the model draws, as FAL's runner does: one it cannot fetch fails the
+/// request.
+async fn load_loras(
+    state: &EmulatorState,
+    req: &RequestSnapshot,
+    input: &Map<String, Value>,
+) -> Result<(), Outcome> {
+    let loras = input.get("loras").and_then(Value::as_array).cloned();
+    for (i, lora) in loras.unwrap_or_default().iter().enumerate() {
+        let Some(path) = lora.get("path").and_then(Value::as_str) else {
+            continue;
+        };
+        if let Err(why) = download(state, &req.id, path).await {
+            return Err(download_failed(
+                &[json!("loras"), json!(i), json!("path")],
+                path,
+                &why,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An output of one `image` (Wan 2.2's shape), from a generation's `images`.
+fn one_image(mut drawn: Outcome) -> Outcome {
+    if drawn.status != 200 {
+        return drawn;
+    }
+    let body = &mut drawn.body;
+    let image = body
+        .get_mut("images")
+        .and_then(Value::as_array_mut)
+        .and_then(|images| images.pop());
+    drawn.body = json!({
+        "image": image,
+        "seed": body.get("seed").cloned(),
+        "prompt": body.get("prompt").cloned(),
+    });
+    drawn
 }
 
 fn flux_lora_size(v: Option<&Value>) -> (u32, u32) {

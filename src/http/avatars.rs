@@ -9,7 +9,7 @@ use crate::domain::avatar::{AvatarKind, AvatarStatus, default_trigger_phrase};
 use crate::domain::job::{EventSource, JobEvent};
 use crate::error::{ApiError, ApiResult, Problem};
 use crate::state::AppState;
-use crate::store::{Avatar, Transition};
+use crate::store::{Avatar, LoraFile, Transition};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -66,7 +66,7 @@ fn trigger_phrase<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
 /// The trained weights, as FAL produced them.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ArtifactView {
-    /// A LoRA's weights (`diffusers_lora_file.url`).
+    /// A LoRA's weights (the trainer's `diffusers_lora_file.url`, or `lora_file.url`).
     pub lora_url: Option<String>,
     /// The LoRA's config (`config_file.url`).
     pub lora_config_url: Option<String>,
@@ -75,11 +75,24 @@ pub struct ArtifactView {
     /// falgate's own copy of the LoRA weights (FAL's URLs expire), once taken; download it
     /// from `GET /v1/avatars/{id}/lora`.
     pub lora_copy: Option<LoraCopyView>,
-    /// When FAL was last seen serving `lora_url`: in the training's result, when falgate
-    /// copied it, or at a check. FAL's files expire: falgate checks them every
-    /// `FALGATE_LORA_CHECK_SECS`, and one FAL no longer serves is uploaded again from
-    /// falgate's copy, `lora_url` then naming the new upload. Empty for a finetune.
+    /// When FAL was last seen serving `lora_url` (and `high_noise_lora_url`): in the
+    /// training's result, when falgate copied it, or at a check. FAL's files expire: falgate
+    /// checks them every `FALGATE_LORA_CHECK_SECS`, and one FAL no longer serves is uploaded
+    /// again from falgate's copy, the URL then naming the new upload. Empty for a finetune.
     pub lora_checked_at: Option<DateTime<Utc>>,
+    /// Wan 2.2's second LoRA file, for its high-noise transformer (`high_noise_lora.url`);
+    /// generations pass both files.
+    pub high_noise_lora_url: Option<String>,
+    /// falgate's own copy of that file, once taken; download it from
+    /// `GET /v1/avatars/{id}/lora?file=high_noise`.
+    pub high_noise_lora_copy: Option<LoraCopyView>,
+    /// The trainer that made these weights (an id of `GET /v1/trainers`).
+    pub trainer: Option<String>,
+    /// The model family of these weights: `flux-1-dev`, `flux-1-pro-finetune`, `flux-2`,
+    /// `qwen-image-2512`, `z-image-turbo`, `krea-2` or `wan-2.2`.
+    pub base_family: Option<String>,
+    /// The FAL endpoint generations with these weights go to.
+    pub generation_endpoint: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -113,15 +126,23 @@ pub struct AvatarView {
 
 impl From<Avatar> for AvatarView {
     fn from(a: Avatar) -> Self {
+        let copy_view = |c: &crate::store::LoraCopy| LoraCopyView {
+            sha256: c.sha256.clone(),
+            bytes: c.bytes,
+        };
         let artifact = (a.lora_url.is_some() || a.finetune_id.is_some()).then(|| ArtifactView {
             lora_url: a.lora_url.clone(),
             lora_config_url: a.lora_config_url.clone(),
             finetune_id: a.finetune_id.clone(),
-            lora_copy: a.lora_copy.as_ref().map(|c| LoraCopyView {
-                sha256: c.sha256.clone(),
-                bytes: c.bytes,
-            }),
+            lora_copy: a.lora_copy.as_ref().map(copy_view),
             lora_checked_at: a.lora_checked_at,
+            high_noise_lora_url: a.high_noise_lora_url.clone(),
+            high_noise_lora_copy: a.high_noise_copy.as_ref().map(copy_view),
+            trainer: a.trainer.clone(),
+            base_family: a.base_family.clone(),
+            generation_endpoint: a
+                .weights_family()
+                .map(|family| family.generation_endpoint().to_owned()),
         });
         Self {
             id: a.id,
@@ -159,6 +180,22 @@ pub struct ListAvatarsQuery {
     #[param(pattern = "^[A-Za-z0-9_-]+$")]
     #[serde(default, deserialize_with = "super::paging::avatar_cursor")]
     pub cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LoraDownloadQuery {
+    /// Which file: `main` (default), or `high_noise`, Wan 2.2's second file.
+    pub file: Option<LoraFileName>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraFileName {
+    #[default]
+    Main,
+    HighNoise,
 }
 
 /// Create an avatar
@@ -214,6 +251,10 @@ pub async fn create_avatar(
                 error_message: None,
                 lora_copy: None,
                 lora_checked_at: None,
+                trainer: None,
+                base_family: None,
+                high_noise_lora_url: None,
+                high_noise_copy: None,
                 created_at: now,
                 updated_at: now,
             };
@@ -325,7 +366,7 @@ pub async fn delete_avatar(
         .photos
         .iter()
         .map(|p| p.storage_key.clone())
-        .chain(deleted.lora_copy_key);
+        .chain(deleted.lora_copy_keys);
     for key in files {
         if let Err(err) = state.blobs.delete(&key).await {
             tracing::warn!(error = %err, "could not remove a deleted avatar's file");
@@ -341,10 +382,11 @@ pub async fn delete_avatar(
     get,
     path = "/v1/avatars/{id}/lora",
     tag = "avatars",
-    params(("id" = Uuid, Path, description = "The avatar's id.")),
+    params(("id" = Uuid, Path, description = "The avatar's id."), LoraDownloadQuery),
     responses(
         (status = 200, description = "The safetensors file.", body = super::spec::Binary, content_type = "application/octet-stream"),
-        (status = 404, description = "No such avatar, or no copy of its LoRA (yet).", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such avatar, or no copy of that LoRA file (yet).", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A query parameter is invalid.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
@@ -352,11 +394,19 @@ pub async fn download_lora(
     State(state): State<AppState>,
     tenant: Tenant,
     ApiPathId(id): ApiPathId,
+    ApiQuery(query): ApiQuery<LoraDownloadQuery>,
 ) -> ApiResult<Response> {
     let avatar = find_avatar(&state, &tenant, id).await?;
-    let copy = avatar
-        .lora_copy
-        .ok_or_else(|| ApiError::NotFound(format!("avatar {id} has no LoRA copy (yet)")))?;
+    let (file, suffix) = match query.file.unwrap_or_default() {
+        LoraFileName::Main => (LoraFile::Main, ""),
+        LoraFileName::HighNoise => (LoraFile::HighNoise, "-high-noise"),
+    };
+    let copy = file.copy(&avatar).cloned().ok_or_else(|| {
+        ApiError::NotFound(match (file, &avatar.high_noise_lora_url) {
+            (LoraFile::HighNoise, None) => format!("avatar {id} has no high-noise LoRA file"),
+            _ => format!("avatar {id} has no copy of that LoRA file (yet)"),
+        })
+    })?;
     let body = state
         .blobs
         .stream(&copy.key)
@@ -369,7 +419,7 @@ pub async fn download_lora(
         axum::http::HeaderValue::from_static("application/octet-stream"),
     );
     if let Ok(value) = axum::http::HeaderValue::from_str(&format!(
-        "attachment; filename=\"avatar-{id}.safetensors\""
+        "attachment; filename=\"avatar-{id}{suffix}.safetensors\""
     )) {
         headers.insert(axum::http::header::CONTENT_DISPOSITION, value);
     }

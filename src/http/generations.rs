@@ -14,7 +14,7 @@ use crate::domain::generation::{
     check_num_images, check_output_format, check_safety_tolerance, generation_input,
 };
 use crate::domain::job::{JobKind, JobStatus};
-use crate::domain::trainers::{self, BaseFamily, LoraGeneration};
+use crate::domain::trainers::{BaseFamily, LoraGeneration};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
 use crate::store::{Batch, Job, NewJob};
@@ -344,7 +344,8 @@ pub async fn create_generation(
             let artifact = match (&avatar.status, &avatar.lora_url, &avatar.finetune_id) {
                 (AvatarStatus::Ready, Some(url), _) => Artifact::Lora {
                     url: url.clone(),
-                    to: lora_generation(&state, &avatar).await?,
+                    high_noise_url: avatar.high_noise_lora_url.clone(),
+                    to: lora_generation(&avatar)?,
                 },
                 (AvatarStatus::Ready, None, Some(id)) => Artifact::Finetune { id: id.clone() },
                 (status, _, _) => {
@@ -451,31 +452,17 @@ pub async fn get_batch(
     Ok(Json(BatchView::new(batch, jobs)))
 }
 
-/// Where the avatar's LoRA generates: its family's endpoint, read from the trainer of its
-/// training (FLUX.1 [dev] for an avatar whose training is not found). A family falgate does not
-/// generate with yet is a 422 naming where its weights belong.
-async fn lora_generation(
-    state: &AppState,
-    avatar: &crate::store::Avatar,
-) -> ApiResult<LoraGeneration> {
-    let trained_on = match avatar.training_job_id {
-        Some(job) => state.store.get_job(avatar.tenant, job).await?,
-        None => None,
-    };
-    let family = trained_on
-        .and_then(|job| trainers::by_endpoint(&job.endpoint))
-        .map_or(BaseFamily::Flux1Dev, |trainer| trainer.base);
+/// Where the avatar's LoRA generates: the endpoint of the family its weights belong to.
+fn lora_generation(avatar: &crate::store::Avatar) -> ApiResult<LoraGeneration> {
+    let family = avatar.weights_family().unwrap_or(BaseFamily::Flux1Dev);
     family
         .lora_generation()
         .ok_or_else(|| ApiError::Unprocessable {
             code: "generation_unavailable",
             detail: format!(
-                "avatar {} holds {} weights, which generate on {}; falgate does not generate there \
-             yet. Its LoRA file is at GET /v1/avatars/{}/lora",
+                "avatar {} holds {} weights, which falgate does not generate with",
                 avatar.id,
                 family.as_str(),
-                family.generation_endpoint(),
-                avatar.id
             ),
         })
 }

@@ -126,7 +126,12 @@ pub struct GenerationOutput {
 
 impl GenerationOutput {
     fn read(result: &Value) -> Option<Self> {
-        let images = result.get("images")?.as_array()?;
+        // Most endpoints answer a list of `images`; Wan 2.2's, which draws one, an `image`.
+        let images = match (result.get("images"), result.get("image")) {
+            (Some(images), _) => images.as_array()?.as_slice(),
+            (None, Some(image)) => std::slice::from_ref(image),
+            (None, None) => return None,
+        };
         Some(Self {
             images: images
                 .iter()

@@ -7,7 +7,8 @@ use super::extract::{ApiPathId, PhotoPath};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use crate::blobs::BlobWriter;
 use crate::domain::photo::{
-    CheckedPhoto, PhotoLimits, PhotoProblem, SNIFF_BYTES, check_size, decode_photo, sniff,
+    CheckedPhoto, MAX_CAPTION_CHARS, PhotoLimits, PhotoProblem, SNIFF_BYTES, check_size,
+    decode_photo, parse_caption, sniff,
 };
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
@@ -32,6 +33,9 @@ pub struct PhotoView {
     pub avatar_id: Uuid,
     /// The name the file was uploaded under.
     pub file_name: Option<String>,
+    /// The caption given with it: trainers that read captions get it after the trigger
+    /// phrase, in a text file beside the photo.
+    pub caption: Option<String>,
     pub content_type: String,
     pub width: i32,
     pub height: i32,
@@ -46,6 +50,7 @@ impl From<Photo> for PhotoView {
             id: p.id,
             avatar_id: p.avatar_id,
             file_name: p.file_name,
+            caption: p.caption,
             content_type: p.content_type,
             width: p.width,
             height: p.height,
@@ -61,7 +66,8 @@ pub struct PhotoList {
     pub items: Vec<PhotoView>,
 }
 
-/// The multipart form of an upload: one or many files, in any field.
+/// The multipart form of an upload: one or many files, in any field, each file part
+/// optionally followed by a text part named `caption`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct PhotoUpload {
@@ -69,6 +75,11 @@ pub struct PhotoUpload {
     /// `FALGATE_MAX_PHOTOS`).
     #[schema(value_type = Vec<String>, format = Binary, min_items = 1)]
     pub files: Vec<Vec<u8>>,
+    /// The caption of the file part just before it: one line, up to 500 characters, what the
+    /// photo shows besides its subject ("in a red coat, at the beach"). Trainers that read
+    /// captions get the trigger phrase, then this, in a text file beside the photo.
+    #[schema(max_length = 500)]
+    pub caption: Option<Vec<String>>,
 }
 
 /// Upload photos
@@ -184,6 +195,8 @@ fn too_large(limit: u64) -> ApiError {
 struct Received {
     /// The name it was sent under.
     name: String,
+    /// The caption part that followed it, if one did.
+    caption: Option<String>,
     sha256: [u8; 32],
     bytes: u64,
     /// Its first bytes, which tell its format.
@@ -260,6 +273,23 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
                 ),
             ));
         }
+        if field.name() == Some("caption") && field.file_name().is_none() {
+            let caption = read_caption(&mut field, &handed_out, limits.max_upload_bytes).await?;
+            let index = files.len().checked_sub(1).ok_or_else(|| {
+                ApiError::validation(
+                    "caption",
+                    "a caption part follows the file part it describes; this one comes first",
+                )
+            })?;
+            let file: &mut Received = &mut files[index];
+            if file.caption.replace(caption).is_some() {
+                return Err(ApiError::validation(
+                    format!("files[{index}] ({})", file.name),
+                    "has two caption parts; a photo has one caption",
+                ));
+            }
+            continue;
+        }
         let name = field
             .file_name()
             .or(field.name())
@@ -291,6 +321,7 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
         }
         files.push(Received {
             name,
+            caption: None,
             sha256: hasher.finalize().into(),
             bytes,
             head,
@@ -301,6 +332,35 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
         return Err(ApiError::validation("files", "the form holds no file"));
     }
     Ok(files)
+}
+
+/// A caption part's text, checked (`domain::photo::parse_caption`); read up to a bound, so a
+/// caption part cannot make the server hold much.
+async fn read_caption(
+    field: &mut multer::Field<'_>,
+    handed_out: &AtomicU64,
+    limit: u64,
+) -> ApiResult<String> {
+    // A character is at most four bytes, and blanks around it are trimmed.
+    const MOST_BYTES: usize = MAX_CAPTION_CHARS * 4 + 64;
+    let mut text = Vec::new();
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|err| form_error(limit, Some("caption"), err))?
+    {
+        handed_out.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        if text.len() + chunk.len() > MOST_BYTES {
+            return Err(ApiError::validation(
+                "caption",
+                format!("a caption has at most {MAX_CAPTION_CHARS} characters"),
+            ));
+        }
+        text.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(text)
+        .map_err(|_| ApiError::validation("caption", "a caption is UTF-8 text"))?;
+    parse_caption(&text).map_err(|why| ApiError::validation("caption", why))
 }
 
 fn form_error(limit: u64, file: Option<&str>, err: multer::Error) -> ApiError {
@@ -395,6 +455,7 @@ async fn keep_photos(state: &AppState, id: Uuid, files: Vec<Received>) -> ApiRes
             storage_key: format!("photos/{id}/{photo_id}.{}", checked.format.extension()),
             file_name: Some(file.name),
             created_at: crate::domain::now(),
+            caption: file.caption,
         };
         // The bytes first: a row never points at a file that is not there.
         let Some(writer) = file.file.take() else {

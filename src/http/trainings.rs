@@ -9,9 +9,11 @@ use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use super::jobs::JobView;
 use super::webhook_endpoints::{RequestWebhook, check_request_webhook};
 use crate::domain::archive::{Entry, zip};
-use crate::domain::avatar::{Trainer, TrainerChoice, TrainingPreset, TrainingSpec, training_input};
+use crate::domain::avatar::{
+    Trainer, TrainerChoice, TrainingPreset, TrainingSpec, caption_file, training_input,
+};
 use crate::domain::job::JobKind;
-use crate::domain::trainers::{self, Captions, TrainerStatus};
+use crate::domain::trainers::{self, TrainerStatus};
 use crate::error::{ApiError, ApiResult, FieldError, Problem};
 use crate::state::AppState;
 use crate::store::{NewJob, TrainingStart};
@@ -254,10 +256,10 @@ async fn upload_photos(
         })?;
         let extension = photo.storage_key.rsplit('.').next().unwrap_or("jpg");
         files.push((format!("{:02}.{extension}", i + 1), bytes));
-        // A trainer that needs captions gets one per photo, beside it: `01.txt` for `01.jpg`.
-        if let Captions::Required { .. } = trainer.entry().captions {
-            let caption = trigger_phrase.as_bytes().to_vec();
-            files.push((format!("{:02}.txt", i + 1), caption));
+        if let Some(caption) =
+            caption_file(trainer.entry(), trigger_phrase, photo.caption.as_deref())
+        {
+            files.push((format!("{:02}.txt", i + 1), caption.into_bytes()));
         }
     }
     let entries: Vec<Entry<'_>> = files

@@ -7,8 +7,9 @@ use super::jobs::insert_jobs;
 use super::photos::PHOTO_COLUMNS;
 use super::webhook_endpoints::{WebhookEndpoint, insert_endpoint};
 use super::{IdempotencyCompletion, Job, LoraCopy, NewJob, Photo, Store, StoreError, StoreResult};
-use crate::domain::avatar::{AvatarKind, AvatarStatus, TrainedArtifact};
+use crate::domain::avatar::{AvatarKind, AvatarStatus, Trained, TrainedArtifact};
 use crate::domain::event::EventType;
+use crate::domain::trainers::BaseFamily;
 use chrono::{DateTime, Utc};
 use std::sync::LazyLock;
 use uuid::Uuid;
@@ -17,7 +18,8 @@ use uuid::Uuid;
 pub(super) const AVATAR_COLUMNS: &str = "id, tenant, name, kind, trigger_phrase, status, \
     training_job_id, lora_url, lora_config_url, finetune_id, error_code, error_message, \
     lora_copy_key, lora_copy_sha256, lora_copy_bytes, lora_copy_url, lora_checked_at, \
-    created_at, updated_at";
+    trainer, base_family, high_noise_lora_url, high_noise_copy_key, high_noise_copy_sha256, \
+    high_noise_copy_bytes, high_noise_copy_url, created_at, updated_at";
 
 pub(super) static GET_AVATAR: LazyLock<String> =
     LazyLock::new(|| format!("SELECT {AVATAR_COLUMNS} FROM avatars WHERE id = $1 AND tenant = $2"));
@@ -29,7 +31,7 @@ static PHOTOS_OF_AVATAR: LazyLock<String> =
 #[derive(Debug, Clone, PartialEq)]
 pub enum AvatarOutcome {
     /// Trained: the artifact FAL produced replaces the old one.
-    Ready(TrainedArtifact),
+    Ready(Trained),
     /// Failed: an avatar with an artifact from an earlier training keeps it and stays ready.
     Failed {
         code: crate::domain::job::JobErrorCode,
@@ -62,10 +64,36 @@ pub struct Avatar {
     pub error_message: Option<String>,
     /// falgate's own copy of the LoRA weights, once taken.
     pub lora_copy: Option<LoraCopy>,
-    /// When FAL was last seen serving `lora_url`.
+    /// When FAL was last seen serving `lora_url` (and `high_noise_lora_url`).
     pub lora_checked_at: Option<DateTime<Utc>>,
+    /// The registry id of the trainer that made the avatar's weights.
+    #[serde(default)]
+    pub trainer: Option<String>,
+    /// The family of the avatar's weights (`BaseFamily::as_str`): where they generate.
+    #[serde(default)]
+    pub base_family: Option<String>,
+    /// Wan 2.2's second LoRA file, for its high-noise transformer.
+    #[serde(default)]
+    pub high_noise_lora_url: Option<String>,
+    /// falgate's own copy of that file, once taken.
+    #[serde(default)]
+    pub high_noise_copy: Option<LoraCopy>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl Avatar {
+    /// The family of the avatar's weights, which decides where they generate; `None` without
+    /// weights. Weights stored without one are FLUX.1: every LoRA falgate trained before it
+    /// recorded families was FLUX.1 [dev].
+    pub fn weights_family(&self) -> Option<BaseFamily> {
+        let recorded = self.base_family.as_deref().and_then(BaseFamily::parse);
+        match (&self.lora_url, &self.finetune_id) {
+            (Some(_), _) => Some(recorded.unwrap_or(BaseFamily::Flux1Dev)),
+            (None, Some(_)) => Some(BaseFamily::Flux1ProFinetune),
+            (None, None) => None,
+        }
+    }
 }
 
 #[derive(sqlx::FromRow)]
@@ -87,6 +115,13 @@ pub(super) struct AvatarRow {
     lora_copy_bytes: Option<i64>,
     lora_copy_url: Option<String>,
     lora_checked_at: Option<DateTime<Utc>>,
+    trainer: Option<String>,
+    base_family: Option<String>,
+    high_noise_lora_url: Option<String>,
+    high_noise_copy_key: Option<String>,
+    high_noise_copy_sha256: Option<String>,
+    high_noise_copy_bytes: Option<i64>,
+    high_noise_copy_url: Option<String>,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
@@ -111,18 +146,44 @@ impl TryFrom<AvatarRow> for Avatar {
             error_code: row.error_code,
             error_message: row.error_message,
             // A copy counts only while it is of the avatar's current weights.
-            lora_copy: match (row.lora_copy_key, row.lora_copy_sha256, row.lora_copy_bytes) {
-                (Some(key), Some(sha256), Some(bytes))
-                    if row.lora_copy_url.is_some() && row.lora_copy_url == row.lora_url =>
-                {
-                    Some(LoraCopy { key, sha256, bytes })
-                }
-                _ => None,
-            },
+            lora_copy: current_copy(
+                (row.lora_copy_key, row.lora_copy_sha256, row.lora_copy_bytes),
+                row.lora_copy_url.as_deref(),
+                row.lora_url.as_deref(),
+            ),
+            high_noise_copy: current_copy(
+                (
+                    row.high_noise_copy_key,
+                    row.high_noise_copy_sha256,
+                    row.high_noise_copy_bytes,
+                ),
+                row.high_noise_copy_url.as_deref(),
+                row.high_noise_lora_url.as_deref(),
+            ),
             lora_checked_at: row.lora_checked_at,
+            trainer: row.trainer,
+            base_family: row.base_family,
+            high_noise_lora_url: row.high_noise_lora_url,
             created_at: row.created_at,
             updated_at: row.updated_at,
         })
+    }
+}
+
+/// A copy's columns, if it is a copy of the file the avatar names now (`copied_from` is
+/// `current`).
+fn current_copy(
+    (key, sha256, bytes): (Option<String>, Option<String>, Option<i64>),
+    copied_from: Option<&str>,
+    current: Option<&str>,
+) -> Option<LoraCopy> {
+    match (key, sha256, bytes) {
+        (Some(key), Some(sha256), Some(bytes))
+            if copied_from.is_some() && copied_from == current =>
+        {
+            Some(LoraCopy { key, sha256, bytes })
+        }
+        _ => None,
     }
 }
 
@@ -138,6 +199,7 @@ pub(super) struct LockedAvatar {
     pub status: String,
     pub training_job_id: Option<Uuid>,
     pub lora_copy_key: Option<String>,
+    pub high_noise_copy_key: Option<String>,
 }
 
 /// What deleting an avatar leaves to clean up.
@@ -146,7 +208,8 @@ pub struct DeletedAvatar {
     pub photos: Vec<Photo>,
     /// The training that was running, to cancel.
     pub training_to_cancel: Option<Uuid>,
-    pub lora_copy_key: Option<String>,
+    /// The keys of falgate's copies of its LoRA files.
+    pub lora_copy_keys: Vec<String>,
 }
 
 /// What starting a training did.
@@ -247,7 +310,10 @@ impl Store {
             training_to_cancel: locked
                 .training_job_id
                 .filter(|_| locked.status == "training"),
-            lora_copy_key: locked.lora_copy_key,
+            lora_copy_keys: [locked.lora_copy_key, locked.high_noise_copy_key]
+                .into_iter()
+                .flatten()
+                .collect(),
         }))
     }
 
@@ -312,17 +378,29 @@ pub(super) async fn apply_avatar_outcome(
 ) -> StoreResult<bool> {
     let conn = tx.conn();
     let moved = match outcome {
-        AvatarOutcome::Ready(artifact) => {
-            let (lora, config, finetune) = match artifact {
-                TrainedArtifact::Lora { url, config_url } => {
-                    (Some(url.as_str()), config_url.as_deref(), None)
-                }
-                TrainedArtifact::Finetune { id } => (None, None, Some(id.as_str())),
+        AvatarOutcome::Ready(Trained {
+            trainer,
+            base,
+            artifact,
+        }) => {
+            let (lora, config, high_noise, finetune) = match artifact {
+                TrainedArtifact::Lora {
+                    url,
+                    config_url,
+                    high_noise_url,
+                } => (
+                    Some(url.as_str()),
+                    config_url.as_deref(),
+                    high_noise_url.as_deref(),
+                    None,
+                ),
+                TrainedArtifact::Finetune { id } => (None, None, None, Some(id.as_str())),
             };
             conn.execute(
                 "UPDATE avatars SET status = 'ready', lora_url = $3, lora_config_url = $4, \
                  finetune_id = $5, error_code = NULL, error_message = NULL, updated_at = $6, \
-                 lora_checked_at = $7, lora_next_try_at = $7 \
+                 lora_checked_at = $7, lora_next_try_at = $7, high_noise_lora_url = $8, \
+                 trainer = $9, base_family = $10 \
                  WHERE id = $1 AND training_job_id = $2",
                 &[
                     avatar_id.into(),
@@ -331,8 +409,12 @@ pub(super) async fn apply_avatar_outcome(
                     config.into(),
                     finetune.into(),
                     at.into(),
-                    // FAL served the LoRA file just now, in its result; its copy is due at once.
+                    // FAL served the LoRA files just now, in its result; their copies are due
+                    // at once.
                     lora.map(|_| at).into(),
+                    high_noise.into(),
+                    (*trainer).into(),
+                    base.as_str().into(),
                 ],
             )
             .await?

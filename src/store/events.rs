@@ -348,6 +348,7 @@ mod tests {
                 include_str!("../../tests/fixtures/event-snapshots/training-job.json")
             }
             "avatar" => include_str!("../../tests/fixtures/event-snapshots/avatar.json"),
+            "avatar-wan" => include_str!("../../tests/fixtures/event-snapshots/avatar-wan.json"),
             "batch" => include_str!("../../tests/fixtures/event-snapshots/batch.json"),
             _ => unreachable!(),
         };
@@ -381,6 +382,21 @@ mod tests {
         };
         assert_eq!(avatar.status, AvatarStatus::Ready);
         assert!(avatar.lora_url.is_some());
+        // Written before avatars recorded their trainer: the weights are FLUX.1 [dev].
+        assert_eq!(avatar.trainer, None);
+        assert_eq!(
+            avatar.weights_family(),
+            Some(crate::domain::trainers::BaseFamily::Flux1Dev)
+        );
+        let EventSnapshot::Avatar(wan) = written_before("avatar-wan") else {
+            panic!("not an avatar")
+        };
+        assert_eq!(wan.trainer.as_deref(), Some("wan_22_image"));
+        assert_eq!(
+            wan.weights_family(),
+            Some(crate::domain::trainers::BaseFamily::Wan22)
+        );
+        assert!(wan.high_noise_lora_url.is_some() && wan.high_noise_copy.is_some());
         let EventSnapshot::Batch { batch, jobs } = written_before("batch") else {
             panic!("not a batch")
         };

@@ -7,10 +7,15 @@ use chrono::{DateTime, Utc};
 use std::sync::LazyLock;
 use uuid::Uuid;
 
+/// A file named but not (or no longer) copied: `{file}_url` set, its copy of another URL or none.
+const MAIN_UNCOPIED: &str =
+    "(lora_url IS NOT NULL AND (lora_copy_url IS NULL OR lora_copy_url <> lora_url))";
+const HIGH_NOISE_UNCOPIED: &str = "(high_noise_lora_url IS NOT NULL \
+    AND (high_noise_copy_url IS NULL OR high_noise_copy_url <> high_noise_lora_url))";
+
 static MISSING_COPY: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "SELECT {AVATAR_COLUMNS} FROM avatars WHERE lora_url IS NOT NULL \
-         AND (lora_copy_url IS NULL OR lora_copy_url <> lora_url) \
+        "SELECT {AVATAR_COLUMNS} FROM avatars WHERE ({MAIN_UNCOPIED} OR {HIGH_NOISE_UNCOPIED}) \
          AND lora_next_try_at <= $1 ORDER BY lora_next_try_at LIMIT $2"
     )
 });
@@ -18,10 +23,66 @@ static MISSING_COPY: LazyLock<String> = LazyLock::new(|| {
 static DUE_CHECK: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {AVATAR_COLUMNS} FROM avatars WHERE lora_url IS NOT NULL \
-         AND lora_copy_url = lora_url \
+         AND NOT {MAIN_UNCOPIED} AND NOT {HIGH_NOISE_UNCOPIED} \
          AND lora_next_try_at <= $1 ORDER BY lora_next_try_at LIMIT $2"
     )
 });
+
+// Recording one file's copy: the next try becomes the next check only once the avatar's other
+// file is copied too; until then it stays due, so that the other is copied next.
+static RECORD_MAIN_COPY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE avatars SET lora_copy_key = $3, lora_copy_sha256 = $4, lora_copy_bytes = $5, \
+         lora_copy_url = $2, lora_checked_at = $6, \
+         lora_next_try_at = CASE WHEN {HIGH_NOISE_UNCOPIED} THEN lora_next_try_at ELSE $7 END \
+         WHERE id = $1 AND lora_url = $2"
+    )
+});
+
+static RECORD_HIGH_NOISE_COPY: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE avatars SET high_noise_copy_key = $3, high_noise_copy_sha256 = $4, \
+         high_noise_copy_bytes = $5, high_noise_copy_url = $2, lora_checked_at = $6, \
+         lora_next_try_at = CASE WHEN {MAIN_UNCOPIED} THEN lora_next_try_at ELSE $7 END \
+         WHERE id = $1 AND high_noise_lora_url = $2"
+    )
+});
+
+/// One of an avatar's LoRA files: every LoRA has its main file; Wan 2.2's has a second, for
+/// the high-noise transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFile {
+    Main,
+    HighNoise,
+}
+
+impl LoraFile {
+    pub const ALL: [LoraFile; 2] = [LoraFile::Main, LoraFile::HighNoise];
+
+    /// Where FAL serves this file of the avatar's, if it has one.
+    pub fn url(self, avatar: &Avatar) -> Option<&str> {
+        match self {
+            Self::Main => avatar.lora_url.as_deref(),
+            Self::HighNoise => avatar.high_noise_lora_url.as_deref(),
+        }
+    }
+
+    /// falgate's copy of this file of the avatar's, once taken.
+    pub fn copy(self, avatar: &Avatar) -> Option<&LoraCopy> {
+        match self {
+            Self::Main => avatar.lora_copy.as_ref(),
+            Self::HighNoise => avatar.high_noise_copy.as_ref(),
+        }
+    }
+
+    /// The name an upload of the file carries.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Main => "pytorch_lora_weights.safetensors",
+            Self::HighNoise => "high_noise_lora.safetensors",
+        }
+    }
+}
 
 /// What became of a LoRA copy offered to an avatar.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +104,7 @@ pub struct LoraCopy {
 }
 
 impl Store {
-    /// Avatars whose current LoRA file has no copy of ours yet and is not deferred past
+    /// Avatars with a current LoRA file that has no copy of ours yet, not deferred past
     /// `now` (a failed copy is deferred, so a few dead URLs never hold up the others).
     pub async fn avatars_missing_lora_copy(
         &self,
@@ -53,11 +114,13 @@ impl Store {
         self.avatars_due(&MISSING_COPY, now, limit).await
     }
 
-    /// Records the copy of `lora_url` (FAL served it at `at`; the next check is due at
-    /// `next_check_at`), unless a newer training replaced that URL meanwhile.
+    /// Records the copy of the avatar's `file`, taken from `lora_url` (FAL served it at `at`;
+    /// the next check is due at `next_check_at`), unless a newer training replaced that URL
+    /// meanwhile.
     pub async fn record_lora_copy(
         &self,
         avatar_id: Uuid,
+        file: LoraFile,
         lora_url: &str,
         copy: &LoraCopy,
         at: DateTime<Utc>,
@@ -67,13 +130,14 @@ impl Store {
         let Some(locked) = self.lock_avatar(&mut tx, avatar_id).await? else {
             return Ok(CopyRecorded::Stale { current: None });
         };
-        let previous = locked.lora_copy_key;
+        let (previous, update) = match file {
+            LoraFile::Main => (locked.lora_copy_key, RECORD_MAIN_COPY.as_str()),
+            LoraFile::HighNoise => (locked.high_noise_copy_key, RECORD_HIGH_NOISE_COPY.as_str()),
+        };
         let written = tx
             .conn()
             .execute(
-                "UPDATE avatars SET lora_copy_key = $3, lora_copy_sha256 = $4, \
-                 lora_copy_bytes = $5, lora_copy_url = $2, lora_checked_at = $6, \
-                 lora_next_try_at = $7 WHERE id = $1 AND lora_url = $2",
+                update,
                 &[
                     avatar_id.into(),
                     lora_url.into(),
@@ -95,7 +159,8 @@ impl Store {
         })
     }
 
-    /// Avatars whose kept LoRA file is due a check that FAL still serves it.
+    /// Avatars whose kept LoRA files (every one copied) are due a check that FAL still serves
+    /// them.
     pub async fn avatars_due_lora_check(
         &self,
         now: DateTime<Utc>,
@@ -117,8 +182,8 @@ impl Store {
         avatars_from_rows(rows)
     }
 
-    /// FAL served `lora_url` at `at`; the next check is due at `next_check_at`. Nothing
-    /// changes if the avatar's weights did.
+    /// FAL served the avatar's files, `lora_url` its main one, at `at`; the next check is due
+    /// at `next_check_at`. Nothing changes if the avatar's weights did.
     pub async fn record_lora_check(
         &self,
         avatar_id: Uuid,
@@ -157,28 +222,36 @@ impl Store {
         Ok(())
     }
 
-    /// Points the avatar at a new upload (made at `at`) of the weights its copy holds,
-    /// unless a training changed them meanwhile; answers whether it did.
+    /// Points the avatar's `file` at a new upload (made at `at`) of the weights its copy
+    /// holds, unless a training changed them meanwhile; answers whether it did.
     pub async fn replace_lora_url(
         &self,
         avatar_id: Uuid,
+        file: LoraFile,
         expired_url: &str,
         new_url: &str,
         at: DateTime<Utc>,
-        next_check_at: DateTime<Utc>,
     ) -> StoreResult<bool> {
+        let update = match file {
+            LoraFile::Main => {
+                "UPDATE avatars SET lora_url = $3, lora_copy_url = $3, updated_at = $4 \
+                 WHERE id = $1 AND lora_url = $2 AND lora_copy_url = $2"
+            }
+            LoraFile::HighNoise => {
+                "UPDATE avatars SET high_noise_lora_url = $3, high_noise_copy_url = $3, \
+                 updated_at = $4 \
+                 WHERE id = $1 AND high_noise_lora_url = $2 AND high_noise_copy_url = $2"
+            }
+        };
         let written = self
             .writer()
             .execute(
-                "UPDATE avatars SET lora_url = $3, lora_copy_url = $3, lora_checked_at = $4, \
-                 lora_next_try_at = $5, updated_at = $4 \
-                 WHERE id = $1 AND lora_url = $2 AND lora_copy_url = $2",
+                update,
                 &[
                     avatar_id.into(),
                     expired_url.into(),
                     new_url.into(),
                     at.into(),
-                    next_check_at.into(),
                 ],
             )
             .await?;

@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 /// The columns every photo query selects, in `Photo`'s order.
 pub(super) const PHOTO_COLUMNS: &str = "id, avatar_id, sha256, content_type, width, height, \
-    bytes, storage_key, file_name, created_at";
+    bytes, storage_key, file_name, created_at, caption";
 
 static LIST_PHOTOS: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {PHOTO_COLUMNS} FROM photos WHERE avatar_id = $1 ORDER BY id")
@@ -30,6 +30,8 @@ pub struct Photo {
     pub storage_key: String,
     pub file_name: Option<String>,
     pub created_at: DateTime<Utc>,
+    /// The client's caption of the photo, if it gave one.
+    pub caption: Option<String>,
 }
 
 /// What adding a photo did.
@@ -77,8 +79,8 @@ impl Store {
         tx.conn()
             .execute(
                 "INSERT INTO photos (id, avatar_id, sha256, content_type, width, height, bytes, \
-                 storage_key, file_name, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                 storage_key, file_name, created_at, caption) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
                 &[
                     photo.id.into(),
                     photo.avatar_id.into(),
@@ -90,6 +92,7 @@ impl Store {
                     (&photo.storage_key).into(),
                     (&photo.file_name).into(),
                     photo.created_at.into(),
+                    (&photo.caption).into(),
                 ],
             )
             .await?;

@@ -1,6 +1,6 @@
-//! Keeps a copy of every trained LoRA file in falgate's own storage: FAL's file URLs expire,
-//! and an avatar whose weights are gone is lost. Avatars whose current weights have no copy are
-//! picked up after each training.
+//! Keeps a copy of every trained LoRA file in falgate's own storage (Wan 2.2's two files
+//! both): FAL's file URLs expire, and an avatar whose weights are gone is lost. Avatars whose
+//! current weights have no copy are picked up after each training.
 //!
 //! It also checks, every `FALGATE_LORA_CHECK_SECS` and at once after a generation on the avatar
 //! failed, that FAL still serves each kept LoRA file, because generations hand FAL that URL.
@@ -13,7 +13,7 @@
 use super::IDLE_WAIT;
 use super::WorkerContext;
 use crate::fal::FileProbe;
-use crate::store::{CopyRecorded, LoraCopy};
+use crate::store::{Avatar, CopyRecorded, LoraCopy, LoraFile};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
@@ -39,17 +39,19 @@ pub async fn run(ctx: WorkerContext, mut stopping: watch::Receiver<bool>) {
         let now = crate::domain::now();
         let to_keep = ctx.store.avatars_missing_lora_copy(now, PER_ROUND).await;
         for avatar in found_or_none(to_keep, "could not look for LoRA files to keep") {
-            let Some(url) = avatar.lora_url else { continue };
-            let outcome = keep(&ctx, avatar.id, &url).await;
+            let Some(url) = avatar.lora_url.clone() else {
+                continue;
+            };
+            let outcome = keep_uncopied(&ctx, &avatar).await;
             let what = "could not keep a copy of a LoRA file";
             failures.settle(&ctx, avatar.id, &url, outcome, what).await;
         }
         let to_check = ctx.store.avatars_due_lora_check(now, PER_ROUND).await;
         for avatar in found_or_none(to_check, "could not look for LoRA files to check") {
-            let (Some(url), Some(copy)) = (avatar.lora_url, avatar.lora_copy) else {
+            let Some(mut url) = avatar.lora_url.clone() else {
                 continue;
             };
-            let outcome = check(&ctx, avatar.id, &url, &copy.key).await;
+            let outcome = check_all(&ctx, &avatar, &mut url).await;
             let what = "could not check FAL's LoRA file";
             failures.settle(&ctx, avatar.id, &url, outcome, what).await;
         }
@@ -105,8 +107,23 @@ impl Failures {
     }
 }
 
-#[tracing::instrument(skip_all, fields(avatar = %avatar_id))]
-async fn keep(ctx: &WorkerContext, avatar_id: Uuid, url: &str) -> Result<(), String> {
+/// Copies each of the avatar's files that has no copy yet; stops at the first that fails.
+async fn keep_uncopied(ctx: &WorkerContext, avatar: &Avatar) -> Result<(), String> {
+    for file in LoraFile::ALL {
+        if let (Some(url), None) = (file.url(avatar), file.copy(avatar)) {
+            keep(ctx, avatar.id, file, url).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tracing::instrument(skip_all, fields(avatar = %avatar_id, file = ?file))]
+async fn keep(
+    ctx: &WorkerContext,
+    avatar_id: Uuid,
+    file: LoraFile,
+    url: &str,
+) -> Result<(), String> {
     let mut stream = std::pin::pin!(
         ctx.fal
             .download(url, DOWNLOAD_TIMEOUT)
@@ -114,26 +131,33 @@ async fn keep(ctx: &WorkerContext, avatar_id: Uuid, url: &str) -> Result<(), Str
             .map_err(|e| e.to_string())?
     );
     // Streamed to a file while hashed: a LoRA can be hundreds of MB, and is never held whole.
-    let mut file = ctx.blobs.writer().await.map_err(|e| e.to_string())?;
+    let mut writer = ctx.blobs.writer().await.map_err(|e| e.to_string())?;
     let mut hasher = Sha256::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| e.to_string())?;
-        if file.written() + chunk.len() as u64 > MAX_LORA_BYTES {
+        if writer.written() + chunk.len() as u64 > MAX_LORA_BYTES {
             return Err("the LoRA file is larger than 2 GiB".into());
         }
         hasher.update(&chunk);
-        file.write(&chunk).await.map_err(|e| e.to_string())?;
+        writer.write(&chunk).await.map_err(|e| e.to_string())?;
     }
     let sha256 = hex::encode(hasher.finalize());
     let copy = LoraCopy {
         key: format!("loras/{avatar_id}/{sha256}.safetensors"),
         sha256,
-        bytes: file.written() as i64,
+        bytes: writer.written() as i64,
     };
-    file.finish(&copy.key).await.map_err(|e| e.to_string())?;
+    writer.finish(&copy.key).await.map_err(|e| e.to_string())?;
     let recorded = ctx
         .store
-        .record_lora_copy(avatar_id, url, &copy, crate::domain::now(), next_check(ctx))
+        .record_lora_copy(
+            avatar_id,
+            file,
+            url,
+            &copy,
+            crate::domain::now(),
+            next_check(ctx),
+        )
         .await
         .map_err(|e| e.to_string())?;
     match recorded {
@@ -155,29 +179,46 @@ async fn keep(ctx: &WorkerContext, avatar_id: Uuid, url: &str) -> Result<(), Str
     Ok(())
 }
 
-/// Asks FAL's CDN for the first byte of `url`. Served: noted. Gone (404 or 410, or 403,
-/// which a CDN also answers for a file it no longer has): the copy is uploaded again and the
-/// avatar points at it. Anything else is an outage, tried again later.
-#[tracing::instrument(skip_all, fields(avatar = %avatar_id))]
+/// Checks each of the avatar's kept files, then notes that FAL serves them all. `main_url`
+/// follows the main file when it is uploaded again, so that what follows finds the avatar.
+async fn check_all(
+    ctx: &WorkerContext,
+    avatar: &Avatar,
+    main_url: &mut String,
+) -> Result<(), String> {
+    for file in LoraFile::ALL {
+        let (Some(url), Some(copy)) = (file.url(avatar), file.copy(avatar)) else {
+            continue;
+        };
+        let replaced_by = check(ctx, avatar.id, file, url, &copy.key).await?;
+        if let (LoraFile::Main, Some(new_url)) = (file, replaced_by) {
+            *main_url = new_url;
+        }
+    }
+    ctx.store
+        .record_lora_check(avatar.id, main_url, crate::domain::now(), next_check(ctx))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Asks FAL's CDN for the first byte of `url`. Served: nothing to do. Gone (404 or 410, or
+/// 403, which a CDN also answers for a file it no longer has): the copy is uploaded again and
+/// the avatar points at it; answers the new URL. Anything else is an outage, tried again later.
+#[tracing::instrument(skip_all, fields(avatar = %avatar_id, file = ?file))]
 async fn check(
     ctx: &WorkerContext,
     avatar_id: Uuid,
+    file: LoraFile,
     url: &str,
     copy_key: &str,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let status = match ctx
         .fal
         .probe_file(url, CHECK_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?
     {
-        FileProbe::Served => {
-            return ctx
-                .store
-                .record_lora_check(avatar_id, url, crate::domain::now(), next_check(ctx))
-                .await
-                .map_err(|e| e.to_string());
-        }
+        FileProbe::Served => return Ok(None),
         FileProbe::Gone(status) => status,
     };
     let length = ctx
@@ -192,27 +233,19 @@ async fn check(
         .ok_or("the kept copy is missing")?;
     let new_url = ctx
         .fal
-        .upload_stream(
-            chunks,
-            length,
-            "application/octet-stream",
-            "pytorch_lora_weights.safetensors",
-        )
+        .upload_stream(chunks, length, "application/octet-stream", file.file_name())
         .await
         .map_err(|e| e.to_string())?;
     let replaced = ctx
         .store
-        .replace_lora_url(
-            avatar_id,
-            url,
-            &new_url,
-            crate::domain::now(),
-            next_check(ctx),
-        )
+        .replace_lora_url(avatar_id, file, url, &new_url, crate::domain::now())
         .await
         .map_err(|e| e.to_string())?;
-    if replaced {
-        tracing::info!(%status, bytes = length, "FAL no longer served the LoRA file; uploaded it again from the kept copy");
+    if !replaced {
+        // A training changed the weights meanwhile: nothing of this file is the avatar's now,
+        // and the note that follows, made against the old URL, changes nothing either.
+        return Ok(None);
     }
-    Ok(())
+    tracing::info!(%status, bytes = length, "FAL no longer served the LoRA file; uploaded it again from the kept copy");
+    Ok(Some(new_url))
 }

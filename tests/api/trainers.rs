@@ -236,27 +236,21 @@ async fn every_current_trainer_trains_with_its_own_field_names_and_presets(app: 
             ready["artifact"]["lora_url"], trained["result"][field]["url"],
             "{trainer}"
         );
+        // The avatar records who made its weights, their family, and where they generate.
+        assert_eq!(ready["artifact"]["trainer"], trainer);
+        assert_eq!(ready["artifact"]["base_family"], entry["base_family"]);
+        assert_eq!(
+            ready["artifact"]["generation_endpoint"],
+            entry["generation_endpoint"]
+        );
         // The LoRA generates on its family's endpoint, with the preset's steps and guidance
-        // where that endpoint takes them; Wan 2.2's two files are not generated with yet, and
-        // the refusal names where they belong.
+        // where that endpoint takes them.
         let generation = app
             .post_json(
                 "/v1/generations",
                 &json!({"avatar_id": id, "prompt": "a portrait"}),
             )
             .await;
-        if trainer == "wan_22_image" {
-            let refused = problem(
-                generation,
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "generation_unavailable",
-            )
-            .await;
-            let detail = refused["detail"].as_str().unwrap();
-            let endpoint = entry["generation_endpoint"].as_str().unwrap();
-            assert!(detail.contains(endpoint), "{trainer}: {detail}");
-            continue;
-        }
         assert_eq!(generation.status(), StatusCode::ACCEPTED, "{trainer}");
         let batch: Value = generation.json().await.unwrap();
         let done = wait_for_batch(app, &id_of(&batch)).await;
@@ -264,11 +258,37 @@ async fn every_current_trainer_trains_with_its_own_field_names_and_presets(app: 
         assert_eq!(job["status"], "succeeded", "{trainer}: {job}");
         assert_eq!(job["endpoint"], entry["generation_endpoint"], "{trainer}");
         let input = &job["input"];
-        assert_eq!(
-            input["loras"],
-            json!([{"path": ready["artifact"]["lora_url"], "scale": 1.0}]),
-            "{trainer}"
-        );
+        let low = &ready["artifact"]["lora_url"];
+        let expected_loras = if trainer == "wan_22_image" {
+            // Wan 2.2: both files, each into its own transformer.
+            let high = &ready["artifact"]["high_noise_lora_url"];
+            assert_eq!(*high, trained["result"]["high_noise_lora"]["url"]);
+            assert_ne!(high, low);
+            json!([
+                {"path": high, "scale": 1.0, "transformer": "high"},
+                {"path": low, "scale": 1.0, "transformer": "low"},
+            ])
+        } else {
+            assert!(ready["artifact"]["high_noise_lora_url"].is_null());
+            json!([{"path": low, "scale": 1.0}])
+        };
+        assert_eq!(input["loras"], expected_loras, "{trainer}");
+        // FAL loaded every file it was given.
+        let generation_request = job["fal_request_id"].as_str().unwrap();
+        let loaded: std::collections::BTreeSet<String> = app
+            .fal
+            .downloads()
+            .into_iter()
+            .filter(|d| d.request_id == generation_request)
+            .map(|d| d.url)
+            .collect();
+        let given: std::collections::BTreeSet<String> = expected_loras
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["path"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(loaded, given, "{trainer}");
         let (steps, guidance) = match trainer {
             "z_image" => (Some(8), None),
             "krea_2" => (None, None),
@@ -334,4 +354,279 @@ async fn a_trainer_is_named_once_and_known(app: &TestApp) {
         app.get_json(&format!("/v1/avatars/{id}")).await["status"],
         "draft"
     );
+}
+
+/// Polls until falgate holds copies of both of the avatar's Wan files; answers the avatar.
+async fn wait_for_both_copies(app: &TestApp, id: &str) -> Value {
+    eventually("copies of both LoRA files")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            let artifact = &avatar["artifact"];
+            (!artifact["lora_copy"].is_null() && !artifact["high_noise_lora_copy"].is_null())
+                .then_some(avatar)
+        })
+        .await
+}
+
+/// GET /v1/avatars/{id}/lora with `query`: the status and the bytes.
+async fn download_lora(app: &TestApp, id: &str, query: &str) -> (StatusCode, Vec<u8>) {
+    let response = app
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/avatars/{id}/lora{query}"),
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    (status, response.bytes().await.unwrap().to_vec())
+}
+
+backend_tests!(
+    wan_avatars_keep_both_files_and_generate_with_both,
+    |config| {
+        config.workers.lora_check_interval = std::time::Duration::from_secs(1);
+    }
+);
+async fn wan_avatars_keep_both_files_and_generate_with_both(app: &TestApp) {
+    let id = trainable_avatar(app, "character").await;
+    let job = train_json(app, &id, json!({"trainer": "wan_22_image"})).await;
+    app.wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let kept = wait_for_both_copies(app, &id).await;
+    let artifact = &kept["artifact"];
+    let low_url = artifact["lora_url"].as_str().unwrap().to_owned();
+    let high_url = artifact["high_noise_lora_url"].as_str().unwrap().to_owned();
+    let low = app.fal.file_bytes(&low_url).unwrap();
+    let high = app.fal.file_bytes(&high_url).unwrap();
+    assert_ne!(low, high);
+
+    // Both copies are falgate's own, each downloadable by the client.
+    assert_eq!(artifact["lora_copy"]["bytes"], low.len());
+    assert_eq!(artifact["high_noise_lora_copy"]["bytes"], high.len());
+    assert_eq!(
+        download_lora(app, &id, "").await,
+        (StatusCode::OK, low.to_vec())
+    );
+    assert_eq!(
+        download_lora(app, &id, "?file=high_noise").await,
+        (StatusCode::OK, high.to_vec())
+    );
+    let (status, _) = download_lora(app, &id, "?file=middle").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // FAL stops serving the high-noise file: falgate uploads its copy again, and the avatar
+    // names the new upload while its other file stays as it was.
+    assert!(app.fal.expire_file(&high_url));
+    let refreshed = eventually("the high-noise file uploaded again")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (avatar["artifact"]["high_noise_lora_url"] != high_url.as_str()).then_some(avatar)
+        })
+        .await;
+    let fresh = refreshed["artifact"]["high_noise_lora_url"]
+        .as_str()
+        .unwrap();
+    assert_eq!(app.fal.file_bytes(fresh).unwrap(), high);
+    assert_eq!(refreshed["artifact"]["lora_url"], low_url.as_str());
+    assert_eq!(
+        refreshed["artifact"]["high_noise_lora_copy"],
+        artifact["high_noise_lora_copy"]
+    );
+
+    // A generation hands FAL both files FAL serves now, and its one image is the output.
+    let batch = generate(
+        app,
+        json!({"avatar_id": id, "prompt": "on a hill", "output_format": "png"}),
+    )
+    .await;
+    let done = wait_for_batch(app, &id_of(&batch)).await;
+    let job = &done["jobs"][0];
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["input"]["loras"][0]["path"], fresh);
+    assert_eq!(job["input"]["loras"][1]["path"], low_url.as_str());
+    assert_eq!(job["input"]["image_format"], "png");
+    let images = job["output"]["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{job}");
+    let image = app
+        .fal
+        .file_bytes(images[0]["url"].as_str().unwrap())
+        .unwrap();
+    assert!(image.starts_with(b"\x89PNG"), "a PNG, as asked");
+
+    // Wan draws one image a request: more is refused, naming the field, and nothing is made.
+    let before = app.fal.submits().len();
+    let four = validation_problem(
+        app.post_json(
+            "/v1/generations",
+            &json!({"avatar_id": id, "prompt": "x", "num_images": 4}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(fields(&four), ["num_images"]);
+    assert_eq!(app.fal.submits().len(), before);
+
+    // An avatar of one file has no high-noise file to give.
+    let (other, _) = crate::avatars::trained_with_lora_copy(app).await;
+    let (status, _) = download_lora(app, &other, "?file=high_noise").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// Uploads the three photos with the captions given (each after its photo); answers the
+/// response.
+async fn upload_captioned(
+    app: &TestApp,
+    avatar: &str,
+    photos: &[(Vec<u8>, Option<&str>)],
+) -> reqwest::Response {
+    let boundary = new_boundary();
+    let mut body = Vec::new();
+    for (i, (bytes, caption)) in photos.iter().enumerate() {
+        body.extend_from_slice(&part_head(&boundary, &format!("c{i}.png")));
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+        if let Some(caption) = caption {
+            body.extend_from_slice(&caption_part(&boundary, caption));
+        }
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    post_photo_form(app, avatar, &boundary, body).await
+}
+
+backend_tests!(captions_given_at_upload_go_beside_their_photos_in_the_zip);
+async fn captions_given_at_upload_go_beside_their_photos_in_the_zip(app: &TestApp) {
+    for (trainer, every_photo_captioned) in [("flux_2", true), ("portrait", false)] {
+        let avatar = create_avatar(app, "character").await;
+        let id = id_of(&avatar);
+        let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
+        let photos: Vec<(Vec<u8>, Option<&str>)> = (0..10)
+            .map(|n| {
+                let caption = match n {
+                    0 => Some(" in a red coat "),
+                    2 => Some("at the beach, smiling"),
+                    _ => None,
+                };
+                (photo(100 + n, 640, 512), caption)
+            })
+            .collect();
+        let response = upload_captioned(app, &id, &photos).await;
+        assert_eq!(response.status(), StatusCode::CREATED, "{trainer}");
+        let listed: Value = response.json().await.unwrap();
+        let captions: Vec<&Value> = items(&listed).iter().map(|p| &p["caption"]).collect();
+        assert_eq!(captions[0], "in a red coat", "trimmed");
+        assert!(captions[1].is_null());
+        assert_eq!(captions[2], "at the beach, smiling");
+
+        let job = train_json(app, &id, json!({"trainer": trainer})).await;
+        app.wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+            .await;
+        let zip_url = job["input"]["image_data_url"]
+            .as_str()
+            .or(job["input"]["images_data_url"].as_str())
+            .unwrap()
+            .to_owned();
+        let download = app
+            .fal
+            .downloads()
+            .into_iter()
+            .find(|d| d.url == zip_url)
+            .expect("the trainer fetched the ZIP");
+        let entries = zip_entries(&download.bytes.unwrap());
+        let text = |name: &str| {
+            entries
+                .get(name)
+                .map(|b| String::from_utf8(b.clone()).unwrap())
+        };
+        assert_eq!(text("01.txt"), Some(format!("{trigger}, in a red coat")));
+        assert_eq!(
+            text("03.txt"),
+            Some(format!("{trigger}, at the beach, smiling"))
+        );
+        // An uncaptioned photo: the trigger phrase alone where the trainer needs a caption,
+        // nothing where it does not.
+        let uncaptioned = every_photo_captioned.then(|| trigger.clone());
+        assert_eq!(text("02.txt"), uncaptioned, "{trainer}");
+        let caption_files = entries.keys().filter(|n| n.ends_with(".txt")).count();
+        assert_eq!(caption_files, if every_photo_captioned { 10 } else { 2 });
+    }
+}
+
+backend_tests!(a_caption_that_describes_no_photo_or_is_not_one_line_keeps_nothing);
+async fn a_caption_that_describes_no_photo_or_is_not_one_line_keeps_nothing(app: &TestApp) {
+    let id = id_of(&create_avatar(app, "character").await);
+    let boundary = new_boundary();
+    let send = |body: Vec<u8>| post_photo_form(app, &id, &boundary, body);
+    let file = |n: u64| {
+        let mut part = part_head(&boundary, &format!("f{n}.png"));
+        part.extend_from_slice(&photo(n, 640, 512));
+        part.extend_from_slice(b"\r\n");
+        part
+    };
+    let end = format!("--{boundary}--\r\n").into_bytes();
+    let long = "x".repeat(501);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // A caption before any photo.
+        (
+            [caption_part(&boundary, "alone"), file(1), end.clone()].concat(),
+            "caption",
+        ),
+        // Two captions for one photo.
+        (
+            [
+                file(1),
+                caption_part(&boundary, "one"),
+                caption_part(&boundary, "two"),
+                end.clone(),
+            ]
+            .concat(),
+            "files[0] (f1.png)",
+        ),
+        // Too long, blank, or more than one line.
+        (
+            [file(1), caption_part(&boundary, &long), end.clone()].concat(),
+            "caption",
+        ),
+        (
+            [file(1), caption_part(&boundary, "   "), end.clone()].concat(),
+            "caption",
+        ),
+        (
+            [file(1), caption_part(&boundary, "a\nb"), end.clone()].concat(),
+            "caption",
+        ),
+    ];
+    for (body, field) in cases {
+        let refused = validation_problem(send(body).await).await;
+        assert_eq!(fields(&refused), [field], "{refused}");
+    }
+    let photos = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
+    assert!(items(&photos).is_empty(), "nothing kept: {photos}");
+}
+
+backend_tests!(a_failed_retraining_leaves_the_weights_generating_where_they_belong);
+async fn a_failed_retraining_leaves_the_weights_generating_where_they_belong(app: &TestApp) {
+    let id = trainable_avatar(app, "character").await;
+    let first = train_json(app, &id, json!({"trainer": "fast_lora"})).await;
+    app.wait_for_status(first["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let ready = wait_for_avatar(app, &id, "ready").await;
+
+    // A retraining on FLUX.2 fails at FAL.
+    app.fal
+        .fail_next_models(falgate::emulator::ModelFailure::new(422), 1);
+    let second = train_json(app, &id, json!({"trainer": "flux_2"})).await;
+    app.wait_for_status(second["id"].as_str().unwrap(), "failed")
+        .await;
+    let after = wait_for_avatar(app, &id, "ready").await;
+    assert_eq!(after["training_job_id"], second["id"]);
+    assert_eq!(after["artifact"]["lora_url"], ready["artifact"]["lora_url"]);
+    assert_eq!(after["artifact"]["trainer"], "fast_lora");
+    assert_eq!(after["artifact"]["base_family"], "flux-1-dev");
+
+    // The FLUX.1 weights still generate on FLUX.1's endpoint, not on FLUX.2's.
+    let batch = generate(app, json!({"avatar_id": id, "prompt": "a portrait"})).await;
+    let done = wait_for_batch(app, &id_of(&batch)).await;
+    assert_eq!(done["jobs"][0]["status"], "succeeded", "{done}");
+    assert_eq!(done["jobs"][0]["endpoint"], "fal-ai/flux-lora");
 }

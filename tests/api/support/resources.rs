@@ -119,6 +119,12 @@ pub fn multipart(boundary: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     body
 }
 
+/// A text part named `caption`: the caption of the file part before it.
+pub fn caption_part(boundary: &str, text: &str) -> Vec<u8> {
+    format!("--{boundary}\r\nContent-Disposition: form-data; name=\"caption\"\r\n\r\n{text}\r\n")
+        .into_bytes()
+}
+
 /// POST /v1/avatars/{avatar}/photos with `files` in one request with a Content-Length.
 pub async fn upload(app: &TestApp, avatar: &str, files: &[(&str, Vec<u8>)]) -> Response {
     let boundary = new_boundary();
