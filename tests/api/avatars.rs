@@ -97,13 +97,7 @@ async fn a_character_is_trained_on_its_photos_with_the_balanced_portrait_preset(
         .find(|s| s.endpoint == "fal-ai/flux-lora-portrait-trainer")
         .unwrap();
     assert_eq!(submit.input, job["input"]);
-    let download = app
-        .fal
-        .downloads()
-        .into_iter()
-        .find(|d| d.url == zip_url)
-        .expect("the trainer fetched the ZIP");
-    let got: BTreeSet<Vec<u8>> = stored_files(download.bytes.unwrap().to_vec());
+    let got: BTreeSet<Vec<u8>> = stored_files(fetched_by_fal(app, &zip_url));
     let sent: BTreeSet<Vec<u8>> = photos.into_iter().collect();
     assert_eq!(got, sent);
 

@@ -195,13 +195,7 @@ async fn every_current_trainer_trains_with_its_own_field_names_and_presets(app: 
             .find(|s| s.input == job["input"])
             .expect("FAL received the job's input");
         assert_eq!(submit.endpoint, entry["endpoint"].as_str().unwrap());
-        let download = app
-            .fal
-            .downloads()
-            .into_iter()
-            .find(|d| d.url == zip_url)
-            .expect("the trainer fetched the ZIP");
-        let entries = zip_entries(&download.bytes.unwrap());
+        let entries = zip_entries(&fetched_by_fal(app, &zip_url));
         let pictures: std::collections::BTreeSet<&Vec<u8>> = entries
             .iter()
             .filter(|(name, _)| !name.ends_with(".txt"))
@@ -526,13 +520,7 @@ async fn captions_given_at_upload_go_beside_their_photos_in_the_zip(app: &TestAp
             .or(job["input"]["images_data_url"].as_str())
             .unwrap()
             .to_owned();
-        let download = app
-            .fal
-            .downloads()
-            .into_iter()
-            .find(|d| d.url == zip_url)
-            .expect("the trainer fetched the ZIP");
-        let entries = zip_entries(&download.bytes.unwrap());
+        let entries = zip_entries(&fetched_by_fal(app, &zip_url));
         let text = |name: &str| {
             entries
                 .get(name)

@@ -119,6 +119,17 @@ pub fn multipart(boundary: &str, files: &[(&str, Vec<u8>)]) -> Vec<u8> {
     body
 }
 
+/// The bytes FAL's runner fetched from `url` (a training's ZIP, a LoRA file).
+pub fn fetched_by_fal(app: &TestApp, url: &str) -> Vec<u8> {
+    app.fal
+        .downloads()
+        .into_iter()
+        .find(|d| d.url == url)
+        .and_then(|d| d.bytes)
+        .unwrap_or_else(|| panic!("FAL fetched nothing from {url}"))
+        .to_vec()
+}
+
 /// A text part named `caption`: the caption of the file part before it.
 pub fn caption_part(boundary: &str, text: &str) -> Vec<u8> {
     format!("--{boundary}\r\nContent-Disposition: form-data; name=\"caption\"\r\n\r\n{text}\r\n")
