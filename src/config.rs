@@ -4,7 +4,7 @@
 //! with a message naming the variable it came from. Secrets are wrapped in [`Secret`], whose
 //! `Debug` never shows them.
 
-use crate::domain::endpoint::{DEFAULT_ALLOWED, EndpointId};
+use crate::domain::endpoint::{EndpointId, default_allowed};
 use clap::{Args, ValueEnum};
 use reqwest::Url;
 use std::fmt;
@@ -485,8 +485,8 @@ impl ServeArgs {
             1024..=(1 << 30),
         )?;
         let allowed_endpoints = match non_empty(&self.allowed_endpoints) {
-            None => DEFAULT_ALLOWED
-                .iter()
+            None => default_allowed()
+                .into_iter()
                 .map(|id| id.parse().expect("the default allow-list is valid"))
                 .collect(),
             Some(raw) => raw

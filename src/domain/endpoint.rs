@@ -1,17 +1,21 @@
 //! FAL endpoint ids (`owner/alias[/path…]`), parsed once at the edge.
 
+use super::trainers::{self, BaseFamily};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
 
-/// The five endpoints the avatar features use; the default allow-list for raw jobs.
-pub const DEFAULT_ALLOWED: [&str; 5] = [
-    "fal-ai/flux-lora",
-    "fal-ai/flux-lora-fast-training",
-    "fal-ai/flux-lora-portrait-trainer",
-    "fal-ai/flux-pro-trainer",
-    "fal-ai/flux-pro/v1.1-ultra-finetuned",
-];
+/// The default allow-list for raw jobs: FAL's current trainers, and the endpoints their weights
+/// (and finetunes made before FAL retired its pro trainer) generate on. A trainer FAL has
+/// retired is left out: a raw job there could only fail.
+pub fn default_allowed() -> Vec<&'static str> {
+    let generation = BaseFamily::ALL.map(BaseFamily::generation_endpoint);
+    let trainers = trainers::all()
+        .iter()
+        .filter(|entry| entry.is_current())
+        .map(|entry| entry.endpoint);
+    generation.into_iter().chain(trainers).collect()
+}
 
 /// A syntactically valid FAL endpoint id. Whether it may be called is the allow-list's business.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -85,7 +89,7 @@ mod tests {
 
     #[test]
     fn accepts_real_endpoint_ids() {
-        for id in DEFAULT_ALLOWED {
+        for id in default_allowed() {
             assert_eq!(id.parse::<EndpointId>().unwrap().as_str(), id);
         }
         assert!("workflows/owner/app/sub".parse::<EndpointId>().is_ok());
@@ -111,5 +115,20 @@ mod tests {
             "a/".repeat(101).parse::<EndpointId>(),
             Err(EndpointIdError::TooLong)
         );
+    }
+
+    #[test]
+    fn raw_jobs_reach_no_retired_trainer_by_default() {
+        let allowed = default_allowed();
+        assert!(!allowed.contains(&"fal-ai/flux-pro-trainer"));
+        for endpoint in [
+            "fal-ai/flux-lora",
+            "fal-ai/flux-lora-portrait-trainer",
+            "fal-ai/wan-22-image-trainer",
+            "fal-ai/wan/v2.2-a14b/text-to-image/lora",
+            "fal-ai/flux-pro/v1.1-ultra-finetuned",
+        ] {
+            assert!(allowed.contains(&endpoint), "{endpoint}");
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! client (seeds above 2^53 or 2^63) or whose rules live in code (enums, ranges, patterns).
 
 use crate::config::Config;
-use crate::domain::endpoint::DEFAULT_ALLOWED;
+use crate::domain::endpoint::default_allowed;
 use crate::domain::generation::{ASPECT_RATIOS, NAMED_SIZES};
 use crate::domain::idempotency::IdempotencyKey;
 use utoipa::openapi::path::{Operation, ParameterIn};
@@ -139,7 +139,7 @@ pub fn prompts() -> Schema {
 /// The raw job's `endpoint`: the default allow-list. A server configured with another list
 /// (`FALGATE_ALLOWED_ENDPOINTS`) serves its own list in `/openapi.json`.
 pub fn endpoint() -> Schema {
-    endpoint_enum(DEFAULT_ALLOWED)
+    endpoint_enum(default_allowed())
 }
 
 fn endpoint_enum<'a>(allowed: impl IntoIterator<Item = &'a str>) -> Schema {

@@ -15,6 +15,11 @@ async fn body_validation_names_the_field(app: &TestApp) {
                 json!({"endpoint": "fal-ai/not-allowed", "input": {}}),
                 &["endpoint"],
             ),
+            // FAL retired it: not on the default allow-list.
+            (
+                json!({"endpoint": "fal-ai/flux-pro-trainer", "input": {}}),
+                &["endpoint"],
+            ),
             (json!({"endpoint": "no-slash", "input": {}}), &["endpoint"]),
             (
                 json!({"endpoint": "fal-ai/flux-lora", "input": "a string"}),
