@@ -237,11 +237,42 @@ pub(crate) struct HeldCallback {
     pub body: String,
 }
 
+/// The callback keys. FAL's JWKS lists two keys; the emulator's lists the one that signs
+/// and the one that will sign after a planned rotation ([`EmulatorState::rotate_to_next_key`]),
+/// so a verifier that cached the set keeps verifying across it.
 pub(crate) struct Keys {
+    /// Signs every callback.
     pub signing: SigningKey,
-    pub kid: String,
-    /// What the JWKS lists, newest first.
-    pub published: Vec<(String, VerifyingKey)>,
+    /// Published beside the signing key; signs from the next planned rotation on.
+    pub next: SigningKey,
+    /// Keys that signed before a rotation and are still listed, newest first.
+    pub retired: Vec<VerifyingKey>,
+}
+
+impl Keys {
+    /// The keys to keep listing after the signing key is replaced: it, then those retired
+    /// before it.
+    fn retired_after_rotation(self) -> Vec<VerifyingKey> {
+        let mut retired = vec![self.signing.verifying_key()];
+        retired.extend(self.retired);
+        retired
+    }
+
+    fn fresh() -> Self {
+        Self {
+            signing: random_signing_key(),
+            next: random_signing_key(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// What the JWKS lists: the signing key first (FAL's real set verified with its first
+    /// key), then the next one, then retired ones.
+    fn published(&self) -> Vec<VerifyingKey> {
+        let mut keys = vec![self.signing.verifying_key(), self.next.verifying_key()];
+        keys.extend(self.retired.iter().copied());
+        keys
+    }
 }
 
 pub(crate) struct Inner {
@@ -303,16 +334,10 @@ pub(crate) const TRAINERS: [&str; 3] = [
     "fal-ai/flux-pro-trainer",
 ];
 
-fn new_keys() -> Keys {
+fn random_signing_key() -> SigningKey {
     let mut seed = [0u8; 32];
     rand::rng().fill(&mut seed);
-    let signing = SigningKey::from_bytes(&seed);
-    let kid = kid_for(&signing.verifying_key());
-    Keys {
-        published: vec![(kid.clone(), signing.verifying_key())],
-        signing,
-        kid,
-    }
+    SigningKey::from_bytes(&seed)
 }
 
 fn kid_for(key: &VerifyingKey) -> String {
@@ -344,7 +369,7 @@ impl EmulatorState {
             callback_faults: VecDeque::new(),
             model_failures: VecDeque::new(),
             held: None,
-            keys: new_keys(),
+            keys: Keys::fresh(),
             generation: config.generation,
             training: config.training,
             per_endpoint: HashMap::new(),
@@ -581,13 +606,8 @@ impl EmulatorState {
 
     /// The JWKS document as served.
     pub fn jwks(&self) -> Value {
-        let inner = self.lock();
-        let keys: Vec<Value> = inner
-            .keys
-            .published
-            .iter()
-            .map(|(kid, k)| jwk_for(k, kid))
-            .collect();
+        let published = self.lock().keys.published();
+        let keys: Vec<Value> = published.iter().map(|k| jwk_for(k, &kid_for(k))).collect();
         json!({ "keys": keys })
     }
 
@@ -617,16 +637,32 @@ impl EmulatorState {
         }
     }
 
-    /// A new key signs from now on; the JWKS lists it, plus the old one if `keep_old`.
+    /// An unannounced rotation: a key no verifier has seen signs from now on (with a new
+    /// next key beside it), so a cached JWKS must be fetched again. The old signing key stays
+    /// listed if `keep_old`. Returns the new signing key's `kid`.
     pub fn rotate_key(&self, keep_old: bool) -> String {
         let mut inner = self.lock();
-        let fresh = new_keys();
-        let mut published = fresh.published.clone();
+        let old = std::mem::replace(&mut inner.keys, Keys::fresh());
         if keep_old {
-            published.extend(inner.keys.published.iter().cloned());
+            inner.keys.retired = old.retired_after_rotation();
         }
-        inner.keys = Keys { published, ..fresh };
-        inner.keys.kid.clone()
+        kid_for(&inner.keys.signing.verifying_key())
+    }
+
+    /// A planned rotation: the published next key signs from now on and a new next key is
+    /// published, so a verifier holding the set from before verifies without fetching it
+    /// again. The old signing key stays listed if `keep_old`. Returns the new signing key's
+    /// `kid`.
+    pub fn rotate_to_next_key(&self, keep_old: bool) -> String {
+        let mut inner = self.lock();
+        let next = std::mem::replace(&mut inner.keys.next, random_signing_key());
+        let old_signing = std::mem::replace(&mut inner.keys.signing, next);
+        if keep_old {
+            inner.keys.retired.insert(0, old_signing.verifying_key());
+        } else {
+            inner.keys.retired.clear();
+        }
+        kid_for(&inner.keys.signing.verifying_key())
     }
 
     /// Sets timings for one endpoint, or the defaults of its class when `endpoint` is

@@ -928,9 +928,13 @@ async fn key_rotation_is_picked_up_by_the_jwks_cache() {
         Duration::from_secs(3600),
         Duration::ZERO,
     );
-    assert_eq!(cache.keys().await.unwrap().len(), 1);
+    let before = cache.keys().await.unwrap();
+    assert_eq!(before.len(), 2, "the signing key and the next one");
+    // Unannounced: neither of the new keys was published before.
     e.emu.rotate_key(false);
-    assert_eq!(emulator_keys(&e.emu).len(), 1);
+    let after = emulator_keys(&e.emu);
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|k| !before.contains(k)));
 
     let (rx, hook) = Receiver::start().await;
     e.submit_minimal(Some(&hook)).await;
@@ -947,7 +951,9 @@ async fn key_rotation_is_picked_up_by_the_jwks_cache() {
     );
 
     e.emu.rotate_key(true);
-    assert_eq!(emulator_keys(&e.emu).len(), 2, "old key still published");
+    let kept = emulator_keys(&e.emu);
+    assert_eq!(kept.len(), 3, "old signing key still published");
+    assert_eq!(kept[2], after[0]);
 }
 
 #[tokio::test]
@@ -1039,7 +1045,22 @@ async fn control_api_over_http() {
         .json()
         .await
         .unwrap();
-    assert_eq!(rotated["jwks"]["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        rotated["jwks"]["keys"].as_array().unwrap().len(),
+        3,
+        "signing, next, and the old signing key"
+    );
+    let planned: Value = post("/_emulator/rotate-key", json!({"to_next": true}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        planned["kid"], rotated["jwks"]["keys"][1]["kid"],
+        "the published next key signs"
+    );
+    assert_eq!(planned["jwks"]["keys"].as_array().unwrap().len(), 2);
     let submits = e.get_json(e.url("/_emulator/submits")).await;
     assert_eq!(submits.as_array().unwrap().len(), 2);
 
@@ -1478,4 +1499,59 @@ async fn newer_trainers_need_captions_or_a_default_and_answer_in_their_own_shape
         }
         other => panic!("expected a 422, got {other:?}"),
     }
+}
+// ---- FAL behaviour measured with its official clients (fal-protocol.md §8.5) ----
+
+#[tokio::test]
+async fn the_jwks_lists_two_keys_and_a_planned_rotation_needs_no_refetch() {
+    let e = env().await;
+    let doc = e.get_json(e.emu.jwks_url()).await;
+    let entries = doc["keys"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "like FAL's");
+    assert_ne!(entries[0]["kid"], entries[1]["kid"]);
+    let cache = JwksCache::with_settings(
+        e.fal.http().clone(),
+        e.emu.jwks_url(),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    );
+    let keys = cache.keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+
+    let (rx, hook) = Receiver::start().await;
+    let verdicts = |n: usize, keys: &[ed25519_dalek::VerifyingKey]| {
+        let (headers, body) = rx.hits()[n].clone();
+        let h = WebhookHeaders::from_headers(&headers).unwrap();
+        let each: Vec<bool> = keys
+            .iter()
+            .map(|k| {
+                signature::verify(&h, &body, std::slice::from_ref(k), now())
+                    .unwrap()
+                    .is_valid()
+            })
+            .collect();
+        (h, body, each)
+    };
+    e.submit_minimal(Some(&hook)).await;
+    eventually("callback", || rx.hits().first().cloned()).await;
+    let (h, body, each) = verdicts(0, &keys);
+    assert_eq!(each, vec![true, false], "the first key signs");
+    assert_eq!(
+        cache.verify_with_refetch(&h, &body, now()).await,
+        Ok(Verdict::Valid { stale: false })
+    );
+
+    // The next key takes over; the set falgate holds already lists it.
+    e.emu.rotate_to_next_key(false);
+    e.submit_minimal(Some(&hook)).await;
+    eventually("second callback", || rx.hits().get(1).cloned()).await;
+    let (h, body, each) = verdicts(1, &keys);
+    assert_eq!(each, vec![false, true], "the second key signs");
+    assert_eq!(
+        cache.verify_with_refetch(&h, &body, now()).await,
+        Ok(Verdict::Valid { stale: false }),
+        "any key of the set verifies"
+    );
+    assert_eq!(cache.fetch_count().await, 1, "no refetch needed");
+    assert_eq!(emulator_keys(&e.emu)[0], keys[1]);
 }
