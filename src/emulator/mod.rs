@@ -8,6 +8,7 @@
 mod callbacks;
 mod control;
 pub mod faults;
+mod images;
 mod listener;
 mod models;
 pub mod png;

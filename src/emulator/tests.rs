@@ -451,6 +451,10 @@ async fn validation_error_completes_with_422() {
     assert_eq!(status, 422);
     assert_eq!(body["detail"][0]["loc"], json!(["body", "num_images"]));
     assert_eq!(body["detail"][0]["type"], "less_than_equal");
+    assert_eq!(
+        body["detail"][0]["url"], "https://docs.fal.ai/errors/#less_than_equal",
+        "each item links FAL's error reference at its type"
+    );
 
     let (_, raw) = eventually("callback", || rx.hits().first().cloned()).await;
     let cb: CallbackBody = serde_json::from_slice(&raw).unwrap();
@@ -1500,7 +1504,56 @@ async fn newer_trainers_need_captions_or_a_default_and_answer_in_their_own_shape
         other => panic!("expected a 422, got {other:?}"),
     }
 }
+
 // ---- FAL behaviour measured with its official clients (fal-protocol.md §8.5) ----
+
+#[tokio::test]
+async fn output_format_picks_the_image_encoding() {
+    let e = env().await;
+    let size = json!({"width": 256, "height": 192});
+    for (endpoint, format, content_type, extension, decoded_as) in [
+        (
+            "fal-ai/flux-lora",
+            "jpeg",
+            "image/jpeg",
+            ".jpeg",
+            image::ImageFormat::Jpeg,
+        ),
+        (
+            "fal-ai/flux-lora",
+            "png",
+            "image/png",
+            ".png",
+            image::ImageFormat::Png,
+        ),
+        (
+            "fal-ai/flux-2/lora",
+            "webp",
+            "image/webp",
+            ".webp",
+            image::ImageFormat::WebP,
+        ),
+    ] {
+        let out = e
+            .run_to_output(
+                endpoint,
+                &json!({"prompt": "format", "image_size": size, "output_format": format}),
+            )
+            .await;
+        let img = &out["images"][0];
+        assert_eq!(img["content_type"], content_type, "{format}");
+        let url = img["url"].as_str().unwrap();
+        assert!(url.ends_with(extension), "{url}");
+        assert!(img["file_name"].as_str().unwrap().ends_with(extension));
+        let served = e.raw.get(url).send().await.unwrap();
+        assert_eq!(served.headers()["content-type"], content_type);
+        let bytes = served.bytes().await.unwrap();
+        assert_eq!(img["file_size"].as_u64(), Some(bytes.len() as u64));
+        assert_eq!(image::guess_format(&bytes).unwrap(), decoded_as, "{format}");
+        let picture = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((picture.width(), picture.height()), (256, 192), "{format}");
+    }
+}
 
 #[tokio::test]
 async fn the_jwks_lists_two_keys_and_a_planned_rotation_needs_no_refetch() {
