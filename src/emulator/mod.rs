@@ -67,6 +67,8 @@ pub struct EmulatorConfig {
     pub download_timeout: Duration,
     /// Generated images above this many pixels fail the model (keeps memory bounded).
     pub max_image_pixels: u64,
+    /// How long a CDN upload token from `/storage/auth/token` stays valid.
+    pub upload_token_ttl: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -82,6 +84,7 @@ impl Default for EmulatorConfig {
             callback_timeout: Duration::from_secs(15),
             download_timeout: Duration::from_secs(30),
             max_image_pixels: 16 * 1024 * 1024,
+            upload_token_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -135,6 +138,11 @@ pub(crate) fn check_time_scale(scale: f64) -> Result<f64, String> {
 pub fn router(state: EmulatorState) -> Router {
     Router::new()
         .route("/.well-known/jwks.json", get(storage::jwks))
+        .route("/storage/auth/token", post(storage::auth_token))
+        .route(
+            "/files/upload",
+            post(storage::upload_v3).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
         .route("/storage/upload/initiate", post(storage::initiate))
         .route(
             "/storage/upload/initiate-multipart",

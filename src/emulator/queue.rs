@@ -46,7 +46,15 @@ impl Route {
     }
 }
 
+/// First path segments of the emulator's own rooms (REST storage, CDN, keys, controls). A
+/// call there that no route took is a 404: never a status call, nor a submit to an app
+/// named `storage/…`.
+const NOT_QUEUE: &[&str] = &["storage", "files", "_cdn", "_emulator", ".well-known"];
+
 fn classify(method: &Method, segs: &[&str]) -> Option<Route> {
+    if segs.first().is_some_and(|first| NOT_QUEUE.contains(first)) {
+        return None;
+    }
     if let Some(k) = segs.iter().position(|s| *s == "requests")
         && k >= 2
         && segs.len() > k + 1

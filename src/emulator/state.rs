@@ -280,6 +280,8 @@ pub(crate) struct Inner {
     pub next_seq: u64,
     pub files: HashMap<String, StoredFile>,
     pub pending_uploads: HashMap<String, PendingUpload>,
+    /// Tokens for the CDN's upload endpoint (`/storage/auth/token`), with their expiry.
+    pub upload_tokens: HashMap<String, SystemTime>,
     /// Parts of multipart uploads under way, by upload token and part number: (etag, bytes).
     pub upload_parts: HashMap<String, std::collections::BTreeMap<u32, (String, bytes::Bytes)>>,
     pub submits: Vec<SubmitRecord>,
@@ -359,6 +361,7 @@ impl EmulatorState {
             next_seq: 0,
             files: HashMap::new(),
             pending_uploads: HashMap::new(),
+            upload_tokens: HashMap::new(),
             upload_parts: HashMap::new(),
             submits: Vec::new(),
             callbacks: Vec::new(),

@@ -1507,6 +1507,167 @@ async fn newer_trainers_need_captions_or_a_default_and_answer_in_their_own_shape
 
 // ---- FAL behaviour measured with its official clients (fal-protocol.md §8.5) ----
 
+impl Env {
+    /// POSTs `input` to the queue at `path_and_query` with FAL's key and `headers`.
+    async fn raw_submit(
+        &self,
+        path_and_query: &str,
+        input: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .raw
+            .post(self.url(path_and_query))
+            .header("authorization", self.auth())
+            .json(input);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Asks for a CDN upload token as FAL's Python client does.
+    async fn upload_token(&self) -> Value {
+        let resp = self
+            .raw
+            .post(self.url("/storage/auth/token?storage_type=fal-cdn-v3"))
+            .header("authorization", self.auth())
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+}
+
+/// `POST {base_url}/files/upload` as FAL's Python client sends it.
+async fn upload_v3(
+    http: &reqwest::Client,
+    base_url: &str,
+    authorization: Option<&str>,
+    file_name: &str,
+    body: &[u8],
+) -> reqwest::Response {
+    let mut request = http
+        .post(format!("{base_url}/files/upload"))
+        .header("content-type", "application/zip")
+        .header("x-fal-file-name", file_name)
+        .body(body.to_vec());
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    request.send().await.unwrap()
+}
+
+fn bearer(token: &Value) -> String {
+    format!(
+        "{} {}",
+        token["token_type"].as_str().unwrap(),
+        token["token"].as_str().unwrap()
+    )
+}
+
+#[tokio::test]
+async fn the_python_clients_v3_upload_serves_the_file_and_refuses_bad_tokens() {
+    let e = env().await;
+    let token = e.upload_token().await;
+    let base_url = token["base_url"].as_str().unwrap().to_owned();
+    assert_eq!(base_url, e.emu.state().base_url());
+    let expires_at = chrono::DateTime::parse_from_rfc3339(token["expires_at"].as_str().unwrap())
+        .expect("ISO-8601 with an offset");
+    assert!(expires_at.timestamp() > now());
+
+    let archive = archive_of(&[("a.png", b"not really a png")]);
+    let resp = upload_v3(
+        &e.raw,
+        &base_url,
+        Some(&bearer(&token)),
+        "faces.zip",
+        &archive,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let access_url = resp.json::<Value>().await.unwrap()["access_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(access_url.ends_with("/faces.zip"), "{access_url}");
+    let served = e.raw.get(&access_url).send().await.unwrap();
+    assert_eq!(served.headers()["content-type"], "application/zip");
+    assert_eq!(served.bytes().await.unwrap(), archive);
+    assert_eq!(e.emu.uploads()[0].file_url, access_url);
+
+    // A trainer takes the uploaded archive like any other file URL.
+    e.run_to_output(
+        "fal-ai/flux-lora-fast-training",
+        &json!({"images_data_url": access_url}),
+    )
+    .await;
+    assert_eq!(e.emu.downloads()[0].size, Some(archive.len()));
+
+    // The CDN takes the token only: no token, another token, or the FAL key are refused.
+    let key = e.auth();
+    for authorization in [None, Some("Bearer not-a-token"), Some(key.as_str())] {
+        let resp = upload_v3(&e.raw, &base_url, authorization, "x.zip", b"x").await;
+        assert_eq!(resp.status(), 401, "{authorization:?}");
+    }
+    let unauthorized = e
+        .raw
+        .post(e.url("/storage/auth/token?storage_type=fal-cdn-v3"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401, "a token needs the FAL key");
+    assert_eq!(e.emu.uploads().len(), 1);
+
+    // An expired token is refused.
+    let short = env_with(EmulatorConfig {
+        upload_token_ttl: Duration::ZERO,
+        ..EmulatorConfig::fast()
+    })
+    .await;
+    let token = short.upload_token().await;
+    let resp = upload_v3(
+        &short.raw,
+        token["base_url"].as_str().unwrap(),
+        Some(&bearer(&token)),
+        "late.zip",
+        b"x",
+    )
+    .await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["detail"],
+        "Upload token expired"
+    );
+    assert!(short.emu.uploads().is_empty());
+}
+
+#[tokio::test]
+async fn storage_paths_are_never_taken_for_queue_submits() {
+    let e = env().await;
+    for path in [
+        "/storage/upload/unknown",
+        "/storage/auth/other",
+        "/files/upload/a/b",
+        "/_emulator/no-such-control",
+        "/_cdn/nothing",
+    ] {
+        let resp = e.raw_submit(path, &json!({"prompt": "x"}), &[]).await;
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    assert!(e.emu.submits().is_empty());
+    assert!(e.emu.requests().is_empty());
+    // Unknown apps stay accepted: falgate's operators may allow any endpoint, and the
+    // sandbox must run them.
+    let resp = e
+        .raw_submit("/someone/some-app", &json!({"prompt": "x"}), &[])
+        .await;
+    assert_eq!(resp.status(), 200);
+}
+
 #[tokio::test]
 async fn output_format_picks_the_image_encoding() {
     let e = env().await;
