@@ -96,6 +96,9 @@ pub struct RequestSnapshot {
     pub started: bool,
     /// A client cancelled it (its outcome is then the 499 of a cancelled request).
     pub cancelled: bool,
+    /// Its `X-Fal-Request-Timeout` ran out while it waited in the queue: it ended with a 504
+    /// of the `user` kind without running.
+    pub start_timed_out: bool,
     /// The fault its submit met, if any (e.g. `accept_then_reset`: the answer was lost).
     pub submit_fault: Option<String>,
     /// When its submit call arrived (before any delay a fault put on it).

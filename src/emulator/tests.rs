@@ -1668,6 +1668,159 @@ async fn storage_paths_are_never_taken_for_queue_submits() {
     assert_eq!(resp.status(), 200);
 }
 
+/// Holds `endpoint`'s requests in the queue until the timings change.
+fn hold_queue(e: &Env, endpoint: &str) {
+    e.emu
+        .set_durations(Some(endpoint), false, Durations::new(600_000, 20));
+}
+
+#[tokio::test]
+async fn a_start_timeout_that_runs_out_in_the_queue_ends_the_request_unrun() {
+    let e = env().await;
+    hold_queue(&e, "fal-ai/flux-lora");
+    let (rx, hook) = Receiver::start().await;
+    let path = format!(
+        "/fal-ai/flux-lora?fal_webhook={}",
+        form_urlencoded::byte_serialize(hook.as_str().as_bytes()).collect::<String>()
+    );
+    let resp = e
+        .raw_submit(
+            &path,
+            &json!({"prompt": "x"}),
+            &[("x-fal-request-timeout", "0.3")],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let sub: SubmitResponse = resp.json().await.unwrap();
+
+    // It leaves the queue as COMPLETED, naming the timeout, though its queue time is not up.
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let status: Value = e
+        .get_with_key(sub.status_url.as_deref().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["error_type"], "request_timeout");
+
+    // Its result is FAL's 504 of the `user` kind.
+    let result = e.get_with_key(sub.response_url.as_deref().unwrap()).await;
+    assert_eq!(result.status(), 504);
+    assert_eq!(result.headers()["x-fal-request-timeout-type"], "user");
+    assert_eq!(result.headers()["x-fal-error-type"], "request_timeout");
+    assert_eq!(
+        result.json::<Value>().await.unwrap(),
+        json!({"detail": "Request timed out", "error_type": "request_timeout"})
+    );
+    // falgate's client reads it as the failure the status reported.
+    let reported = crate::fal::ReportedEnd::Failed {
+        error_type: Some("request_timeout".into()),
+    };
+    let read = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap(), &reported)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&read, ModelResult::ModelError { status: 504, error_type: Some(t), .. } if t == "request_timeout"),
+        "{read:?}"
+    );
+
+    // The callback reports the error.
+    let (_, raw) = eventually("callback", || rx.hits().first().cloned()).await;
+    let cb: CallbackBody = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(cb.status, CallbackStatus::Error);
+    assert_eq!(cb.error.as_deref(), Some("Invalid status code: 504"));
+    assert_eq!(cb.payload.unwrap()["error_type"], "request_timeout");
+
+    // It never ran, so it is not billed.
+    let record = &e.emu.record()[0];
+    assert!(!record.ran);
+    assert_eq!(record.verdict, RequestEnd::ModelError { status: 504 });
+    assert!(e.emu.request(&sub.request_id).unwrap().start_timed_out);
+
+    // A deadline that the start meets changes nothing.
+    e.emu
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(0, 20));
+    let resp = e
+        .raw_submit(
+            "/fal-ai/flux-lora",
+            &json!({"prompt": "x"}),
+            &[("x-fal-request-timeout", "30.0")],
+        )
+        .await;
+    let sub: SubmitResponse = resp.json().await.unwrap();
+    expect_output(e.completed_result(&sub).await);
+    assert!(e.emu.record()[1].ran);
+
+    // A deadline that is not a number of seconds is FAL's 400.
+    for bad in ["soon", "0", "-5"] {
+        let resp = e
+            .raw_submit(
+                "/fal-ai/flux-lora",
+                &json!({"prompt": "x"}),
+                &[("x-fal-request-timeout", bad)],
+            )
+            .await;
+        assert_eq!(resp.status(), 400, "{bad}");
+        assert_eq!(resp.headers()["x-fal-error-type"], "bad_request");
+    }
+    assert_eq!(e.emu.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn fal_max_queue_length_refuses_submits_to_a_full_queue() {
+    let e = env().await;
+    hold_queue(&e, "fal-ai/flux-lora");
+    let input = json!({"prompt": "x"});
+    for _ in 0..2 {
+        let resp = e
+            .raw_submit("/fal-ai/flux-lora?fal_max_queue_length=2", &input, &[])
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    let full = e
+        .raw_submit("/fal-ai/flux-lora?fal_max_queue_length=2", &input, &[])
+        .await;
+    assert_eq!(full.status(), 429);
+    assert_eq!(full.headers()["x-fal-error-type"], "queue_full");
+    assert_eq!(
+        full.json::<Value>().await.unwrap()["error_type"],
+        "queue_full"
+    );
+    let refused = e.emu.submits().pop().unwrap();
+    assert_eq!(
+        (refused.request_id, refused.fault.as_deref()),
+        (None, Some("queue_full"))
+    );
+
+    // A longer limit, another endpoint's queue, or none at all: accepted.
+    for path in [
+        "/fal-ai/flux-lora?fal_max_queue_length=3",
+        "/fal-ai/flux-2/lora?fal_max_queue_length=1",
+        "/fal-ai/flux-lora",
+    ] {
+        let resp = e.raw_submit(path, &input, &[]).await;
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+
+    // Once the queue drains, the limit lets submits in again.
+    e.emu
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(0, 20));
+    eventually("the queue to drain", || {
+        e.emu
+            .requests()
+            .iter()
+            .all(|r| r.phase != Phase::InQueue)
+            .then_some(())
+    })
+    .await;
+    let resp = e
+        .raw_submit("/fal-ai/flux-lora?fal_max_queue_length=1", &input, &[])
+        .await;
+    assert_eq!(resp.status(), 200);
+}
+
 #[tokio::test]
 async fn output_format_picks_the_image_encoding() {
     let e = env().await;
