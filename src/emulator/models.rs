@@ -799,7 +799,8 @@ fn generate(state: &EmulatorState, input: &Map<String, Value>, w: u32, h: u32) -
 }
 
 /// Fetches a file like FAL's runner (a training archive, a LoRA): any http(s) URL, or a
-/// data URI.
+/// data URI. The emulator's own files are read from its store, as FAL's runners read FAL's
+/// CDN: the public base URL may name a proxy the emulator cannot reach itself.
 async fn download(
     state: &EmulatorState,
     request_id: &str,
@@ -812,6 +813,9 @@ async fn download(
                 .decode(data)
                 .map(Into::into)
                 .map_err(|e| format!("invalid base64 in data URI: {e}"));
+        }
+        if let Some(own) = state.own_file(url) {
+            return own;
         }
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err("URL must be http(s) or a data URI".into());

@@ -592,6 +592,15 @@ impl EmulatorState {
         self.lock().files.get(id).map(|f| f.bytes.clone())
     }
 
+    /// A file this emulator handed out, read from its store: `None` when `url` is not under
+    /// its base URL's `/files/`, else the file or the error its URL's 404 would give.
+    pub(crate) fn own_file(&self, url: &str) -> Option<Result<bytes::Bytes, String>> {
+        let rest = url.strip_prefix(&format!("{}/files/", self.base_url()))?;
+        let id = rest.split('/').next()?;
+        let file = self.lock().files.get(id).map(|f| f.bytes.clone());
+        Some(file.ok_or_else(|| "server answered 404 Not Found".to_owned()))
+    }
+
     /// Ends the life of a served file, as FAL's CDN does when its retention is over: its URL
     /// answers 404 from now on. False if the emulator serves no such file.
     pub fn expire_file(&self, url: &str) -> bool {

@@ -1668,6 +1668,171 @@ async fn storage_paths_are_never_taken_for_queue_submits() {
     assert_eq!(resp.status(), 200);
 }
 
+#[tokio::test]
+async fn every_url_handed_out_starts_with_the_public_base() {
+    crate::install_crypto_provider();
+    // A proxy's address, with a path prefix, that nothing listens on: the test plays the
+    // proxy by sending each call to the emulator's own address instead.
+    let public = "http://127.0.0.2:9/behind-proxy";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = spawn(
+        EmulatorConfig {
+            public_base: Some(Url::parse(public).unwrap()),
+            ..EmulatorConfig::fast()
+        },
+        listener,
+    )
+    .await;
+    let local = format!("http://{}", emu.addr());
+    let via_proxy = |url: &str| -> String {
+        let rest = url
+            .strip_prefix(public)
+            .unwrap_or_else(|| panic!("{url} does not start with {public}"));
+        assert!(rest.is_empty() || rest.starts_with('/'), "{url}");
+        format!("{local}{rest}")
+    };
+    let http = reqwest::Client::new();
+    let key = format!("Key {}", emu.config().key.expose());
+    let call = |method: reqwest::Method, url: String| {
+        http.request(method, url).header("authorization", &key)
+    };
+    let mut handed_out: Vec<String> = Vec::new();
+
+    // Storage, both flows.
+    let initiated: Value = call(
+        reqwest::Method::POST,
+        format!("{local}/storage/upload/initiate?storage_type=fal-cdn-v3"),
+    )
+    .json(&json!({"content_type": "application/zip", "file_name": "faces.zip"}))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let archive = archive_of(&[("a.png", b"x")]);
+    let put = http
+        .put(via_proxy(initiated["upload_url"].as_str().unwrap()))
+        .body(archive.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let token: Value = call(
+        reqwest::Method::POST,
+        format!("{local}/storage/auth/token?storage_type=fal-cdn-v3"),
+    )
+    .json(&json!({}))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(token["base_url"], public);
+    let uploaded: Value = upload_v3(
+        &http,
+        &via_proxy(token["base_url"].as_str().unwrap()),
+        Some(&bearer(&token)),
+        "more.zip",
+        &archive,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    for url in [
+        &initiated["upload_url"],
+        &initiated["file_url"],
+        &uploaded["access_url"],
+    ] {
+        handed_out.push(url.as_str().unwrap().to_owned());
+    }
+
+    // The queue: a training on the uploaded archive (whose public URL the emulator's runner
+    // cannot reach, and does not need to), then a generation with its LoRA.
+    let mut run = async |endpoint: &str, input: Value| -> Value {
+        let submitted: Value = call(reqwest::Method::POST, format!("{local}/{endpoint}"))
+            .json(&input)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for k in ["response_url", "status_url", "cancel_url"] {
+            handed_out.push(submitted[k].as_str().unwrap().to_owned());
+        }
+        let status_url = via_proxy(submitted["status_url"].as_str().unwrap());
+        let start = Instant::now();
+        loop {
+            let status: Value = call(reqwest::Method::GET, status_url.clone())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if status["status"] == "COMPLETED" {
+                for k in ["response_url", "status_url", "cancel_url"] {
+                    handed_out.push(status[k].as_str().unwrap().to_owned());
+                }
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE, "request never completed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let result = call(
+            reqwest::Method::GET,
+            via_proxy(submitted["response_url"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(result.status(), 200, "{endpoint}");
+        result.json().await.unwrap()
+    };
+    let trained = run(
+        "fal-ai/flux-lora-fast-training",
+        json!({"images_data_url": initiated["file_url"]}),
+    )
+    .await;
+    let lora = trained["diffusers_lora_file"]["url"].as_str().unwrap();
+    let generated = run(
+        "fal-ai/flux-lora",
+        json!({"prompt": "x", "image_size": "square", "loras": [{"path": lora}]}),
+    )
+    .await;
+    for url in [
+        &trained["diffusers_lora_file"]["url"],
+        &trained["config_file"]["url"],
+        &generated["images"][0]["url"],
+    ] {
+        handed_out.push(url.as_str().unwrap().to_owned());
+    }
+    handed_out.push(emu.jwks_url().to_string());
+
+    for url in &handed_out {
+        assert!(url.starts_with(&format!("{public}/")), "{url}");
+    }
+    // Files come back through the proxy's address.
+    let image = http
+        .get(via_proxy(generated["images"][0]["url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(image.status(), 200);
+    let keys = http
+        .get(via_proxy(emu.jwks_url().as_str()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(parse_jwks(&keys).len(), 2);
+}
+
 /// Holds `endpoint`'s requests in the queue until the timings change.
 fn hold_queue(e: &Env, endpoint: &str) {
     e.emu
