@@ -46,6 +46,11 @@ enum Command {
         /// 0.01 makes that 72 seconds.
         #[arg(long, default_value = "1", value_parser = falgate::emulator::parse_time_scale)]
         time_scale: f64,
+        /// Base of every URL the emulator hands out (queue, upload and file URLs), for
+        /// clients that reach it at another address: a proxy, a container's name. Default:
+        /// `http://` and the listening address.
+        #[arg(long, env = "FALGATE_EMULATOR_PUBLIC_URL")]
+        public_url: Option<reqwest::Url>,
     },
 }
 
@@ -220,23 +225,31 @@ async fn run(command: Command) -> Result<(), String> {
                 ))
             }
         }
-        Command::Emulator { addr, time_scale } => {
+        Command::Emulator {
+            addr,
+            time_scale,
+            public_url,
+        } => {
             let listener = tokio::net::TcpListener::bind(addr.trim())
                 .await
                 .map_err(|e| format!("could not listen on {addr}: {e}"))?;
             let config = falgate::emulator::EmulatorConfig {
                 time_scale,
+                public_base: public_url,
                 ..Default::default()
             };
             let key = config.key.expose().to_owned();
             let emulator = falgate::emulator::spawn(config, listener).await;
             let base = emulator.base_url();
-            println!("FAL emulator on {base}");
+            println!("FAL emulator on {}, reached as {base}", emulator.addr());
             println!("  FAL_KEY={key}");
             println!("  FAL_QUEUE_URL={base}");
             println!("  FAL_REST_URL={base}");
             println!("  FAL_JWKS_URL={}", emulator.jwks_url());
-            println!("  controls: {base}_emulator/…");
+            println!(
+                "  controls: {}/_emulator/…",
+                base.as_str().trim_end_matches('/')
+            );
             let _ = tokio::signal::ctrl_c().await;
             emulator.shutdown().await;
             Ok(())

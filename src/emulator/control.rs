@@ -138,13 +138,21 @@ async fn clear_faults(State(s): State<EmulatorState>) -> Response {
 
 #[derive(Deserialize, Default)]
 struct Rotate {
+    /// Keep listing the key that signed until now.
     #[serde(default)]
     keep_old: bool,
+    /// A planned rotation: the published next key signs (else a key nobody has seen).
+    #[serde(default)]
+    to_next: bool,
 }
 
 async fn rotate_key(State(s): State<EmulatorState>, body: Option<Json<Rotate>>) -> Response {
-    let keep_old = body.map(|b| b.0.keep_old).unwrap_or(false);
-    let kid = s.rotate_key(keep_old);
+    let rotate = body.map(|b| b.0).unwrap_or_default();
+    let kid = if rotate.to_next {
+        s.rotate_to_next_key(rotate.keep_old)
+    } else {
+        s.rotate_key(rotate.keep_old)
+    };
     json_response(200, &json!({"kid": kid, "jwks": s.jwks()}))
 }
 

@@ -243,6 +243,13 @@ pub(crate) fn pick<'a, T>(
 }
 
 /// FAL-like bodies per status (fal-protocol.md §2).
+/// The `url` of a model error item: FAL's error reference, at the error's type ("A link to
+/// documentation about this specific error type (e.g. `https://docs.fal.ai/errors/#image_too_large`)",
+/// docs.fal.ai/errors).
+pub(crate) fn error_docs_url(error_type: &str) -> String {
+    format!("https://docs.fal.ai/errors/#{error_type}")
+}
+
 pub(crate) fn default_error_body(status: u16) -> Value {
     match status {
         400 => json!({"detail": "Bad request", "error_type": "bad_request"}),
@@ -252,7 +259,7 @@ pub(crate) fn default_error_body(status: u16) -> Value {
         }
         404 => json!({"detail": "Not Found"}),
         422 => {
-            json!({"detail": [{"loc": ["body", "prompt"], "msg": "The content was flagged by a content checker.", "type": "content_policy_violation"}]})
+            json!({"detail": [{"loc": ["body", "prompt"], "msg": "The content was flagged by a content checker.", "type": "content_policy_violation", "url": error_docs_url("content_policy_violation")}]})
         }
         429 => json!({"detail": "Too many requests: queue is full", "error_type": "queue_full"}),
         499 => {

@@ -1,13 +1,18 @@
-//! A faithful FAL on loopback: queue (submit/status/stream/result/cancel), storage upload,
-//! JWKS, signed callbacks with FAL's exact body layout and retries, input validation of
-//! the endpoints falgate uses, real output files, and fault injection. Used by tests,
-//! local development and `serve --sandbox`.
+//! A faithful FAL on loopback: the queue (submit/status/stream/result/cancel, with
+//! `X-Fal-Request-Timeout` and `fal_max_queue_length`), storage upload (the JS client's
+//! initiate + PUT and the Python client's v3 token + upload), a JWKS of two keys, signed
+//! callbacks with FAL's exact body layout and retries, input validation of the endpoints
+//! falgate uses (422 items with FAL's docs `url`), real output files (images in the
+//! `output_format` asked for), and fault injection. Every URL it hands out starts with its
+//! public base URL ([`EmulatorConfig::public_base`]). Used by tests, local development and
+//! `serve --sandbox`.
 //!
 //! Depends only on `crate::fal` (wire helpers, signature encoding), never on the app.
 
 mod callbacks;
 mod control;
 pub mod faults;
+mod images;
 mod listener;
 mod models;
 pub mod png;
@@ -47,7 +52,9 @@ pub struct EmulatorConfig {
     pub key: Secret,
     /// Sent as `X-Fal-Webhook-User-Id`.
     pub user_id: String,
-    /// Base for every URL handed out; default `http://<listener address>`.
+    /// Base of every URL handed out (queue, upload, file and output URLs, the v3 upload
+    /// `base_url`), for clients that reach the emulator at another address: a proxy (a path
+    /// prefix is kept), a container's name. Default `http://<listener address>`.
     pub public_base: Option<Url>,
     /// Default timings of generation endpoints (and unknown ones).
     pub generation: Durations,
@@ -66,6 +73,8 @@ pub struct EmulatorConfig {
     pub download_timeout: Duration,
     /// Generated images above this many pixels fail the model (keeps memory bounded).
     pub max_image_pixels: u64,
+    /// How long a CDN upload token from `/storage/auth/token` stays valid.
+    pub upload_token_ttl: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -81,6 +90,7 @@ impl Default for EmulatorConfig {
             callback_timeout: Duration::from_secs(15),
             download_timeout: Duration::from_secs(30),
             max_image_pixels: 16 * 1024 * 1024,
+            upload_token_ttl: Duration::from_secs(3600),
         }
     }
 }
@@ -134,6 +144,11 @@ pub(crate) fn check_time_scale(scale: f64) -> Result<f64, String> {
 pub fn router(state: EmulatorState) -> Router {
     Router::new()
         .route("/.well-known/jwks.json", get(storage::jwks))
+        .route("/storage/auth/token", post(storage::auth_token))
+        .route(
+            "/files/upload",
+            post(storage::upload_v3).layer(DefaultBodyLimit::max(MAX_UPLOAD_BYTES)),
+        )
         .route("/storage/upload/initiate", post(storage::initiate))
         .route(
             "/storage/upload/initiate-multipart",
@@ -198,7 +213,9 @@ pub async fn spawn(config: EmulatorConfig, listener: TcpListener) -> EmulatorHan
 }
 
 impl EmulatorHandle {
-    /// e.g. `http://127.0.0.1:41234` (use as both FAL queue and REST base).
+    /// The base of every URL the emulator hands out (use as both FAL queue and REST base):
+    /// [`EmulatorConfig::public_base`] if set, else the listener's, e.g.
+    /// `http://127.0.0.1:41234`.
     pub fn base_url(&self) -> Url {
         Url::parse(&self.state.base_url()).unwrap_or_else(|_| {
             Url::parse(&format!("http://{}", self.addr)).expect("socket address URL")
@@ -211,9 +228,12 @@ impl EmulatorHandle {
 
     /// JWKS URL, for the app's verifier.
     pub fn jwks_url(&self) -> Url {
-        let mut u = self.base_url();
-        u.set_path("/.well-known/jwks.json");
-        u
+        let base = self.base_url();
+        let joined = format!(
+            "{}/.well-known/jwks.json",
+            base.as_str().trim_end_matches('/')
+        );
+        Url::parse(&joined).unwrap_or(base)
     }
 
     pub fn state(&self) -> &EmulatorState {

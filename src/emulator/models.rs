@@ -1,6 +1,7 @@
-//! The five endpoints falgate uses: input validation like FAL's pydantic models
-//! (fal-protocol.md §5; errors as `{"detail": [{loc, msg, type, input, ctx?}]}`, unknown
-//! fields ignored) and real outputs (PNG images, a safetensors LoRA, a finetune id).
+//! The endpoints falgate uses: input validation like FAL's pydantic models
+//! (fal-protocol.md §5; errors as `{"detail": [{loc, msg, type, url, input?, ctx?}]}`, unknown
+//! fields ignored) and real outputs (images in the `output_format` asked for, a safetensors
+//! LoRA, a finetune id).
 //! Any other endpoint accepts an object and answers a small generic output.
 
 use std::time::SystemTime;
@@ -11,7 +12,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::EmulatorState;
-use super::png;
+use super::faults::{default_error_body, error_docs_url};
+use super::images::{self, ImageFormat};
 use super::state::{DownloadRecord, Outcome, RequestSnapshot};
 
 #[derive(Clone, Copy)]
@@ -342,7 +344,7 @@ fn error(
     input: Option<&Value>,
     ctx: Option<Value>,
 ) -> Value {
-    let mut e = json!({"loc": loc, "msg": msg, "type": kind});
+    let mut e = json!({"loc": loc, "msg": msg, "type": kind, "url": error_docs_url(kind)});
     if let Some(i) = input {
         e["input"] = i.clone();
     }
@@ -829,24 +831,35 @@ fn generate(state: &EmulatorState, input: &Map<String, Value>, w: u32, h: u32) -
         .and_then(|v| as_int(v).ok())
         .unwrap_or(1)
         .clamp(1, 4) as u64;
+    let format =
+        ImageFormat::from_output_format(input.get("output_format").and_then(Value::as_str));
     let started = std::time::Instant::now();
-    let images: Vec<Value> = (0..n)
-        .map(|i| {
-            let bytes = png::render(w, h, seed.wrapping_add(i), prompt);
-            let name = format!("{}.png", uuid::Uuid::new_v4().simple());
-            let size = bytes.len();
-            let url = state.store_file(&name, "image/png", bytes);
-            // The file really is a PNG of exactly this size, whatever output_format asked.
-            json!({
-                "url": url,
-                "width": w,
-                "height": h,
-                "content_type": "image/png",
-                "file_name": name,
-                "file_size": size,
-            })
-        })
-        .collect();
+    let mut images = Vec::new();
+    for i in 0..n {
+        let bytes = match images::render(format, w, h, seed.wrapping_add(i), prompt) {
+            Ok(bytes) => bytes,
+            Err(why) => {
+                tracing::warn!(error = %why, "emulator could not encode an image");
+                return Outcome {
+                    status: 500,
+                    body: default_error_body(500),
+                    error_type: Some("internal_error".into()),
+                };
+            }
+        };
+        let name = format!("{}.{}", uuid::Uuid::new_v4().simple(), format.extension());
+        let size = bytes.len();
+        let url = state.store_file(&name, format.content_type(), bytes);
+        // The file really is of this format and exactly this size.
+        images.push(json!({
+            "url": url,
+            "width": w,
+            "height": h,
+            "content_type": format.content_type(),
+            "file_name": name,
+            "file_size": size,
+        }));
+    }
     Outcome::ok(json!({
         "images": images,
         "timings": {"inference": started.elapsed().as_secs_f64()},
@@ -857,7 +870,8 @@ fn generate(state: &EmulatorState, input: &Map<String, Value>, w: u32, h: u32) -
 }
 
 /// Fetches a file like FAL's runner (a training archive, a LoRA): any http(s) URL, or a
-/// data URI.
+/// data URI. The emulator's own files are read from its store, as FAL's runners read FAL's
+/// CDN: the public base URL may name a proxy the emulator cannot reach itself.
 async fn download(
     state: &EmulatorState,
     request_id: &str,
@@ -870,6 +884,9 @@ async fn download(
                 .decode(data)
                 .map(Into::into)
                 .map_err(|e| format!("invalid base64 in data URI: {e}"));
+        }
+        if let Some(own) = state.own_file(url) {
+            return own;
         }
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err("URL must be http(s) or a data URI".into());

@@ -39,18 +39,30 @@ pub fn encode_rgb(width: u32, height: u32, mut fill_row: impl FnMut(u32, &mut [u
     out
 }
 
-/// Draws the emulator's deterministic picture: 64-pixel colour blocks derived from
-/// `seed` and a hash of the prompt, under a white band that spells the prompt's first
-/// [`CAPTION_CHARS`] characters (where falgate puts an avatar's trigger phrase), so that a
-/// person can tell which picture answers which request. Equal inputs give equal bytes.
+/// Draws the emulator's deterministic picture as a PNG (see [`painter`]). Equal inputs give
+/// equal bytes.
 pub fn render(width: u32, height: u32, seed: u64, prompt: &str) -> Vec<u8> {
+    encode_rgb(width, height, painter(width, height, seed, prompt))
+}
+
+/// The emulator's deterministic picture, one row at a time (`paint(y, row)` fills the
+/// `3 * width` RGB bytes of row `y`): 64-pixel colour blocks derived from `seed` and a hash
+/// of the prompt, under a white band that spells the prompt's first [`CAPTION_CHARS`]
+/// characters (where falgate puts an avatar's trigger phrase), so that a person can tell
+/// which picture answers which request. Every output format draws it.
+pub fn painter(
+    width: u32,
+    height: u32,
+    seed: u64,
+    prompt: &str,
+) -> impl FnMut(u32, &mut [u8]) + use<> {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in prompt.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
     }
     let key = h ^ seed.rotate_left(17);
     let caption = Caption::new(prompt, width, height);
-    encode_rgb(width, height, |y, row| {
+    move |y, row| {
         if caption.draw_row(y, row) {
             return;
         }
@@ -60,7 +72,7 @@ pub fn render(width: u32, height: u32, seed: u64, prompt: &str) -> Vec<u8> {
             let v = splitmix(key ^ (by << 32) ^ bx);
             px.copy_from_slice(&v.to_le_bytes()[..3]);
         }
-    })
+    }
 }
 
 /// How much of a prompt the picture spells.

@@ -46,7 +46,15 @@ impl Route {
     }
 }
 
+/// First path segments of the emulator's own rooms (REST storage, CDN, keys, controls). A
+/// call there that no route took is a 404: never a status call, nor a submit to an app
+/// named `storage/…`.
+const NOT_QUEUE: &[&str] = &["storage", "files", "_cdn", "_emulator", ".well-known"];
+
 fn classify(method: &Method, segs: &[&str]) -> Option<Route> {
+    if segs.first().is_some_and(|first| NOT_QUEUE.contains(first)) {
+        return None;
+    }
     if let Some(k) = segs.iter().position(|s| *s == "requests")
         && k >= 2
         && segs.len() > k + 1
@@ -116,6 +124,28 @@ pub(crate) fn check_auth(state: &EmulatorState, headers: &HeaderMap) -> Option<R
     }
 }
 
+/// A call refused as FAL's queue refuses it: the JSON body, its `error_type` repeated in
+/// `X-Fal-Error-Type`, and a request id.
+fn refusal(status: u16, body: &Value) -> Response {
+    let mut resp = json_response(status, body);
+    if let Some(t) = body.get("error_type").and_then(Value::as_str)
+        && let Ok(v) = HeaderValue::from_str(t)
+    {
+        resp.headers_mut().insert("x-fal-error-type", v);
+    }
+    let id = uuid::Uuid::now_v7().to_string();
+    with_request_id(resp, &id)
+}
+
+/// Marks a 504 as the caller's own start deadline (`X-Fal-Request-Timeout`) running out.
+fn with_user_timeout(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        "x-fal-request-timeout-type",
+        HeaderValue::from_static("user"),
+    );
+    resp
+}
+
 /// Renders a refusing fault. `None` for faults that do not answer by themselves.
 pub(crate) fn fault_response(fault: &HttpFault) -> Option<Response> {
     match fault {
@@ -126,24 +156,15 @@ pub(crate) fn fault_response(fault: &HttpFault) -> Option<Response> {
             timeout_type_user,
         } => {
             let body = body.clone().unwrap_or_else(|| default_error_body(*status));
-            let mut resp = json_response(*status, &body);
-            let h = resp.headers_mut();
+            let mut resp = refusal(*status, &body);
             if let Some(ra) = retry_after {
-                h.insert(header::RETRY_AFTER, HeaderValue::from(*ra));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*ra));
             }
             if *timeout_type_user {
-                h.insert(
-                    "x-fal-request-timeout-type",
-                    HeaderValue::from_static("user"),
-                );
+                resp = with_user_timeout(resp);
             }
-            if let Some(t) = body.get("error_type").and_then(Value::as_str)
-                && let Ok(v) = HeaderValue::from_str(t)
-            {
-                h.insert("x-fal-error-type", v);
-            }
-            let id = uuid::Uuid::now_v7().to_string();
-            Some(with_request_id(resp, &id))
+            Some(resp)
         }
         HttpFault::Nginx502 => Some(nginx_502()),
         HttpFault::Delay { .. }
@@ -252,28 +273,33 @@ pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -
             let input: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             let webhook = query.get("fal_webhook").cloned();
             let headers = redacted_headers(&parts.headers);
-            let refused = |f: &HttpFault| {
-                state.lock().submits.push(SubmitRecord {
-                    request_id: None,
-                    endpoint: endpoint.clone(),
-                    input: input.clone(),
-                    webhook: webhook.clone(),
-                    headers: headers.clone(),
-                    fault: Some(fault_name(f)),
-                    at: SystemTime::now(),
-                });
+            let submitted = Submitted {
+                endpoint: &endpoint,
+                input,
+                webhook,
+                headers,
+                fault: None,
+                received_at,
+                start_timeout: None,
+                max_queue_length: max_queue_length(&query),
+            };
+            let start_timeout = match start_timeout(&parts.headers) {
+                Ok(timeout) => timeout,
+                Err(detail) => {
+                    record_refused(&state, &submitted, "bad_request_timeout");
+                    let body = json!({"detail": detail, "error_type": "bad_request"});
+                    return refusal(400, &body);
+                }
             };
             // Taken here so the request remembers what its submit met (a lost answer).
             let fault = state.take_fault(target);
+            let refused = |f: &HttpFault| record_refused(&state, &submitted, &fault_name(f));
             let work = submit(
                 &state,
                 Submitted {
-                    endpoint: &endpoint,
-                    input: input.clone(),
-                    webhook: webhook.clone(),
-                    headers: headers.clone(),
                     fault: fault.as_ref().map(fault_name),
-                    received_at,
+                    start_timeout,
+                    ..submitted.clone()
                 },
             );
             with_this_fault(&state, fault, conn, refused, work).await
@@ -297,6 +323,45 @@ pub(crate) async fn dispatch(State(state): State<EmulatorState>, req: Request) -
             with_fault(&state, target, conn, work).await
         }
     }
+}
+
+/// `X-Fal-Request-Timeout: <seconds>`, a deadline for the request to *start* (queue wait
+/// and runner acquisition). FAL's docs put its minimum above 0.1 s; anything else is FAL's
+/// 400 `bad_request`. Python sends `30.0`, JS `30`.
+fn start_timeout(headers: &HeaderMap) -> Result<Option<Duration>, String> {
+    let Some(raw) = headers.get("x-fal-request-timeout") else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<f64>().ok())
+        .filter(|secs| secs.is_finite() && *secs > 0.1)
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            "Invalid X-Fal-Request-Timeout header: expected a number of seconds above 0.1".into()
+        })
+}
+
+/// `fal_max_queue_length=<n>`: the submit is refused when the endpoint's queue already
+/// holds `n` waiting requests. A value that is not a count is ignored.
+fn max_queue_length(query: &HashMap<String, String>) -> Option<usize> {
+    query
+        .get("fal_max_queue_length")
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Records a submit refused before any request existed, and why.
+fn record_refused(state: &EmulatorState, submitted: &Submitted<'_>, why: &str) {
+    state.lock().submits.push(SubmitRecord {
+        request_id: None,
+        endpoint: submitted.endpoint.to_owned(),
+        input: submitted.input.clone(),
+        webhook: submitted.webhook.clone(),
+        headers: submitted.headers.clone(),
+        fault: Some(why.to_owned()),
+        at: SystemTime::now(),
+    });
 }
 
 /// JS sends `logs=1|0`, Python `logs=true|false`.
@@ -330,6 +395,7 @@ fn urls(state: &EmulatorState, prefix: &str, id: &str) -> (String, String, Strin
 }
 
 /// What a submit brought.
+#[derive(Clone)]
 struct Submitted<'a> {
     endpoint: &'a str,
     input: Value,
@@ -337,28 +403,41 @@ struct Submitted<'a> {
     headers: Vec<(String, String)>,
     fault: Option<String>,
     received_at: SystemTime,
+    /// `X-Fal-Request-Timeout`.
+    start_timeout: Option<Duration>,
+    /// `fal_max_queue_length`.
+    max_queue_length: Option<usize>,
 }
 
 async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
-    let Submitted {
-        endpoint,
-        input,
-        webhook,
-        headers,
-        fault,
-        received_at,
-    } = submitted;
+    let start_deadline = submitted
+        .start_timeout
+        .and_then(|timeout| Instant::now().checked_add(timeout));
     let id = uuid::Uuid::now_v7().to_string();
-    let prefix = app_prefix(endpoint);
+    let prefix = app_prefix(submitted.endpoint);
     let position = {
         let mut inner = state.lock();
-        let seq = inner.next_seq;
-        inner.next_seq += 1;
-        let position = inner
+        let waiting = inner
             .requests
             .values()
-            .filter(|r| r.endpoint == endpoint && r.phase == Phase::InQueue)
+            .filter(|r| r.endpoint == submitted.endpoint && r.phase == Phase::InQueue)
             .count();
+        if submitted.max_queue_length.is_some_and(|max| waiting >= max) {
+            drop(inner);
+            record_refused(state, &submitted, "queue_full");
+            return refusal(429, &default_error_body(429));
+        }
+        let Submitted {
+            endpoint,
+            input,
+            webhook,
+            headers,
+            fault,
+            received_at,
+            ..
+        } = submitted;
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
         let forced = EmulatorState::take_model_failure(&mut inner);
         inner.requests.insert(
             id.clone(),
@@ -372,6 +451,7 @@ async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
                 outcome: None,
                 started: false,
                 cancelled: false,
+                start_timed_out: false,
                 submit_fault: fault,
                 received_at,
                 logs: Vec::new(),
@@ -389,12 +469,12 @@ async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
             fault: None,
             at: SystemTime::now(),
         });
-        position
+        waiting
     };
     state.bump();
     let st = state.clone();
     let rid = id.clone();
-    state.spawn(async move { lifecycle(st, rid).await });
+    state.spawn(async move { lifecycle(st, rid, start_deadline).await });
 
     let (response_url, status_url, cancel_url) = urls(state, &prefix, &id);
     let body = json!({
@@ -420,12 +500,23 @@ fn log_line(message: &str) -> Value {
     })
 }
 
-async fn lifecycle(state: EmulatorState, id: String) {
+async fn lifecycle(state: EmulatorState, id: String, start_deadline: Option<Instant>) {
     let Some(endpoint) = state.request(&id).map(|r| r.endpoint) else {
         return;
     };
     let queued_at = Instant::now();
-    wait_until(&state, &id, &endpoint, queued_at, |d| d.queue).await;
+    let queue_wait = wait_until(&state, &id, &endpoint, queued_at, |d| d.queue);
+    match start_deadline {
+        Some(deadline) => tokio::select! {
+            biased;
+            () = queue_wait => {}
+            () = tokio::time::sleep_until(deadline.into()) => {
+                time_out_unstarted(&state, &id);
+                return;
+            }
+        },
+        None => queue_wait.await,
+    }
     if !advance(
         &state,
         &id,
@@ -501,6 +592,21 @@ fn advance(state: &EmulatorState, id: &str, from: Phase, to: Phase, log: &str) -
     true
 }
 
+/// The request's `X-Fal-Request-Timeout` ran out before a runner took it: it ends without
+/// running (so unbilled) with FAL's 504 `request_timeout`, whose result carries
+/// `X-Fal-Request-Timeout-Type: user`. A request that started meanwhile is left alone.
+fn time_out_unstarted(state: &EmulatorState, id: &str) {
+    let outcome = Outcome {
+        status: 504,
+        body: default_error_body(504),
+        error_type: Some("request_timeout".into()),
+    };
+    complete_if(state, id, outcome, None, |req| {
+        req.start_timed_out = req.phase == Phase::InQueue;
+        req.start_timed_out
+    });
+}
+
 /// Finishes a request once (later calls are no-ops) and sends its callback.
 pub(crate) fn complete(
     state: &EmulatorState,
@@ -508,12 +614,23 @@ pub(crate) fn complete(
     outcome: Outcome,
     inference_time: Option<f64>,
 ) {
+    complete_if(state, id, outcome, inference_time, |_| true);
+}
+
+/// [`complete`], if `still` (which may mark the request) agrees under the same lock.
+fn complete_if(
+    state: &EmulatorState,
+    id: &str,
+    outcome: Outcome,
+    inference_time: Option<f64>,
+    still: impl FnOnce(&mut RequestSnapshot) -> bool,
+) {
     let webhook = {
         let mut inner = state.lock();
         let Some(req) = inner.requests.get_mut(id) else {
             return;
         };
-        if req.phase == Phase::Completed {
+        if req.phase == Phase::Completed || !still(req) {
             return;
         }
         req.phase = Phase::Completed;
@@ -662,6 +779,9 @@ fn result(state: &EmulatorState, prefix: &str, id: &str) -> Response {
         && let Ok(v) = HeaderValue::from_str(t)
     {
         resp.headers_mut().insert("x-fal-error-type", v);
+    }
+    if req.start_timed_out {
+        resp = with_user_timeout(resp);
     }
     with_request_id(resp, id)
 }

@@ -96,6 +96,9 @@ pub struct RequestSnapshot {
     pub started: bool,
     /// A client cancelled it (its outcome is then the 499 of a cancelled request).
     pub cancelled: bool,
+    /// Its `X-Fal-Request-Timeout` ran out while it waited in the queue: it ended with a 504
+    /// of the `user` kind without running.
+    pub start_timed_out: bool,
     /// The fault its submit met, if any (e.g. `accept_then_reset`: the answer was lost).
     pub submit_fault: Option<String>,
     /// When its submit call arrived (before any delay a fault put on it).
@@ -237,11 +240,42 @@ pub(crate) struct HeldCallback {
     pub body: String,
 }
 
+/// The callback keys. FAL's JWKS lists two keys; the emulator's lists the one that signs
+/// and the one that will sign after a planned rotation ([`EmulatorState::rotate_to_next_key`]),
+/// so a verifier that cached the set keeps verifying across it.
 pub(crate) struct Keys {
+    /// Signs every callback.
     pub signing: SigningKey,
-    pub kid: String,
-    /// What the JWKS lists, newest first.
-    pub published: Vec<(String, VerifyingKey)>,
+    /// Published beside the signing key; signs from the next planned rotation on.
+    pub next: SigningKey,
+    /// Keys that signed before a rotation and are still listed, newest first.
+    pub retired: Vec<VerifyingKey>,
+}
+
+impl Keys {
+    /// The keys to keep listing after the signing key is replaced: it, then those retired
+    /// before it.
+    fn retired_after_rotation(self) -> Vec<VerifyingKey> {
+        let mut retired = vec![self.signing.verifying_key()];
+        retired.extend(self.retired);
+        retired
+    }
+
+    fn fresh() -> Self {
+        Self {
+            signing: random_signing_key(),
+            next: random_signing_key(),
+            retired: Vec::new(),
+        }
+    }
+
+    /// What the JWKS lists: the signing key first (FAL's real set verified with its first
+    /// key), then the next one, then retired ones.
+    fn published(&self) -> Vec<VerifyingKey> {
+        let mut keys = vec![self.signing.verifying_key(), self.next.verifying_key()];
+        keys.extend(self.retired.iter().copied());
+        keys
+    }
 }
 
 pub(crate) struct Inner {
@@ -249,6 +283,8 @@ pub(crate) struct Inner {
     pub next_seq: u64,
     pub files: HashMap<String, StoredFile>,
     pub pending_uploads: HashMap<String, PendingUpload>,
+    /// Tokens for the CDN's upload endpoint (`/storage/auth/token`), with their expiry.
+    pub upload_tokens: HashMap<String, SystemTime>,
     /// Parts of multipart uploads under way, by upload token and part number: (etag, bytes).
     pub upload_parts: HashMap<String, std::collections::BTreeMap<u32, (String, bytes::Bytes)>>,
     pub submits: Vec<SubmitRecord>,
@@ -303,16 +339,10 @@ pub(crate) const TRAINERS: [&str; 3] = [
     "fal-ai/flux-pro-trainer",
 ];
 
-fn new_keys() -> Keys {
+fn random_signing_key() -> SigningKey {
     let mut seed = [0u8; 32];
     rand::rng().fill(&mut seed);
-    let signing = SigningKey::from_bytes(&seed);
-    let kid = kid_for(&signing.verifying_key());
-    Keys {
-        published: vec![(kid.clone(), signing.verifying_key())],
-        signing,
-        kid,
-    }
+    SigningKey::from_bytes(&seed)
 }
 
 fn kid_for(key: &VerifyingKey) -> String {
@@ -334,6 +364,7 @@ impl EmulatorState {
             next_seq: 0,
             files: HashMap::new(),
             pending_uploads: HashMap::new(),
+            upload_tokens: HashMap::new(),
             upload_parts: HashMap::new(),
             submits: Vec::new(),
             callbacks: Vec::new(),
@@ -344,7 +375,7 @@ impl EmulatorState {
             callback_faults: VecDeque::new(),
             model_failures: VecDeque::new(),
             held: None,
-            keys: new_keys(),
+            keys: Keys::fresh(),
             generation: config.generation,
             training: config.training,
             per_endpoint: HashMap::new(),
@@ -561,6 +592,15 @@ impl EmulatorState {
         self.lock().files.get(id).map(|f| f.bytes.clone())
     }
 
+    /// A file this emulator handed out, read from its store: `None` when `url` is not under
+    /// its base URL's `/files/`, else the file or the error its URL's 404 would give.
+    pub(crate) fn own_file(&self, url: &str) -> Option<Result<bytes::Bytes, String>> {
+        let rest = url.strip_prefix(&format!("{}/files/", self.base_url()))?;
+        let id = rest.split('/').next()?;
+        let file = self.lock().files.get(id).map(|f| f.bytes.clone());
+        Some(file.ok_or_else(|| "server answered 404 Not Found".to_owned()))
+    }
+
     /// Ends the life of a served file, as FAL's CDN does when its retention is over: its URL
     /// answers 404 from now on. False if the emulator serves no such file.
     pub fn expire_file(&self, url: &str) -> bool {
@@ -581,13 +621,8 @@ impl EmulatorState {
 
     /// The JWKS document as served.
     pub fn jwks(&self) -> Value {
-        let inner = self.lock();
-        let keys: Vec<Value> = inner
-            .keys
-            .published
-            .iter()
-            .map(|(kid, k)| jwk_for(k, kid))
-            .collect();
+        let published = self.lock().keys.published();
+        let keys: Vec<Value> = published.iter().map(|k| jwk_for(k, &kid_for(k))).collect();
         json!({ "keys": keys })
     }
 
@@ -617,16 +652,32 @@ impl EmulatorState {
         }
     }
 
-    /// A new key signs from now on; the JWKS lists it, plus the old one if `keep_old`.
+    /// An unannounced rotation: a key no verifier has seen signs from now on (with a new
+    /// next key beside it), so a cached JWKS must be fetched again. The old signing key stays
+    /// listed if `keep_old`. Returns the new signing key's `kid`.
     pub fn rotate_key(&self, keep_old: bool) -> String {
         let mut inner = self.lock();
-        let fresh = new_keys();
-        let mut published = fresh.published.clone();
+        let old = std::mem::replace(&mut inner.keys, Keys::fresh());
         if keep_old {
-            published.extend(inner.keys.published.iter().cloned());
+            inner.keys.retired = old.retired_after_rotation();
         }
-        inner.keys = Keys { published, ..fresh };
-        inner.keys.kid.clone()
+        kid_for(&inner.keys.signing.verifying_key())
+    }
+
+    /// A planned rotation: the published next key signs from now on and a new next key is
+    /// published, so a verifier holding the set from before verifies without fetching it
+    /// again. The old signing key stays listed if `keep_old`. Returns the new signing key's
+    /// `kid`.
+    pub fn rotate_to_next_key(&self, keep_old: bool) -> String {
+        let mut inner = self.lock();
+        let next = std::mem::replace(&mut inner.keys.next, random_signing_key());
+        let old_signing = std::mem::replace(&mut inner.keys.signing, next);
+        if keep_old {
+            inner.keys.retired.insert(0, old_signing.verifying_key());
+        } else {
+            inner.keys.retired.clear();
+        }
+        kid_for(&inner.keys.signing.verifying_key())
     }
 
     /// Sets timings for one endpoint, or the defaults of its class when `endpoint` is

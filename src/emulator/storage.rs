@@ -1,11 +1,16 @@
-//! Storage (`/storage/upload/initiate` + signed PUT, `initiate-multipart` + parts + complete,
-//! public file URLs) and the JWKS.
+//! Storage and the JWKS. Two upload flows, as FAL's clients use them:
+//! - `/storage/upload/initiate` + signed PUT (and `initiate-multipart` + parts + complete),
+//!   what FAL's JS client does;
+//! - `/storage/auth/token` then `POST {base_url}/files/upload` with that token, the
+//!   `fal-cdn-v3` flow FAL's Python client uses by default.
+//!
+//! Either way the file is then served at a public URL, `/files/{id}/{name}`.
 
 use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -100,6 +105,106 @@ async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Resp
     with_fault(&state, FaultTarget::Upload, conn, work).await
 }
 
+/// `POST /storage/auth/token?storage_type=fal-cdn-v3`: a short-lived token for the CDN's
+/// upload endpoint, which FAL's Python client asks for (and caches until `expires_at`)
+/// before uploading. `base_url` is where the CDN takes uploads: here, the emulator itself.
+pub(crate) async fn auth_token(State(state): State<EmulatorState>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    if let Some(resp) = check_auth(&state, &parts.headers) {
+        return resp;
+    }
+    let conn = parts
+        .extensions
+        .get::<ConnectInfo<ConnCtl>>()
+        .map(|c| c.0.clone());
+    let work = async {
+        let token = hex::encode(uuid::Uuid::new_v4().as_bytes());
+        let expires = SystemTime::now() + state.config().upload_token_ttl;
+        {
+            let mut inner = state.lock();
+            let now = SystemTime::now();
+            inner.upload_tokens.retain(|_, until| *until > now);
+            inner.upload_tokens.insert(token.clone(), expires);
+        }
+        json_response(
+            200,
+            &json!({
+                "token": token,
+                "token_type": UPLOAD_TOKEN_TYPE,
+                "base_url": state.base_url(),
+                "expires_at": iso_8601(expires),
+            }),
+        )
+    };
+    with_fault(&state, FaultTarget::Upload, conn, work).await
+}
+
+const UPLOAD_TOKEN_TYPE: &str = "Bearer";
+
+/// An ISO-8601 time with an explicit `+00:00` offset, which every Python's
+/// `datetime.fromisoformat` reads.
+fn iso_8601(at: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(at).to_rfc3339_opts(chrono::SecondsFormat::Micros, false)
+}
+
+/// Why the CDN refuses an upload's `Authorization`, if it does.
+fn upload_token_refusal(state: &EmulatorState, headers: &HeaderMap) -> Option<Response> {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let token = given
+        .split_once(' ')
+        .filter(|(kind, _)| kind.eq_ignore_ascii_case(UPLOAD_TOKEN_TYPE))
+        .map(|(_, token)| token.trim());
+    let Some(token) = token.filter(|t| !t.is_empty()) else {
+        return Some(json_response(
+            401,
+            &json!({"detail": "Missing upload token: send `Authorization: Bearer <token>` from /storage/auth/token"}),
+        ));
+    };
+    let expires = state.lock().upload_tokens.get(token).copied();
+    match expires {
+        None => Some(json_response(
+            401,
+            &json!({"detail": "Invalid upload token"}),
+        )),
+        Some(until) if until <= SystemTime::now() => Some(json_response(
+            401,
+            &json!({"detail": "Upload token expired"}),
+        )),
+        Some(_) => None,
+    }
+}
+
+/// `POST {base_url}/files/upload`: the file as the body, named by `X-Fal-File-Name`, typed by
+/// `Content-Type`; answers `{"access_url": …}`, the file's public URL.
+pub(crate) async fn upload_v3(
+    State(state): State<EmulatorState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(resp) = upload_token_refusal(&state, &headers) {
+        return resp;
+    }
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    let pending = PendingUpload {
+        file_id: uuid::Uuid::now_v7().simple().to_string(),
+        file_name: safe_name(header_text("x-fal-file-name").unwrap_or("upload.bin")),
+        content_type: header_text(header::CONTENT_TYPE.as_str())
+            .unwrap_or("application/octet-stream")
+            .to_owned(),
+    };
+    let access_url = store_upload(&state, pending, body, 1);
+    json_response(200, &json!({ "access_url": access_url }))
+}
+
 /// The signed upload URL: no Authorization, like a CDN pre-signed PUT.
 pub(crate) async fn put_upload(
     State(state): State<EmulatorState>,
@@ -114,11 +219,12 @@ pub(crate) async fn put_upload(
     StatusCode::OK.into_response()
 }
 
-fn store_upload(state: &EmulatorState, p: PendingUpload, body: Bytes, parts: usize) {
+/// Keeps an uploaded file and records the upload; returns the file's public URL.
+fn store_upload(state: &EmulatorState, p: PendingUpload, body: Bytes, parts: usize) -> String {
     let file_url = format!("{}/files/{}/{}", state.base_url(), p.file_id, p.file_name);
     let mut inner = state.lock();
     inner.uploads.push(UploadRecord {
-        file_url,
+        file_url: file_url.clone(),
         file_name: p.file_name.clone(),
         content_type: p.content_type.clone(),
         size: body.len(),
@@ -133,6 +239,7 @@ fn store_upload(state: &EmulatorState, p: PendingUpload, body: Bytes, parts: usi
             bytes: body,
         },
     );
+    file_url
 }
 
 /// One part of a multipart upload: answered with its etag, as FAL's CDN does.

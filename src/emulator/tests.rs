@@ -451,6 +451,10 @@ async fn validation_error_completes_with_422() {
     assert_eq!(status, 422);
     assert_eq!(body["detail"][0]["loc"], json!(["body", "num_images"]));
     assert_eq!(body["detail"][0]["type"], "less_than_equal");
+    assert_eq!(
+        body["detail"][0]["url"], "https://docs.fal.ai/errors/#less_than_equal",
+        "each item links FAL's error reference at its type"
+    );
 
     let (_, raw) = eventually("callback", || rx.hits().first().cloned()).await;
     let cb: CallbackBody = serde_json::from_slice(&raw).unwrap();
@@ -928,9 +932,13 @@ async fn key_rotation_is_picked_up_by_the_jwks_cache() {
         Duration::from_secs(3600),
         Duration::ZERO,
     );
-    assert_eq!(cache.keys().await.unwrap().len(), 1);
+    let before = cache.keys().await.unwrap();
+    assert_eq!(before.len(), 2, "the signing key and the next one");
+    // Unannounced: neither of the new keys was published before.
     e.emu.rotate_key(false);
-    assert_eq!(emulator_keys(&e.emu).len(), 1);
+    let after = emulator_keys(&e.emu);
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|k| !before.contains(k)));
 
     let (rx, hook) = Receiver::start().await;
     e.submit_minimal(Some(&hook)).await;
@@ -947,7 +955,9 @@ async fn key_rotation_is_picked_up_by_the_jwks_cache() {
     );
 
     e.emu.rotate_key(true);
-    assert_eq!(emulator_keys(&e.emu).len(), 2, "old key still published");
+    let kept = emulator_keys(&e.emu);
+    assert_eq!(kept.len(), 3, "old signing key still published");
+    assert_eq!(kept[2], after[0]);
 }
 
 #[tokio::test]
@@ -1039,7 +1049,22 @@ async fn control_api_over_http() {
         .json()
         .await
         .unwrap();
-    assert_eq!(rotated["jwks"]["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        rotated["jwks"]["keys"].as_array().unwrap().len(),
+        3,
+        "signing, next, and the old signing key"
+    );
+    let planned: Value = post("/_emulator/rotate-key", json!({"to_next": true}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        planned["kid"], rotated["jwks"]["keys"][1]["kid"],
+        "the published next key signs"
+    );
+    assert_eq!(planned["jwks"]["keys"].as_array().unwrap().len(), 2);
     let submits = e.get_json(e.url("/_emulator/submits")).await;
     assert_eq!(submits.as_array().unwrap().len(), 2);
 
@@ -1478,4 +1503,587 @@ async fn newer_trainers_need_captions_or_a_default_and_answer_in_their_own_shape
         }
         other => panic!("expected a 422, got {other:?}"),
     }
+}
+
+// ---- FAL behaviour measured with its official clients (fal-protocol.md §8.5) ----
+
+impl Env {
+    /// POSTs `input` to the queue at `path_and_query` with FAL's key and `headers`.
+    async fn raw_submit(
+        &self,
+        path_and_query: &str,
+        input: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .raw
+            .post(self.url(path_and_query))
+            .header("authorization", self.auth())
+            .json(input);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Asks for a CDN upload token as FAL's Python client does.
+    async fn upload_token(&self) -> Value {
+        let resp = self
+            .raw
+            .post(self.url("/storage/auth/token?storage_type=fal-cdn-v3"))
+            .header("authorization", self.auth())
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.json().await.unwrap()
+    }
+}
+
+/// `POST {base_url}/files/upload` as FAL's Python client sends it.
+async fn upload_v3(
+    http: &reqwest::Client,
+    base_url: &str,
+    authorization: Option<&str>,
+    file_name: &str,
+    body: &[u8],
+) -> reqwest::Response {
+    let mut request = http
+        .post(format!("{base_url}/files/upload"))
+        .header("content-type", "application/zip")
+        .header("x-fal-file-name", file_name)
+        .body(body.to_vec());
+    if let Some(value) = authorization {
+        request = request.header("authorization", value);
+    }
+    request.send().await.unwrap()
+}
+
+fn bearer(token: &Value) -> String {
+    format!(
+        "{} {}",
+        token["token_type"].as_str().unwrap(),
+        token["token"].as_str().unwrap()
+    )
+}
+
+#[tokio::test]
+async fn the_python_clients_v3_upload_serves_the_file_and_refuses_bad_tokens() {
+    let e = env().await;
+    let token = e.upload_token().await;
+    let base_url = token["base_url"].as_str().unwrap().to_owned();
+    assert_eq!(base_url, e.emu.state().base_url());
+    let expires_at = chrono::DateTime::parse_from_rfc3339(token["expires_at"].as_str().unwrap())
+        .expect("ISO-8601 with an offset");
+    assert!(expires_at.timestamp() > now());
+
+    let archive = archive_of(&[("a.png", b"not really a png")]);
+    let resp = upload_v3(
+        &e.raw,
+        &base_url,
+        Some(&bearer(&token)),
+        "faces.zip",
+        &archive,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let access_url = resp.json::<Value>().await.unwrap()["access_url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(access_url.ends_with("/faces.zip"), "{access_url}");
+    let served = e.raw.get(&access_url).send().await.unwrap();
+    assert_eq!(served.headers()["content-type"], "application/zip");
+    assert_eq!(served.bytes().await.unwrap(), archive);
+    assert_eq!(e.emu.uploads()[0].file_url, access_url);
+
+    // A trainer takes the uploaded archive like any other file URL.
+    e.run_to_output(
+        "fal-ai/flux-lora-fast-training",
+        &json!({"images_data_url": access_url}),
+    )
+    .await;
+    assert_eq!(e.emu.downloads()[0].size, Some(archive.len()));
+
+    // The CDN takes the token only: no token, another token, or the FAL key are refused.
+    let key = e.auth();
+    for authorization in [None, Some("Bearer not-a-token"), Some(key.as_str())] {
+        let resp = upload_v3(&e.raw, &base_url, authorization, "x.zip", b"x").await;
+        assert_eq!(resp.status(), 401, "{authorization:?}");
+    }
+    let unauthorized = e
+        .raw
+        .post(e.url("/storage/auth/token?storage_type=fal-cdn-v3"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401, "a token needs the FAL key");
+    assert_eq!(e.emu.uploads().len(), 1);
+
+    // An expired token is refused.
+    let short = env_with(EmulatorConfig {
+        upload_token_ttl: Duration::ZERO,
+        ..EmulatorConfig::fast()
+    })
+    .await;
+    let token = short.upload_token().await;
+    let resp = upload_v3(
+        &short.raw,
+        token["base_url"].as_str().unwrap(),
+        Some(&bearer(&token)),
+        "late.zip",
+        b"x",
+    )
+    .await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["detail"],
+        "Upload token expired"
+    );
+    assert!(short.emu.uploads().is_empty());
+}
+
+#[tokio::test]
+async fn storage_paths_are_never_taken_for_queue_submits() {
+    let e = env().await;
+    for path in [
+        "/storage/upload/unknown",
+        "/storage/auth/other",
+        "/files/upload/a/b",
+        "/_emulator/no-such-control",
+        "/_cdn/nothing",
+    ] {
+        let resp = e.raw_submit(path, &json!({"prompt": "x"}), &[]).await;
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    assert!(e.emu.submits().is_empty());
+    assert!(e.emu.requests().is_empty());
+    // Unknown apps stay accepted: falgate's operators may allow any endpoint, and the
+    // sandbox must run them.
+    let resp = e
+        .raw_submit("/someone/some-app", &json!({"prompt": "x"}), &[])
+        .await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn every_url_handed_out_starts_with_the_public_base() {
+    crate::install_crypto_provider();
+    // A proxy's address, with a path prefix, that nothing listens on: the test plays the
+    // proxy by sending each call to the emulator's own address instead.
+    let public = "http://127.0.0.2:9/behind-proxy";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = spawn(
+        EmulatorConfig {
+            public_base: Some(Url::parse(public).unwrap()),
+            ..EmulatorConfig::fast()
+        },
+        listener,
+    )
+    .await;
+    let local = format!("http://{}", emu.addr());
+    let via_proxy = |url: &str| -> String {
+        let rest = url
+            .strip_prefix(public)
+            .unwrap_or_else(|| panic!("{url} does not start with {public}"));
+        assert!(rest.is_empty() || rest.starts_with('/'), "{url}");
+        format!("{local}{rest}")
+    };
+    let http = reqwest::Client::new();
+    let key = format!("Key {}", emu.config().key.expose());
+    let call = |method: reqwest::Method, url: String| {
+        http.request(method, url).header("authorization", &key)
+    };
+    let mut handed_out: Vec<String> = Vec::new();
+
+    // Storage, both flows.
+    let initiated: Value = call(
+        reqwest::Method::POST,
+        format!("{local}/storage/upload/initiate?storage_type=fal-cdn-v3"),
+    )
+    .json(&json!({"content_type": "application/zip", "file_name": "faces.zip"}))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let archive = archive_of(&[("a.png", b"x")]);
+    let put = http
+        .put(via_proxy(initiated["upload_url"].as_str().unwrap()))
+        .body(archive.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let token: Value = call(
+        reqwest::Method::POST,
+        format!("{local}/storage/auth/token?storage_type=fal-cdn-v3"),
+    )
+    .json(&json!({}))
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(token["base_url"], public);
+    let uploaded: Value = upload_v3(
+        &http,
+        &via_proxy(token["base_url"].as_str().unwrap()),
+        Some(&bearer(&token)),
+        "more.zip",
+        &archive,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    for url in [
+        &initiated["upload_url"],
+        &initiated["file_url"],
+        &uploaded["access_url"],
+    ] {
+        handed_out.push(url.as_str().unwrap().to_owned());
+    }
+
+    // The queue: a training on the uploaded archive (whose public URL the emulator's runner
+    // cannot reach, and does not need to), then a generation with its LoRA.
+    let mut run = async |endpoint: &str, input: Value| -> Value {
+        let submitted: Value = call(reqwest::Method::POST, format!("{local}/{endpoint}"))
+            .json(&input)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for k in ["response_url", "status_url", "cancel_url"] {
+            handed_out.push(submitted[k].as_str().unwrap().to_owned());
+        }
+        let status_url = via_proxy(submitted["status_url"].as_str().unwrap());
+        let start = Instant::now();
+        loop {
+            let status: Value = call(reqwest::Method::GET, status_url.clone())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if status["status"] == "COMPLETED" {
+                for k in ["response_url", "status_url", "cancel_url"] {
+                    handed_out.push(status[k].as_str().unwrap().to_owned());
+                }
+                break;
+            }
+            assert!(start.elapsed() < DEADLINE, "request never completed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let result = call(
+            reqwest::Method::GET,
+            via_proxy(submitted["response_url"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(result.status(), 200, "{endpoint}");
+        result.json().await.unwrap()
+    };
+    let trained = run(
+        "fal-ai/flux-lora-fast-training",
+        json!({"images_data_url": initiated["file_url"]}),
+    )
+    .await;
+    let lora = trained["diffusers_lora_file"]["url"].as_str().unwrap();
+    let generated = run(
+        "fal-ai/flux-lora",
+        json!({"prompt": "x", "image_size": "square", "loras": [{"path": lora}]}),
+    )
+    .await;
+    for url in [
+        &trained["diffusers_lora_file"]["url"],
+        &trained["config_file"]["url"],
+        &generated["images"][0]["url"],
+    ] {
+        handed_out.push(url.as_str().unwrap().to_owned());
+    }
+    handed_out.push(emu.jwks_url().to_string());
+
+    for url in &handed_out {
+        assert!(url.starts_with(&format!("{public}/")), "{url}");
+    }
+    // Files come back through the proxy's address.
+    let image = http
+        .get(via_proxy(generated["images"][0]["url"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(image.status(), 200);
+    let keys = http
+        .get(via_proxy(emu.jwks_url().as_str()))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(parse_jwks(&keys).len(), 2);
+}
+
+/// Holds `endpoint`'s requests in the queue until the timings change.
+fn hold_queue(e: &Env, endpoint: &str) {
+    e.emu
+        .set_durations(Some(endpoint), false, Durations::new(600_000, 20));
+}
+
+#[tokio::test]
+async fn a_start_timeout_that_runs_out_in_the_queue_ends_the_request_unrun() {
+    let e = env().await;
+    hold_queue(&e, "fal-ai/flux-lora");
+    let (rx, hook) = Receiver::start().await;
+    let path = format!(
+        "/fal-ai/flux-lora?fal_webhook={}",
+        form_urlencoded::byte_serialize(hook.as_str().as_bytes()).collect::<String>()
+    );
+    let resp = e
+        .raw_submit(
+            &path,
+            &json!({"prompt": "x"}),
+            &[("x-fal-request-timeout", "0.3")],
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let sub: SubmitResponse = resp.json().await.unwrap();
+
+    // It leaves the queue as COMPLETED, naming the timeout, though its queue time is not up.
+    e.wait_completed(sub.status_url.as_deref().unwrap()).await;
+    let status: Value = e
+        .get_with_key(sub.status_url.as_deref().unwrap())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["error_type"], "request_timeout");
+
+    // Its result is FAL's 504 of the `user` kind.
+    let result = e.get_with_key(sub.response_url.as_deref().unwrap()).await;
+    assert_eq!(result.status(), 504);
+    assert_eq!(result.headers()["x-fal-request-timeout-type"], "user");
+    assert_eq!(result.headers()["x-fal-error-type"], "request_timeout");
+    assert_eq!(
+        result.json::<Value>().await.unwrap(),
+        json!({"detail": "Request timed out", "error_type": "request_timeout"})
+    );
+    // falgate's client reads it as the failure the status reported.
+    let reported = crate::fal::ReportedEnd::Failed {
+        error_type: Some("request_timeout".into()),
+    };
+    let read = e
+        .fal
+        .result(sub.response_url.as_deref().unwrap(), &reported)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&read, ModelResult::ModelError { status: 504, error_type: Some(t), .. } if t == "request_timeout"),
+        "{read:?}"
+    );
+
+    // The callback reports the error.
+    let (_, raw) = eventually("callback", || rx.hits().first().cloned()).await;
+    let cb: CallbackBody = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(cb.status, CallbackStatus::Error);
+    assert_eq!(cb.error.as_deref(), Some("Invalid status code: 504"));
+    assert_eq!(cb.payload.unwrap()["error_type"], "request_timeout");
+
+    // It never ran, so it is not billed.
+    let record = &e.emu.record()[0];
+    assert!(!record.ran);
+    assert_eq!(record.verdict, RequestEnd::ModelError { status: 504 });
+    assert!(e.emu.request(&sub.request_id).unwrap().start_timed_out);
+
+    // A deadline that the start meets changes nothing.
+    e.emu
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(0, 20));
+    let resp = e
+        .raw_submit(
+            "/fal-ai/flux-lora",
+            &json!({"prompt": "x"}),
+            &[("x-fal-request-timeout", "30.0")],
+        )
+        .await;
+    let sub: SubmitResponse = resp.json().await.unwrap();
+    expect_output(e.completed_result(&sub).await);
+    assert!(e.emu.record()[1].ran);
+
+    // A deadline that is not a number of seconds is FAL's 400.
+    for bad in ["soon", "0", "-5"] {
+        let resp = e
+            .raw_submit(
+                "/fal-ai/flux-lora",
+                &json!({"prompt": "x"}),
+                &[("x-fal-request-timeout", bad)],
+            )
+            .await;
+        assert_eq!(resp.status(), 400, "{bad}");
+        assert_eq!(resp.headers()["x-fal-error-type"], "bad_request");
+    }
+    assert_eq!(e.emu.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn fal_max_queue_length_refuses_submits_to_a_full_queue() {
+    let e = env().await;
+    hold_queue(&e, "fal-ai/flux-lora");
+    let input = json!({"prompt": "x"});
+    for _ in 0..2 {
+        let resp = e
+            .raw_submit("/fal-ai/flux-lora?fal_max_queue_length=2", &input, &[])
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+    let full = e
+        .raw_submit("/fal-ai/flux-lora?fal_max_queue_length=2", &input, &[])
+        .await;
+    assert_eq!(full.status(), 429);
+    assert_eq!(full.headers()["x-fal-error-type"], "queue_full");
+    assert_eq!(
+        full.json::<Value>().await.unwrap()["error_type"],
+        "queue_full"
+    );
+    let refused = e.emu.submits().pop().unwrap();
+    assert_eq!(
+        (refused.request_id, refused.fault.as_deref()),
+        (None, Some("queue_full"))
+    );
+
+    // A longer limit, another endpoint's queue, or none at all: accepted.
+    for path in [
+        "/fal-ai/flux-lora?fal_max_queue_length=3",
+        "/fal-ai/flux-2/lora?fal_max_queue_length=1",
+        "/fal-ai/flux-lora",
+    ] {
+        let resp = e.raw_submit(path, &input, &[]).await;
+        assert_eq!(resp.status(), 200, "{path}");
+    }
+
+    // Once the queue drains, the limit lets submits in again.
+    e.emu
+        .set_durations(Some("fal-ai/flux-lora"), false, Durations::new(0, 20));
+    eventually("the queue to drain", || {
+        e.emu
+            .requests()
+            .iter()
+            .all(|r| r.phase != Phase::InQueue)
+            .then_some(())
+    })
+    .await;
+    let resp = e
+        .raw_submit("/fal-ai/flux-lora?fal_max_queue_length=1", &input, &[])
+        .await;
+    assert_eq!(resp.status(), 200);
+}
+
+#[tokio::test]
+async fn output_format_picks_the_image_encoding() {
+    let e = env().await;
+    let size = json!({"width": 256, "height": 192});
+    for (endpoint, format, content_type, extension, decoded_as) in [
+        (
+            "fal-ai/flux-lora",
+            "jpeg",
+            "image/jpeg",
+            ".jpeg",
+            image::ImageFormat::Jpeg,
+        ),
+        (
+            "fal-ai/flux-lora",
+            "png",
+            "image/png",
+            ".png",
+            image::ImageFormat::Png,
+        ),
+        (
+            "fal-ai/flux-2/lora",
+            "webp",
+            "image/webp",
+            ".webp",
+            image::ImageFormat::WebP,
+        ),
+    ] {
+        let out = e
+            .run_to_output(
+                endpoint,
+                &json!({"prompt": "format", "image_size": size, "output_format": format}),
+            )
+            .await;
+        let img = &out["images"][0];
+        assert_eq!(img["content_type"], content_type, "{format}");
+        let url = img["url"].as_str().unwrap();
+        assert!(url.ends_with(extension), "{url}");
+        assert!(img["file_name"].as_str().unwrap().ends_with(extension));
+        let served = e.raw.get(url).send().await.unwrap();
+        assert_eq!(served.headers()["content-type"], content_type);
+        let bytes = served.bytes().await.unwrap();
+        assert_eq!(img["file_size"].as_u64(), Some(bytes.len() as u64));
+        assert_eq!(image::guess_format(&bytes).unwrap(), decoded_as, "{format}");
+        let picture = image::load_from_memory(&bytes).unwrap();
+        assert_eq!((picture.width(), picture.height()), (256, 192), "{format}");
+    }
+}
+
+#[tokio::test]
+async fn the_jwks_lists_two_keys_and_a_planned_rotation_needs_no_refetch() {
+    let e = env().await;
+    let doc = e.get_json(e.emu.jwks_url()).await;
+    let entries = doc["keys"].as_array().unwrap();
+    assert_eq!(entries.len(), 2, "like FAL's");
+    assert_ne!(entries[0]["kid"], entries[1]["kid"]);
+    let cache = JwksCache::with_settings(
+        e.fal.http().clone(),
+        e.emu.jwks_url(),
+        Duration::from_secs(3600),
+        Duration::ZERO,
+    );
+    let keys = cache.keys().await.unwrap();
+    assert_eq!(keys.len(), 2);
+
+    let (rx, hook) = Receiver::start().await;
+    let verdicts = |n: usize, keys: &[ed25519_dalek::VerifyingKey]| {
+        let (headers, body) = rx.hits()[n].clone();
+        let h = WebhookHeaders::from_headers(&headers).unwrap();
+        let each: Vec<bool> = keys
+            .iter()
+            .map(|k| {
+                signature::verify(&h, &body, std::slice::from_ref(k), now())
+                    .unwrap()
+                    .is_valid()
+            })
+            .collect();
+        (h, body, each)
+    };
+    e.submit_minimal(Some(&hook)).await;
+    eventually("callback", || rx.hits().first().cloned()).await;
+    let (h, body, each) = verdicts(0, &keys);
+    assert_eq!(each, vec![true, false], "the first key signs");
+    assert_eq!(
+        cache.verify_with_refetch(&h, &body, now()).await,
+        Ok(Verdict::Valid { stale: false })
+    );
+
+    // The next key takes over; the set falgate holds already lists it.
+    e.emu.rotate_to_next_key(false);
+    e.submit_minimal(Some(&hook)).await;
+    eventually("second callback", || rx.hits().get(1).cloned()).await;
+    let (h, body, each) = verdicts(1, &keys);
+    assert_eq!(each, vec![false, true], "the second key signs");
+    assert_eq!(
+        cache.verify_with_refetch(&h, &body, now()).await,
+        Ok(Verdict::Valid { stale: false }),
+        "any key of the set verifies"
+    );
+    assert_eq!(cache.fetch_count().await, 1, "no refetch needed");
+    assert_eq!(emulator_keys(&e.emu)[0], keys[1]);
 }
