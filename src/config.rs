@@ -934,7 +934,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let config = parse(&["--fal-key", "id:secret"]).unwrap();
-        assert_eq!(config.allowed_endpoints.len(), 5);
+        assert_eq!(config.allowed_endpoints.len(), default_allowed().len());
         assert!(config.migrate_on_start);
     }
 
