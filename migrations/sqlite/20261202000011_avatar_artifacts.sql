@@ -13,10 +13,29 @@ ALTER TABLE avatars ADD COLUMN high_noise_copy_sha256 TEXT;
 ALTER TABLE avatars ADD COLUMN high_noise_copy_bytes INTEGER;
 ALTER TABLE avatars ADD COLUMN high_noise_copy_url TEXT;
 
--- Weights trained before this migration: the trainer of the avatar's last training that
--- succeeded. Every trainer falgate knew then is listed.
+-- Weights trained before this migration: the trainer of the avatar's succeeded training whose
+-- result holds them (its endpoint first, turned into the trainer's id below). A training that
+-- succeeded without weights left the older ones; a file uploaded again from falgate's copy is
+-- in no result, and then the last training that succeeded is taken.
 UPDATE avatars SET trainer = (
-    SELECT CASE jobs.endpoint
+    SELECT jobs.endpoint FROM jobs
+    WHERE jobs.avatar_id = avatars.id AND jobs.kind = 'training' AND jobs.status = 'succeeded'
+        AND instr(jobs.result, COALESCE(avatars.lora_url, avatars.finetune_id)) > 0
+    ORDER BY jobs.id DESC
+    LIMIT 1
+)
+WHERE lora_url IS NOT NULL OR finetune_id IS NOT NULL;
+
+UPDATE avatars SET trainer = (
+    SELECT jobs.endpoint FROM jobs
+    WHERE jobs.avatar_id = avatars.id AND jobs.kind = 'training' AND jobs.status = 'succeeded'
+    ORDER BY jobs.id DESC
+    LIMIT 1
+)
+WHERE trainer IS NULL AND (lora_url IS NOT NULL OR finetune_id IS NOT NULL);
+
+-- Every trainer falgate knew then.
+UPDATE avatars SET trainer = CASE trainer
         WHEN 'fal-ai/flux-lora-portrait-trainer' THEN 'portrait'
         WHEN 'fal-ai/flux-lora-fast-training' THEN 'fast_lora'
         WHEN 'fal-ai/turbo-flux-trainer' THEN 'turbo_flux'
@@ -27,12 +46,18 @@ UPDATE avatars SET trainer = (
         WHEN 'fal-ai/wan-22-image-trainer' THEN 'wan_22_image'
         WHEN 'fal-ai/flux-pro-trainer' THEN 'pro'
     END
+WHERE trainer IS NOT NULL;
+
+-- Wan 2.2's second file, from the result that holds its first; due for its copy at once.
+UPDATE avatars SET high_noise_lora_url = (
+    SELECT json_extract(jobs.result, '$.high_noise_lora.url')
     FROM jobs
     WHERE jobs.avatar_id = avatars.id AND jobs.kind = 'training' AND jobs.status = 'succeeded'
-    ORDER BY jobs.finished_at DESC
+        AND instr(jobs.result, COALESCE(avatars.lora_url, avatars.finetune_id)) > 0
+    ORDER BY jobs.id DESC
     LIMIT 1
-)
-WHERE lora_url IS NOT NULL OR finetune_id IS NOT NULL;
+), lora_next_try_at = created_at
+WHERE trainer = 'wan_22_image' AND lora_url IS NOT NULL;
 
 UPDATE avatars SET base_family = CASE
         WHEN finetune_id IS NOT NULL AND lora_url IS NULL THEN 'flux-1-pro-finetune'

@@ -93,13 +93,20 @@ pub enum TrainedArtifact {
 }
 
 /// The caption file a photo gets beside it in a training's ZIP (`01.txt` for `01.jpg`): the
-/// trigger phrase, then the client's caption of the photo if it gave one. Trainers that need
-/// captions get one for every photo; the others only for photos the client captioned.
-pub fn caption_file(entry: &TrainerEntry, trigger: &str, caption: Option<&str>) -> Option<String> {
+/// trigger phrase, then the client's caption of the photo if it gave one. Every photo gets one
+/// where the trainer needs captions, or where the client captioned any photo of the training:
+/// a trainer that finds caption files reads them instead of its trigger phrase, so a photo
+/// left without one would train on no caption at all. Otherwise none.
+pub fn caption_file(
+    entry: &TrainerEntry,
+    trigger: &str,
+    caption: Option<&str>,
+    any_captioned: bool,
+) -> Option<String> {
     match (caption, entry.captions) {
         (Some(caption), _) => Some(format!("{trigger}, {caption}")),
         (None, Captions::Required { .. }) => Some(trigger.to_owned()),
-        (None, Captions::Optional) => None,
+        (None, Captions::Optional) => any_captioned.then(|| trigger.to_owned()),
     }
 }
 

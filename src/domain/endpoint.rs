@@ -6,8 +6,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The default allow-list for raw jobs: FAL's current trainers, and the endpoints their weights
-/// (and finetunes made before FAL retired its pro trainer) generate on. A trainer FAL has
-/// retired is left out: a raw job there could only fail.
+/// (and finetunes made before FAL deprecated its pro trainer) generate on. A trainer FAL has
+/// deprecated is left out, as `auto` never picks one; an operator who still needs it names it
+/// in `FALGATE_ALLOWED_ENDPOINTS`.
 pub fn default_allowed() -> Vec<&'static str> {
     let generation = BaseFamily::ALL.map(BaseFamily::generation_endpoint);
     let trainers = trainers::all()

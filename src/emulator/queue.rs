@@ -343,8 +343,8 @@ fn start_timeout(headers: &HeaderMap) -> Result<Option<Duration>, String> {
         })
 }
 
-/// `fal_max_queue_length=<n>`: the submit is refused when the endpoint's queue already
-/// holds `n` waiting requests. A value that is not a count is ignored.
+/// `fal_max_queue_length=<n>`: the submit is refused when more than `n` requests already wait
+/// in the endpoint's queue. A value that is not a count is ignored.
 fn max_queue_length(query: &HashMap<String, String>) -> Option<usize> {
     query
         .get("fal_max_queue_length")
@@ -422,7 +422,8 @@ async fn submit(state: &EmulatorState, submitted: Submitted<'_>) -> Response {
             .values()
             .filter(|r| r.endpoint == submitted.endpoint && r.phase == Phase::InQueue)
             .count();
-        if submitted.max_queue_length.is_some_and(|max| waiting >= max) {
+        // FAL refuses a submit when more than N already wait.
+        if submitted.max_queue_length.is_some_and(|max| waiting > max) {
             drop(inner);
             record_refused(state, &submitted, "queue_full");
             return refusal(429, &default_error_body(429));

@@ -179,14 +179,19 @@ fn upload_token_refusal(state: &EmulatorState, headers: &HeaderMap) -> Option<Re
 
 /// `POST {base_url}/files/upload`: the file as the body, named by `X-Fal-File-Name`, typed by
 /// `Content-Type`; answers `{"access_url": …}`, the file's public URL.
-pub(crate) async fn upload_v3(
-    State(state): State<EmulatorState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub(crate) async fn upload_v3(State(state): State<EmulatorState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    // The token first: a caller without one is turned away before its body is read.
     if let Some(resp) = upload_token_refusal(&state, &headers) {
         return resp;
     }
+    let Ok(body) = axum::body::to_bytes(body, super::MAX_UPLOAD_BYTES).await else {
+        return json_response(
+            413,
+            &json!({"detail": "The file could not be read whole within the upload limit"}),
+        );
+    };
     let header_text = |name: &str| {
         headers
             .get(name)

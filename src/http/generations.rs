@@ -375,7 +375,9 @@ pub async fn create_generation(
                 }
             }
             if !problems.is_empty() {
-                problems.dedup();
+                // A field wrong for every prompt is named once.
+                let mut named = std::collections::HashSet::new();
+                problems.retain(|p| named.insert((p.field.clone(), p.message.clone())));
                 return Err(ApiError::Validation(problems));
             }
             let now = crate::domain::now();
@@ -452,17 +454,19 @@ pub async fn get_batch(
     Ok(Json(BatchView::new(batch, jobs)))
 }
 
-/// Where the avatar's LoRA generates: the endpoint of the family its weights belong to.
+/// Where the avatar's LoRA generates: the endpoint of the family its weights belong to. A
+/// family this version does not know (or one that is no LoRA) is a 422: the weights go nowhere
+/// rather than to a model they were not trained for.
 fn lora_generation(avatar: &crate::store::Avatar) -> ApiResult<LoraGeneration> {
-    let family = avatar.weights_family().unwrap_or(BaseFamily::Flux1Dev);
-    family
-        .lora_generation()
+    avatar
+        .weights_family()
+        .and_then(BaseFamily::lora_generation)
         .ok_or_else(|| ApiError::Unprocessable {
             code: "generation_unavailable",
             detail: format!(
-                "avatar {} holds {} weights, which falgate does not generate with",
+                "avatar {} holds {} weights, which this falgate does not generate with",
                 avatar.id,
-                family.as_str(),
+                avatar.base_family.as_deref().unwrap_or("unknown"),
             ),
         })
 }

@@ -93,6 +93,10 @@ pub struct PhotoUpload {
 /// does not use up the Idempotency-Key: sent again, the kept files are refused as duplicates
 /// naming their photos.
 ///
+/// A text part named `caption` right after a file part is that photo's caption (one line, up
+/// to 500 characters). A caption before any file, two for one file, or one that is blank, too
+/// long or not one line is a 422 naming it, and nothing of the upload is kept.
+///
 /// The whole request body is held to a limit (413 past it), and so is the number of files in
 /// one upload (the most photos an avatar may hold). Only so many uploads are processed at once:
 /// one more is answered 503 at once, with `Retry-After`.
@@ -111,7 +115,7 @@ pub struct PhotoUpload {
         (status = 404, description = "No such avatar for this API key.", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The request body is over the upload limit; nothing was kept.", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "The body is not multipart/form-data.", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Some files were refused (each named in `errors`); the others were kept (their ids in `accepted`). Or the form holds no file, or more files than an avatar may hold.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Some files were refused (each named in `errors`); the others were kept (their ids in `accepted`). Or the form holds no file, more files than an avatar may hold, or a caption part that describes no file or is not one line of up to 500 characters (then nothing was kept).", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "As many uploads as allowed are already being processed; retry after `Retry-After` seconds.", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
@@ -150,12 +154,20 @@ pub async fn upload_photos(
             }
         })?;
     let files = receive_files(&state, body, boundary).await?;
-    // Two uploads are the same request when they carry the same files in the same order.
+    // Two uploads are the same request when they carry the same files, with the same
+    // captions, in the same order.
     let mut canonical = Vec::new();
     for file in &files {
         canonical.extend_from_slice(file.name.as_bytes());
         canonical.push(0);
         canonical.extend_from_slice(&file.sha256);
+        // Uploads without captions read as they did before captions existed, so that a
+        // retry across an upgrade still finds its key.
+        if let Some(caption) = &file.caption {
+            canonical.push(0);
+            canonical.extend_from_slice(caption.as_bytes());
+            canonical.push(0);
+        }
     }
     let store = state.store.clone();
     let route = format!("POST /v1/avatars/{id}/photos");
@@ -258,12 +270,31 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
         Ok(chunk)
     });
     let mut form = multer::Multipart::with_constraints(stream, boundary, constraints);
-    let mut files = Vec::new();
+    let mut files: Vec<Received> = Vec::new();
     while let Some(mut field) = form
         .next_field()
         .await
         .map_err(|err| form_error(limits.max_upload_bytes, None, err))?
     {
+        // Every part named `caption` is one, whether or not a client sent it as a file.
+        if field.name() == Some("caption") {
+            let Some(index) = files.len().checked_sub(1) else {
+                return Err(ApiError::validation(
+                    "caption",
+                    "a caption part follows the file part it describes; this one comes first",
+                ));
+            };
+            let label = format!("files[{index}] ({}) caption", files[index].name);
+            let caption =
+                read_caption(&mut field, &handed_out, limits.max_upload_bytes, &label).await?;
+            if files[index].caption.replace(caption).is_some() {
+                return Err(ApiError::validation(
+                    label,
+                    "a photo has one caption; this one has two caption parts",
+                ));
+            }
+            continue;
+        }
         if files.len() == max_files {
             return Err(ApiError::validation(
                 "files",
@@ -272,23 +303,6 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
                      hold; this one has more"
                 ),
             ));
-        }
-        if field.name() == Some("caption") && field.file_name().is_none() {
-            let caption = read_caption(&mut field, &handed_out, limits.max_upload_bytes).await?;
-            let index = files.len().checked_sub(1).ok_or_else(|| {
-                ApiError::validation(
-                    "caption",
-                    "a caption part follows the file part it describes; this one comes first",
-                )
-            })?;
-            let file: &mut Received = &mut files[index];
-            if file.caption.replace(caption).is_some() {
-                return Err(ApiError::validation(
-                    format!("files[{index}] ({})", file.name),
-                    "has two caption parts; a photo has one caption",
-                ));
-            }
-            continue;
         }
         let name = field
             .file_name()
@@ -335,11 +349,12 @@ async fn receive_files(state: &AppState, body: Body, boundary: String) -> ApiRes
 }
 
 /// A caption part's text, checked (`domain::photo::parse_caption`); read up to a bound, so a
-/// caption part cannot make the server hold much.
+/// caption part cannot make the server hold much. A refusal names the caption by `label`.
 async fn read_caption(
     field: &mut multer::Field<'_>,
     handed_out: &AtomicU64,
     limit: u64,
+    label: &str,
 ) -> ApiResult<String> {
     // A character is at most four bytes, and blanks around it are trimmed.
     const MOST_BYTES: usize = MAX_CAPTION_CHARS * 4 + 64;
@@ -347,20 +362,20 @@ async fn read_caption(
     while let Some(chunk) = field
         .chunk()
         .await
-        .map_err(|err| form_error(limit, Some("caption"), err))?
+        .map_err(|err| form_error(limit, Some(label), err))?
     {
         handed_out.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         if text.len() + chunk.len() > MOST_BYTES {
             return Err(ApiError::validation(
-                "caption",
+                label,
                 format!("a caption has at most {MAX_CAPTION_CHARS} characters"),
             ));
         }
         text.extend_from_slice(&chunk);
     }
     let text = String::from_utf8(text)
-        .map_err(|_| ApiError::validation("caption", "a caption is UTF-8 text"))?;
-    parse_caption(&text).map_err(|why| ApiError::validation("caption", why))
+        .map_err(|_| ApiError::validation(label, "a caption is UTF-8 text"))?;
+    parse_caption(&text).map_err(|why| ApiError::validation(label, why))
 }
 
 fn form_error(limit: u64, file: Option<&str>, err: multer::Error) -> ApiError {

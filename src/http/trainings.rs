@@ -246,6 +246,7 @@ async fn upload_photos(
     trigger_phrase: &str,
 ) -> ApiResult<String> {
     let mut files = Vec::with_capacity(photos.len());
+    let any_captioned = photos.iter().any(|photo| photo.caption.is_some());
     for (i, photo) in photos.iter().enumerate() {
         let bytes = state.blobs.get(&photo.storage_key).await.map_err(|_| {
             // Deleted between the listing and now: the set of photos changed under us.
@@ -256,9 +257,12 @@ async fn upload_photos(
         })?;
         let extension = photo.storage_key.rsplit('.').next().unwrap_or("jpg");
         files.push((format!("{:02}.{extension}", i + 1), bytes));
-        if let Some(caption) =
-            caption_file(trainer.entry(), trigger_phrase, photo.caption.as_deref())
-        {
+        if let Some(caption) = caption_file(
+            trainer.entry(),
+            trigger_phrase,
+            photo.caption.as_deref(),
+            any_captioned,
+        ) {
             files.push((format!("{:02}.txt", i + 1), caption.into_bytes()));
         }
     }

@@ -83,15 +83,21 @@ pub struct Avatar {
 }
 
 impl Avatar {
-    /// The family of the avatar's weights, which decides where they generate; `None` without
-    /// weights. Weights stored without one are FLUX.1: every LoRA falgate trained before it
-    /// recorded families was FLUX.1 [dev].
+    /// The family of the avatar's weights, which decides where they generate. `None` without
+    /// weights, or for a family this version does not know (recorded by a newer one): such
+    /// weights are sent nowhere rather than to the wrong model. Weights recorded without a
+    /// family are FLUX.1: every LoRA falgate trained before it recorded families was FLUX.1
+    /// [dev].
     pub fn weights_family(&self) -> Option<BaseFamily> {
-        let recorded = self.base_family.as_deref().and_then(BaseFamily::parse);
-        match (&self.lora_url, &self.finetune_id) {
-            (Some(_), _) => Some(recorded.unwrap_or(BaseFamily::Flux1Dev)),
-            (None, Some(_)) => Some(BaseFamily::Flux1ProFinetune),
-            (None, None) => None,
+        match (
+            &self.lora_url,
+            &self.finetune_id,
+            self.base_family.as_deref(),
+        ) {
+            (Some(_), _, None) => Some(BaseFamily::Flux1Dev),
+            (Some(_), _, Some(name)) => BaseFamily::parse(name),
+            (None, Some(_), _) => Some(BaseFamily::Flux1ProFinetune),
+            (None, None, _) => None,
         }
     }
 }
@@ -199,6 +205,7 @@ pub(super) struct LockedAvatar {
     pub status: String,
     pub training_job_id: Option<Uuid>,
     pub lora_copy_key: Option<String>,
+    pub high_noise_lora_url: Option<String>,
     pub high_noise_copy_key: Option<String>,
 }
 

@@ -87,9 +87,10 @@ impl LoraFile {
 /// What became of a LoRA copy offered to an avatar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CopyRecorded {
-    /// The copy is the avatar's; `replaced` is the key of the copy it replaced, if another,
-    /// whose file is to be removed.
-    Kept { replaced: Option<String> },
+    /// The copy is the avatar's; `replaced` holds the keys of copies that are no longer any
+    /// of the avatar's files (the one this copy replaced; a high-noise file's, once weights of
+    /// one file replaced Wan's two), whose files are to be removed.
+    Kept { replaced: Vec<String> },
     /// The avatar's weights changed (or it is gone) meanwhile; `current` is the key of the
     /// copy it holds now, whose file must stay.
     Stale { current: Option<String> },
@@ -132,7 +133,10 @@ impl Store {
         };
         let (previous, update) = match file {
             LoraFile::Main => (locked.lora_copy_key, RECORD_MAIN_COPY.as_str()),
-            LoraFile::HighNoise => (locked.high_noise_copy_key, RECORD_HIGH_NOISE_COPY.as_str()),
+            LoraFile::HighNoise => (
+                locked.high_noise_copy_key.clone(),
+                RECORD_HIGH_NOISE_COPY.as_str(),
+            ),
         };
         let written = tx
             .conn()
@@ -149,14 +153,33 @@ impl Store {
                 ],
             )
             .await?;
+        if written == 0 {
+            tx.commit().await?;
+            return Ok(CopyRecorded::Stale { current: previous });
+        }
+        let mut replaced: Vec<String> = previous
+            .into_iter()
+            .filter(|key| *key != copy.key)
+            .collect();
+        // Weights of one file after Wan's two: the old high-noise copy is no file of the
+        // avatar's any more, and nothing else would ever remove it.
+        if let (LoraFile::Main, None, Some(stale)) = (
+            file,
+            &locked.high_noise_lora_url,
+            locked.high_noise_copy_key,
+        ) {
+            tx.conn()
+                .execute(
+                    "UPDATE avatars SET high_noise_copy_key = NULL, high_noise_copy_sha256 = NULL, \
+                     high_noise_copy_bytes = NULL, high_noise_copy_url = NULL \
+                     WHERE id = $1 AND high_noise_lora_url IS NULL",
+                    &[avatar_id.into()],
+                )
+                .await?;
+            replaced.push(stale);
+        }
         tx.commit().await?;
-        Ok(if written == 1 {
-            CopyRecorded::Kept {
-                replaced: previous.filter(|key| *key != copy.key),
-            }
-        } else {
-            CopyRecorded::Stale { current: previous }
-        })
+        Ok(CopyRecorded::Kept { replaced })
     }
 
     /// Avatars whose kept LoRA files (every one copied) are due a check that FAL still serves

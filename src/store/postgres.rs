@@ -31,8 +31,8 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         INSERT INTO job_events (job_id, at, to_status, source) \
         SELECT id, created_at, status, $2 FROM new",
     ),
-    lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key, high_noise_copy_key \
-        FROM avatars \
+    lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key, \
+        high_noise_lora_url, high_noise_copy_key FROM avatars \
         WHERE id = $1 FOR UPDATE",
     lock_batch: "SELECT id FROM batches WHERE id = $1 FOR UPDATE",
     event_numbering: EventNumbering::AfterCommit,

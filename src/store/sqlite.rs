@@ -77,8 +77,8 @@ pub(super) static DIALECT: LazyLock<Dialect> = LazyLock::new(|| Dialect {
         jobs: (1..=ROWS_PER_INSERT).map(insert_jobs_values).collect(),
         events: (1..=ROWS_PER_INSERT).map(insert_events_values).collect(),
     },
-    lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key, high_noise_copy_key \
-        FROM avatars \
+    lock_avatar: "SELECT tenant, status, training_job_id, lora_copy_key, \
+        high_noise_lora_url, high_noise_copy_key FROM avatars \
         WHERE id = $1",
     lock_batch: "SELECT id FROM batches WHERE id = $1",
     event_numbering: EventNumbering::WhenWritten,

@@ -163,7 +163,7 @@ async fn keep(
     match recorded {
         CopyRecorded::Kept { replaced } => {
             tracing::info!(bytes = copy.bytes, "kept a copy of the LoRA file");
-            if let Some(old) = replaced {
+            for old in replaced {
                 let _ = ctx.blobs.delete(&old).await;
             }
         }
@@ -190,9 +190,13 @@ async fn check_all(
         let (Some(url), Some(copy)) = (file.url(avatar), file.copy(avatar)) else {
             continue;
         };
-        let replaced_by = check(ctx, avatar.id, file, url, &copy.key).await?;
-        if let (LoraFile::Main, Some(new_url)) = (file, replaced_by) {
-            *main_url = new_url;
+        match check(ctx, avatar.id, file, url, &copy.key).await? {
+            Checked::Served => {}
+            Checked::Replaced(new_url) if file == LoraFile::Main => *main_url = new_url,
+            Checked::Replaced(_) => {}
+            // A training changed the weights meanwhile: these files are no longer the avatar's,
+            // and the new ones get their own copies and checks.
+            Checked::WeightsChanged => return Ok(()),
         }
     }
     ctx.store
@@ -201,9 +205,19 @@ async fn check_all(
         .map_err(|e| e.to_string())
 }
 
+/// What checking one of an avatar's files found.
+enum Checked {
+    /// FAL serves it.
+    Served,
+    /// FAL no longer did; it is uploaded again, at this URL.
+    Replaced(String),
+    /// FAL no longer did, and a training changed the avatar's weights meanwhile.
+    WeightsChanged,
+}
+
 /// Asks FAL's CDN for the first byte of `url`. Served: nothing to do. Gone (404 or 410, or
 /// 403, which a CDN also answers for a file it no longer has): the copy is uploaded again and
-/// the avatar points at it; answers the new URL. Anything else is an outage, tried again later.
+/// the avatar points at it. Anything else is an outage, tried again later.
 #[tracing::instrument(skip_all, fields(avatar = %avatar_id, file = ?file))]
 async fn check(
     ctx: &WorkerContext,
@@ -211,14 +225,14 @@ async fn check(
     file: LoraFile,
     url: &str,
     copy_key: &str,
-) -> Result<Option<String>, String> {
+) -> Result<Checked, String> {
     let status = match ctx
         .fal
         .probe_file(url, CHECK_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?
     {
-        FileProbe::Served => return Ok(None),
+        FileProbe::Served => return Ok(Checked::Served),
         FileProbe::Gone(status) => status,
     };
     let length = ctx
@@ -242,10 +256,8 @@ async fn check(
         .await
         .map_err(|e| e.to_string())?;
     if !replaced {
-        // A training changed the weights meanwhile: nothing of this file is the avatar's now,
-        // and the note that follows, made against the old URL, changes nothing either.
-        return Ok(None);
+        return Ok(Checked::WeightsChanged);
     }
     tracing::info!(%status, bytes = length, "FAL no longer served the LoRA file; uploaded it again from the kept copy");
-    Ok(Some(new_url))
+    Ok(Checked::Replaced(new_url))
 }

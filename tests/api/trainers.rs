@@ -1,6 +1,7 @@
 //! The trainer registry as clients read it.
 
 use crate::backend_tests;
+use crate::execute_behind_the_apps_back;
 use crate::support::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -465,14 +466,57 @@ async fn wan_avatars_keep_both_files_and_generate_with_both(app: &TestApp) {
     let (other, _) = crate::avatars::trained_with_lora_copy(app).await;
     let (status, _) = download_lora(app, &other, "?file=high_noise").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Retrained on a trainer of one file, the avatar has one file, and falgate keeps one copy:
+    // neither of the Wan files' copies stays behind on disk.
+    let copies_on_disk = || {
+        let dir = app
+            .app
+            .state()
+            .config
+            .avatars
+            .storage_dir
+            .join("loras")
+            .join(&id);
+        std::fs::read_dir(dir).map_or(0, |entries| entries.count())
+    };
+    assert_eq!(copies_on_disk(), 2);
+    let retrained = train_json(app, &id, json!({"trainer": "portrait"})).await;
+    app.wait_for_status(retrained["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let portrait = eventually("the new weights' copy")
+        .until(async || {
+            let avatar = app.get_json(&format!("/v1/avatars/{id}")).await;
+            (avatar["artifact"]["trainer"] == "portrait"
+                && !avatar["artifact"]["lora_copy"].is_null())
+            .then_some(avatar)
+        })
+        .await;
+    assert!(portrait["artifact"]["high_noise_lora_url"].is_null());
+    assert!(portrait["artifact"]["high_noise_lora_copy"].is_null());
+    assert_eq!(portrait["artifact"]["base_family"], "flux-1-dev");
+    eventually("one copy on disk")
+        .until(async || (copies_on_disk() == 1).then_some(()))
+        .await;
+    let (status, _) = download_lora(app, &id, "?file=high_noise").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
-/// Uploads the three photos with the captions given (each after its photo); answers the
-/// response.
+/// Uploads the photos with the captions given (each after its photo); answers the response.
 async fn upload_captioned(
     app: &TestApp,
     avatar: &str,
     photos: &[(Vec<u8>, Option<&str>)],
+) -> reqwest::Response {
+    upload_captioned_with_key(app, avatar, photos, None).await
+}
+
+/// [`upload_captioned`] with an `Idempotency-Key`.
+async fn upload_captioned_with_key(
+    app: &TestApp,
+    avatar: &str,
+    photos: &[(Vec<u8>, Option<&str>)],
+    key: Option<&str>,
 ) -> reqwest::Response {
     let boundary = new_boundary();
     let mut body = Vec::new();
@@ -485,12 +529,21 @@ async fn upload_captioned(
         }
     }
     body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
-    post_photo_form(app, avatar, &boundary, body).await
+    let mut request = app
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/avatars/{avatar}/photos"),
+        )
+        .header("content-type", multipart_content_type(&boundary));
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.body(body).send().await.expect("send")
 }
 
 backend_tests!(captions_given_at_upload_go_beside_their_photos_in_the_zip);
 async fn captions_given_at_upload_go_beside_their_photos_in_the_zip(app: &TestApp) {
-    for (trainer, every_photo_captioned) in [("flux_2", true), ("portrait", false)] {
+    for trainer in ["flux_2", "portrait"] {
         let avatar = create_avatar(app, "character").await;
         let id = id_of(&avatar);
         let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
@@ -531,12 +584,11 @@ async fn captions_given_at_upload_go_beside_their_photos_in_the_zip(app: &TestAp
             text("03.txt"),
             Some(format!("{trigger}, at the beach, smiling"))
         );
-        // An uncaptioned photo: the trigger phrase alone where the trainer needs a caption,
-        // nothing where it does not.
-        let uncaptioned = every_photo_captioned.then(|| trigger.clone());
-        assert_eq!(text("02.txt"), uncaptioned, "{trainer}");
+        // An uncaptioned photo gets the trigger phrase alone, whatever the trainer: one that
+        // finds caption files reads them instead of its trigger phrase.
+        assert_eq!(text("02.txt"), Some(trigger.clone()), "{trainer}");
         let caption_files = entries.keys().filter(|n| n.ends_with(".txt")).count();
-        assert_eq!(caption_files, if every_photo_captioned { 10 } else { 2 });
+        assert_eq!(caption_files, 10, "{trainer}");
     }
 }
 
@@ -553,6 +605,13 @@ async fn a_caption_that_describes_no_photo_or_is_not_one_line_keeps_nothing(app:
     };
     let end = format!("--{boundary}--\r\n").into_bytes();
     let long = "x".repeat(501);
+    let first_caption = "files[0] (f1.png) caption";
+    // Sent as a file (`curl -F caption=@notes.txt`), a caption part is still a caption.
+    let as_file = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"caption\"; \
+         filename=\"notes.txt\"\r\nContent-Type: text/plain\r\n\r\n{long}\r\n"
+    )
+    .into_bytes();
     let cases: Vec<(Vec<u8>, &str)> = vec![
         // A caption before any photo.
         (
@@ -568,21 +627,28 @@ async fn a_caption_that_describes_no_photo_or_is_not_one_line_keeps_nothing(app:
                 end.clone(),
             ]
             .concat(),
-            "files[0] (f1.png)",
+            first_caption,
         ),
-        // Too long, blank, or more than one line.
+        // Too long, blank, or more than one line; the refusal names the photo it is of.
         (
             [file(1), caption_part(&boundary, &long), end.clone()].concat(),
-            "caption",
+            first_caption,
         ),
         (
-            [file(1), caption_part(&boundary, "   "), end.clone()].concat(),
-            "caption",
+            [
+                file(1),
+                file(2),
+                caption_part(&boundary, "   "),
+                end.clone(),
+            ]
+            .concat(),
+            "files[1] (f2.png) caption",
         ),
         (
             [file(1), caption_part(&boundary, "a\nb"), end.clone()].concat(),
-            "caption",
+            first_caption,
         ),
+        ([file(1), as_file, end.clone()].concat(), first_caption),
     ];
     for (body, field) in cases {
         let refused = validation_problem(send(body).await).await;
@@ -590,6 +656,48 @@ async fn a_caption_that_describes_no_photo_or_is_not_one_line_keeps_nothing(app:
     }
     let photos = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
     assert!(items(&photos).is_empty(), "nothing kept: {photos}");
+}
+
+backend_tests!(
+    a_caption_on_the_last_photo_an_avatar_may_hold_is_taken,
+    |config| {
+        config.avatars.max_photos = 2;
+    }
+);
+async fn a_caption_on_the_last_photo_an_avatar_may_hold_is_taken(app: &TestApp) {
+    let id = id_of(&create_avatar(app, "character").await);
+    let photos = [
+        (photo(1, 640, 512), Some("first")),
+        (photo(2, 640, 512), Some("second")),
+    ];
+    let response = upload_captioned(app, &id, &photos).await;
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let listed: Value = response.json().await.unwrap();
+    let captions: Vec<&Value> = items(&listed).iter().map(|p| &p["caption"]).collect();
+    assert_eq!(captions, [&json!("first"), &json!("second")]);
+}
+
+backend_tests!(an_upload_with_other_captions_is_another_request);
+async fn an_upload_with_other_captions_is_another_request(app: &TestApp) {
+    let id = id_of(&create_avatar(app, "character").await);
+    let key = "captions-1";
+    let first = [(photo(7, 640, 512), Some("by the sea"))];
+    let sent = upload_captioned_with_key(app, &id, &first, Some(key)).await;
+    assert_eq!(sent.status(), StatusCode::CREATED);
+    // The same files and key, another caption: not a retry of the first, and nothing changes.
+    let other = [(photo(7, 640, 512), Some("in the hills"))];
+    let reused = upload_captioned_with_key(app, &id, &other, Some(key)).await;
+    problem(
+        reused,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+    let photos = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
+    assert_eq!(items(&photos)[0]["caption"], "by the sea");
+    // A true retry answers as the first did.
+    let again = upload_captioned_with_key(app, &id, &first, Some(key)).await;
+    assert_eq!(again.status(), StatusCode::CREATED);
 }
 
 backend_tests!(a_failed_retraining_leaves_the_weights_generating_where_they_belong);
@@ -617,4 +725,100 @@ async fn a_failed_retraining_leaves_the_weights_generating_where_they_belong(app
     let done = wait_for_batch(app, &id_of(&batch)).await;
     assert_eq!(done["jobs"][0]["status"], "succeeded", "{done}");
     assert_eq!(done["jobs"][0]["endpoint"], "fal-ai/flux-lora");
+}
+
+/// The statements of the trainer migration that fill in avatars trained before it, for the
+/// database `app` runs on.
+fn backfill_statements(app: &TestApp) -> Vec<&'static str> {
+    let migration = if app.database_url.starts_with("sqlite:") {
+        include_str!("../../migrations/sqlite/20261202000011_avatar_artifacts.sql")
+    } else {
+        include_str!("../../migrations/postgres/20261202000011_avatar_artifacts.sql")
+    };
+    migration
+        .split(";\n")
+        .filter(|statement| statement.contains("UPDATE avatars"))
+        .collect()
+}
+
+backend_tests!(an_upgrade_finds_the_trainer_and_files_of_weights_trained_before_it);
+async fn an_upgrade_finds_the_trainer_and_files_of_weights_trained_before_it(app: &TestApp) {
+    // A Wan avatar, and a FLUX.1 avatar whose retraining on FLUX.2 failed.
+    let wan = trainable_avatar(app, "character").await;
+    let job = train_json(app, &wan, json!({"trainer": "wan_22_image"})).await;
+    app.wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let wan_before = wait_for_avatar(app, &wan, "ready").await;
+    let flux = trainable_avatar(app, "character").await;
+    let job = train_json(app, &flux, json!({"trainer": "fast_lora"})).await;
+    app.wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+        .await;
+    app.fal
+        .fail_next_models(falgate::emulator::ModelFailure::new(422), 1);
+    let job = train_json(app, &flux, json!({"trainer": "flux_2"})).await;
+    app.wait_for_status(job["id"].as_str().unwrap(), "failed")
+        .await;
+    wait_for_avatar(app, &flux, "ready").await;
+
+    // As a version before avatars recorded their trainer left them.
+    execute_behind_the_apps_back!(
+        app,
+        "UPDATE avatars SET trainer = NULL, base_family = NULL, high_noise_lora_url = NULL"
+    );
+    let forgotten = app.get_json(&format!("/v1/avatars/{wan}")).await;
+    assert!(forgotten["artifact"]["trainer"].is_null());
+
+    for statement in backfill_statements(app) {
+        execute_behind_the_apps_back!(app, statement);
+    }
+    let wan_after = app.get_json(&format!("/v1/avatars/{wan}")).await;
+    for field in [
+        "trainer",
+        "base_family",
+        "high_noise_lora_url",
+        "generation_endpoint",
+    ] {
+        assert_eq!(
+            wan_after["artifact"][field], wan_before["artifact"][field],
+            "{field}"
+        );
+    }
+    let flux_after = app.get_json(&format!("/v1/avatars/{flux}")).await;
+    assert_eq!(flux_after["artifact"]["trainer"], "fast_lora");
+    assert_eq!(flux_after["artifact"]["base_family"], "flux-1-dev");
+
+    // Both generate where their weights belong.
+    for (avatar, endpoint) in [
+        (&wan, "fal-ai/wan/v2.2-a14b/text-to-image/lora"),
+        (&flux, "fal-ai/flux-lora"),
+    ] {
+        let batch = generate(
+            app,
+            json!({"avatar_id": avatar, "prompt": "after the upgrade"}),
+        )
+        .await;
+        let done = wait_for_batch(app, &id_of(&batch)).await;
+        assert_eq!(done["jobs"][0]["status"], "succeeded", "{done}");
+        assert_eq!(done["jobs"][0]["endpoint"], endpoint);
+    }
+
+    // Weights of a family this version does not know go nowhere.
+    execute_behind_the_apps_back!(
+        app,
+        "UPDATE avatars SET base_family = 'a-family-of-a-later-version'"
+    );
+    let unknown = app
+        .post_json(
+            "/v1/generations",
+            &json!({"avatar_id": flux, "prompt": "x"}),
+        )
+        .await;
+    problem(
+        unknown,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "generation_unavailable",
+    )
+    .await;
+    let listed = app.get_json(&format!("/v1/avatars/{flux}")).await;
+    assert!(listed["artifact"]["generation_endpoint"].is_null());
 }
