@@ -86,7 +86,11 @@ fn api_router() -> OpenApiRouter<AppState> {
         .routes(routes!(avatars::get_avatar, avatars::delete_avatar))
         .routes(routes!(avatars::download_lora))
         .routes(routes!(photos::upload_photos, photos::list_photos))
-        .routes(routes!(photos::get_photo, photos::delete_photo))
+        .routes(routes!(
+            photos::get_photo,
+            photos::update_photo,
+            photos::delete_photo
+        ))
         .routes(routes!(trainings::start_training))
         .routes(routes!(trainers::list_trainers))
         .routes(routes!(generations::create_generation))

@@ -3,7 +3,7 @@
 
 use super::auth::Tenant;
 use super::avatars::find_avatar;
-use super::extract::{ApiPathId, PhotoPath};
+use super::extract::{ApiJson, ApiPathId, PhotoPath};
 use super::idempotency::{self, MaybeIdempotencyKey, Replayable};
 use crate::blobs::BlobWriter;
 use crate::domain::photo::{
@@ -20,7 +20,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -578,6 +578,70 @@ pub async fn get_photo(
         .into_iter()
         .find(|p| p.id == path.photo)
         .map(|p| Json(p.into()))
+        .ok_or_else(|| ApiError::NotFound(format!("no photo {}", path.photo)))
+}
+
+/// A change to a photo.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePhotoRequest {
+    /// The photo's caption: one line, up to 500 characters, what the photo shows besides its
+    /// subject; `null` removes it. Required, so that an empty body removes nothing by mistake.
+    #[schema(max_length = 500, nullable)]
+    #[serde(deserialize_with = "present_or_null")]
+    pub caption: Option<String>,
+}
+
+impl super::extract::AcrossFields for UpdatePhotoRequest {}
+
+/// A field that must be sent, as a value or as `null`.
+fn present_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Option::<String>::deserialize(d)
+}
+
+/// Caption a photo
+///
+/// Sets or removes the caption a training puts beside the photo; a training already running
+/// keeps the captions it started with.
+#[utoipa::path(
+    patch,
+    path = "/v1/avatars/{id}/photos/{photo_id}",
+    tag = "avatars",
+    params(
+        ("id" = Uuid, Path, description = "The avatar's id."),
+        ("photo_id" = Uuid, Path, description = "The photo's id."),
+    ),
+    request_body = UpdatePhotoRequest,
+    responses(
+        (status = 200, description = "The photo as it is now.", body = PhotoView),
+        (status = 400, description = "The body is not JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such photo.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is over the size limit.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not sent as JSON.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The caption is missing or not one line of up to 500 characters; nothing was changed.", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+#[tracing::instrument(skip_all, fields(tenant = %tenant.id, avatar = %path.avatar))]
+pub async fn update_photo(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    path: PhotoPath,
+    body: ApiJson<UpdatePhotoRequest>,
+) -> ApiResult<Json<PhotoView>> {
+    let caption = body
+        .value
+        .caption
+        .as_deref()
+        .map(parse_caption)
+        .transpose()
+        .map_err(|why| ApiError::validation("caption", why))?;
+    find_avatar(&state, &tenant, path.avatar).await?;
+    state
+        .store
+        .set_photo_caption(path.avatar, path.photo, caption.as_deref())
+        .await?
+        .map(|photo| Json(photo.into()))
         .ok_or_else(|| ApiError::NotFound(format!("no photo {}", path.photo)))
 }
 

@@ -122,4 +122,31 @@ impl Store {
         tx.commit().await?;
         Ok(photo)
     }
+
+    /// Sets (or with `None` removes) a photo's caption; answers the photo as it is now, or
+    /// `None` when the avatar has no such photo.
+    pub async fn set_photo_caption(
+        &self,
+        avatar_id: Uuid,
+        photo_id: Uuid,
+        caption: Option<&str>,
+    ) -> StoreResult<Option<Photo>> {
+        let mut tx = self.writer().begin().await?;
+        let changed = tx
+            .conn()
+            .execute(
+                "UPDATE photos SET caption = $3 WHERE avatar_id = $1 AND id = $2",
+                &[avatar_id.into(), photo_id.into(), caption.into()],
+            )
+            .await?;
+        let photo = if changed == 1 {
+            tx.conn()
+                .fetch_optional(&GET_PHOTO, &[avatar_id.into(), photo_id.into()])
+                .await?
+        } else {
+            None
+        };
+        tx.commit().await?;
+        Ok(photo)
+    }
 }

@@ -131,6 +131,11 @@ const ANSWERS: &[(&str, &str, &[u16])] = &[
         &[200, 401, 404, 422, 500, 503],
     ),
     (
+        "patch",
+        "/v1/avatars/{id}/photos/{photo_id}",
+        &[200, 400, 401, 404, 413, 415, 422, 500, 503],
+    ),
+    (
         "delete",
         "/v1/avatars/{id}/photos/{photo_id}",
         &[204, 401, 404, 422, 500, 503],

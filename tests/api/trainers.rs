@@ -700,6 +700,72 @@ async fn an_upload_with_other_captions_is_another_request(app: &TestApp) {
     assert_eq!(again.status(), StatusCode::CREATED);
 }
 
+/// PATCH /v1/avatars/{avatar}/photos/{photo} with `body`.
+async fn patch_photo(app: &TestApp, avatar: &str, photo: &str, body: Value) -> reqwest::Response {
+    app.request(
+        reqwest::Method::PATCH,
+        &format!("/v1/avatars/{avatar}/photos/{photo}"),
+    )
+    .json(&body)
+    .send()
+    .await
+    .expect("send")
+}
+
+backend_tests!(a_photo_is_captioned_after_upload_and_the_training_reads_it);
+async fn a_photo_is_captioned_after_upload_and_the_training_reads_it(app: &TestApp) {
+    let (avatar, _) = avatar_with_photos(app, "character", 10).await;
+    let id = id_of(&avatar);
+    let trigger = avatar["trigger_phrase"].as_str().unwrap().to_owned();
+    let photos = app.get_json(&format!("/v1/avatars/{id}/photos")).await;
+    let first = items(&photos)[0]["id"].as_str().unwrap().to_owned();
+    let second = items(&photos)[1]["id"].as_str().unwrap().to_owned();
+
+    let set = patch_photo(app, &id, &first, json!({"caption": " in the rain "})).await;
+    assert_eq!(set.status(), StatusCode::OK);
+    let spec: Value = serde_json::from_str(crate::openapi::COMMITTED).unwrap();
+    let view: Value = set.json().await.unwrap();
+    crate::openapi::assert_valid(
+        &spec,
+        "patch",
+        "/v1/avatars/{id}/photos/{photo_id}",
+        "200",
+        &view,
+    );
+    assert_eq!(view["caption"], "in the rain");
+    let set = patch_photo(app, &id, &second, json!({"caption": "on a bridge"})).await;
+    assert_eq!(set.status(), StatusCode::OK);
+    let removed = patch_photo(app, &id, &second, json!({"caption": null})).await;
+    assert!(removed.json::<Value>().await.unwrap()["caption"].is_null());
+
+    // A caption that is not one line, an empty body, another field: 422, nothing changed.
+    for body in [
+        json!({"caption": "two\nlines"}),
+        json!({}),
+        json!({"caption": "x", "name": "y"}),
+    ] {
+        let refused = validation_problem(patch_photo(app, &id, &first, body.clone()).await).await;
+        assert!(!fields(&refused).is_empty(), "{body}: {refused}");
+    }
+    let kept = app
+        .get_json(&format!("/v1/avatars/{id}/photos/{first}"))
+        .await;
+    assert_eq!(kept["caption"], "in the rain");
+    // Another avatar's photo is not found through this one.
+    let other = id_of(&create_avatar(app, "character").await);
+    let wrong = patch_photo(app, &other, &first, json!({"caption": "x"})).await;
+    assert_eq!(wrong.status(), StatusCode::NOT_FOUND);
+
+    let job = train_json(app, &id, json!({"trainer": "flux_2"})).await;
+    app.wait_for_status(job["id"].as_str().unwrap(), "succeeded")
+        .await;
+    let zip_url = job["input"]["image_data_url"].as_str().unwrap();
+    let entries = zip_entries(&fetched_by_fal(app, zip_url));
+    let text = |name: &str| String::from_utf8(entries[name].clone()).unwrap();
+    assert_eq!(text("01.txt"), format!("{trigger}, in the rain"));
+    assert_eq!(text("02.txt"), trigger);
+}
+
 backend_tests!(a_failed_retraining_leaves_the_weights_generating_where_they_belong);
 async fn a_failed_retraining_leaves_the_weights_generating_where_they_belong(app: &TestApp) {
     let id = trainable_avatar(app, "character").await;
