@@ -10,6 +10,7 @@ use std::time::SystemTime;
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -67,15 +68,24 @@ pub(crate) async fn initiate_multipart(
     initiate_upload(state, req, "multipart").await
 }
 
-async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Response {
-    let (parts, body) = req.into_parts();
-    if let Some(resp) = check_auth(&state, &parts.headers) {
-        return resp;
+/// The connection of a call made with the FAL key (for faults aimed at it), or the refusal of
+/// a call made without.
+fn keyed_call(state: &EmulatorState, parts: &Parts) -> Result<Option<ConnCtl>, Response> {
+    if let Some(resp) = check_auth(state, &parts.headers) {
+        return Err(resp);
     }
-    let conn = parts
+    Ok(parts
         .extensions
         .get::<ConnectInfo<ConnCtl>>()
-        .map(|c| c.0.clone());
+        .map(|c| c.0.clone()))
+}
+
+async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Response {
+    let (parts, body) = req.into_parts();
+    let conn = match keyed_call(&state, &parts) {
+        Ok(conn) => conn,
+        Err(refused) => return refused,
+    };
     let bytes = axum::body::to_bytes(body, 1024 * 1024)
         .await
         .unwrap_or_default();
@@ -110,13 +120,10 @@ async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Resp
 /// before uploading. `base_url` is where the CDN takes uploads: here, the emulator itself.
 pub(crate) async fn auth_token(State(state): State<EmulatorState>, req: Request) -> Response {
     let (parts, _) = req.into_parts();
-    if let Some(resp) = check_auth(&state, &parts.headers) {
-        return resp;
-    }
-    let conn = parts
-        .extensions
-        .get::<ConnectInfo<ConnCtl>>()
-        .map(|c| c.0.clone());
+    let conn = match keyed_call(&state, &parts) {
+        Ok(conn) => conn,
+        Err(refused) => return refused,
+    };
     let work = async {
         let token = hex::encode(uuid::Uuid::new_v4().as_bytes());
         let expires = SystemTime::now() + state.config().upload_token_ttl;
