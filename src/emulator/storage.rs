@@ -70,9 +70,9 @@ pub(crate) async fn initiate_multipart(
 
 /// The connection of a call made with the FAL key (for faults aimed at it), or the refusal of
 /// a call made without.
-fn keyed_call(state: &EmulatorState, parts: &Parts) -> Result<Option<ConnCtl>, Response> {
+fn keyed_call(state: &EmulatorState, parts: &Parts) -> Result<Option<ConnCtl>, Box<Response>> {
     if let Some(resp) = check_auth(state, &parts.headers) {
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     Ok(parts
         .extensions
@@ -84,7 +84,7 @@ async fn initiate_upload(state: EmulatorState, req: Request, kind: &str) -> Resp
     let (parts, body) = req.into_parts();
     let conn = match keyed_call(&state, &parts) {
         Ok(conn) => conn,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let bytes = axum::body::to_bytes(body, 1024 * 1024)
         .await
@@ -122,7 +122,7 @@ pub(crate) async fn auth_token(State(state): State<EmulatorState>, req: Request)
     let (parts, _) = req.into_parts();
     let conn = match keyed_call(&state, &parts) {
         Ok(conn) => conn,
-        Err(refused) => return refused,
+        Err(refused) => return *refused,
     };
     let work = async {
         let token = hex::encode(uuid::Uuid::new_v4().as_bytes());
